@@ -1,0 +1,41 @@
+"""globalpool: global pooling for neural networks, every kind behind one contract.
+
+>>> import torch, globalpool as gp
+>>> x = torch.randn(8, 64, 7, 7)
+>>> gp.pool(x, "gem", p=3.0).shape
+torch.Size([8, 64])
+>>> gp.KINDS
+('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention')
+"""
+
+from globalpool.functional import adaptive_pool, output_width, pool
+from globalpool.heads import (
+    HEADS,
+    ClassifierHead,
+    FlattenFCHead,
+    NiNHead,
+    make_head,
+    swap_pool,
+)
+from globalpool.kinds import KINDS
+from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, make_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HEADS",
+    "KINDS",
+    "AdaptivePool",
+    "AttentionPool",
+    "ClassifierHead",
+    "FlattenFCHead",
+    "GeM",
+    "GlobalPool",
+    "NiNHead",
+    "adaptive_pool",
+    "make_head",
+    "make_pool",
+    "output_width",
+    "pool",
+    "swap_pool",
+]

@@ -1,0 +1,117 @@
+"""Pure-torch compositions of every pooling kind: the exportable path and the fallback.
+
+Each function takes the input already cast to its accumulation dtype, a mask broadcastable to it
+(or None), the reduced dims and the kind's parameters, and returns the pooled tensor with the
+spatial dims kept (size 1). Padded positions are replaced *before* any non-linear op, so a NaN or
+inf held there never reaches the output or the gradient; empty samples go through a "double
+where" so that neither the value nor the gradient can become NaN.
+
+>>> import torch
+>>> x = torch.arange(8.0).reshape(1, 2, 4)
+>>> avg(x, None, (2,)).flatten(1)
+tensor([[1.5000, 5.5000]])
+"""
+
+from __future__ import annotations
+
+import torch
+
+Dims = tuple[int, ...]
+
+
+def _count(mask: torch.Tensor, dims: Dims, dtype: torch.dtype) -> torch.Tensor:
+    return mask.sum(dims, keepdim=True, dtype=dtype)
+
+
+def _mean_of(values: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    """Mean over real positions of values already zeroed where padded; empty samples give 0."""
+    if mask is None:
+        return values.mean(dims, keepdim=True)
+    return values.sum(dims, keepdim=True) / _count(mask, dims, values.dtype).clamp(min=1)
+
+
+def _nonempty(mask: torch.Tensor | None, dims: Dims) -> torch.Tensor | None:
+    return None if mask is None else mask.any(dim=dims, keepdim=True)
+
+
+def _where_nonempty(
+    nonempty: torch.Tensor | None, y: torch.Tensor, fill: float = 0.0
+) -> torch.Tensor:
+    return y if nonempty is None else torch.where(nonempty, y, fill)
+
+
+def avg(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    if mask is not None:
+        x = torch.where(mask, x, 0.0)
+    return _mean_of(x, mask, dims)
+
+
+def max_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    if mask is None:
+        return x.amax(dims, keepdim=True)
+    y = torch.where(mask, x, -torch.inf).amax(dims, keepdim=True)
+    return _where_nonempty(_nonempty(mask, dims), y)
+
+
+def avgmax(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    return (avg(x, mask, dims) + max_(x, mask, dims)) / 2
+
+
+def catavgmax(
+    x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, channel_dim: int
+) -> torch.Tensor:
+    return torch.cat([avg(x, mask, dims), max_(x, mask, dims)], dim=channel_dim)
+
+
+def gem(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    dims: Dims,
+    p: float | torch.Tensor,
+    eps: float | torch.Tensor,
+) -> torch.Tensor:
+    if isinstance(p, torch.Tensor):
+        p = p.to(x.dtype)
+    if mask is not None:
+        x = torch.where(mask, x, 1.0)
+    powered = x.clamp(min=eps).pow(p)
+    if mask is not None:
+        powered = torch.where(mask, powered, 0.0)
+    mean = _mean_of(powered, mask, dims)
+    nonempty = _nonempty(mask, dims)
+    if nonempty is not None:
+        mean = torch.where(nonempty, mean, 1.0)
+    return _where_nonempty(nonempty, mean.pow(1.0 / p))
+
+
+def lse(
+    x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, r: float | torch.Tensor
+) -> torch.Tensor:
+    if isinstance(r, torch.Tensor):
+        r = r.to(x.dtype)
+    if mask is not None:
+        x = torch.where(mask, x, -torch.inf)
+    top = x.detach().amax(dims, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    mean = _mean_of(torch.exp(r * (x - top)), mask, dims)
+    nonempty = _nonempty(mask, dims)
+    if nonempty is not None:
+        mean = torch.where(nonempty, mean, 1.0)
+    return _where_nonempty(nonempty, top + torch.log(mean) / r)
+
+
+def attention(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    dims: Dims,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``weights`` is already broadcastable to ``x`` (channel dim of size 1)."""
+    weights = weights.to(x.dtype)
+    if mask is not None:
+        x = torch.where(mask, x, 0.0)
+        weights = torch.where(mask, weights, 0.0)
+    total = weights.sum(dims, keepdim=True)
+    positive = total > 0
+    y = (x * weights).sum(dims, keepdim=True) / torch.where(positive, total, 1.0)
+    return torch.where(positive, y, 0.0)

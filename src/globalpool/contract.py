@@ -1,0 +1,208 @@
+"""Argument checks for the one pooling contract, normalised into a small :class:`PoolSpec`.
+
+Every public entry point (``pool``, ``adaptive_pool``, the layers) funnels its arguments through
+:func:`pool_spec` or :func:`adaptive_spec`, so every kind gets the same checks and the same error
+messages: each names the argument, the value received and what was expected.
+
+>>> import torch
+>>> spec = pool_spec(torch.zeros(2, 3, 4, 4), "gem", "channels_first", None, {"p": 2.0})
+>>> spec.spatial_dims, spec.params["p"], spec.params["eps"]
+((2, 3), 2.0, 1e-06)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+import torch
+
+from globalpool.kinds import KIND_DEFS, KINDS
+
+LAYOUTS = ("channels_first", "channels_last")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Validated, normalised arguments of one pooling call."""
+
+    kind: str
+    layout: str
+    channel_dim: int
+    spatial_dims: tuple[int, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_rank(self) -> int:
+        return len(self.spatial_dims)
+
+
+def _tracing() -> bool:
+    """True under torch.compile / torch.export, where value checks would force a sync."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def check_input(x: Any, name: str = "x") -> None:
+    """Check that ``x`` is a floating tensor of rank 3 to 5 with no empty spatial dim."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() and x.dtype in _FLOAT_DTYPES):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+    if not 3 <= x.ndim <= 5:
+        raise ValueError(
+            f"{name} must have rank 3, 4 or 5 ((N, C, *S) with 1 to 3 spatial dims), "
+            f"got rank {x.ndim} with shape {tuple(x.shape)}"
+        )
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_layout(layout: Any) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def layout_dims(ndim: int, layout: str) -> tuple[int, tuple[int, ...]]:
+    """Channel dim and spatial dims of a rank-``ndim`` tensor in ``layout``."""
+    if layout == "channels_first":
+        return 1, tuple(range(2, ndim))
+    return ndim - 1, tuple(range(1, ndim - 1))
+
+
+def spatial_shape(x: torch.Tensor, layout: str) -> tuple[int, ...]:
+    _, dims = layout_dims(x.ndim, layout)
+    return tuple(x.shape[d] for d in dims)
+
+
+def _check_spatial_nonempty(x: torch.Tensor, layout: str) -> None:
+    sizes = spatial_shape(x, layout)
+    if any(s == 0 for s in sizes):
+        raise ValueError(
+            f"x must have every spatial size > 0 (layout={layout!r}), got spatial sizes {sizes} "
+            f"in shape {tuple(x.shape)}"
+        )
+
+
+def check_mask(mask: Any, x: torch.Tensor, layout: str) -> None:
+    """``mask`` must be a bool tensor of shape (N, *S) on x's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = real position), got {mask.dtype}")
+    expected = (x.shape[0], *spatial_shape(x, layout))
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask must have shape (N, *S) = {expected}, got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"mask must be on x's device {x.device}, got {mask.device}")
+
+
+def _check_real(name: str, value: Any, kind: str) -> None:
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if isinstance(value, torch.Tensor):
+        ok = value.ndim == 0 and value.is_floating_point()
+    if not ok:
+        raise TypeError(
+            f"{name} for kind {kind!r} must be a real number or a 0-dim floating tensor, "
+            f"got {value!r}"
+        )
+
+
+def _value(v: Any) -> float | None:
+    """A Python float for a number or an eager 0-dim tensor; None while tracing."""
+    if isinstance(v, torch.Tensor):
+        return None if _tracing() else float(v.detach())
+    return float(v)
+
+
+def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
+    if weights is None:
+        raise TypeError("kind 'attention' requires weights=Tensor of shape (N, *S), got None")
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
+    expected = (x.shape[0], *spatial_shape(x, layout))
+    if tuple(weights.shape) != expected:
+        raise ValueError(
+            f"weights must have shape (N, *S) = {expected}, got {tuple(weights.shape)}"
+        )
+    if weights.device != x.device:
+        raise ValueError(f"weights must be on x's device {x.device}, got {weights.device}")
+    if not _tracing() and bool((weights < 0).any()):
+        low = float(weights.detach().min())
+        raise ValueError(f"weights must be non-negative, got a minimum of {low}")
+
+
+def check_params(kind: str, params: dict[str, Any], x: torch.Tensor, layout: str) -> dict:
+    """Fill defaults for ``kind`` and check each parameter's type and range."""
+    kdef = KIND_DEFS[kind]
+    unknown = sorted(set(params) - set(kdef.defaults))
+    if unknown:
+        takes = ", ".join(kdef.defaults) or "no parameters"
+        raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; it takes {takes}")
+    full = {**kdef.defaults, **params}
+    if kind == "gem":
+        _check_real("p", full["p"], kind)
+        _check_real("eps", full["eps"], kind)
+        p = _value(full["p"])
+        if p is not None and not p >= 1.0:
+            raise ValueError(f"p for kind 'gem' must be >= 1, got {p}")
+        eps = _value(full["eps"])
+        if eps is not None and not eps > 0.0:
+            raise ValueError(f"eps for kind 'gem' must be > 0, got {eps}")
+    elif kind == "lse":
+        _check_real("r", full["r"], kind)
+        r = _value(full["r"])
+        if r is not None and not r > 0.0:
+            raise ValueError(f"r for kind 'lse' must be > 0, got {r}")
+    elif kind == "attention":
+        _check_weights(full["weights"], x, layout)
+    return full
+
+
+def check_kind(kind: Any, allowed: tuple[str, ...] = KINDS, name: str = "kind") -> None:
+    if kind not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {kind!r}")
+
+
+def pool_spec(
+    x: Any, kind: Any, layout: Any, mask: Any, params: dict[str, Any]
+) -> PoolSpec:
+    """Check every argument of ``pool`` and return the normalised spec."""
+    check_kind(kind)
+    check_layout(layout)
+    check_input(x)
+    _check_spatial_nonempty(x, layout)
+    check_mask(mask, x, layout)
+    full = check_params(kind, params, x, layout)
+    channel_dim, spatial_dims = layout_dims(x.ndim, layout)
+    return PoolSpec(kind, layout, channel_dim, spatial_dims, full)
+
+
+def adaptive_spec(x: Any, output_size: Any, kind: Any, layout: Any) -> tuple[int, ...]:
+    """Check the arguments of ``adaptive_pool`` and return the per-dim output size."""
+    check_kind(kind, ("avg", "max"))
+    check_layout(layout)
+    check_input(x)
+    _check_spatial_nonempty(x, layout)
+    rank = x.ndim - 2
+    sizes = (output_size,) * rank if isinstance(output_size, int) else output_size
+    if (
+        not isinstance(sizes, (tuple, list))
+        or len(sizes) != rank
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
+    ):
+        raise ValueError(
+            f"output_size must be a positive int or a tuple of {rank} positive ints "
+            f"(one per spatial dim), got {output_size!r}"
+        )
+    return tuple(sizes)

@@ -1,0 +1,142 @@
+"""``pool`` and ``adaptive_pool``: the contract, then the fused kernel or the torch composition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from globalpool.contract import adaptive_spec, pool_spec
+from globalpool.kinds import KIND_DEFS
+
+BACKENDS = ("auto", "fused", "torch")
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def output_width(kind: str, channels: int) -> int:
+    """Number of output features of ``kind`` on ``channels`` input channels.
+
+    >>> output_width("catavgmax", 512)
+    1024
+    """
+    return KIND_DEFS[kind].width * channels
+
+
+def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> bool:
+    try:
+        from globalpool import kernels
+    except ImportError:
+        return False
+    return kernels.supports(x, kind, mask, **params)
+
+
+def _choose_backend(backend: str, x: torch.Tensor, kind: str, mask: Any, params: dict) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    available = _fused_available(x, kind, mask, params)
+    if backend == "fused":
+        if not available:
+            raise ValueError(
+                f"backend='fused' has no kernel for kind {kind!r} on device {x.device} with "
+                f"dtype {x.dtype}; use backend='auto' or 'torch'"
+            )
+        return "fused"
+    # auto: exporters (ONNX, torch.export) get the plain composition, which maps to standard ops.
+    return "fused" if available and not torch.compiler.is_exporting() else "torch"
+
+
+def pool(
+    x: torch.Tensor,
+    kind: str = "avg",
+    *,
+    layout: str = "channels_first",
+    keepdim: bool = False,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    **params: Any,
+) -> torch.Tensor:
+    """Global pooling of ``x`` over all its spatial dims with one of :data:`globalpool.KINDS`.
+
+    Args:
+        x: ``(N, C, *S)`` for ``layout="channels_first"`` or ``(N, *S, C)`` for
+            ``"channels_last"``, with 1 to 3 spatial dims and a floating dtype.
+        kind: ``avg``, ``max``, ``avgmax``, ``catavgmax``, ``gem`` (``p``, ``eps``),
+            ``lse`` (``r``) or ``attention`` (``weights`` of shape ``(N, *S)``, non-negative).
+        layout: declared layout; never guessed from shape or memory format.
+        keepdim: keep singleton spatial dims in the layout's own positions.
+        mask: bool ``(N, *S)``, True at real positions. Padded positions never reach the output
+            or the gradient; a sample with no real position pools to 0.
+        backend: ``auto`` (fused kernel where one exists, torch composition otherwise and while
+            exporting), ``fused`` or ``torch``.
+
+    Returns:
+        ``(N, C)`` (``(N, 2C)`` for ``catavgmax``), or with singleton spatial dims if ``keepdim``;
+        in ``x``'s dtype (half inputs accumulate in float32).
+
+    >>> import torch, globalpool as gp
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> gp.pool(x, "avg"), gp.pool(x, "max")
+    (tensor([[7.5000]]), tensor([[15.]]))
+    >>> gp.pool(x, "catavgmax", keepdim=True).shape
+    torch.Size([1, 2, 1, 1])
+    """
+    spec = pool_spec(x, kind, layout, mask, params)
+    if _choose_backend(backend, x, kind, mask, spec.params) == "fused":
+        from globalpool import kernels
+
+        return kernels.fused_pool(x, kind, layout, mask, keepdim, **spec.params)
+    return _compose(x, spec, mask, keepdim)
+
+
+def _compose(x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: bool) -> torch.Tensor:
+    acc = x.to(_accumulation_dtype(x.dtype))
+    mask_b = None if mask is None else mask.unsqueeze(spec.channel_dim)
+    y = KIND_DEFS[spec.kind].compose(acc, mask_b, spec.spatial_dims, spec.channel_dim, spec.params)
+    y = y.to(x.dtype)
+    return y if keepdim else y.flatten(1)
+
+
+_ADAPTIVE = {
+    ("avg", 1): F.adaptive_avg_pool1d,
+    ("avg", 2): F.adaptive_avg_pool2d,
+    ("avg", 3): F.adaptive_avg_pool3d,
+    ("max", 1): F.adaptive_max_pool1d,
+    ("max", 2): F.adaptive_max_pool2d,
+    ("max", 3): F.adaptive_max_pool3d,
+}
+
+
+def adaptive_pool(
+    x: torch.Tensor,
+    output_size: int | tuple[int, ...],
+    kind: str = "avg",
+    *,
+    layout: str = "channels_first",
+) -> torch.Tensor:
+    """Adaptive ``avg`` or ``max`` pooling to ``output_size`` with PyTorch's exact bins.
+
+    Bin ``i`` of a dim of size ``In`` covers ``[floor(i*In/Out), ceil((i+1)*In/Out))``, so bins may
+    overlap and ``Out`` may exceed ``In``. Works for 1 to 3 spatial dims in both layouts; halves
+    accumulate in float32.
+
+    >>> import torch, globalpool as gp
+    >>> x = torch.arange(5.0).reshape(1, 1, 5)
+    >>> gp.adaptive_pool(x, 2, "avg")
+    tensor([[[1.0000, 3.0000]]])
+    >>> gp.adaptive_pool(x.movedim(1, -1), 3, "max", layout="channels_last").shape
+    torch.Size([1, 3, 1])
+    """
+    sizes = adaptive_spec(x, output_size, kind, layout)
+    acc = x.to(_accumulation_dtype(x.dtype))
+    if layout == "channels_last":
+        acc = acc.movedim(-1, 1)
+    y = _ADAPTIVE[(kind, x.ndim - 2)](acc, sizes)
+    if layout == "channels_last":
+        y = y.movedim(1, -1)
+    return y.to(x.dtype)

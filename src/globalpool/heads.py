@@ -1,0 +1,210 @@
+"""Classifier heads over a feature map, and swapping the pooling of an existing model.
+
+Every head takes a ``(N, C, *S)`` feature map with 1 to 3 spatial dims and returns logits
+``(N, num_classes)``.
+
+>>> import torch, globalpool as gp
+>>> head = gp.make_head("catavgmax", 64, 10)
+>>> head(torch.randn(2, 64, 7, 7)).shape, head.feature_width
+(torch.Size([2, 10]), 128)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from globalpool.contract import check_kind
+from globalpool.functional import pool
+from globalpool.kinds import KINDS
+from globalpool.layers import GlobalPool, make_pool
+
+HEADS: tuple[str, ...] = ("fc", *KINDS, "nin")
+
+
+class ClassifierHead(nn.Module):
+    """Global pooling, optional dropout, then one ``Linear`` sized to the pool's feature width.
+
+    >>> import torch, globalpool as gp
+    >>> head = gp.ClassifierHead(32, 5, pool="gem", dropout=0.1)
+    >>> head(torch.randn(3, 32, 4, 4)).shape, head.feature_width
+    (torch.Size([3, 5]), 32)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        pool: str = "avg",
+        *,
+        dropout: float = 0.0,
+        layout: str = "channels_first",
+        **pool_params: Any,
+    ) -> None:
+        super().__init__()
+        self.pool = make_pool(pool, in_channels, layout=layout, **pool_params)
+        self.feature_width = self.pool.output_width(in_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(self.feature_width, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(self.dropout(self.pool(x, mask=mask)))
+
+
+class FlattenFCHead(nn.Module):
+    """The "traditional" head: flatten the whole feature map, a hidden FC layer, then classes.
+
+    Its parameter count grows with the spatial size, and it only accepts that size.
+
+    >>> import torch, globalpool as gp
+    >>> head = gp.FlattenFCHead(8, (4, 4), 10, hidden=32)
+    >>> head(torch.randn(2, 8, 4, 4)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_size: tuple[int, ...],
+        num_classes: int,
+        *,
+        hidden: int = 256,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spatial_size = tuple(spatial_size)
+        self.feature_width = in_channels * math.prod(self.spatial_size)
+        self.hidden = nn.Linear(self.feature_width, hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.spatial_size:
+            raise ValueError(
+                f"x must have spatial size {self.spatial_size} for a flatten+FC head, "
+                f"got {tuple(x.shape[2:])}; use a pooling head for other input sizes"
+            )
+        if mask is not None:
+            x = x * mask.unsqueeze(1).to(x.dtype)
+        return self.fc(self.dropout(torch.relu(self.hidden(x.flatten(1)))))
+
+
+class NiNHead(nn.Module):
+    """Network-in-Network head: a 1x1 convolution to class maps, ReLU, then global average.
+
+    There is no fully connected layer; the class maps double as class activation maps.
+
+    >>> import torch, globalpool as gp
+    >>> gp.NiNHead(16, 10)(torch.randn(2, 16, 6)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.feature_width = in_channels
+        self.conv = nn.Linear(in_channels, num_classes)  # a 1x1 conv of any spatial rank
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, num_classes, *S)`` maps before the global average."""
+        return torch.relu(self.conv(x.movedim(1, -1))).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return pool(self.class_maps(x), "avg", mask=mask)
+
+
+def make_head(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    *,
+    spatial_size: tuple[int, ...] | None = None,
+    dropout: float = 0.0,
+    hidden: int = 256,
+    **pool_params: Any,
+) -> nn.Module:
+    """Build the head called ``name`` (one of :data:`HEADS`).
+
+    ``fc`` needs ``spatial_size``; pooling heads accept any spatial size.
+
+    >>> import globalpool as gp
+    >>> sorted(gp.HEADS)[:3]
+    ['attention', 'avg', 'avgmax']
+    >>> gp.make_head("fc", 8, 10, spatial_size=(5,), hidden=16).feature_width
+    40
+    """
+    check_kind(name, HEADS, name="head")
+    if name == "fc":
+        if spatial_size is None:
+            raise ValueError("spatial_size is required for head 'fc' (flatten + FC), got None")
+        return FlattenFCHead(
+            in_channels, spatial_size, num_classes, hidden=hidden, dropout=dropout
+        )
+    if name == "nin":
+        return NiNHead(in_channels, num_classes)
+    return ClassifierHead(in_channels, num_classes, name, dropout=dropout, **pool_params)
+
+
+_GLOBAL_POOLS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def _is_global(module: nn.Module) -> bool:
+    if not isinstance(module, _GLOBAL_POOLS):
+        return False
+    size = module.output_size
+    sizes = size if isinstance(size, tuple) else (size,)
+    return all(s == 1 for s in sizes)
+
+
+def swap_pool(
+    model: nn.Module, kind: str, *, classifier: str | None = None, **params: Any
+) -> nn.Module:
+    """Replace every ``AdaptiveAvg/MaxPool*d(1)`` in ``model`` by globalpool's ``kind``, in place.
+
+    The new pool keeps singleton spatial dims, so whatever flattening the model does still works.
+    Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``)
+    need ``classifier``: the dotted name of the ``nn.Linear`` that follows, which is rebuilt (newly
+    initialised) with the right input width.
+
+    >>> import torch, globalpool as gp
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+    ...                           torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    >>> net = gp.swap_pool(net, "catavgmax", classifier="3")
+    >>> net(torch.randn(1, 3, 9, 9)).shape, net[3].in_features
+    (torch.Size([1, 2]), 16)
+    """
+    check_kind(kind)
+    names = [name for name, module in model.named_modules() if _is_global(module)]
+    if not names:
+        raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
+    fc = model.get_submodule(classifier) if classifier is not None else None
+    if fc is not None and not isinstance(fc, nn.Linear):
+        raise TypeError(f"classifier must name an nn.Linear, got {type(fc).__name__}")
+    if kind in ("catavgmax", "attention") and fc is None:
+        raise ValueError(f"kind {kind!r} needs classifier= (the Linear after the pool), got None")
+    channels = fc.in_features if fc is not None else 0
+    for name in names:
+        if kind == "attention" or kind == "gem":
+            new = make_pool(kind, channels, keepdim=True, **params)
+        else:
+            new = GlobalPool(kind, keepdim=True, **params)
+        _set_submodule(model, name, new)
+    if fc is not None and new.output_width(channels) != fc.in_features:
+        linear = nn.Linear(new.output_width(channels), fc.out_features, bias=fc.bias is not None)
+        _set_submodule(model, classifier, linear.to(fc.weight.device, fc.weight.dtype))
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,445 @@
+"""Dataset loaders: every loader on fixtures written in tmp_path, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from globalpool.data import (
+    DATASET_NAMES,
+    Dataset,
+    DatasetError,
+    load_cifar10,
+    load_dataset,
+    load_digits_shifted,
+    load_folder,
+    load_mnist1d,
+    subsample_indices,
+    write_cifar10_fixture,
+)
+from globalpool.data import cifar10 as cifar10_module
+from globalpool.data.digits_shifted import split_indices
+
+
+def _one_line(err: pytest.ExceptionInfo[DatasetError]) -> str:
+    message = str(err.value)
+    assert "\n" not in message and message
+    return message
+
+
+# ---------------------------------------------------------------- common type, subsampling
+
+
+def test_dataset_rejects_wrong_dtypes_and_shapes() -> None:
+    x, y = torch.zeros(4, 1, 8), torch.tensor([0, 1, 0, 1])
+    Dataset("toy", x, y, x, y, num_classes=2, spatial_rank=1)
+    with pytest.raises(DatasetError, match="float32"):
+        Dataset("toy", x.double(), y, x, y, num_classes=2, spatial_rank=1)
+    with pytest.raises(DatasetError, match="int64"):
+        Dataset("toy", x, y.int(), x, y, num_classes=2, spatial_rank=1)
+    with pytest.raises(DatasetError, match="labels outside"):
+        Dataset("toy", x, y, x, y + 1, num_classes=2, spatial_rank=1)
+    with pytest.raises(DatasetError, match="channels"):
+        extra = {"wide": (torch.zeros(4, 2, 8), y)}
+        Dataset("toy", x, y, x, y, num_classes=2, spatial_rank=1, extra_tests=extra)
+
+
+def test_subsample_is_stratified_nested_and_deterministic() -> None:
+    labels = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 100, 100, 100, 100, 100])
+    small = subsample_indices(labels, 75, seed=3)
+    large = subsample_indices(labels, 300, seed=3)
+    assert len(small) == 75 and len(np.unique(small)) == 75
+    assert set(small) <= set(large)
+    np.testing.assert_array_equal(small, subsample_indices(labels, 75, seed=3))
+    assert not np.array_equal(small, subsample_indices(labels, 75, seed=4))
+    counts = np.bincount(labels[large], minlength=10)
+    assert counts[:5].tolist() == [20] * 5 and counts[5:].tolist() == [40] * 5
+
+
+@pytest.mark.parametrize("n", [0, 11, -1, True, 2.5])
+def test_subsample_rejects_bad_sizes(n: object) -> None:
+    with pytest.raises(DatasetError, match="train_size") as err:
+        subsample_indices(np.arange(10) % 2, n)  # type: ignore[arg-type]
+    _one_line(err)
+
+
+# ---------------------------------------------------------------- mnist1d
+
+
+@pytest.fixture(scope="module")
+def mnist1d_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mnist1d-cache")
+
+
+def test_mnist1d_default_shapes_cache_and_no_side_effects(
+    mnist1d_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.random.seed(123)
+    random.seed(123)
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+
+    ds = load_dataset("mnist1d", data_dir=mnist1d_cache)
+
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.num_classes == 10 and ds.spatial_rank == 1
+    assert set(ds.y_train.tolist()) == set(range(10))
+    assert abs(float(ds.x_train.mean())) < 0.1 and 0.8 < float(ds.x_train.std()) < 1.2
+    assert ds.info["generation_args"]["seed"] == 42
+    # Nothing written to the cwd; the caller's global RNG state is untouched.
+    assert list(tmp_path.iterdir()) == []
+    np.testing.assert_array_equal(np.random.get_state()[1], np_before)
+    assert random.getstate() == py_before
+    assert len(list((mnist1d_cache / "mnist1d").glob("*.npz"))) == 1
+
+    start = time.perf_counter()
+    again = load_dataset("mnist1d", data_dir=mnist1d_cache)
+    assert time.perf_counter() - start < 1.0
+    assert torch.equal(again.x_train, ds.x_train) and torch.equal(again.y_test, ds.y_test)
+
+
+def test_mnist1d_train_size_and_overrides(mnist1d_cache: Path, tmp_path: Path) -> None:
+    ds = load_dataset("MNIST1D", data_dir=mnist1d_cache, train_size=500, seed=1)
+    assert ds.x_train.shape == (500, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert torch.bincount(ds.y_train, minlength=10).min() >= 45
+    small = load_mnist1d(cache_dir=tmp_path, args={"num_samples": 500})
+    assert small.x_train.shape == (400, 1, 40) and small.x_test.shape == (100, 1, 40)
+    with pytest.raises(DatasetError, match="unknown generation arguments"):
+        load_mnist1d(cache_dir=tmp_path, args={"bogus": 1})
+
+
+def test_mnist1d_regenerates_a_corrupt_cache(tmp_path: Path) -> None:
+    args = {"num_samples": 200}
+    first = load_mnist1d(cache_dir=tmp_path, args=args)
+    (cache,) = tmp_path.glob("*.npz")
+    cache.write_bytes(b"not an npz")
+    second = load_mnist1d(cache_dir=tmp_path, args=args)
+    assert torch.equal(first.x_train, second.x_train)
+
+
+# ---------------------------------------------------------------- digits-shifted
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_digits_shifted(seed=0)
+
+
+def test_digits_shifted_shapes_and_range(digits: Dataset) -> None:
+    sets = digits.test_sets()
+    assert set(sets) == {"test", "everywhere", "right", "larger-canvas"}
+    assert digits.x_train.shape[1:] == (1, 24, 24)
+    assert sets["everywhere"][0].shape[1:] == (1, 24, 24)
+    assert sets["larger-canvas"][0].shape[1:] == (1, 32, 32)
+    assert digits.num_classes == 10 and digits.spatial_rank == 2
+    for x, y in [(digits.x_train, digits.y_train), *sets.values()]:
+        assert float(x.min()) == 0.0 and float(x.max()) <= 1.0
+        assert set(y.tolist()) == set(range(10))
+    assert digits.info["n_real_train"] + digits.info["n_real_test"] == 1797
+
+
+def test_digits_shifted_placement(digits: Dataset) -> None:
+    sets = digits.test_sets()
+    # Training and test digits sit only in the left 12 columns.
+    assert digits.x_train[..., 12:].eq(0).all() and sets["test"][0][..., 12:].eq(0).all()
+    assert sets["right"][0][..., :12].eq(0).all()
+    # "everywhere" really spreads the digits: many have ink in the right half, many not.
+    x_every = sets["everywhere"][0]
+    right_ink = x_every[..., 12:].flatten(1).sum(1) > 0
+    assert 0.3 < float(right_ink.float().mean()) < 0.95
+    cols = torch.arange(24, dtype=torch.float32)
+    centre = (x_every.sum(dim=(1, 2)) * cols).sum(1) / x_every.sum(dim=(1, 2, 3))
+    assert float(centre.max() - centre.min()) > 12
+    big = sets["larger-canvas"][0]
+    assert big[..., 24:].flatten(1).sum(1).gt(0).any()  # positions beyond the 24x24 canvas
+
+
+def test_digits_shifted_deterministic_and_disjoint(digits: Dataset) -> None:
+    same = load_digits_shifted(seed=0)
+    other = load_digits_shifted(seed=1)
+    assert torch.equal(same.x_train, digits.x_train)
+    assert torch.equal(same.extra_tests["everywhere"][0], digits.extra_tests["everywhere"][0])
+    assert not torch.equal(other.x_train, digits.x_train)
+    assert torch.equal(other.y_test, digits.y_test)  # same held-out digits, new positions
+    labels = np.arange(1797) % 10
+    train, test = split_indices(labels, 0.25, 0)
+    assert not set(train) & set(test) and len(train) + len(test) == 1797
+    assert digits.train_size == len(train)
+
+
+def test_digits_shifted_train_size_and_bad_arguments() -> None:
+    ds = load_dataset("digits_shifted", train_size=200, seed=2)
+    assert ds.x_train.shape == (200, 1, 24, 24)
+    assert torch.bincount(ds.y_train, minlength=10).min() >= 18
+    for kwargs in [{"canvas": 6}, {"region_width": 30}, {"large_canvas": 16}, {"seed": -1}]:
+        with pytest.raises(DatasetError) as err:
+            load_digits_shifted(**kwargs)
+        _one_line(err)
+
+
+# ---------------------------------------------------------------- cifar10
+
+
+def test_cifar10_fixture_loads(tmp_path: Path) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=4, n_test=6)
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
+    assert ds.y_train.tolist() == [i % 10 for i in range(20)]
+    assert ds.class_names[0] == "airplane" and ds.class_names[-1] == "truck"
+    with open(batches / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0].reshape(3, 32, 32)
+    mean = torch.tensor(cifar10_module.CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(cifar10_module.CIFAR10_STD).view(3, 1, 1)
+    expected = (torch.from_numpy(raw).float() / 255 - mean) / std
+    torch.testing.assert_close(ds.x_train[0], expected)
+    # data_dir may also point straight at the batches directory.
+    assert load_cifar10(batches, download=False).x_test.shape == (6, 3, 32, 32)
+
+
+def test_cifar10_missing_files(tmp_path: Path) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=2, n_test=2)
+    (batches / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="missing test_batch") as err:
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert str(batches) in _one_line(err)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_cifar10(tmp_path / "nowhere", download=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="not a directory"):
+        load_cifar10(tmp_path / "file", download=False)
+
+
+def test_cifar10_truncated_file_fails_its_checksum(tmp_path: Path) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=2, n_test=2)
+    path = batches / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="checksum mismatch") as err:
+        load_cifar10(tmp_path, download=False)
+    assert str(path) in _one_line(err)
+
+
+def test_cifar10_official_checksums_apply_without_a_table(tmp_path: Path) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=2, n_test=2)
+    (batches / "MD5SUMS").unlink()
+    with pytest.raises(DatasetError, match="checksum mismatch.*data_batch_1"):
+        load_cifar10(tmp_path, download=False)
+    assert load_cifar10(tmp_path, download=False, verify=False).train_size == 10
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "truncated or corrupt"),
+        ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "uint8 \\(N, 3072\\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "1 labels for 2 images"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}, "outside"),
+        ({b"labels": [0]}, "lacks"),
+        ([1, 2, 3], "expected a dict"),
+    ],
+)
+def test_cifar10_bad_pickles(tmp_path: Path, content: object, message: str) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=2, n_test=2)
+    path = batches / "data_batch_2"
+    if content is None:
+        path.write_bytes(path.read_bytes()[:-40])
+    else:
+        path.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(DatasetError, match=message) as err:
+        load_cifar10(tmp_path, download=False, verify=False)
+    assert str(path) in _one_line(err)
+
+
+def test_cifar10_pickle_cannot_run_code(tmp_path: Path) -> None:
+    batches = write_cifar10_fixture(tmp_path, n_train_per_batch=2, n_test=2)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    (batches / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(DatasetError, match="forbidden global"):
+        load_cifar10(tmp_path, download=False, verify=False)
+    assert not marker.exists()
+
+
+def _fixture_tarball(tmp_path: Path) -> tuple[Path, str]:
+    batches = write_cifar10_fixture(tmp_path / "src", n_train_per_batch=3, n_test=4)
+    tarball = tmp_path / "fixture.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(batches, arcname=cifar10_module.CIFAR10_DIRNAME)
+    return tarball, hashlib.md5(tarball.read_bytes()).hexdigest()
+
+
+def test_cifar10_download_checks_md5_and_extracts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball, md5 = _fixture_tarball(tmp_path)
+    monkeypatch.setattr(cifar10_module, "CIFAR10_URL", tarball.as_uri())
+    monkeypatch.setattr(cifar10_module, "CIFAR10_TARBALL_MD5", md5)
+    root = tmp_path / "data"
+    ds = load_dataset("cifar10", data_dir=root)
+    assert ds.x_train.shape == (15, 3, 32, 32)
+    assert (root / "cifar-10-python.tar.gz").is_file()
+    assert not list(root.glob("*.part"))
+
+
+def test_cifar10_download_with_wrong_md5_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball, _ = _fixture_tarball(tmp_path)
+    monkeypatch.setattr(cifar10_module, "CIFAR10_URL", tarball.as_uri())
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError, match="checksum mismatch for the download") as err:
+        load_cifar10(root)
+    assert "missing data_batch_1" in _one_line(err)
+    assert not list(root.glob("*.tar.gz*"))
+
+
+def test_cifar10_offline_says_what_is_missing_and_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cifar10_module, "CIFAR10_URL", (tmp_path / "absent.tgz").as_uri())
+    with pytest.raises(DatasetError, match="download from .* failed") as err:
+        load_cifar10(tmp_path / "data")
+    message = _one_line(err)
+    assert "missing data_batch_1" in message and str(tmp_path / "data") in message
+
+
+def test_cifar10_uses_a_tarball_already_in_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball, md5 = _fixture_tarball(tmp_path)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(tarball.read_bytes())
+    with pytest.raises(DatasetError, match="checksum mismatch"):  # the official md5 differs
+        load_cifar10(root, download=False)
+    monkeypatch.setattr(cifar10_module, "CIFAR10_TARBALL_MD5", md5)
+    assert load_cifar10(root, download=False).train_size == 15
+
+
+def test_cifar10_corrupt_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    monkeypatch.setattr(cifar10_module, "CIFAR10_TARBALL_MD5", hashlib.md5(b"garbage").hexdigest())
+    with pytest.raises(DatasetError, match="cannot extract") as err:
+        load_cifar10(tmp_path, download=False)
+    _one_line(err)
+
+
+# ---------------------------------------------------------------- folder
+
+
+def _write_image(
+    path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (20, 12)
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+
+
+def test_folder_with_train_and_test_dirs(tmp_path: Path) -> None:
+    for split, n in [("train", 3), ("test", 2)]:
+        for name, colour in COLOURS.items():
+            for i in range(n):
+                _write_image(tmp_path / split / name / f"{i}.png", colour)
+    _write_image(tmp_path / "train" / "red" / "extra.JPG", (250, 5, 5), size=(40, 40))
+    Image.new("L", (9, 9), 128).save(tmp_path / "train" / "green" / "gray.png")
+    (tmp_path / "train" / "red" / "notes.txt").write_text("ignored")
+
+    ds = load_dataset(f"folder:{tmp_path}", image_size=16)
+    assert ds.class_names == ("blue", "green", "red")
+    assert ds.x_train.shape == (11, 3, 16, 16) and ds.x_test.shape == (6, 3, 16, 16)
+    assert torch.bincount(ds.y_train).tolist() == [3, 4, 4]
+    assert ds.y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    # Standardised with the training set's statistics; the red channel is highest for red.
+    mean = torch.tensor(ds.info["mean"]).view(3, 1, 1)
+    std = torch.tensor(ds.info["std"]).view(3, 1, 1)
+    red_pixel = ds.x_test[ds.y_test == 2][0] * std + mean
+    torch.testing.assert_close(red_pixel[:, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_folder_without_split_dirs_is_split_80_20(tmp_path: Path) -> None:
+    for name, colour in COLOURS.items():
+        for i in range(10):
+            _write_image(tmp_path / name / f"{i}.png", colour)
+    ds = load_folder(tmp_path, image_size=8)
+    assert ds.train_size == 24 and ds.x_test.shape[0] == 6
+    assert torch.bincount(ds.y_test).tolist() == [2, 2, 2]
+    again = load_folder(tmp_path, image_size=8)
+    assert torch.equal(ds.x_test, again.x_test)
+    assert load_dataset(f"folder:{tmp_path}", train_size=9).train_size == 9
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    cases: list[tuple[str, str]] = []
+    cases.append((str(tmp_path / "missing"), "is not a directory"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((str(empty), "no class sub-directories"))
+    no_images = tmp_path / "no_images"
+    (no_images / "cat").mkdir(parents=True)
+    (no_images / "cat" / "readme.txt").write_text("x")
+    cases.append((str(no_images), "has no images"))
+    one_class = tmp_path / "one_class"
+    _write_image(one_class / "cat" / "a.png", (1, 2, 3))
+    _write_image(one_class / "cat" / "b.png", (1, 2, 3))
+    cases.append((str(one_class), "need at least 2"))
+    only_train = tmp_path / "only_train"
+    _write_image(only_train / "train" / "cat" / "a.png", (1, 2, 3))
+    cases.append((str(only_train), "needs both train/ and test/"))
+    stray = tmp_path / "stray"
+    for split, name in [("train", "cat"), ("train", "dog"), ("test", "cow")]:
+        _write_image(stray / split / name / "a.png", (1, 2, 3))
+    cases.append((str(stray), "not in"))
+    corrupt = tmp_path / "corrupt"
+    _write_image(corrupt / "cat" / "a.png", (1, 2, 3))
+    _write_image(corrupt / "dog" / "a.png", (1, 2, 3))
+    (corrupt / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    cases.append((str(corrupt), "cannot read image .*broken.png"))
+    for path, message in cases:
+        with pytest.raises(DatasetError, match=message) as err:
+            load_dataset(f"folder:{path}")
+        _one_line(err)
+    with pytest.raises(DatasetError, match="image_size"):
+        load_folder(corrupt, image_size=0)
+
+
+# ---------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("spec", ["imagenet", "", "cifar", "mnist1d:x", "folder", "folder:", 3])
+def test_unknown_or_malformed_specs(spec: object) -> None:
+    with pytest.raises(DatasetError) as err:
+        load_dataset(spec)  # type: ignore[arg-type]
+    assert isinstance(err.value, ValueError)
+    message = _one_line(err)
+    if spec not in ("folder", "folder:"):
+        assert all(name in message for name in DATASET_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"train_size": 0}, "train_size"),
+        ({"train_size": 10**6}, "train_size"),
+    ],
+)
+def test_bad_load_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message) as err:
+        load_dataset("digits-shifted", **kwargs)
+    _one_line(err)

@@ -1,0 +1,194 @@
+"""Every kind x rank x layout x dtype x mask x keepdim x backend against the NumPy reference."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import globalpool as gp
+from globalpool import kernels
+from helpers import (
+    DTYPES,
+    KIND_PARAMS,
+    MASKS,
+    assert_close,
+    make_input,
+    make_mask,
+    make_weights,
+    poison_padded,
+    reference_backward,
+    reference_forward,
+)
+
+SPATIAL = {1: (7,), 2: (4, 5), 3: (3, 2, 4)}
+LAYOUTS = ("channels_first", "channels_last")
+BACKENDS = ("torch", "fused")
+
+
+def _skip_unless_backend(backend: str, x: torch.Tensor, kind: str) -> None:
+    if backend == "fused" and not kernels.supports(x, kind):
+        pytest.skip(f"no fused kernel for {kind} on {x.device}/{x.dtype}")
+
+
+def _run(kind, spatial, layout, dtype, mask_mode, keepdim, backend, seed=0, n=3, c=4):
+    x = make_input(n, c, spatial, layout, dtype, seed)
+    _skip_unless_backend(backend, x, kind)
+    mask = make_mask(n, spatial, mask_mode, seed)
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        params["weights"] = make_weights(x, layout, seed).requires_grad_()
+    x_in = poison_padded(x, mask, layout).requires_grad_()
+    y = gp.pool(x_in, kind, layout=layout, keepdim=keepdim, mask=mask, backend=backend, **params)
+    assert y.dtype == dtype
+    expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
+    assert_close(y, expected, dtype, f"forward {kind}")
+
+    gen = torch.Generator().manual_seed(seed + 3)
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y.backward(grad_out)
+    grads = reference_backward(x, grad_out, kind, layout, mask, **params)
+    assert x_in.grad.dtype == dtype
+    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
+    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
+    if kind == "attention":
+        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
+    return y, x_in.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("mask_mode", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_matches_reference(kind, rank, layout, dtype, mask_mode, keepdim, backend):
+    _run(kind, SPATIAL[rank], layout, dtype, mask_mode, keepdim, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_output_shapes(kind, backend):
+    x = torch.randn(2, 5, 3, 4)
+    _skip_unless_backend(backend, x, kind)
+    params = {"weights": torch.rand(2, 3, 4)} if kind == "attention" else {}
+    width = 10 if kind == "catavgmax" else 5
+    assert gp.pool(x, kind, backend=backend, **params).shape == (2, width)
+    assert gp.pool(x, kind, keepdim=True, backend=backend, **params).shape == (2, width, 1, 1)
+    xl = x.movedim(1, -1)
+    kw = dict(layout="channels_last", keepdim=True, backend=backend)
+    assert gp.pool(xl, kind, **kw, **params).shape == (2, 1, 1, width)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_empty_sample_pools_to_zero_with_zero_gradient(kind, backend):
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    _skip_unless_backend(backend, x, kind)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    x[1] = float("nan")
+    x.requires_grad_()
+    params = {"weights": torch.rand(2, 6, dtype=torch.float64)} if kind == "attention" else {}
+    y = gp.pool(x, kind, mask=mask, backend=backend, **params)
+    y.sum().backward()
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
+    assert torch.isfinite(y[0]).all() and x.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_ties_share_gradient(backend):
+    x = torch.tensor([[[1.0, 3.0, 3.0, 2.0, 3.0]]], requires_grad=True)
+    _skip_unless_backend(backend, x, "max")
+    gp.pool(x, "max", backend=backend).sum().backward()
+    third = 1.0 / 3.0
+    assert torch.allclose(x.grad, torch.tensor([[[0.0, third, third, 0.0, third]]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gem_gradient_wrt_p(backend):
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.1
+    _skip_unless_backend(backend, x, "gem")
+    p = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    gp.pool(x, "gem", p=p, backend=backend).sum().backward()
+    grads = reference_backward(x, torch.ones(2, 3, dtype=torch.float64), "gem",
+                               "channels_first", None, p=2.5)
+    np.testing.assert_allclose(float(p.grad), grads["p"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_gradcheck_float64(kind, backend):
+    x = torch.rand(2, 3, 4, 3, dtype=torch.float64) + 0.1
+    _skip_unless_backend(backend, x, kind)
+    mask = torch.rand(2, 4, 3) > 0.3
+    mask[:, 0, 0] = True
+    inputs = [x.requires_grad_()]
+    if kind == "gem":
+        inputs.append(torch.tensor(2.5, dtype=torch.float64, requires_grad=True))
+    if kind == "attention":
+        inputs.append(torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True))
+    if kind in ("max", "avgmax", "catavgmax"):  # keep the arg-max unique and away from ties
+        x.data += torch.arange(x.numel(), dtype=torch.float64).view_as(x) * 1e-2
+
+    def fn(x, *extra):
+        params = dict(KIND_PARAMS.get(kind, {}))
+        if kind == "gem":
+            params["p"] = extra[0]
+        if kind == "attention":
+            params["weights"] = extra[0]
+        return gp.pool(x, kind, mask=mask, backend=backend, **params)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+@given(
+    kind=st.sampled_from(gp.KINDS),
+    rank=st.integers(1, 3),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(DTYPES),
+    mask_mode=st.sampled_from(MASKS),
+    backend=st.sampled_from(BACKENDS),
+    n=st.integers(1, 4),
+    c=st.integers(1, 6),
+    sizes=st.lists(st.integers(1, 6), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=150, deadline=None)
+def test_property_random_shapes(kind, rank, layout, dtype, mask_mode, backend, n, c, sizes, seed):
+    spatial = tuple(sizes[:rank])
+    x = make_input(n, c, spatial, layout, dtype, seed)
+    if backend == "fused" and not kernels.supports(x, kind):
+        return
+    _run(kind, spatial, layout, dtype, mask_mode, False, backend, seed=seed, n=n, c=c)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_equals_torch_ops(rank, layout):
+    x = make_input(2, 3, SPATIAL[rank], layout, torch.float32, 0)
+    dims = tuple(range(2, x.ndim)) if layout == "channels_first" else tuple(range(1, x.ndim - 1))
+    torch.testing.assert_close(gp.pool(x, "avg", layout=layout), x.mean(dims))
+    torch.testing.assert_close(gp.pool(x, "max", layout=layout), x.amax(dims), rtol=0, atol=0)
+
+
+def test_layout_is_declared_not_guessed():
+    x = torch.randn(2, 3, 3, 3)
+    cf = gp.pool(x, "avg", layout="channels_first")
+    cl = gp.pool(x, "avg", layout="channels_last")
+    torch.testing.assert_close(cf, x.mean((2, 3)))
+    torch.testing.assert_close(cl, x.mean((1, 2)))
+    x_cl_memory = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gp.pool(x_cl_memory, "avg"), cf)
+
+
+def test_fp16_large_values_do_not_overflow():
+    x = torch.full((1, 2, 3, 3), 60000.0, dtype=torch.float16)
+    for kind in ("avg", "gem", "lse", "avgmax"):
+        y = gp.pool(x, kind)
+        assert torch.isfinite(y).all(), kind
+        torch.testing.assert_close(y.float(), torch.full((1, 2), 60000.0), rtol=1e-3, atol=0)
