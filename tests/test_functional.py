@@ -192,3 +192,19 @@ def test_fp16_large_values_do_not_overflow():
         y = gp.pool(x, kind)
         assert torch.isfinite(y).all(), kind
         torch.testing.assert_close(y.float(), torch.full((1, 2), 60000.0), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gem_large_p_on_dead_channel_stays_finite(backend):
+    """ReLU-dead channels clamp to eps; eps^p underflows in float32 once p > 7.5."""
+    x = torch.zeros(2, 3, 4, 4)
+    x[:, 1] = torch.rand(2, 4, 4)
+    _skip_unless_backend(backend, x, "gem")
+    x.requires_grad_()
+    p = torch.tensor(12.0, requires_grad=True)
+    y = gp.pool(x, "gem", p=p, backend=backend)
+    y.sum().backward()
+    torch.testing.assert_close(y[:, 0], torch.full((2,), 1e-6))
+    expected = reference_forward(x, "gem", "channels_first", None, p=12.0)
+    assert_close(y, expected, torch.float32, "gem p=12")
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad)

@@ -74,14 +74,18 @@ def gem(
         p = p.to(x.dtype)
     if mask is not None:
         x = torch.where(mask, x, 1.0)
-    powered = x.clamp(min=eps).pow(p)
+    clamped = x.clamp(min=eps)
+    # GeM is 1-homogeneous: scaling by the (detached) max keeps clamp(x)^p from underflowing to 0
+    # (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN gradient.
+    top = clamped.detach().amax(dims, keepdim=True)
+    powered = (clamped / top).pow(p)
     if mask is not None:
         powered = torch.where(mask, powered, 0.0)
     mean = _mean_of(powered, mask, dims)
     nonempty = _nonempty(mask, dims)
     if nonempty is not None:
         mean = torch.where(nonempty, mean, 1.0)
-    return _where_nonempty(nonempty, mean.pow(1.0 / p))
+    return _where_nonempty(nonempty, top * mean.pow(1.0 / p))
 
 
 def lse(

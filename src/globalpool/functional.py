@@ -128,7 +128,7 @@ def adaptive_pool(
     >>> import torch, globalpool as gp
     >>> x = torch.arange(5.0).reshape(1, 1, 5)
     >>> gp.adaptive_pool(x, 2, "avg")
-    tensor([[[1.0000, 3.0000]]])
+    tensor([[[1., 3.]]])
     >>> gp.adaptive_pool(x.movedim(1, -1), 3, "max", layout="channels_last").shape
     torch.Size([1, 3, 1])
     """
