@@ -52,7 +52,7 @@ def poison_padded(x: torch.Tensor, mask: torch.Tensor | None, layout: str) -> to
     x = x.clone()
     channel_dim = 1 if layout == "channels_first" else x.ndim - 1
     padded = (~mask).unsqueeze(channel_dim).expand_as(x)
-    poison = torch.full_like(x, float("nan"))
+    poison = torch.full(x.shape, float("nan"), dtype=x.dtype)
     poison.view(-1)[::2] = float("inf")
     return torch.where(padded, poison, x)
 

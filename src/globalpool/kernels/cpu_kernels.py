@@ -1,0 +1,1410 @@
+"""Numba kernels behind :mod:`globalpool.kernels.cpu_numba` (all jitted code lives here).
+
+Numba's on-disk cache is keyed on the source file of each cached function, not on the helpers
+and intrinsics it inlines, so everything jitted sits in this one file: editing any part of it
+invalidates the whole cache (splitting it would leave stale compiled kernels behind).
+
+Data. Arrays arrive as NumPy views of torch tensors; float16 comes in as ``uint16`` and bfloat16
+as ``int16`` (same bits). Loads widen to the accumulation type (float32, or float64 for float64
+inputs) and stores round back (``vcvtph2ps``/``vcvtps2ph`` for float16, bit arithmetic with
+round-to-nearest-even for bfloat16).
+
+Vectorisation. ``Vec`` is a numba type whose LLVM value is one vector register (16 float32 or 8
+float64 lanes, with matching int32 and bool vectors) and the intrinsics below (``vload``,
+``vsel``, ``vexp2``, ``hsum``...) operate on it. Channels-first rows ``(N, C, L)`` are reduced
+with these explicitly, two independent vectors per step, so order-dependent states (running max
+with first arg-max and tie count, log-sum-exp) vectorise too; channels-last ``(N, L, C)`` keeps
+one lane per channel. Indices are unsigned (``U``) so numba emits no negative-index fix-up that
+would turn contiguous loads into gathers.
+
+Masks are ``(Nm, L)`` bool arrays read at row ``n * ms``: an unmasked call passes one all-True
+row and ``ms = 0``, which the kernels test to skip mask loads. Padded positions are dropped with
+selects, never multiplied by 0, so NaN/inf there never reaches a result.
+
+fastmath allows reassociation and contraction but not ``nnan``/``ninf``: NaN and inf keep their
+IEEE meaning. exp2/log2 for float32 are branch-free polynomials emitted as IR (~1e-7 relative
+error, no SVML needed); float64 uses LLVM's exp2/log2 (libm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
+
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}  # deliberately no nnan / ninf
+U = np.uintp  # unsigned indices: numba skips the negative-index fix-up, loops vectorise
+
+_helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+_kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+
+# forward / backward modes (chosen by the Python side)
+SUM_AVG, SUM_GEM, SUM_WEIGHTED = 0, 1, 2
+MAX_ONLY, MAX_AVGMAX, MAX_CAT = 0, 1, 2
+NL_GEM, NL_LSE = 0, 1
+
+# --------------------------------------------------------------------------------------------
+# bit-level conversions
+
+
+@intrinsic
+def _f16_to_f32(typingctx, h):
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, f):
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, b):
+    if b != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    """Round to nearest even; NaN stays a (quiet) NaN."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(u, builder.add(ir.Constant(i32, 0x7FFF), lsb))
+        hi = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), ir.IntType(16))
+        quiet = builder.or_(
+            builder.trunc(builder.lshr(u, ir.Constant(i32, 16)), ir.IntType(16)),
+            ir.Constant(ir.IntType(16), 0x40),
+        )
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(isnan, quiet, hi)
+
+    return types.int16(types.float32), codegen
+
+
+def widen(v):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(widen)
+def _widen(v):
+    if v == types.uint16:
+        return lambda v: _f16_to_f32(v)
+    if v == types.int16:
+        return lambda v: _bf16_to_f32(v)
+    if isinstance(v, types.Float):
+        return lambda v: v
+    return None
+
+
+def narrow(v, a):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(narrow)
+def _narrow(v, a):
+    dt = a.dtype
+    if dt == types.uint16:
+        return lambda v, a: _f32_to_f16(np.float32(v))
+    if dt == types.int16:
+        return lambda v, a: _f32_to_bf16(np.float32(v))
+    if dt == types.float32:
+        return lambda v, a: np.float32(v)
+    if dt == types.float64:
+        return lambda v, a: np.float64(v)
+    return None
+
+
+def like(c, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(like)
+def _like(c, v):
+    """The constant ``c`` in ``v``'s float type (keeps float32 code in float32)."""
+    if v == types.float32:
+        return lambda c, v: np.float32(c)
+    if v == types.float64:
+        return lambda c, v: np.float64(c)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# exp2 / log2 emitted as LLVM IR for float32 scalars and vectors alike: branch-free polynomials
+# (~1e-7 relative error) that vectorise without SVML. (numba later stamps the kernels' fast-math
+# flags on these instructions too, so nothing here relies on exact rounding of float sums.)
+# float64 goes through LLVM's exp2 / log2 (libm).
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+# 2**f on [-0.5, 0.5]: degree-6 polynomial fitted for relative error (about 1e-7 in float32)
+_EXP2_POLY = (
+    1.0000000005606806,
+    0.6931472057136645,
+    0.24022646842066023,
+    0.05550328815031586,
+    0.009618494225249088,
+    0.0013399918989378558,
+    0.00015344393100911625,
+)
+
+
+def _const(ty, v):
+    return ir.Constant(ty, [v] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, v)
+
+
+def _base(ty):
+    return ty.element if isinstance(ty, ir.VectorType) else ty
+
+
+def _int_like(ty):
+    return (
+        ir.VectorType(ir.IntType(32), ty.count) if isinstance(ty, ir.VectorType) else ir.IntType(32)
+    )
+
+
+def _tname(ty):
+    if isinstance(ty, ir.VectorType):
+        return f"v{ty.count}{_ename(ty.element)}"
+    return _ename(ty)
+
+
+def _ename(t):
+    if isinstance(t, ir.IntType):
+        return f"i{t.width}"
+    return {"float": "f32", "double": "f64", "half": "f16"}[str(t)]
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _fma_ir(builder, a, b, c):
+    ty = a.type
+    return builder.call(_fn(builder, f"llvm.fma.{_tname(ty)}", ty, [ty, ty, ty]), [a, b, c])
+
+
+def _exp2_ir(builder, u, nonpositive=False):
+    """2**u. With ``nonpositive`` (u <= 0 or NaN, as in log-sum-exp) the overflow clamp is
+    skipped and u < -126 gives 2**-126 instead of 0 (harmless next to a sum >= 1)."""
+    ty = u.type
+    if _base(ty) != ir.FloatType():
+        return builder.call(_fn(builder, f"llvm.exp2.{_tname(ty)}", ty, [ty]), [u])
+    it = _int_like(ty)
+    low = builder.fcmp_ordered("<", u, _const(ty, -126.0))
+    uc = builder.select(low, _const(ty, -126.0), u)
+    if not nonpositive:
+        uc = builder.select(builder.fcmp_ordered(">", uc, _const(ty, 128.0)), _const(ty, 128.0), uc)
+    k = builder.call(_fn(builder, f"llvm.rint.{_tname(ty)}", ty, [ty]), [uc])
+    f = builder.fsub(uc, k)  # in [-0.5, 0.5] (NaN stays NaN and carries through q)
+    q = _const(ty, _EXP2_POLY[-1])
+    for coef in reversed(_EXP2_POLY[:-1]):
+        q = _fma_ir(builder, q, f, _const(ty, coef))
+    kfin = builder.select(builder.fcmp_ordered("==", k, k), k, _const(ty, 0.0))  # no NaN to int
+    bits = builder.add(builder.fptosi(kfin, it), _const(it, 127))
+    res = builder.fmul(q, builder.bitcast(builder.shl(bits, _const(it, 23)), ty))
+    if nonpositive:
+        return res
+    return builder.select(low, _const(ty, 0.0), res)  # NaN is not < -126: it stays NaN
+
+
+def _log2_ir(builder, x):
+    """log2 for x >= 0 (0 -> -inf, inf -> inf, NaN -> NaN); negative x gives garbage."""
+    ty = x.type
+    if _base(ty) != ir.FloatType():
+        return builder.call(_fn(builder, f"llvm.log2.{_tname(ty)}", ty, [ty]), [x])
+    it = _int_like(ty)
+    u = builder.bitcast(x, it)
+    e = builder.sub(builder.lshr(u, _const(it, 23)), _const(it, 127))
+    m = builder.or_(builder.and_(u, _const(it, 0x7FFFFF)), _const(it, 0x3F800000))
+    m = builder.bitcast(m, ty)
+    big = builder.fcmp_ordered(">", m, _const(ty, 1.4142135))
+    m = builder.select(big, builder.fmul(m, _const(ty, 0.5)), m)
+    e = builder.select(big, builder.add(e, _const(it, 1)), e)
+    t = builder.fdiv(builder.fsub(m, _const(ty, 1.0)), builder.fadd(m, _const(ty, 1.0)))
+    t2 = builder.fmul(t, t)
+    s = _const(ty, 1.0 / 9.0)
+    for coef in (1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0):
+        s = _fma_ir(builder, s, t2, _const(ty, coef))
+    res = _fma_ir(builder, builder.fmul(t, s), _const(ty, 2.0 * LOG2E), builder.sitofp(e, ty))
+    res = builder.select(builder.fcmp_ordered("==", x, _const(ty, 0.0)), _const(ty, -np.inf), res)
+    keep = builder.or_(
+        builder.fcmp_unordered("uno", x, x), builder.fcmp_ordered("==", x, _const(ty, np.inf))
+    )
+    return builder.select(keep, x, res)
+
+
+def _scalar_math(emit):
+    @intrinsic
+    def fn(typingctx, v):
+        if not isinstance(v, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return emit(builder, args[0])
+
+        return v(v), codegen
+
+    return fn
+
+
+sexp2 = _scalar_math(_exp2_ir)
+slog2 = _scalar_math(_log2_ir)
+
+
+@_helper
+def _ipow(v, k):
+    """v**k for k in 0..4 with selects only."""
+    v2 = v * v
+    r = v2 * v2 if k == 4 else v2 * v
+    r = v2 if k == 2 else r
+    r = v if k == 1 else r
+    return like(1.0, v) if k == 0 else r
+
+
+@_helper
+def _spow(v, p):
+    """v**p for v >= 0 (any real p)."""
+    return sexp2(p * slog2(v))
+
+
+# --------------------------------------------------------------------------------------------
+# explicit SIMD: a numba type whose LLVM value is one vector register (float, int32 or bool
+# lanes). Loops written with these values vectorise by construction: the order-dependent lane
+# states (running max with arg-max and tie count, online log-sum-exp) stay in registers.
+
+
+class Vec(types.Type):
+    """``count`` lanes of ``dtype`` held in one LLVM vector value."""
+
+    def __init__(self, dtype, count):
+        self.dtype = dtype
+        self.count = count
+        super().__init__(name=f"Vec({dtype}, {count})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        elt = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(elt, fe_type.count))
+
+
+_I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_F16, _F32 = ir.HalfType(), ir.FloatType()
+
+
+def _acc_type(dt):
+    return types.float64 if dt == types.float64 else types.float32
+
+
+def _nlanes(dt):
+    return 8 if dt == types.float64 else 16
+
+
+def _splat(builder, value, vty):
+    tmp = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(tmp, tmp, zeros)
+
+
+def _vconst(vty, value):
+    return ir.Constant(vty, [value] * vty.count)
+
+
+def _lane_mask(builder, k, n):
+    k32 = builder.trunc(k, _I32) if k.type.width > 32 else builder.sext(k, _I32)
+    lanes = ir.Constant(ir.VectorType(_I32, n), list(range(n)))
+    return builder.icmp_signed("<", lanes, _splat(builder, k32, ir.VectorType(_I32, n)))
+
+
+def _vptr(context, builder, aty, aval, off, rty):
+    ary = context.make_array(aty)(context, builder, value=aval)
+    return builder.bitcast(builder.gep(ary.data, [off]), rty.as_pointer())
+
+
+def _load(context, builder, aty, aval, off, n, k):
+    """Raw load of n elements at flat offset off (masked to the first k when k is given)."""
+    rty = ir.VectorType(context.get_data_type(aty.dtype), n)
+    ptr = _vptr(context, builder, aty, aval, off, rty)
+    if k is None:
+        return builder.load(ptr, align=1, typ=rty)
+    mask = _lane_mask(builder, k, n)
+    fn = _fn(builder, f"llvm.masked.load.{_tname(rty)}.p0", rty, [ptr.type, _I32, mask.type, rty])
+    return builder.call(fn, [ptr, ir.Constant(_I32, 1), mask, ir.Constant(rty, None)])
+
+
+def _store(context, builder, aty, aval, off, raw, k):
+    ptr = _vptr(context, builder, aty, aval, off, raw.type)
+    if k is None:
+        builder.store(raw, ptr, align=1)
+        return
+    mask = _lane_mask(builder, k, raw.type.count)
+    fn = _fn(
+        builder,
+        f"llvm.masked.store.{_tname(raw.type)}.p0",
+        ir.VoidType(),
+        [raw.type, ptr.type, _I32, mask.type],
+    )
+    builder.call(fn, [raw, ptr, ir.Constant(_I32, 1), mask])
+
+
+def _widen_ir(builder, raw, dt):
+    """Raw array lanes -> value lanes (float16/bfloat16 bits -> float32, bool bytes -> i1)."""
+    n = raw.type.count
+    if dt == types.uint16:
+        return builder.fpext(builder.bitcast(raw, ir.VectorType(_F16, n)), ir.VectorType(_F32, n))
+    if dt == types.int16:
+        wide = builder.shl(
+            builder.zext(raw, ir.VectorType(_I32, n)), _vconst(ir.VectorType(_I32, n), 16)
+        )
+        return builder.bitcast(wide, ir.VectorType(_F32, n))
+    if dt == types.boolean:
+        return builder.icmp_unsigned("!=", raw, ir.Constant(raw.type, None))
+    return raw
+
+
+def _narrow_ir(builder, v, dt):
+    """Value lanes -> raw array lanes (float32 -> float16 / bfloat16 bits, nearest even)."""
+    n = v.type.count
+    i32 = ir.VectorType(_I32, n)
+    if dt == types.uint16:
+        return builder.bitcast(builder.fptrunc(v, ir.VectorType(_F16, n)), ir.VectorType(_I16, n))
+    if dt == types.int16:
+        u = builder.bitcast(v, i32)
+        lsb = builder.and_(builder.lshr(u, _vconst(i32, 16)), _vconst(i32, 1))
+        rounded = builder.add(u, builder.add(_vconst(i32, 0x7FFF), lsb))
+        hi = builder.trunc(builder.lshr(rounded, _vconst(i32, 16)), ir.VectorType(_I16, n))
+        quiet = builder.or_(
+            builder.trunc(builder.lshr(u, _vconst(i32, 16)), ir.VectorType(_I16, n)),
+            _vconst(ir.VectorType(_I16, n), 0x40),
+        )
+        return builder.select(builder.fcmp_unordered("uno", v, v), quiet, hi)
+    if dt == types.boolean:
+        return builder.zext(v, ir.VectorType(_I8, n))
+    return v
+
+
+@intrinsic
+def vload(typingctx, a, off):
+    """Lanes x[off : off + lanes] of a float array, widened to the accumulation type."""
+    vt = Vec(_acc_type(a.dtype), _nlanes(a.dtype))
+
+    def codegen(context, builder, sig, args):
+        raw = _load(context, builder, a, args[0], args[1], vt.count, None)
+        return _widen_ir(builder, raw, a.dtype)
+
+    return vt(a, off), codegen
+
+
+@intrinsic
+def vload_part(typingctx, a, off, k):
+    """Like :func:`vload` for the first ``k`` lanes only (the others read as 0)."""
+    vt = Vec(_acc_type(a.dtype), _nlanes(a.dtype))
+
+    def codegen(context, builder, sig, args):
+        raw = _load(context, builder, a, args[0], args[1], vt.count, args[2])
+        return _widen_ir(builder, raw, a.dtype)
+
+    return vt(a, off, k), codegen
+
+
+@intrinsic
+def vget(typingctx, a, off, like):
+    """``like.count`` lanes of an int32, bool or float array, in its own type."""
+    vt = Vec(a.dtype, like.count)
+
+    def codegen(context, builder, sig, args):
+        return _widen_ir(
+            builder, _load(context, builder, a, args[0], args[1], vt.count, None), a.dtype
+        )
+
+    return vt(a, off, like), codegen
+
+
+@intrinsic
+def vget_part(typingctx, a, off, k, like):
+    vt = Vec(a.dtype, like.count)
+
+    def codegen(context, builder, sig, args):
+        raw = _load(context, builder, a, args[0], args[1], vt.count, args[2])
+        return _widen_ir(builder, raw, a.dtype)
+
+    return vt(a, off, k, like), codegen
+
+
+@intrinsic
+def vput(typingctx, a, off, v):
+    """Store lanes at a[off : off + lanes], rounding into the array's type."""
+
+    def codegen(context, builder, sig, args):
+        _store(context, builder, a, args[0], args[1], _narrow_ir(builder, args[2], a.dtype), None)
+        return context.get_dummy_value()
+
+    return types.none(a, off, v), codegen
+
+
+@intrinsic
+def vput_part(typingctx, a, off, v, k):
+    def codegen(context, builder, sig, args):
+        raw = _narrow_ir(builder, args[2], a.dtype)
+        _store(context, builder, a, args[0], args[1], raw, args[3])
+        return context.get_dummy_value()
+
+    return types.none(a, off, v, k), codegen
+
+
+@intrinsic
+def vzero_of(typingctx, a):
+    """A zero vector of the accumulation type and lane count of float array ``a``."""
+    vt = Vec(_acc_type(a.dtype), _nlanes(a.dtype))
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), None)
+
+    return vt(a), codegen
+
+
+@intrinsic
+def vfull(typingctx, s, like):
+    """``s`` in every lane, typed like ``like`` (float lanes)."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], s, like.dtype)
+        return _splat(builder, v, context.get_value_type(like))
+
+    return like(s, like), codegen
+
+
+@intrinsic
+def ifull(typingctx, i, like):
+    """int32 lanes holding ``i``, with like's lane count."""
+    vt = Vec(types.int32, like.count)
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], i, types.int32)
+        return _splat(builder, v, context.get_value_type(vt))
+
+    return vt(i, like), codegen
+
+
+@intrinsic
+def vlanes(typingctx, k, like):
+    """Bool lanes: the first k true."""
+    vt = Vec(types.boolean, like.count)
+
+    def codegen(context, builder, sig, args):
+        return _lane_mask(builder, args[0], like.count)
+
+    return vt(k, like), codegen
+
+
+@intrinsic
+def izero_of(typingctx, like):
+    """int32 zero lanes with like's lane count."""
+    vt = Vec(types.int32, like.count)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), None)
+
+    return vt(like), codegen
+
+
+def _binary(op):
+    @intrinsic
+    def fn(typingctx, a, b):
+        if not isinstance(a, Vec) or a != b:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+
+        return a(a, b), codegen
+
+    return fn
+
+
+vadd, vsub, vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+iadd = _binary("add")
+mand, mor = _binary("and_"), _binary("or_")
+
+
+def _compare(op, ordered=True, signed_int=False):
+    @intrinsic
+    def fn(typingctx, a, b):
+        if not isinstance(a, Vec) or a != b:
+            return None
+        vt = Vec(types.boolean, a.count)
+
+        def codegen(context, builder, sig, args):
+            if signed_int:
+                return builder.icmp_signed(op, args[0], args[1])
+            if ordered:
+                return builder.fcmp_ordered(op, args[0], args[1])
+            return builder.fcmp_unordered(op, args[0], args[1])
+
+        return vt(a, b), codegen
+
+    return fn
+
+
+vgt, vlt, veq = _compare(">"), _compare("<"), _compare("==")
+ieq = _compare("==", signed_int=True)
+vgt_i = _compare(">", signed_int=True)
+
+
+@intrinsic
+def visnan(typingctx, a):
+    vt = Vec(types.boolean, a.count)
+
+    def codegen(context, builder, sig, args):
+        return builder.fcmp_unordered("uno", args[0], args[0])
+
+    return vt(a), codegen
+
+
+@intrinsic
+def vsel(typingctx, m, a, b):
+    """Lane-wise ``a if m else b``."""
+    if not isinstance(a, Vec) or a != b:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return a(m, a, b), codegen
+
+
+@intrinsic
+def vmaximum(typingctx, a, b):
+    """Lane-wise maximum that propagates NaN."""
+    if not isinstance(a, Vec) or a != b:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        return builder.call(
+            _fn(builder, f"llvm.maximum.{_tname(vty)}", vty, [vty, vty]), list(args)
+        )
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def mbits(typingctx, m):
+    """A bool vector as an int64 bit mask (lane i -> bit i)."""
+    if not isinstance(m, Vec) or m.dtype != types.boolean:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(m.count)), ir.IntType(64))
+
+    return types.int64(m), codegen
+
+
+@intrinsic
+def popc(typingctx, i):
+    def codegen(context, builder, sig, args):
+        ty = ir.IntType(64)
+        return builder.call(_fn(builder, "llvm.ctpop.i64", ty, [ty]), [args[0]])
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def ctz(typingctx, i):
+    """Index of the lowest set bit (64 for 0)."""
+
+    def codegen(context, builder, sig, args):
+        ty = ir.IntType(64)
+        fn = _fn(builder, "llvm.cttz.i64", ty, [ty, ir.IntType(1)])
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return types.int64(types.int64), codegen
+
+
+def _reduce(kind, flags=()):
+    @intrinsic
+    def fn(typingctx, a):
+        def codegen(context, builder, sig, args):
+            vty = args[0].type
+            et = vty.element
+            name = f"llvm.vector.reduce.{kind}.{_tname(vty)}"
+            if kind == "fadd":
+                f = _fn(builder, name, et, [et, vty])
+                return builder.call(f, [ir.Constant(et, -0.0), args[0]], fastmath=flags)
+            return builder.call(_fn(builder, name, et, [vty]), [args[0]])
+
+        return a.dtype(a), codegen
+
+    return fn
+
+
+hsum = _reduce("fadd", ("reassoc",))
+hmax = _reduce("fmaximum")  # NaN-propagating
+
+
+def _vector_math(emit):
+    @intrinsic
+    def fn(typingctx, a):
+        if not isinstance(a, Vec):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return emit(builder, args[0])
+
+        return a(a), codegen
+
+    return fn
+
+
+vexp2 = _vector_math(_exp2_ir)
+vexp2n = _vector_math(lambda builder, u: _exp2_ir(builder, u, nonpositive=True))
+vlog2 = _vector_math(_log2_ir)
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c, one rounding."""
+    if not isinstance(a, Vec) or a != b or a != c:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _fma_ir(builder, *args)
+
+    return a(a, b, c), codegen
+
+
+def nlanes(a):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(nlanes)
+def _nlanes_ov(a):
+    n = _nlanes(a.dtype)
+    return lambda a: n
+
+
+# --------------------------------------------------------------------------------------------
+# forward: sum family (avg, gem, attention)
+
+
+@_helper
+def _finish_sum(s, den):
+    """Mean over the real positions (0 for an empty sample). GeM's root is taken afterwards,
+    vectorised over all outputs, by the caller."""
+    return np.float64(s) / den if den > 0.0 else 0.0
+
+
+@_helper
+def _real(mask, off, z, ms):
+    """Real-position lanes at flat mask offset off; an unmasked call (ms == 0) needs no load."""
+    return vget(mask, off, z) if ms else veq(z, z)
+
+
+@_helper
+def _real_part(mask, off, k, z, ms):
+    return vget_part(mask, off, k, z) if ms else vlanes(k, z)
+
+
+@_helper
+def _sum_step(s, v, real, wv, mode, pv, ip, epsv, z):
+    """Add one vector of contributions (zero at padded lanes) to the lane sums ``s``."""
+    if mode == SUM_AVG:
+        return vadd(s, vsel(real, v, z))
+    if mode == SUM_WEIGHTED:
+        return vadd(s, vsel(real, vmul(v, wv), z))
+    v = vsel(vlt(v, epsv), epsv, v)
+    if ip > 0:
+        return vadd(s, vsel(real, _vipow(v, ip), z))
+    return vadd(s, vsel(real, vexp2(vmul(pv, vlog2(v))), z))
+
+
+@_helper
+def _vipow(v, k):
+    v2 = vmul(v, v)
+    if k == 1:
+        return v
+    if k == 2:
+        return v2
+    if k == 3:
+        return vmul(v2, v)
+    return vmul(v2, v2)
+
+
+@_kernel
+def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
+    N, C, L = x.shape
+    rows = N * C
+    W = nlanes(x)
+    W2 = 2 * W
+    full2 = L // W2 * W2
+    chunk = W2 * 32  # lane sums are flushed into `total` every chunk (two-level summation)
+    weighted = mode == SUM_WEIGHTED
+    for t in prange(ntask):
+        z = vzero_of(x)
+        pv = vfull(p, z)
+        epsv = vfull(eps, z)
+        for row in range(t * rows // ntask, (t + 1) * rows // ntask):
+            n = row // C
+            xo = row * L
+            mo = n * ms * L
+            wo = n * ws * L
+            total = z
+            for c0 in range(0, full2, chunk):
+                s1 = z
+                s2 = z
+                for b in range(c0, min(c0 + chunk, full2), W2):
+                    b2 = b + W
+                    w1 = vload(w, wo + b) if weighted else z
+                    w2 = vload(w, wo + b2) if weighted else z
+                    s1 = _sum_step(
+                        s1, vload(x, xo + b), _real(mask, mo + b, z, ms), w1, mode, pv, ip, epsv, z
+                    )
+                    s2 = _sum_step(
+                        s2,
+                        vload(x, xo + b2),
+                        _real(mask, mo + b2, z, ms),
+                        w2,
+                        mode,
+                        pv,
+                        ip,
+                        epsv,
+                        z,
+                    )
+                total = vadd(total, vadd(s1, s2))
+            for b in range(full2, L, W):
+                k = min(W, L - b)
+                wv = vload_part(w, wo + b, k) if weighted else z
+                real = _real_part(mask, mo + b, k, z, ms)
+                total = _sum_step(total, vload_part(x, xo + b, k), real, wv, mode, pv, ip, epsv, z)
+            out[n, row - n * C] = _finish_sum(hsum(total), den[n])
+
+
+# channels-last kernels: a task is (sample n, block of channels). Per-channel lane states live in
+# small arrays; for each vector of channels they are loaded once per block of ROWS positions and
+# updated in registers while x streams along C (ROWS concurrent contiguous streams).
+ROWS = 8
+
+
+@_helper
+def _ldx(x, off, r, W):
+    return vload(x, off) if r == W else vload_part(x, off, r)
+
+
+@_helper
+def _lds(a, off, r, W, z):
+    return vget(a, off, z) if r == W else vget_part(a, off, r, z)
+
+
+@_helper
+def _sts(a, off, v, r, W):
+    if r == W:
+        vput(a, off, v)
+    else:
+        vput_part(a, off, v, r)
+
+
+@_kernel
+def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb):
+    N, L, C = x.shape
+    nb = (C + cb - 1) // cb
+    W = nlanes(x)
+    weighted = mode == SUM_WEIGHTED
+    for t in prange(N * nb):
+        n = t // nb
+        c0 = (t - n * nb) * cb
+        k = min(cb, C - c0)
+        z = vzero_of(x)
+        pv = vfull(p, z)
+        epsv = vfull(eps, z)
+        real = veq(z, z)
+        acc = np.zeros(k, out.dtype)
+        for l0 in range(0, L, ROWS):
+            l1 = min(l0 + ROWS, L)
+            for j in range(0, k, W):
+                r = min(W, k - j)
+                s = _lds(acc, j, r, W, z)
+                for pos in range(l0, l1):
+                    if mask[n * ms, pos]:
+                        wv = vfull(widen(w[n * ws, pos]), z) if weighted else z
+                        v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
+                        s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
+                _sts(acc, j, s, r, W)
+        for j in range(k):
+            out[n, c0 + j] = _finish_sum(acc[j], den[n])
+
+
+# --------------------------------------------------------------------------------------------
+# forward: max family (max, avgmax, catavgmax) -> value, first arg-max, tie count (+ sum)
+
+
+@_helper
+def _max_sum_step(m, s, v, real, z):
+    """Pass A: lane max over real lanes (NaN never wins) and lane sum (NaN propagates)."""
+    return vsel(mand(real, vgt(v, m)), v, m), vadd(s, vsel(real, v, z))
+
+
+@_helper
+def _tie_bits(v, real, mv):
+    """Pass B: bit mask of the real lanes equal to the max."""
+    return mbits(mand(real, veq(v, mv)))
+
+
+@_helper
+def _finish_max(out, aux, n, c, C, mode, m, i, t, s, den):
+    mv = m if t > 0 else 0.0
+    aux[n, c, 0] = i if t > 0 else -1
+    aux[n, c, 1] = t
+    avg = np.float64(s) / den if den > 0.0 else 0.0
+    if mode == MAX_ONLY:
+        out[n, c] = mv
+    elif mode == MAX_AVGMAX:
+        out[n, c] = 0.5 * (avg + mv)
+    else:
+        out[n, c] = avg
+        out[n, C + c] = mv
+
+
+@_helper
+def _max_pass_a(x, xo, mask, mo, ms, c0, c1, W, z, ninf, s):
+    """Pass A over positions [c0, c1) of a row: (max over real lanes, lane sums + s)."""
+    W2 = 2 * W
+    e2 = c0 + (c1 - c0) // W2 * W2
+    ma, mb, sa, sb = ninf, ninf, s, z
+    for b in range(c0, e2, W2):
+        ma, sa = _max_sum_step(ma, sa, vload(x, xo + b), _real(mask, mo + b, z, ms), z)
+        mb, sb = _max_sum_step(mb, sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), z)
+    for b in range(e2, c1, W):
+        k = min(W, c1 - b)
+        real = _real_part(mask, mo + b, k, z, ms)
+        ma, sa = _max_sum_step(ma, sa, vload_part(x, xo + b, k), real, z)
+    return hmax(vmaximum(ma, mb)), vadd(sa, sb)
+
+
+@_helper
+def _max_pass_b(x, xo, mask, mo, ms, c0, c1, W, z, cm):
+    """Pass B over [c0, c1): (number of real positions equal to cm, first such position)."""
+    W2 = 2 * W
+    e2 = c0 + (c1 - c0) // W2 * W2
+    mv = vfull(cm, z)
+    ct = 0
+    cf = -1
+    for b in range(c0, e2, W2):
+        bits = _tie_bits(vload(x, xo + b), _real(mask, mo + b, z, ms), mv) | (
+            _tie_bits(vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), mv) << W
+        )
+        ct += popc(bits)
+        cf = b + ctz(bits) if (cf < 0) & (bits != 0) else cf
+    for b in range(e2, c1, W):
+        k = min(W, c1 - b)
+        bits = _tie_bits(vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms), mv)
+        ct += popc(bits)
+        cf = b + ctz(bits) if (cf < 0) & (bits != 0) else cf
+    return ct, cf
+
+
+@_helper
+def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, s):
+    n = row // C
+    c = row - n * C
+    if s != s:  # NaN (or inf - inf) in the sum: a real NaN, if any, is the max
+        i = _first_nan(x, n, c, mask, n * ms, L)
+        if i >= 0:
+            m = np.nan
+            ties = 1
+            first = i
+    _finish_max(out, aux, n, c, C, mode, m, first, ties, s, den[n])
+
+
+@_kernel
+def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask):
+    """Two passes per chunk of a row (the chunk stays in L1): pass A takes lane maxima and sums;
+    pass B, run only when the chunk's max reaches the running max, counts ties and finds the
+    first arg-max. x leaves DRAM once and long rows mostly skip pass B. Rows of one chunk are
+    software-pipelined: pass A of the next row runs before pass B of this one, hiding the
+    latency of the horizontal max."""
+    N, C, L = x.shape
+    rows = N * C
+    W = nlanes(x)
+    chunk = W * 64
+    for t in prange(ntask):
+        z = vzero_of(x)
+        ninf = vfull(-np.inf, z)
+        r0 = t * rows // ntask
+        r1 = (t + 1) * rows // ntask
+        if chunk >= L:
+            cm_next, s_next = hmax(ninf), z
+            if r0 < r1:
+                cm_next, s_next = _max_pass_a(
+                    x, r0 * L, mask, (r0 // C) * ms * L, ms, 0, L, W, z, ninf, z
+                )
+            for row in range(r0, r1):
+                cm, sv = cm_next, s_next
+                if row + 1 < r1:
+                    nxt = row + 1
+                    cm_next, s_next = _max_pass_a(
+                        x, nxt * L, mask, (nxt // C) * ms * L, ms, 0, L, W, z, ninf, z
+                    )
+                ties, first = _max_pass_b(x, row * L, mask, (row // C) * ms * L, ms, 0, L, W, z, cm)
+                m = cm if ties > 0 else -np.inf
+                _max_finish_row(
+                    x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv)
+                )
+            continue
+        for row in range(r0, r1):
+            xo = row * L
+            mo = (row // C) * ms * L
+            m = -np.inf
+            ties = 0
+            first = -1
+            sv = z
+            for c0 in range(0, L, chunk):
+                c1 = min(c0 + chunk, L)
+                cm, sv = _max_pass_a(x, xo, mask, mo, ms, c0, c1, W, z, ninf, sv)
+                if cm < m:
+                    continue
+                ct, cf = _max_pass_b(x, xo, mask, mo, ms, c0, c1, W, z, cm)
+                if ct > 0:
+                    if cm > m or ties == 0:
+                        m = cm
+                        ties = ct
+                        first = cf
+                    else:
+                        ties += ct
+            _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv))
+
+
+@_helper
+def _first_nan(x, n, c, mask, mi, L):
+    for pos in range(L):
+        v = widen(x[n, c, pos])
+        if mask[mi, pos] and v != v:
+            return pos
+    return -1
+
+
+@intrinsic
+def hany(typingctx, m):
+    """True if any bool lane is set."""
+    if not isinstance(m, Vec) or m.dtype != types.boolean:
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(args[0], ir.IntType(m.count))
+        return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(m.count), 0))
+
+    return types.boolean(m), codegen
+
+
+@_kernel
+def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb):
+    """Per vector of channels and block of ROWS positions: pass A takes the block's lane maxima
+    and sums; pass B (the block is re-read from L1), only where a lane's block max reaches its
+    running max, counts ties and finds the first position."""
+    N, L, C = x.shape
+    nb = (C + cb - 1) // cb
+    W = nlanes(x)
+    for t in prange(N * nb):
+        n = t // nb
+        c0 = (t - n * nb) * cb
+        k = min(cb, C - c0)
+        z = vzero_of(x)
+        ninf = vfull(-np.inf, z)
+        izero = izero_of(z)
+        ione = ifull(1, z)
+        never = ifull(L, z)
+        mx = np.full(k, -np.inf, out.dtype)
+        sm = np.zeros(k, out.dtype)
+        ix = np.full(k, -1, np.int32)
+        tc = np.zeros(k, np.int32)
+        for l0 in range(0, L, ROWS):
+            l1 = min(l0 + ROWS, L)
+            for j in range(0, k, W):
+                r = min(W, k - j)
+                m = _lds(mx, j, r, W, z)
+                bm = ninf
+                bs = _lds(sm, j, r, W, z)
+                for pos in range(l0, l1):
+                    if mask[n * ms, pos]:
+                        v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
+                        bm = vsel(vgt(v, bm), v, bm)
+                        bs = vadd(bs, v)
+                _sts(sm, j, bs, r, W)
+                gt = vgt(bm, m)
+                eq = veq(bm, m)
+                if hany(mor(gt, eq)):
+                    c = _lds(tc, j, r, W, z)
+                    bt = izero
+                    bi = never
+                    for pos in range(l0, l1):
+                        if mask[n * ms, pos]:
+                            v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
+                            hit = veq(v, bm)
+                            bt = iadd(bt, vsel(hit, ione, izero))
+                            bi = vsel(mand(hit, ieq(bi, never)), ifull(pos, z), bi)
+                    has = vgt_i(bt, izero)
+                    newer = mand(has, mor(gt, mand(eq, ieq(c, izero))))
+                    _sts(ix, j, vsel(newer, bi, _lds(ix, j, r, W, z)), r, W)
+                    _sts(tc, j, vsel(mand(has, gt), bt, vsel(eq, iadd(c, bt), c)), r, W)
+                    _sts(mx, j, vsel(gt, bm, m), r, W)
+        for j in range(k):
+            m, i, ties, s = mx[j], ix[j], tc[j], sm[j]
+            if s != s:  # a real NaN, if any, is the max
+                nan_at = _first_nan_cl(x, n, c0 + j, mask, n * ms, L)
+                if nan_at >= 0:
+                    m, i, ties = np.nan, nan_at, 1
+            _finish_max(out, aux, n, c0 + j, C, mode, m, i, ties, s, den[n])
+
+
+@_helper
+def _first_nan_cl(x, n, c, mask, mi, L):
+    for pos in range(L):
+        v = widen(x[n, pos, c])
+        if mask[mi, pos] and v != v:
+            return pos
+    return -1
+
+
+# --------------------------------------------------------------------------------------------
+# forward: log-sum-exp in one read of x, in base 2: with rl = r * log2(e) the kernels return the
+# max of t = rl * x and the sum of 2**(t - max); the caller takes (max + log2(sum / n)) / rl.
+
+
+@_helper
+def _vmax_real(m, v, real):
+    """Lane-wise running max over real lanes (NaN never wins here; the sums propagate it)."""
+    return vsel(mand(real, vgt(v, m)), v, m)
+
+
+@_helper
+def _exp2_sum(s, v, real, rlv, nref, z):
+    return vadd(s, vsel(real, vexp2n(vfma(v, rlv, nref)), z))
+
+
+@_kernel
+def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
+    """Per chunk of a row (in L1): pass A takes the lane maxima, the running sums are rescaled to
+    the new maxima, pass B adds 2**(rl * x - max). x leaves DRAM once; one exp2 per element."""
+    N, C, L = x.shape
+    rows = N * C
+    W = nlanes(x)
+    W2 = 2 * W
+    chunk = W2 * 32
+    for t in prange(ntask):
+        z = vzero_of(x)
+        one = vfull(1.0, z)
+        ninf = vfull(-np.inf, z)
+        rlv = vfull(rl, z)
+        for row in range(t * rows // ntask, (t + 1) * rows // ntask):
+            n = row // C
+            xo = row * L
+            mo = n * ms * L
+            Ma, Mb, Sa, Sb = ninf, ninf, z, z  # lane maxima of x, sums of 2**(rl * (x - M))
+            for c0 in range(0, L, chunk):
+                c1 = min(c0 + chunk, L)
+                e2 = c0 + (c1 - c0) // W2 * W2
+                na, nb = Ma, Mb
+                for b in range(c0, e2, W2):
+                    na = _vmax_real(na, vload(x, xo + b), _real(mask, mo + b, z, ms))
+                    nb = _vmax_real(nb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms))
+                for b in range(e2, c1, W):
+                    k = min(W, c1 - b)
+                    na = _vmax_real(
+                        na, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms)
+                    )
+                Sa = vmul(Sa, vsel(veq(Ma, na), one, vexp2(vmul(rlv, vsub(Ma, na)))))
+                Sb = vmul(Sb, vsel(veq(Mb, nb), one, vexp2(vmul(rlv, vsub(Mb, nb)))))
+                Ma, Mb = na, nb
+                ra = vsub(z, vsel(veq(na, ninf), z, vmul(rlv, na)))
+                rb = vsub(z, vsel(veq(nb, ninf), z, vmul(rlv, nb)))
+                for b in range(c0, e2, W2):
+                    Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ra, z)
+                    Sb = _exp2_sum(
+                        Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, rb, z
+                    )
+                for b in range(e2, c1, W):
+                    k = min(W, c1 - b)
+                    Sa = _exp2_sum(
+                        Sa, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms), rlv, ra, z
+                    )
+            top = hmax(vmaximum(Ma, Mb))
+            if top == -np.inf:
+                total = hsum(vadd(Sa, Sb))
+            else:
+                tv = vfull(top, z)
+                total = hsum(
+                    vadd(
+                        vmul(Sa, vexp2(vmul(rlv, vsub(Ma, tv)))),
+                        vmul(Sb, vexp2(vmul(rlv, vsub(Mb, tv)))),
+                    )
+                )
+            top_out[n, row - n * C] = top * rl
+            sum_out[n, row - n * C] = total
+
+
+@_kernel
+def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb):
+    """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
+    are rescaled, pass B adds 2**(rl * x - max) (the block is re-read from L1)."""
+    N, L, C = x.shape
+    nb = (C + cb - 1) // cb
+    W = nlanes(x)
+    for t in prange(N * nb):
+        n = t // nb
+        c0 = (t - n * nb) * cb
+        k = min(cb, C - c0)
+        z = vzero_of(x)
+        one = vfull(1.0, z)
+        ninf = vfull(-np.inf, z)
+        rlv = vfull(rl, z)
+        real = veq(z, z)
+        mx = np.full(k, -np.inf, top_out.dtype)
+        sx = np.zeros(k, top_out.dtype)
+        for l0 in range(0, L, ROWS):
+            l1 = min(l0 + ROWS, L)
+            for j in range(0, k, W):
+                r = min(W, k - j)
+                m = _lds(mx, j, r, W, z)
+                s = _lds(sx, j, r, W, z)
+                nm = m
+                for pos in range(l0, l1):
+                    if mask[n * ms, pos]:
+                        nm = _vmax_real(nm, _ldx(x, (n * L + pos) * C + c0 + j, r, W), real)
+                s = vmul(s, vsel(veq(m, nm), one, vexp2(vmul(rlv, vsub(m, nm)))))
+                ref = vsub(z, vsel(veq(nm, ninf), z, vmul(rlv, nm)))
+                for pos in range(l0, l1):
+                    if mask[n * ms, pos]:
+                        s = _exp2_sum(
+                            s, _ldx(x, (n * L + pos) * C + c0 + j, r, W), real, rlv, ref, z
+                        )
+                _sts(mx, j, nm, r, W)
+                _sts(sx, j, s, r, W)
+        for j in range(k):
+            top_out[n, c0 + j] = mx[j] * rl
+            sum_out[n, c0 + j] = sx[j]
+
+
+# --------------------------------------------------------------------------------------------
+# backward: linear kinds (avg, attention) and the max scatter, one write of grad_x
+#   grad[n, c, pos] = A[n, c] * B[n, pos] + G[n, c] * [pos is the arg-max]
+#   B[n, pos] = w[n, pos] (attention) or 1, and 0 at padded pos
+#   tied rows (T > 1): G / T at every real pos with x == max (reads x for those rows only)
+#   need_w: D[n, pos] = sum_c A[n, c] * (x[n, c, pos] - Y[n, c]) at real pos (attention's d/dw)
+
+
+@_helper
+def _b_coef(w, wi, pos, weighted, real, zero):
+    b = widen(w[wi, pos]) if weighted else like(1.0, zero)
+    return like(b, zero) if real else zero
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def weight_sums(w, mask, ms, out):
+    """out[n] = sum of w[n, pos] over the real positions (float64)."""
+    for n in range(w.shape[0]):
+        s = 0.0
+        for pos in range(w.shape[1]):
+            s += np.float64(widen(w[n, pos])) if mask[n * ms, pos] else 0.0
+        out[n] = s
+
+
+@_kernel
+def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, Y, D, need_w, nch):
+    N, C, L = gx.shape
+    for t in prange(N * nch):
+        n = t // nch
+        q = t - n * nch
+        l0 = q * L // nch
+        l1 = (q + 1) * L // nch
+        mi = n * ms
+        wi = n * ws
+        dacc = np.zeros(l1 - l0, A.dtype)
+        zero = like(0.0, A[0, 0])
+        for c in range(C):
+            a = A[n, c]
+            g = G[n, c]
+            ties = tc[n, c]
+            i = idx[n, c]
+            if ties > 1:
+                mval = widen(x[n, c, i])
+                share = g / like(ties, g)
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    hit = mask[mi, u] & (widen(x[n, c, u]) == mval)
+                    b = _b_coef(w, wi, u, weighted, mask[mi, u], zero)
+                    gx[n, c, u] = narrow(a * b + (share if hit else zero), gx)
+            else:
+                i = i if ties == 1 else -1
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    b = _b_coef(w, wi, u, weighted, mask[mi, u], zero)
+                    gx[n, c, u] = narrow(a * b + (g if pos == i else zero), gx)
+            if need_w:
+                y = Y[n, c]
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    v = a * (widen(x[n, c, u]) - y)
+                    dacc[U(pos - l0)] += v if mask[mi, u] else zero
+        if need_w:
+            for pos in range(l0, l1):
+                D[n, pos] = dacc[U(pos - l0)]
+
+
+@_kernel
+def bwd_lin_cl(x, mask, ms, w, ws, weighted, A, G, idx, tc, anytie, gx, Y, D, need_w, nch):
+    N, L, C = gx.shape
+    for t in prange(N * nch):
+        n = t // nch
+        q = t - n * nch
+        l0 = q * L // nch
+        l1 = (q + 1) * L // nch
+        mi = n * ms
+        wi = n * ws
+        zero = like(0.0, A[0, 0])
+        for pos in range(l0, l1):
+            b = _b_coef(w, wi, pos, weighted, mask[mi, pos], zero)
+            for c in range(C):
+                u = U(c)
+                hit = (idx[n, u] == pos) & (tc[n, u] == 1)
+                gx[n, pos, u] = narrow(A[n, u] * b + (G[n, u] if hit else zero), gx)
+            if need_w:
+                s = zero
+                if mask[mi, pos]:
+                    for c in range(C):
+                        s += A[n, U(c)] * (widen(x[n, pos, U(c)]) - Y[n, U(c)])
+                D[n, pos] = s
+        if anytie[n]:
+            for c in range(C):
+                ties = tc[n, c]
+                if ties > 1:
+                    mval = widen(x[n, idx[n, c], c])
+                    share = G[n, c] / like(ties, zero)
+                    for pos in range(l0, l1):
+                        if mask[mi, pos] and widen(x[n, pos, c]) == mval:
+                            b = _b_coef(w, wi, pos, weighted, True, zero)
+                            gx[n, pos, c] = narrow(A[n, c] * b + share, gx)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: gem and lse, grad = Q[n, c] * h(x) at real positions
+#   gem: h = x^(p-1) where x >= eps (else 0); with need_p also the per-(n, c, chunk) partial sums
+#        P0 = sum z^p and P1 = sum z^p log2 z (z = max(x, eps)) for the gradient w.r.t. p
+#   lse: h = 2**(rl x - rl y) = exp(r (x - y)), rl = r log2(e); Y holds rl * y
+
+
+@_helper
+def _gem_grad(xv, real, qv, p, ip, eps):
+    ok = real & (xv >= eps)
+    h = _ipow(xv, ip - 1) if ip > 0 else _spow(xv, p - like(1.0, p))
+    return qv * h if ok else like(0.0, qv)
+
+
+@_helper
+def _gem_grad_p(xv, real, qv, p, ip, eps):
+    """(grad, z^p, z^p log2 z) at one position; the last two are 0 at padded positions."""
+    zero = like(0.0, qv)
+    z = eps if xv < eps else xv
+    lz = slog2(z)
+    h = _ipow(z, ip - 1) if ip > 0 else sexp2((p - like(1.0, p)) * lz)
+    zp = h * z
+    g = qv * h if real & (xv >= eps) else zero
+    return g, (zp if real else zero), (zp * lz if real else zero)
+
+
+@_kernel
+def bwd_nl_cf(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
+    N, C, L = gx.shape
+    for t in prange(N * nch):
+        n = t // nch
+        q = t - n * nch
+        l0 = q * L // nch
+        l1 = (q + 1) * L // nch
+        mi = n * ms
+        zero = like(0.0, Q[0, 0])
+        for c in range(C):
+            qv = Q[n, c]
+            if mode == NL_LSE:
+                ry = Y[n, c]
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    h = sexp2(r * widen(x[n, c, u]) - ry)
+                    gx[n, c, u] = narrow(qv * h if mask[mi, u] else zero, gx)
+            elif need_p:
+                s0 = zero
+                s1 = zero
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    g, a0, a1 = _gem_grad_p(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps)
+                    gx[n, c, u] = narrow(g, gx)
+                    s0 += a0
+                    s1 += a1
+                P0[n, q, c] = s0
+                P1[n, q, c] = s1
+            else:
+                for pos in range(l0, l1):
+                    u = U(pos)
+                    g = _gem_grad(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps)
+                    gx[n, c, u] = narrow(g, gx)
+
+
+@_kernel
+def bwd_nl_cl(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
+    N, L, C = gx.shape
+    for t in prange(N * nch):
+        n = t // nch
+        q = t - n * nch
+        l0 = q * L // nch
+        l1 = (q + 1) * L // nch
+        mi = n * ms
+        zero = like(0.0, Q[0, 0])
+        s0 = np.zeros(C, Q.dtype)
+        s1 = np.zeros(C, Q.dtype)
+        for pos in range(l0, l1):
+            if not mask[mi, pos]:
+                for c in range(C):
+                    gx[n, pos, U(c)] = narrow(zero, gx)
+            elif mode == NL_LSE:
+                for c in range(C):
+                    u = U(c)
+                    h = sexp2(r * widen(x[n, pos, u]) - Y[n, u])
+                    gx[n, pos, u] = narrow(Q[n, u] * h, gx)
+            elif need_p:
+                for c in range(C):
+                    u = U(c)
+                    g, a0, a1 = _gem_grad_p(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps)
+                    gx[n, pos, u] = narrow(g, gx)
+                    s0[u] += a0
+                    s1[u] += a1
+            else:
+                for c in range(C):
+                    u = U(c)
+                    g = _gem_grad(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps)
+                    gx[n, pos, u] = narrow(g, gx)
+        if need_p:
+            for c in range(C):
+                P0[n, q, c] = s0[c]
+                P1[n, q, c] = s1[c]

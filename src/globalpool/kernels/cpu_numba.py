@@ -1,0 +1,415 @@
+"""CPU backend of the fused global-pooling kernels (numba, parallel over the cores).
+
+Implements the fused-kernel interface shared with the Triton backend::
+
+    forward(x, channels_last, kind, mask, p, eps, r, weights) -> (out, aux)
+    backward(grad_out, x, out, aux, channels_last, kind, mask, p, eps, r, weights)
+        -> (grad_x, grad_p or None, grad_weights or None)
+
+``x`` is 3-D and C-contiguous: ``(N, C, L)`` or, with ``channels_last``, ``(N, L, C)``; dtype
+float16, bfloat16, float32 or float64. The forward reads x once; the backward writes grad_x once
+and reads x only where the gradient depends on it (gem, lse, attention, tied maxima). The jitted
+code is in :mod:`globalpool.kernels.cpu_kernels`; this module prepares the small per-sample and
+per-channel arrays (counts, coefficients) with NumPy (single-threaded, so that it never wakes
+torch's OpenMP pool between two numba launches) and picks the work split.
+
+>>> import torch
+>>> from globalpool.kernels import cpu_numba
+>>> x = torch.tensor([[[1.0, 3.0, 3.0], [0.0, 2.0, 4.0]]])
+>>> out, aux = cpu_numba.forward(x, False, "max", None)
+>>> out, aux[..., 1]
+(tensor([[3., 4.]]), tensor([[2, 1]], dtype=torch.int32))
+>>> cpu_numba.backward(torch.ones(1, 2), x, out, aux, False, "max", None)[0]
+tensor([[[0.0000, 0.5000, 0.5000],
+         [0.0000, 0.0000, 1.0000]]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import torch
+
+from globalpool.kernels import cpu_kernels as K
+
+__all__ = ["DTYPES", "MAX_KINDS", "backward", "forward"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
+_MAX_MODE = {"max": K.MAX_ONLY, "avgmax": K.MAX_AVGMAX, "catavgmax": K.MAX_CAT}
+_SUM_MODE = {"avg": K.SUM_AVG, "gem": K.SUM_GEM, "attention": K.SUM_WEIGHTED}
+_TASKS_PER_THREAD = 4
+_MIN_BLOCK = 16  # channels per task along contiguous C (channels_last)
+_MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
+_SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread (no pool wake-up)
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy views and conversions (no torch compute ops)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """NumPy view of a CPU tensor; float16 as uint16 and bfloat16 as int16 (same bits)."""
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _np_float(t: torch.Tensor, acc: type) -> np.ndarray:
+    """A float tensor's values as a NumPy array of dtype ``acc``."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.float16:
+        a = t.view(torch.int16).numpy().view(np.float16)
+    elif t.dtype == torch.bfloat16:
+        a = (t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        a = t.numpy()
+    return a.astype(acc, copy=False)
+
+
+def _to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A float32/float64 NumPy array as a tensor of ``dtype`` (round to nearest even)."""
+    if dtype == torch.float16:
+        return torch.from_numpy(a.astype(np.float16))
+    if dtype == torch.bfloat16:
+        u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        bits = np.where(np.isnan(a), (u >> 16).astype(np.uint16) | 0x40, bits)
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(
+        np.ascontiguousarray(a, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    )
+
+
+def _acc(x: torch.Tensor) -> type:
+    return np.float64 if x.dtype == torch.float64 else np.float32
+
+
+def _dims(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
+    n, a, b = x.shape
+    return (n, b, a) if channels_last else (n, a, b)
+
+
+def _mask_rows(mask: torch.Tensor | None, length: int) -> tuple[np.ndarray, int]:
+    """(mask array, row stride): an unmasked call reads one all-True row for every sample."""
+    if mask is None:
+        return np.ones((1, length), dtype=np.bool_), 0
+    return mask.contiguous().numpy(), 1
+
+
+def _counts(mask: np.ndarray, ms: int, n: int, length: int) -> np.ndarray:
+    if ms == 0:
+        return np.full(n, float(length))
+    return mask.sum(1, dtype=np.float64)
+
+
+def _inverse(v: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(v, dtype=np.float64)
+    np.divide(1.0, v, out=out, where=v > 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# work split
+
+
+@contextmanager
+def _parallelism(numel: int) -> Iterator[None]:
+    """Run small problems on one thread: waking the pool costs more than the work."""
+    if numel >= _SERIAL_BELOW:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _threads() -> int:
+    return max(1, numba.get_num_threads())
+
+
+def _row_tasks(rows: int) -> int:
+    return max(1, min(rows, _TASKS_PER_THREAD * _threads()))
+
+
+def _channel_block(n: int, c: int) -> int:
+    """Channels per task along C (channels_last): whole rows, unless too few tasks result."""
+    want = _TASKS_PER_THREAD * _threads()
+    blocks = max(1, math.ceil(want / max(n, 1)))
+    cb = math.ceil(c / blocks)
+    cb = max(_MIN_BLOCK, min(_MAX_BLOCK, -(-cb // _MIN_BLOCK) * _MIN_BLOCK))
+    return min(cb, max(c, 1))
+
+
+def _l_chunks(n: int, length: int) -> int:
+    """Chunks of L per sample so that ``n * chunks`` tasks keep every core busy."""
+    want = _TASKS_PER_THREAD * _threads()
+    if n >= want:
+        return 1
+    return max(1, min(math.ceil(want / max(n, 1)), length // 64 or 1))
+
+
+def _p_int(p: float) -> int:
+    return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
+
+
+def _weight_sums(wa: np.ndarray, mask: np.ndarray, ms: int) -> np.ndarray:
+    out = np.empty(wa.shape[0])
+    K.weight_sums(wa, mask, ms, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+def forward(
+    x: torch.Tensor,
+    channels_last: bool,
+    kind: str,
+    mask: torch.Tensor | None,
+    p: float = 3.0,
+    eps: float = 1e-6,
+    r: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool ``x`` over L in one read; returns ``(out, aux)``.
+
+    ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
+    ``(N, C, 2)`` = (first arg-max along L, tie count) for the max kinds, else ``torch.empty(0)``.
+
+    >>> import torch
+    >>> forward(torch.tensor([[[1.0, 2.0], [5.0, 5.0]]]), False, "avg", None)[0]
+    tensor([[1.5000, 5.0000]])
+    """
+    n, c, length = _dims(x, channels_last)
+    acc = _acc(x)
+    width = 2 * c if kind == "catavgmax" else c
+    out = np.zeros((n, width), dtype=acc)
+    aux = np.zeros((n, c, 2), dtype=np.int32) if kind in MAX_KINDS else None
+    if n * c > 0 and length > 0:
+        with _parallelism(x.numel()):
+            _forward(_np(x), channels_last, kind, mask, p, eps, r, weights, out, aux, acc)
+    elif aux is not None:
+        aux[..., 0] = -1
+    return _to_torch(out, x.dtype), (torch.empty(0) if aux is None else torch.from_numpy(aux))
+
+
+def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, acc) -> None:
+    n, c, length = (xa.shape[0], xa.shape[2], xa.shape[1]) if channels_last else xa.shape
+    m, ms = _mask_rows(mask, length)
+    den = _counts(m, ms, n, length)
+    split = _channel_block(n, c) if channels_last else _row_tasks(n * c)
+    if kind in MAX_KINDS:
+        fn = K.fwd_max_cl if channels_last else K.fwd_max_cf
+        fn(xa, m, ms, _MAX_MODE[kind], den, out, aux, split)
+        return
+    if kind == "lse":
+        fn = K.fwd_lse_cl if channels_last else K.fwd_lse_cf
+        total = np.empty_like(out)
+        rl = r * K.LOG2E  # the kernels work in base 2: out <- max(rl x), total <- sum 2**(. - max)
+        fn(xa, m, ms, acc(rl), out, total, split)
+        cnt = den.astype(acc)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = (out + np.log2(total / cnt)) / acc(rl)
+        out[...] = np.where(cnt > 0, y, acc(0))
+        return
+    if kind == "attention":
+        wa, ws = _np(weights.contiguous()), 1
+        den = _weight_sums(wa, m, ms)
+    else:
+        wa, ws = np.zeros((1, 1), dtype=xa.dtype), 0
+    fn = K.fwd_sum_cl if channels_last else K.fwd_sum_cf
+    ip = _p_int(p) if kind == "gem" else 0
+    fn(xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
+    if kind == "gem":  # the kernel wrote the means; the root, vectorised over all outputs
+        np.power(out, acc(1.0 / p), out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+def backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    aux: torch.Tensor,
+    channels_last: bool,
+    kind: str,
+    mask: torch.Tensor | None,
+    p: float = 3.0,
+    eps: float = 1e-6,
+    r: float = 1.0,
+    weights: torch.Tensor | None = None,
+    *,
+    need_p: bool = True,
+    need_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients w.r.t. x (one write), p (gem) and weights (attention).
+
+    ``x`` is read only by gem, lse, attention and rows whose maximum is tied: for avg (and the
+    max kinds without ties) it may be a placeholder of the right shape and dtype (e.g. an
+    expanded scalar), and ``out`` is only used by gem, lse and attention.
+    Returns ``(grad_x, grad_p, grad_weights)``: grad_p a 0-dim tensor for gem (else None), float32
+    (float64 for float64 x, so that a float64 GeM exponent keeps its precision),
+    grad_weights ``(N, L)`` in weights' dtype for attention (else None).
+
+    >>> import torch
+    >>> x = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])
+    >>> backward(torch.ones(1, 2), x, None, None, False, "avg", None)[0]
+    tensor([[[0.5000, 0.5000],
+             [0.5000, 0.5000]]])
+    """
+    n, c, length = _dims(x, channels_last)
+    gx = torch.empty(tuple(x.shape), dtype=x.dtype)
+    p_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_p = torch.zeros((), dtype=p_dtype) if kind == "gem" else None
+    grad_w = None
+    if kind == "attention":
+        grad_w = torch.zeros((n, length), dtype=weights.dtype)
+    if n * c == 0 or length == 0:
+        return gx.zero_(), grad_p, grad_w
+    width = 2 * c if kind == "catavgmax" else c
+    g = _np_float(grad_out, np.float64).reshape(n, width)
+    m, ms = _mask_rows(mask, length)
+    den = _counts(m, ms, n, length)
+    gxa = _np(gx)
+    with _parallelism(gx.numel()):
+        nch = _l_chunks(n, length)
+        if kind in ("gem", "lse"):
+            with_p = kind == "gem" and need_p
+            parts = _backward_nl(
+                g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p
+            )
+            if with_p:
+                grad_p = torch.tensor(_gem_grad_p(g, den, p, parts), dtype=p_dtype)
+            return gx, grad_p, grad_w
+        gw = _backward_linear(
+            g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights
+        )
+    if gw is not None:
+        grad_w = _to_torch(gw, weights.dtype)
+    return gx, grad_p, grad_w
+
+
+def _backward_linear(
+    g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights
+):
+    """avg, attention and the max scatter: grad = A[n, c] B[n, l] + G[n, c] [l = arg-max]."""
+    n, c, length = _dims(x, channels_last)
+    acc = _acc(x)
+    zeros = np.zeros((n, c), dtype=acc)
+    a_coef, g_max = zeros, zeros
+    inv = _inverse(den)[:, None]
+    if kind in ("avg", "avgmax", "catavgmax"):
+        scale = 0.5 if kind == "avgmax" else 1.0
+        a_coef = (g[:, :c] * (scale * inv)).astype(acc)
+    if kind in MAX_KINDS:
+        g_max = g[:, c:] if kind == "catavgmax" else g * (0.5 if kind == "avgmax" else 1.0)
+        g_max = np.ascontiguousarray(g_max, dtype=acc)
+        aux_a = aux.numpy()
+        idx = np.ascontiguousarray(aux_a[..., 0])
+        ties = np.ascontiguousarray(aux_a[..., 1])
+    else:
+        idx = np.full((n, c), -1, dtype=np.int32)
+        ties = np.zeros((n, c), dtype=np.int32)
+    need_w = kind == "attention" and need_weights
+    wa, ws = _np(torch.zeros((1, 1), dtype=x.dtype)), 0  # same array type as real weights
+    if kind == "attention":
+        wa, ws = _np(weights.contiguous()), 1
+        a_coef = (g * _inverse(_weight_sums(wa, m, ms))[:, None]).astype(acc)
+    tied = ties > 1
+    xa = _np(x) if (need_w or tied.any()) else _np(_placeholder(x))
+    d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)
+    y_rows = _np_float(out, acc).reshape(n, c) if need_w else np.zeros((1, 1), dtype=acc)
+    if channels_last:
+        K.bwd_lin_cl(
+            xa,
+            m,
+            ms,
+            wa,
+            ws,
+            ws == 1,
+            a_coef,
+            g_max,
+            idx,
+            ties,
+            tied.any(1),
+            gxa,
+            y_rows,
+            d_rows,
+            need_w,
+            nch,
+        )
+    else:
+        K.bwd_lin_cf(
+            xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, y_rows, d_rows, need_w, nch
+        )
+    return d_rows if need_w else None  # 0 at padded positions already
+
+
+def _placeholder(x: torch.Tensor) -> torch.Tensor:
+    """A one-element stand-in with x's rank and dtype for kernels that will not read x."""
+    return torch.zeros((1, 1, 1), dtype=x.dtype)
+
+
+def _backward_nl(g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p):
+    """gem / lse: grad = Q * h(x); returns the gem partial sums (S0, S1) per (n, chunk, c)."""
+    n, c, _ = _dims(x, channels_last)
+    acc = _acc(x)
+    y = _np_float(out, np.float64).reshape(n, c)
+    inv = _inverse(den)[:, None]
+    if kind == "gem":
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            q = np.where(y > 0, g * np.power(np.where(y > 0, y, 1.0), 1.0 - p) * inv, 0.0)
+        mode = K.NL_GEM
+    else:
+        q = g * inv
+        mode = K.NL_LSE
+        r = r * K.LOG2E  # the kernel works in base 2
+        y = y * r
+    shape = (n, nch, c) if with_p else (1, 1, 1)
+    p0 = np.zeros(shape, dtype=acc)
+    p1 = np.zeros(shape, dtype=acc)
+    fn = K.bwd_nl_cl if channels_last else K.bwd_nl_cf
+    fn(
+        _np(x),
+        m,
+        ms,
+        q.astype(acc),
+        y.astype(acc),
+        mode,
+        acc(p),
+        _p_int(p) if kind == "gem" else 0,
+        acc(eps),
+        acc(r),
+        gxa,
+        p0,
+        p1,
+        with_p,
+        nch,
+    )
+    return p0, p1
+
+
+def _gem_grad_p(g: np.ndarray, den: np.ndarray, p: float, partials) -> float:
+    """d/dp sum(g * y) with y = M^(1/p), M = S0/n: y * (S1 / (p S0) - log(M) / p^2)."""
+    s0 = partials[0].astype(np.float64).sum(1)
+    s1 = partials[1].astype(np.float64).sum(1) * K.LN2  # the kernel sums z^p log2 z
+    cnt = den[:, None]
+    real = (cnt > 0) & (s0 > 0)
+    s0_ = np.where(real, s0, 1.0)
+    mean = s0_ / np.where(cnt > 0, cnt, 1.0)
+    y = mean ** (1.0 / p)
+    dydp = np.where(real, y * (s1 / (p * s0_) - np.log(mean) / (p * p)), 0.0)
+    return float((g * dydp).sum())

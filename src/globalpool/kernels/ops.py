@@ -1,0 +1,215 @@
+"""``torch.library`` custom ops around the fused kernels: ``globalpool::pool_forward`` and
+``globalpool::pool_backward``, with fake (meta) implementations and registered autograd, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op per call.
+
+The op implementations dispatch on the device: CPU tensors run the numba kernels
+(:mod:`globalpool.kernels.cpu_numba`), CUDA tensors the Triton kernels
+(:mod:`globalpool.kernels.cuda_triton`, imported on first use only).
+
+Saved for backward (nothing else): avg -> mask; max kinds -> x, out, aux, mask; gem -> x, out, p,
+mask; lse -> x, out, mask; attention -> x, out, mask, weights. ``p`` is a 0-dim tensor so that a
+learnable GeM exponent receives its gradient.
+
+>>> import torch
+>>> from globalpool.kernels import ops
+>>> x = torch.arange(6.0).reshape(1, 2, 3)
+>>> out, aux = torch.ops.globalpool.pool_forward(x, False, "max", None, torch.tensor(3.0),
+...                                              1e-6, 1.0, None)
+>>> out, aux[..., 0]
+(tensor([[2., 5.]]), tensor([[2, 2]], dtype=torch.int32))
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_KINDS", "pool_backward", "pool_forward"]
+
+MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
+
+
+def backend_for(x: Tensor) -> ModuleType:
+    """The kernel module for x's device (imported lazily)."""
+    if x.device.type == "cuda":
+        from globalpool.kernels import cuda_triton
+
+        return cuda_triton
+    if x.device.type == "cpu":
+        from globalpool.kernels import cpu_numba
+
+        return cpu_numba
+    raise ValueError(f"x must be on a cpu or cuda device for the fused kernels, got {x.device}")
+
+
+def _grad_p_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dims(x: Tensor, channels_last: bool) -> tuple[int, int, int]:
+    n, a, b = x.shape
+    return (n, b, a) if channels_last else (n, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+@torch.library.custom_op("globalpool::pool_forward", mutates_args=())
+def pool_forward(
+    x: Tensor,
+    channels_last: bool,
+    kind: str,
+    mask: Tensor | None,
+    p: Tensor,
+    eps: float,
+    r: float,
+    weights: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Fused global pooling of a contiguous 3-D ``x`` ((N, C, L), or (N, L, C) if channels_last).
+
+    Returns ``(out, aux)``: out ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; aux int32
+    ``(N, C, 2)`` (first arg-max, tie count) for the max kinds, else an empty float32 tensor.
+    """
+    out, aux = backend_for(x).forward(
+        x, channels_last, kind, mask, float(p), float(eps), float(r), weights
+    )
+    return out, aux
+
+
+@pool_forward.register_fake
+def _pool_forward_fake(x, channels_last, kind, mask, p, eps, r, weights):
+    n, c, _ = _dims(x, channels_last)
+    width = 2 * c if kind == "catavgmax" else c
+    out = x.new_empty((n, width))
+    if kind in MAX_KINDS:
+        aux = x.new_empty((n, c, 2), dtype=torch.int32)
+    else:
+        aux = x.new_empty((0,), dtype=torch.float32)
+    return out, aux
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+@torch.library.custom_op("globalpool::pool_backward", mutates_args=())
+def pool_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    out: Tensor,
+    aux: Tensor,
+    channels_last: bool,
+    kind: str,
+    mask: Tensor | None,
+    p: Tensor,
+    eps: float,
+    r: float,
+    weights: Tensor | None,
+    need_p: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the fused pooling: ``(grad_x, grad_p, grad_weights)``.
+
+    grad_p is a 0-dim tensor, float64 for float64 x and float32 otherwise (0 unless kind is
+    gem and need_p); grad_weights has the
+    weights' shape and dtype when kind is attention and need_weights, else it is empty. For avg,
+    ``x`` may be a placeholder (an expanded scalar): its data is never read.
+    """
+    backend = backend_for(x)
+    if x.device.type == "cuda" and not x.is_contiguous():  # avg placeholder: never read
+        x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    kwargs = {}
+    if x.device.type == "cpu":
+        kwargs = dict(need_p=need_p, need_weights=need_weights)
+    gx, gp, gw = backend.backward(
+        grad_out,
+        x,
+        out,
+        aux,
+        channels_last,
+        kind,
+        mask,
+        float(p),
+        float(eps),
+        float(r),
+        weights,
+        **kwargs,
+    )
+    if gp is None or not need_p:
+        gp = torch.zeros((), dtype=_grad_p_dtype(x), device=x.device)
+    if gw is None or not need_weights:
+        gw = x.new_empty((0,))
+    return gx, gp.to(_grad_p_dtype(x)), gw
+
+
+@pool_backward.register_fake
+def _pool_backward_fake(
+    grad_out, x, out, aux, channels_last, kind, mask, p, eps, r, weights, need_p, need_weights
+):
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gp = x.new_empty((), dtype=_grad_p_dtype(x))
+    if kind == "attention" and need_weights and weights is not None:
+        gw = weights.new_empty(weights.shape)
+    else:
+        gw = x.new_empty((0,))
+    return gx, gp, gw
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, channels_last, kind, mask, p, eps, r, weights = inputs
+    out, aux = output
+    ctx.channels_last, ctx.kind, ctx.eps, ctx.r = channels_last, kind, eps, r
+    ctx.x_meta = (tuple(x.shape), x.dtype)
+    keep_x = kind != "avg"
+    keep_out = kind != "avg"
+    ctx.save_for_backward(
+        x if keep_x else None,
+        out if keep_out else None,
+        aux if kind in MAX_KINDS else None,
+        mask,
+        p if kind == "gem" else None,
+        weights if kind == "attention" else None,
+    )
+
+
+def _backward(ctx, grad_out: Tensor, grad_aux: Tensor):
+    x, out, aux, mask, p, weights = ctx.saved_tensors
+    kind = ctx.kind
+    if x is None:  # avg: x's data is never read, a zero-stride stand-in carries its shape
+        shape, dtype = ctx.x_meta
+        x = grad_out.new_zeros((), dtype=dtype).expand(shape)
+    if out is None:
+        out = grad_out
+    if aux is None:
+        aux = grad_out.new_empty((0,), dtype=torch.float32)
+    p_t = p if p is not None else grad_out.new_zeros((), dtype=torch.float32)
+    need_p = kind == "gem" and ctx.needs_input_grad[4]
+    need_w = kind == "attention" and ctx.needs_input_grad[7]
+    gx, gp, gw = torch.ops.globalpool.pool_backward(
+        grad_out.contiguous(),
+        x,
+        out,
+        aux,
+        ctx.channels_last,
+        kind,
+        mask,
+        p_t,
+        ctx.eps,
+        ctx.r,
+        weights,
+        need_p,
+        need_w,
+    )
+    grad_p = gp.to(p.dtype) if need_p else None
+    grad_w = gw if need_w else None
+    return gx, None, None, None, grad_p, None, None, grad_w
+
+
+torch.library.register_autograd("globalpool::pool_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,363 @@
+"""Fused kernels (globalpool.kernels) against the NumPy reference, and the custom ops' plumbing.
+
+Every kind x rank x layout x dtype x mask runs forward and backward through ``fused_pool`` (the
+``globalpool::pool_forward`` custom op) and is compared with ``globalpool.reference``; padded
+positions hold NaN/inf. Further tests cover the physical-layout handling, ties, long rows (chunk
+boundaries), gradients w.r.t. p and weights, gradcheck, opcheck, torch.compile and torch.export.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from globalpool import kernels
+from globalpool.kernels import cpu_numba, ops
+from helpers import (
+    DTYPES,
+    KIND_PARAMS,
+    MASKS,
+    assert_close,
+    make_input,
+    make_mask,
+    make_weights,
+    reference_backward,
+    reference_forward,
+)
+
+KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
+LAYOUTS = ("channels_first", "channels_last")
+SPATIAL = {1: (7,), 2: (4, 5), 3: (3, 2, 4)}
+
+
+def _params(kind: str, x: torch.Tensor, layout: str, seed: int) -> dict:
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        params["weights"] = make_weights(x, layout, seed).requires_grad_()
+    return params
+
+
+def _poison(x: torch.Tensor, mask: torch.Tensor | None, layout: str) -> torch.Tensor:
+    """NaN and inf at the padded positions, keeping x's strides (memory format)."""
+    if mask is None:
+        return x.clone()
+    channel_dim = 1 if layout == "channels_first" else x.ndim - 1
+    padded = (~mask).unsqueeze(channel_dim).expand_as(x)
+    values = torch.full((int(padded.sum()),), float("nan"), dtype=x.dtype)
+    values[::2] = float("inf")
+    out = x.clone()
+    out[padded] = values
+    return out
+
+
+def _check(x, kind, layout, mask, params, *, keepdim=False, grad_seed=3):
+    """Fused forward/backward of x (padded positions poisoned with NaN/inf) vs the reference."""
+    dtype = x.dtype
+    x_in = _poison(x, mask, layout).detach().requires_grad_()
+    y = kernels.fused_pool(x_in, kind, layout, mask, keepdim, **params)
+    assert y.dtype == dtype
+    expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
+    assert_close(y, expected, dtype, f"forward {kind}")
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y.backward(grad_out)
+    grads = reference_backward(x, grad_out, kind, layout, mask, **params)
+    assert x_in.grad.dtype == dtype and x_in.grad.shape == x.shape
+    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
+    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
+    if kind == "attention":
+        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
+    return y, x_in.grad
+
+
+@pytest.mark.parametrize("mask_mode", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rank", (1, 2, 3))
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(kind, rank, layout, dtype, mask_mode):
+    spatial = SPATIAL[rank]
+    x = make_input(3, 5, spatial, layout, dtype, seed=rank)
+    mask = make_mask(3, spatial, mask_mode, seed=rank)
+    _check(x, kind, layout, mask, _params(kind, x, layout, rank))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_keepdim_shapes(kind, layout):
+    x = make_input(2, 3, (4, 5), layout, torch.float32, seed=0)
+    y, _ = _check(x, kind, layout, None, _params(kind, x, layout, 0), keepdim=True)
+    width = 6 if kind == "catavgmax" else 3
+    assert y.shape == ((2, width, 1, 1) if layout == "channels_first" else (2, 1, 1, width))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("mask_mode", ("none", "random"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_long_rows_and_odd_channels(layout, kind, mask_mode, dtype):
+    """L spans several 1024-position chunks; C = 37 exercises partial vectors along C."""
+    x = make_input(2, 37, (3000,), layout, dtype, seed=5)
+    mask = make_mask(2, (3000,), mask_mode, seed=5)
+    _check(x, kind, layout, mask, _params(kind, x, layout, 5))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n, c, length", [(1, 1, 1), (1, 3, 17), (5, 1, 33), (1, 70, 2), (9, 2, 5)])
+def test_odd_sizes(layout, n, c, length):
+    for kind in KINDS:
+        x = make_input(n, c, (length,), layout, torch.float32, seed=n + c)
+        _check(
+            x, kind, layout, make_mask(n, (length,), "random", seed=1), _params(kind, x, layout, 1)
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", ("channels_last", "strided"))
+def test_physical_layout(kind, fmt):
+    """A channels-first tensor stored channels-last is pooled as (N, L, C) without a copy."""
+    base = make_input(2, 6, (5, 4), "channels_first", torch.float32, seed=7)
+    if fmt == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+        x3, cl = kernels._physical(x, "channels_first")
+        assert cl and x3.data_ptr() == x.data_ptr()
+    else:
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)  # neither layout is contiguous
+    mask = make_mask(2, (5, 4), "random", seed=7)
+    _check(x, kind, "channels_first", mask, _params(kind, x, "channels_first", 7))
+    # and a declared channels-last tensor stored channels-first
+    xl = base.movedim(1, -1)
+    assert kernels._physical(xl, "channels_last")[1] is False
+    _check(xl, kind, "channels_last", mask, _params(kind, xl, "channels_last", 7))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_ties_share_gradient(layout, dtype):
+    # row 0: maximum 3 at positions 1, 4 and 2900 (different chunks); row 1: a single maximum
+    x = torch.zeros(1, 2, 3000, dtype=torch.float64)
+    x[0, 0, [1, 4, 2900]] = 3.0
+    x[0, 1, 7] = 5.0
+    x[0, 1, 8] = 4.0
+    xs = (x if layout == "channels_first" else x.transpose(1, 2)).contiguous().to(dtype)
+    out, aux = cpu_numba.forward(xs, layout == "channels_last", "max", None)
+    assert aux.dtype == torch.int32 and aux.shape == (1, 2, 2)
+    assert aux[0, 0].tolist() == [1, 3] and aux[0, 1].tolist() == [7, 1]
+    for kind in ("max", "avgmax", "catavgmax"):
+        _check(xs, kind, layout, None, {})
+    # a mask hiding one of the ties: two remain
+    mask = torch.ones(1, 3000, dtype=torch.bool)
+    mask[0, 4] = False
+    _check(xs, "max", layout, mask, {})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_and_special_values(layout):
+    x = torch.tensor([[[1.0, float("nan"), 2.0], [float("-inf"), float("-inf"), float("-inf")]]])
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous()
+    mask = torch.tensor([[True, False, True]])
+
+    def pool(x, kind, **kw):
+        return kernels.fused_pool(x, kind, layout, **kw)
+
+    for kind in ("avg", "max", "lse", "gem"):
+        assert torch.isfinite(pool(x, kind, mask=mask)[0, 0])
+    assert pool(x, "max")[0, 1] == float("-inf")
+    assert torch.isnan(pool(x, "max")[0, 0])  # a real NaN is the max
+    assert torch.isnan(pool(x, "lse")[0, 0])
+    assert torch.isnan(pool(x, "avg")[0, 0])
+    empty = torch.zeros(1, 3, dtype=torch.bool)
+    for kind in KINDS:
+        params = {"weights": torch.ones(1, 3)} if kind == "attention" else {}
+        xg = x.clone().requires_grad_()
+        y = pool(xg, kind, mask=empty, **params)
+        assert (y == 0).all()
+        y.sum().backward()
+        assert (xg.grad == 0).all()
+
+
+def test_attention_zero_weights():
+    x = make_input(2, 3, (6,), "channels_first", torch.float64, seed=0).requires_grad_()
+    w = torch.rand(2, 6, dtype=torch.float64)
+    w[0] = 0.0
+    w.requires_grad_()
+    y = kernels.fused_pool(x, "attention", weights=w)
+    assert (y[0] == 0).all()
+    y.sum().backward()
+    assert (x.grad[0] == 0).all() and (w.grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("p", (1.0, 2.0, 3.0, 4.0, 2.5, 7.3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_gem_grad_p(p, layout, dtype):
+    x = make_input(3, 4, (5, 3), layout, dtype, seed=11)
+    mask = make_mask(3, (5, 3), "empty", seed=11)
+    pt = torch.tensor(p, dtype=dtype, requires_grad=True)
+    params = {"p": pt, "eps": 1e-6}
+    _check(x, "gem", layout, mask, params)
+    grads = reference_backward(x, torch.ones(3, 4, dtype=dtype), "gem", layout, mask, **params)
+    pt.grad = None
+    x_in = _poison(x, mask, layout)
+    kernels.fused_pool(x_in, "gem", layout, mask, p=pt).sum().backward()
+    assert pt.grad.dtype == dtype
+    np.testing.assert_allclose(
+        float(pt.grad), grads["p"], rtol=1e-4 if dtype == torch.float32 else 1e-9
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(kind, layout):
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 5) if layout == "channels_first" else (2, 5, 3)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    inputs = [x]
+    if kind == "gem":
+        x.data = x.data.abs() + 0.1
+        p = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+        inputs.append(p)
+
+        def fn(x, p):
+            return kernels.fused_pool(x, kind, layout, mask, p=p)
+    elif kind == "attention":
+        w = torch.rand(2, 5, generator=gen, dtype=torch.float64).add(0.1).requires_grad_()
+        inputs.append(w)
+
+        def fn(x, w):
+            return kernels.fused_pool(x, kind, layout, mask, weights=w)
+    else:
+
+        def fn(x):
+            return kernels.fused_pool(x, kind, layout, mask, r=0.7)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def _sample(kind: str, channels_last: bool, masked: bool, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, generator=gen, dtype=dtype)
+    mask = torch.tensor([[True] * 5 + [False], [False] + [True] * 5]) if masked else None
+    w = torch.rand(2, 6, generator=gen, dtype=dtype) if kind == "attention" else None
+    return x, channels_last, kind, mask, torch.tensor(2.5 if kind == "gem" else 3.0), 1e-6, 1.3, w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(kind):
+    x, cl, kind, mask, p, eps, r, w = _sample(kind, False, True)
+    x.requires_grad_()
+    if w is not None:
+        w.requires_grad_()
+    torch.library.opcheck(ops.pool_forward, (x, cl, kind, mask, p, eps, r, w))
+    torch.library.opcheck(ops.pool_forward, _sample(kind, True, False))
+    xd = x.detach()
+    out, aux = ops.pool_forward(xd, cl, kind, mask, p, eps, r, None if w is None else w.detach())
+    args = (
+        torch.ones_like(out),
+        xd,
+        out,
+        aux,
+        cl,
+        kind,
+        mask,
+        p,
+        eps,
+        r,
+        None if w is None else w.detach(),
+        kind == "gem",
+        kind == "attention",
+    )
+    torch.library.opcheck(ops.pool_backward, args)
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 7, 10)
+        out, aux = ops.pool_forward(x, True, "catavgmax", None, torch.tensor(3.0), 1e-6, 1.0, None)
+        assert out.shape == (4, 20) and aux.shape == (4, 10, 2) and aux.dtype == torch.int32
+        out, aux = ops.pool_forward(x, False, "lse", None, torch.tensor(3.0), 1e-6, 1.0, None)
+        assert out.shape == (4, 7) and aux.numel() == 0
+
+
+def test_saved_tensors():
+    """avg saves nothing; gem saves only x, the output and p; max also its small aux."""
+
+    def saved(kind, **params):
+        x = torch.randn(4, 8, 6, 6, requires_grad=True)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kernels.fused_pool(x, kind, **params)
+        return sum(sizes), x.numel() * 4, 4 * 8 * 4
+
+    assert saved("avg")[0] == 0
+    total, xb, outb = saved("gem", p=torch.tensor(3.0, requires_grad=True))
+    assert total <= xb + outb + 4
+    total, xb, outb = saved("max")
+    assert total <= xb + 3 * outb
+
+
+def test_compile_fullgraph():
+    def f(x, w, p):
+        a = kernels.fused_pool(x, "gem", p=p)
+        b = kernels.fused_pool(x, "catavgmax", "channels_first", keepdim=True).flatten(1)
+        c = kernels.fused_pool(x, "attention", weights=w)
+        return a.sum() + b.sum() + c.sum()
+
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    w = torch.rand(2, 4, 4, requires_grad=True)
+    p = torch.tensor(3.0, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ref = f(x, w, p)
+    got = compiled(x, w, p)
+    torch.testing.assert_close(got, ref)
+    g_ref = torch.autograd.grad(ref, (x, w, p))
+    g_got = torch.autograd.grad(compiled(x, w, p), (x, w, p))
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_export():
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return kernels.fused_pool(x, "lse", "channels_last", r=2.0)
+
+    x = torch.randn(2, 5, 5, 3)
+    ep = torch.export.export(Head(), (x,))
+    assert "globalpool.pool_forward" in str(ep.graph)
+    torch.testing.assert_close(ep.module()(x), Head()(x))
+
+
+def test_supports():
+    x = torch.ones(2, 3, 4)
+    assert all(kernels.supports(x.to(d), k) for d in DTYPES for k in KINDS)
+    assert not kernels.supports(x.int(), "avg")
+    assert not kernels.supports(x, "median")
+    assert not kernels.supports(torch.ones(2, 3), "avg")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 40),
+    spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    kind=st.sampled_from(KINDS),
+    layout=st.sampled_from(LAYOUTS),
+    mask_mode=st.sampled_from(MASKS),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(n, c, spatial, kind, layout, mask_mode, seed):
+    x = make_input(n, c, tuple(spatial), layout, torch.float32, seed=seed)
+    mask = make_mask(n, tuple(spatial), mask_mode, seed=seed)
+    _check(x, kind, layout, mask, _params(kind, x, layout, seed), grad_seed=seed)
