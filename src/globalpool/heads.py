@@ -102,9 +102,10 @@ class NiNHead(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, *, backend: str = "auto") -> None:
         super().__init__()
         self.feature_width = in_channels
+        self.backend = backend
         self.conv = nn.Linear(in_channels, num_classes)  # a 1x1 conv of any spatial rank
 
     def class_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class NiNHead(nn.Module):
         return torch.relu(self.conv(x.movedim(1, -1))).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return pool(self.class_maps(x), "avg", mask=mask)
+        return pool(self.class_maps(x), "avg", mask=mask, backend=self.backend)
 
 
 def make_head(
@@ -136,6 +137,7 @@ def make_head(
     40
     """
     check_kind(name, HEADS, name="head")
+    backend = pool_params.pop("backend", "auto")
     if name == "fc":
         if spatial_size is None:
             raise ValueError("spatial_size is required for head 'fc' (flatten + FC), got None")
@@ -143,8 +145,10 @@ def make_head(
             in_channels, spatial_size, num_classes, hidden=hidden, dropout=dropout
         )
     if name == "nin":
-        return NiNHead(in_channels, num_classes)
-    return ClassifierHead(in_channels, num_classes, name, dropout=dropout, **pool_params)
+        return NiNHead(in_channels, num_classes, backend=backend)
+    return ClassifierHead(
+        in_channels, num_classes, name, dropout=dropout, backend=backend, **pool_params
+    )
 
 
 _GLOBAL_POOLS = (

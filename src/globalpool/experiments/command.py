@@ -1,0 +1,402 @@
+"""``globalpool compare``: train one backbone per head and seed, report which head wins.
+
+Registered by ``globalpool.cli`` as ``app.command("compare")(compare)``. Bad input (unknown head,
+model or dataset, missing or corrupt data, an unwritable ``--out``) ends with one ``error:`` line
+on stderr and exit code 1, before any training; results already in ``--out`` are never touched
+except by adding finished runs. Set ``GLOBALPOOL_DEBUG=1`` to see tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from globalpool.experiments.spec import DEFAULTS, RunSpec, TrainConfig, dataset_base
+
+
+class CompareError(ValueError):
+    """Bad arguments or environment for ``compare``; the message is one line."""
+
+
+def parse_heads(text: str) -> list[str]:
+    """``"all"`` or a comma list of head names, validated and de-duplicated.
+
+    >>> parse_heads("avg, gem,avg")
+    ['avg', 'gem']
+    """
+    from globalpool.heads import HEADS
+
+    if text.strip().lower() == "all":
+        return list(HEADS)
+    heads: list[str] = []
+    for item in text.split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name not in HEADS:
+            raise CompareError(
+                f"unknown head {name!r}; expected 'all' or some of: {', '.join(HEADS)}"
+            )
+        if name not in heads:
+            heads.append(name)
+    if not heads:
+        raise CompareError(f"--heads is empty; expected 'all' or some of: {', '.join(HEADS)}")
+    return heads
+
+
+def parse_train_sizes(text: str | None) -> list[int | None]:
+    """Comma list of positive ints or ``full``; ``None`` means the full training set only.
+
+    >>> parse_train_sizes("1000, 500,full")
+    [500, 1000, None]
+    """
+    if text is None or not text.strip():
+        return [None]
+    sizes: list[int | None] = []
+    for item in text.split(","):
+        word = item.strip().lower()
+        if not word:
+            continue
+        if word == "full":
+            value: int | None = None
+        else:
+            try:
+                value = int(word)
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise CompareError(
+                    f"--train-sizes must be positive integers or 'full', got {item.strip()!r}"
+                )
+        if value not in sizes:
+            sizes.append(value)
+    if not sizes:
+        raise CompareError("--train-sizes is empty; give positive integers or 'full'")
+    return sorted(sizes, key=lambda s: float("inf") if s is None else s)
+
+
+def check_dataset_name(dataset: str) -> str:
+    """The dataset spec, stripped, if its name is known; else :class:`CompareError`."""
+    base = dataset_base(dataset)
+    if base not in DEFAULTS or (base == "folder") != (":" in dataset):
+        names = "mnist1d, digits-shifted, cifar10, folder:PATH"
+        raise CompareError(f"unknown dataset {dataset!r}; expected one of: {names}")
+    return dataset.strip()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def _message(err: BaseException) -> str:
+    from globalpool.data import DatasetError
+    from globalpool.experiments.execute import RunError
+    from globalpool.experiments.results import OutputError
+
+    if isinstance(err, (CompareError, DatasetError, OutputError, RunError)):
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "out of memory; try a smaller --batch-size or fewer workers"
+    return f"{type(err).__name__}: {err}"
+
+
+def compare(
+    dataset: Annotated[
+        str, typer.Option(help="mnist1d, digits-shifted, cifar10 or folder:PATH.")
+    ] = "mnist1d",
+    heads: Annotated[
+        str, typer.Option(help="Comma list of heads (fc, avg, max, ..., nin) or 'all'.")
+    ] = "all",
+    seeds: Annotated[int, typer.Option(help="Seeds per head (seeds 0 .. N-1).")] = 3,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Passes over the full training set (default: per dataset)."),
+    ] = None,
+    train_sizes: Annotated[
+        str | None,
+        typer.Option(help="Comma list of training-set sizes for a sweep, e.g. 500,1000,full."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where dataset files live (CIFAR-10) or are cached.")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Results directory (runs, results.md/.json, plots).")
+    ] = Path("globalpool-results"),
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch size (default: per dataset).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: per dataset).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="cnn1d, cnn2d, resnet18 or multiscale (default: per dataset)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Parallel single-thread run processes (default: CPU cores; 1 on CUDA)."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads per process (default: cores / processes)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Pooling backend of the heads: torch, auto or fused.")
+    ] = "auto",
+) -> None:
+    """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
+    parameters, training time, peak memory and throughput as Markdown, JSON and PNG."""
+    try:
+        _compare(
+            dataset=dataset,
+            heads=heads,
+            seeds=seeds,
+            epochs=epochs,
+            train_sizes=train_sizes,
+            device=device,
+            data_dir=data_dir,
+            out=out,
+            batch_size=batch_size,
+            lr=lr,
+            model=model,
+            workers=workers,
+            threads=threads,
+            backend=backend,
+        )
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; finished runs are kept under {out}", 130) from None
+    except Exception as err:
+        if os.environ.get("GLOBALPOOL_DEBUG"):
+            raise
+        raise _fail(_message(err)) from None
+
+
+def _config(base: str, **options: Any) -> TrainConfig:
+    config = DEFAULTS[base]["config"]
+    changes: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is not None:
+            changes[name] = value
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as err:
+        raise CompareError(f"--{str(err).replace('_', '-')}") from None
+
+
+def _compare(
+    *,
+    dataset: str,
+    heads: str,
+    seeds: int,
+    epochs: int | None,
+    train_sizes: str | None,
+    device: str,
+    data_dir: Path | None,
+    out: Path,
+    batch_size: int | None,
+    lr: float | None,
+    model: str | None,
+    workers: int | None,
+    threads: int | None,
+    backend: str,
+) -> None:
+    started = time.perf_counter()
+    # 1. Arguments: cheap checks, identical on every rank, before anything is created.
+    dataset = check_dataset_name(dataset)
+    base = dataset_base(dataset)
+    head_list = parse_heads(heads)
+    sizes = parse_train_sizes(train_sizes)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CompareError(f"--seeds must be a positive int, got {seeds!r}")
+    if workers is not None and workers < 1:
+        raise CompareError(f"--workers must be a positive int, got {workers!r}")
+    if threads is not None and threads < 1:
+        raise CompareError(f"--threads must be a positive int, got {threads!r}")
+    config = _config(base, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend)
+
+    from globalpool.experiments import distributed
+    from globalpool.experiments.runner import resolve_device
+    from globalpool.models import resolve_model_name
+
+    try:
+        model_name = resolve_model_name(model if model is not None else base)
+        torch_device = resolve_device(device)
+    except ValueError as err:
+        raise CompareError(str(err)) from None
+
+    ctx = distributed.init_distributed(torch_device.type)
+    try:
+        _run(
+            ctx,
+            dataset=dataset,
+            head_list=head_list,
+            seeds=seeds,
+            sizes=sizes,
+            config=config,
+            model_name=model_name,
+            torch_device=torch_device,
+            data_dir=data_dir,
+            out=out,
+            workers=workers,
+            threads=threads,
+            started=started,
+        )
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(
+    ctx: Any,
+    *,
+    dataset: str,
+    head_list: list[str],
+    seeds: int,
+    sizes: list[int | None],
+    config: TrainConfig,
+    model_name: str,
+    torch_device: Any,
+    data_dir: Path | None,
+    out: Path,
+    workers: int | None,
+    threads: int | None,
+    started: float,
+) -> None:
+    import torch
+
+    from globalpool.data import load_dataset
+    from globalpool.experiments import distributed
+    from globalpool.experiments.execute import (
+        DataSource,
+        run_parallel,
+        run_sequential,
+        usable_cpus,
+    )
+    from globalpool.experiments.report import markdown_table, summarize, write_report
+    from globalpool.experiments.results import ResultStore, check_writable
+    from globalpool.experiments.runner import total_steps
+    from globalpool.models import build_model
+
+    if ctx.enabled and torch_device.type == "cuda":
+        torch_device = torch.device("cuda", ctx.local_rank)
+
+    # 2. Output and data: rank 0 proves --out writable before anything is trained; every rank
+    #    loads the data; any rank's failure stops all of them with the same message.
+    error: str | None = None
+    data = None
+    try:
+        if ctx.is_main:
+            check_writable(out)
+        # An explicit --data-dir must hold the files; without one, CIFAR-10 may be downloaded.
+        data = load_dataset(dataset, data_dir=data_dir, download=data_dir is None)
+        for size in sizes:
+            if size is not None and size > data.train_size:
+                raise CompareError(
+                    f"--train-sizes {size} exceeds the {data.train_size} training samples "
+                    f"of {dataset}"
+                )
+        try:
+            build_model(
+                model_name,
+                "avg",
+                data.num_classes,
+                in_channels=data.in_channels,
+                spatial_size=data.input_shape[1:],
+            )
+        except ValueError as err:
+            raise CompareError(f"model {model_name} does not fit {dataset}: {err}") from None
+    except Exception as err:
+        if os.environ.get("GLOBALPOOL_DEBUG"):
+            raise
+        error = _message(err)
+    error = distributed.first_error(error, ctx)
+    if error is not None:
+        raise CompareError(error)
+    assert data is not None
+
+    # The full size is one run whether it is asked for as "full" or by its number.
+    sizes = list(dict.fromkeys(None if s == data.train_size else s for s in sizes))
+
+    # 3. Plan: rank 0 decides what is left to run; every rank gets the same list.
+    store = ResultStore(out)
+    # Seed-major order: each head's runs are spread over the whole call, so a busy spell on a
+    # shared machine slows every head a little rather than one head a lot.
+    plan = [
+        RunSpec(dataset, model_name, head, seed, size, config)
+        for size in sizes
+        for seed in range(seeds)
+        for head in head_list
+    ]
+    pending = [spec for spec in plan if store.load(spec) is None] if ctx.is_main else None
+    pending = distributed.broadcast_object(pending, ctx)
+
+    cpus = usable_cpus()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    if ctx.enabled or torch_device.type == "cuda":
+        n_workers = 1
+    else:
+        n_workers = min(workers or cpus, max(1, len(pending)))
+    # One thread per process unless cores would sit idle: oversubscribed intra-op threads spin
+    # and can make small models many times slower.
+    threads = threads or max(1, cpus // (n_workers * max(1, local_world)))
+
+    # 4. Train what is pending, saving each run as it finishes.
+    from globalpool.experiments.progress import RichSink
+
+    with RichSink(len(plan), len(plan) - len(pending), enabled=ctx.is_main) as sink:
+        if ctx.is_main and len(pending) < len(plan):
+            sink.note(f"{len(plan) - len(pending)} of {len(plan)} runs already in {out}; skipped")
+        if n_workers > 1:
+            source = DataSource(dataset, None if data_dir is None else str(data_dir))
+            run_parallel(
+                pending,
+                source,
+                store=store,
+                device=torch_device,
+                workers=n_workers,
+                threads=threads,
+                sink=sink,
+            )
+        else:
+            torch.set_num_threads(threads)
+            run_sequential(pending, data, store=store, device=torch_device, ctx=ctx, sink=sink)
+    distributed.barrier(ctx)
+    if not ctx.is_main:
+        return
+
+    # 5. Report every run of the plan (this call's and earlier ones').
+    records = [store.load(spec) for spec in plan]
+    missing = [spec.label for spec, rec in zip(plan, records, strict=True) if rec is None]
+    if missing:
+        raise CompareError(f"results of {len(missing)} runs are missing, e.g. {missing[0]}")
+    meta = {
+        "dataset": dataset,
+        "model": model_name,
+        "heads": head_list,
+        "seeds": seeds,
+        "train_sizes": [data.train_size if s is None else s for s in sizes],
+        "config": dataclasses.asdict(config),
+        "steps": total_steps(config, data.train_size),
+        "device": str(torch_device),
+        "world_size": ctx.world_size,
+        "workers": n_workers,
+        "threads": threads,
+        "memory_method": records[0].get("memory_method") if records else None,
+        "runs_this_call": len(pending),
+        "wall_time_s": time.perf_counter() - started,
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+    paths = write_report(Path(out).expanduser(), records, meta)
+    print(markdown_table(summarize(records)), end="")
+    written = ", ".join(str(p) for p in paths.values())
+    print(f"\n{len(pending)} runs trained, {len(plan) - len(pending)} reused; wrote {written}")

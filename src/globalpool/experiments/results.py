@@ -1,0 +1,121 @@
+"""Resumable JSON store: one file per finished run, written atomically, never deleted.
+
+Layout under ``root``::
+
+    runs/<dataset>/<model>-<fingerprint>/<head>-seed<S>-n<train_size|full>.json
+
+``<fingerprint>`` hashes the model name and training settings, so changing ``--epochs`` or
+``--lr`` starts a fresh set of runs beside the old ones instead of mixing or overwriting them.
+A run whose file exists (and parses) is finished and is skipped on re-run.
+
+>>> import tempfile
+>>> from globalpool.experiments.spec import RunSpec, TrainConfig
+>>> store = ResultStore(tempfile.mkdtemp())
+>>> spec = RunSpec("mnist1d", "cnn1d", "avg", 0, None, TrainConfig(1, 100, 0.01))
+>>> store.load(spec) is None
+True
+>>> _ = store.save(spec, {"accuracy": 0.9})
+>>> store.load(spec)["accuracy"]
+0.9
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from globalpool.experiments.spec import RunSpec
+
+
+class OutputError(OSError):
+    """The output directory cannot be created or written; the message is one line."""
+
+
+def dataset_slug(dataset: str) -> str:
+    """A directory-safe name: ``folder:/data/pets`` -> ``folder-pets-<hash>``.
+
+    >>> dataset_slug("mnist1d"), dataset_slug("folder:/data/pets")[:12]
+    ('mnist1d', 'folder-pets-')
+    """
+    name, sep, rest = dataset.partition(":")
+    if not sep:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rest.rstrip("/\\")).name or "root")
+    digest = hashlib.sha256(rest.encode()).hexdigest()[:8]
+    return f"{name}-{base}-{digest}"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a truncated one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(root: str | os.PathLike[str]) -> Path:
+    """Create ``root`` if needed and prove a file can be written there; else :class:`OutputError`.
+
+    >>> import tempfile
+    >>> check_writable(tempfile.mkdtemp()).is_dir()
+    True
+    """
+    path = Path(root).expanduser()
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"--out {path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OutputError:
+        raise
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OutputError(f"--out {path} is not writable ({reason})") from err
+    return path
+
+
+class ResultStore:
+    """Finished runs under ``root``; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+
+    def path(self, spec: RunSpec) -> Path:
+        size = "full" if spec.train_size is None else str(spec.train_size)
+        return (
+            self.root
+            / "runs"
+            / dataset_slug(spec.dataset)
+            / f"{spec.model}-{spec.fingerprint}"
+            / f"{spec.head}-seed{spec.seed}-n{size}.json"
+        )
+
+    def load(self, spec: RunSpec) -> dict[str, Any] | None:
+        """The stored record of ``spec``, or ``None`` if absent or unreadable (then re-run)."""
+        try:
+            record = json.loads(self.path(spec).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and "accuracy" in record else None
+
+    def save(self, spec: RunSpec, record: dict[str, Any]) -> Path:
+        """Write ``record`` for ``spec`` atomically and return its path."""
+        path = self.path(spec)
+        atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return path
