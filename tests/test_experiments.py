@@ -88,7 +88,7 @@ def test_store_keeps_configs_apart_and_ignores_broken_files(tmp_path):
     b = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(2, 100, 0.01))
     assert store.path(a) != store.path(b)
     same = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(1, 100, 0.01, augment="none"))
-    other = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(1, 100, 0.01, backend="torch"))
+    other = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(1, 100, 0.01, backend="auto"))
     assert same.fingerprint == a.fingerprint != other.fingerprint  # defaults are not hashed
     assert store.path(a).name == "avg-seed0-n200.json"
     store.save(a, {"accuracy": 0.5})

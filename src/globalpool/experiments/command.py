@@ -150,7 +150,7 @@ def compare(
     ] = None,
     backend: Annotated[
         str, typer.Option(help="Pooling backend of the heads: torch, auto or fused.")
-    ] = "auto",
+    ] = "torch",
 ) -> None:
     """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
     parameters, training time, peak memory and throughput as Markdown, JSON and PNG."""

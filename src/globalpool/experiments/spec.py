@@ -23,9 +23,10 @@ SCHEDULES = ("constant", "cosine")
 class TrainConfig:
     """Optimiser settings shared by every run of one ``compare`` call.
 
-    ``backend`` is the pooling backend of the heads (see :func:`globalpool.pool`): ``"auto"``
-    by default, which keeps small feature maps (MNIST-1D's) on the torch composition and uses
-    the fused kernel for large ones; the kernels' speed is measured by ``globalpool bench``.
+    ``backend`` is the pooling backend of the heads (see :func:`globalpool.pool`): ``"torch"``
+    by default, so every head is trained as the same plain PyTorch composition and no run pays
+    numba's first-call compilation (tens of seconds per kernel variant in a fresh process); the
+    fused kernels' speed is measured by ``globalpool bench``.
 
     ``augment="crop-flip"`` pads each training image by 4 pixels, crops it back at a random
     offset and flips it left-right with probability 1/2 (the usual CIFAR recipe); ``"none"``
@@ -43,7 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     momentum: float = 0.9
-    backend: str = "auto"
+    backend: str = "torch"
     augment: str = "none"
 
     def __post_init__(self) -> None:

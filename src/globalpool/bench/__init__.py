@@ -1,0 +1,14 @@
+"""``globalpool bench``: timing of every way of global pooling against same-run ceilings.
+
+Modules: ``shapes`` (cases), ``methods`` (what is timed), ``check`` (reference check before
+timing), ``timing`` (median of repeats), ``runner`` (one case end to end), ``report`` (JSON,
+Markdown, PNG, targets), ``memory`` (bytes saved for backward), ``command`` (the CLI functions).
+
+>>> from globalpool.bench import bench, bench_memory
+>>> callable(bench) and callable(bench_memory)
+True
+"""
+
+from globalpool.bench.command import bench, bench_memory
+
+__all__ = ["bench", "bench_memory"]
