@@ -96,13 +96,16 @@ def check_mask(mask: Any, x: torch.Tensor, layout: str) -> None:
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool (True = real position), got {mask.dtype}")
+    _check_per_position("mask", mask, x, layout)
+
+
+def _check_per_position(name: str, t: torch.Tensor, x: torch.Tensor, layout: str) -> None:
+    """A per-position tensor (mask, weights) must be (N, *S) and on x's device."""
     expected = (x.shape[0], *spatial_shape(x, layout))
-    if tuple(mask.shape) != expected:
-        raise ValueError(
-            f"mask must have shape (N, *S) = {expected}, got {tuple(mask.shape)}"
-        )
-    if mask.device != x.device:
-        raise ValueError(f"mask must be on x's device {x.device}, got {mask.device}")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape (N, *S) = {expected}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def _check_real(name: str, value: Any, kind: str) -> None:
@@ -130,13 +133,7 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
         raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
     if not weights.is_floating_point():
         raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
-    expected = (x.shape[0], *spatial_shape(x, layout))
-    if tuple(weights.shape) != expected:
-        raise ValueError(
-            f"weights must have shape (N, *S) = {expected}, got {tuple(weights.shape)}"
-        )
-    if weights.device != x.device:
-        raise ValueError(f"weights must be on x's device {x.device}, got {weights.device}")
+    _check_per_position("weights", weights, x, layout)
     if not _tracing() and bool((weights < 0).any()):
         low = float(weights.detach().min())
         raise ValueError(f"weights must be non-negative, got a minimum of {low}")
