@@ -9,10 +9,13 @@ Every finished run is written at once, so an error or Ctrl-C loses at most the r
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing as mp
 import os
 import queue as queue_module
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -91,7 +94,20 @@ def run_sequential(
 _WORKER: dict[str, Any] = {}
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel end this worker when the parent ``compare`` dies (even killed),
+    so no orphaned training process keeps the cores busy."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(source: DataSource, threads: int, events: Any) -> None:
+    _die_with_parent()
     torch.set_num_threads(threads)
     _WORKER["data"] = source.load()
     _WORKER["events"] = events
