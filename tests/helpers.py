@@ -46,15 +46,17 @@ def make_mask(n: int, spatial: tuple[int, ...], mode: str, seed: int) -> torch.T
 
 
 def poison_padded(x: torch.Tensor, mask: torch.Tensor | None, layout: str) -> torch.Tensor:
-    """Write NaN and inf into padded positions: they must never reach output or gradient."""
+    """A copy of x with NaN and inf at padded positions (keeping x's strides): they must never
+    reach the output or the gradient."""
     if mask is None:
-        return x
-    x = x.clone()
+        return x.clone()
     channel_dim = 1 if layout == "channels_first" else x.ndim - 1
     padded = (~mask).unsqueeze(channel_dim).expand_as(x)
-    poison = torch.full(x.shape, float("nan"), dtype=x.dtype)
-    poison.view(-1)[::2] = float("inf")
-    return torch.where(padded, poison, x)
+    values = torch.full((int(padded.sum()),), float("nan"), dtype=x.dtype)
+    values[::2] = float("inf")
+    out = x.clone()
+    out[padded] = values
+    return out
 
 
 def make_weights(x: torch.Tensor, layout: str, seed: int) -> torch.Tensor:
@@ -88,3 +90,27 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype,
     got = actual.detach().to(torch.float64).numpy()
     assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
     np.testing.assert_allclose(got, expected, err_msg=what, **TOLERANCE[dtype])
+
+
+def check_against_reference(pool_fn, x, kind, layout, mask, params, *, keepdim=False,
+                            grad_seed=3):
+    """Run ``pool_fn(x_poisoned, kind, layout, mask, keepdim, **params)`` forward and backward
+    and compare output, grad x (and grad weights) with the NumPy reference.
+
+    Returns the output and the input gradient."""
+    dtype = x.dtype
+    x_in = poison_padded(x, mask, layout).detach().requires_grad_()
+    y = pool_fn(x_in, kind, layout, mask, keepdim, **params)
+    assert y.dtype == dtype
+    expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
+    assert_close(y, expected, dtype, f"forward {kind}")
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y.backward(grad_out)
+    grads = reference_backward(x, grad_out, kind, layout, mask, **params)
+    assert x_in.grad.dtype == dtype and x_in.grad.shape == x.shape
+    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
+    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
+    if kind == "attention":
+        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
+    return y, x_in.grad

@@ -15,10 +15,10 @@ from helpers import (
     KIND_PARAMS,
     MASKS,
     assert_close,
+    check_against_reference,
     make_input,
     make_mask,
     make_weights,
-    poison_padded,
     reference_backward,
     reference_forward,
 )
@@ -40,22 +40,13 @@ def _run(kind, spatial, layout, dtype, mask_mode, keepdim, backend, seed=0, n=3,
     params = dict(KIND_PARAMS.get(kind, {}))
     if kind == "attention":
         params["weights"] = make_weights(x, layout, seed).requires_grad_()
-    x_in = poison_padded(x, mask, layout).requires_grad_()
-    y = gp.pool(x_in, kind, layout=layout, keepdim=keepdim, mask=mask, backend=backend, **params)
-    assert y.dtype == dtype
-    expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
-    assert_close(y, expected, dtype, f"forward {kind}")
 
-    gen = torch.Generator().manual_seed(seed + 3)
-    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
-    y.backward(grad_out)
-    grads = reference_backward(x, grad_out, kind, layout, mask, **params)
-    assert x_in.grad.dtype == dtype
-    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
-    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
-    if kind == "attention":
-        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
-    return y, x_in.grad
+    def pool_fn(x, kind, layout, mask, keepdim, **params):
+        return gp.pool(x, kind, layout=layout, keepdim=keepdim, mask=mask, backend=backend,
+                       **params)
+
+    return check_against_reference(pool_fn, x, kind, layout, mask, params, keepdim=keepdim,
+                                   grad_seed=seed + 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,17 +20,16 @@ from helpers import (
     DTYPES,
     KIND_PARAMS,
     MASKS,
-    assert_close,
+    check_against_reference,
     make_input,
     make_mask,
     make_weights,
+    poison_padded,
     reference_backward,
-    reference_forward,
 )
 
 KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
 LAYOUTS = ("channels_first", "channels_last")
-SPATIAL = {1: (7,), 2: (4, 5), 3: (3, 2, 4)}
 
 
 def _params(kind: str, x: torch.Tensor, layout: str, seed: int) -> dict:
@@ -40,49 +39,13 @@ def _params(kind: str, x: torch.Tensor, layout: str, seed: int) -> dict:
     return params
 
 
-def _poison(x: torch.Tensor, mask: torch.Tensor | None, layout: str) -> torch.Tensor:
-    """NaN and inf at the padded positions, keeping x's strides (memory format)."""
-    if mask is None:
-        return x.clone()
-    channel_dim = 1 if layout == "channels_first" else x.ndim - 1
-    padded = (~mask).unsqueeze(channel_dim).expand_as(x)
-    values = torch.full((int(padded.sum()),), float("nan"), dtype=x.dtype)
-    values[::2] = float("inf")
-    out = x.clone()
-    out[padded] = values
-    return out
-
-
 def _check(x, kind, layout, mask, params, *, keepdim=False, grad_seed=3):
-    """Fused forward/backward of x (padded positions poisoned with NaN/inf) vs the reference."""
-    dtype = x.dtype
-    x_in = _poison(x, mask, layout).detach().requires_grad_()
-    y = kernels.fused_pool(x_in, kind, layout, mask, keepdim, **params)
-    assert y.dtype == dtype
-    expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
-    assert_close(y, expected, dtype, f"forward {kind}")
-    gen = torch.Generator().manual_seed(grad_seed)
-    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
-    y.backward(grad_out)
-    grads = reference_backward(x, grad_out, kind, layout, mask, **params)
-    assert x_in.grad.dtype == dtype and x_in.grad.shape == x.shape
-    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
-    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
-    if kind == "attention":
-        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
-    return y, x_in.grad
+    """Fused forward/backward of x (padded positions poisoned with NaN/inf) vs the reference.
 
-
-@pytest.mark.parametrize("mask_mode", MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("rank", (1, 2, 3))
-@pytest.mark.parametrize("kind", KINDS)
-def test_matches_reference(kind, rank, layout, dtype, mask_mode):
-    spatial = SPATIAL[rank]
-    x = make_input(3, 5, spatial, layout, dtype, seed=rank)
-    mask = make_mask(3, spatial, mask_mode, seed=rank)
-    _check(x, kind, layout, mask, _params(kind, x, layout, rank))
+    The full kind x rank x layout x dtype x mask grid of the fused path runs in
+    test_functional.py (backend="fused"); this file adds the kernel-specific cases."""
+    return check_against_reference(kernels.fused_pool, x, kind, layout, mask, params,
+                                   keepdim=keepdim, grad_seed=grad_seed)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -202,7 +165,7 @@ def test_gem_grad_p(p, layout, dtype):
     _check(x, "gem", layout, mask, params)
     grads = reference_backward(x, torch.ones(3, 4, dtype=dtype), "gem", layout, mask, **params)
     pt.grad = None
-    x_in = _poison(x, mask, layout)
+    x_in = poison_padded(x, mask, layout)
     kernels.fused_pool(x_in, "gem", layout, mask, p=pt).sum().backward()
     assert pt.grad.dtype == dtype
     np.testing.assert_allclose(
