@@ -94,8 +94,9 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype,
 
 def check_against_reference(pool_fn, x, kind, layout, mask, params, *, keepdim=False,
                             grad_seed=3):
-    """Run ``pool_fn(x_poisoned, kind, layout, mask, keepdim, **params)`` forward and backward
-    and compare output, grad x (and grad weights) with the NumPy reference.
+    """Run ``pool_fn(x_poisoned, kind, layout, mask, keepdim, **params)`` forward (with and
+    without grad) and backward and compare output, grad x (and grad weights) with the NumPy
+    reference.
 
     Returns the output and the input gradient."""
     dtype = x.dtype
@@ -104,6 +105,9 @@ def check_against_reference(pool_fn, x, kind, layout, mask, params, *, keepdim=F
     assert y.dtype == dtype
     expected = reference_forward(x, kind, layout, mask, keepdim=keepdim, **params)
     assert_close(y, expected, dtype, f"forward {kind}")
+    with torch.no_grad():  # inference path: the fused max kinds skip their arg-max table
+        y_inference = pool_fn(x_in, kind, layout, mask, keepdim, **params)
+    assert_close(y_inference, expected, dtype, f"forward {kind} under no_grad")
     gen = torch.Generator().manual_seed(grad_seed)
     grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
     y.backward(grad_out)

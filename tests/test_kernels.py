@@ -68,6 +68,24 @@ def test_long_rows_and_odd_channels(layout, kind, mask_mode, dtype):
     _check(x, kind, layout, mask, _params(kind, x, layout, 5))
 
 
+@pytest.mark.parametrize("mask_mode", ("none", "random"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_channels_last_chunks_merge(kind, mask_mode):
+    """One channels-last sample is split along L into chunks whose partials are merged: a max
+    tied across three chunks, and a sample whose real positions all lie in one chunk."""
+    x = make_input(2, 5, (2048,), "channels_last", torch.float32, seed=11)
+    x[0, [10, 700, 1900], 0] = 50.0
+    mask = make_mask(2, (2048,), mask_mode, seed=11)
+    if mask is not None:
+        mask[0, [10, 700, 1900]] = True
+        mask[1] = False
+        mask[1, 1200:1300] = True
+    _check(x, kind, "channels_last", mask, _params(kind, x, "channels_last", 11))
+    if kind in ("max", "lse", "avg"):
+        x[0, 1500, 1] = float("nan")  # a real NaN in a late chunk is the result
+        assert torch.isnan(kernels.fused_pool(x, kind, "channels_last")[0, 1])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("n, c, length", [(1, 1, 1), (1, 3, 17), (5, 1, 33), (1, 70, 2), (9, 2, 5)])
 def test_odd_sizes(layout, n, c, length):
@@ -250,10 +268,12 @@ def test_fake_shapes():
 
 
 def test_saved_tensors():
-    """avg saves nothing; gem saves only x, the output and p; max also its small aux."""
+    """avg saves nothing; gem saves only x, the output and p; max its arg-max table, plus x only
+    when a maximum is tied (the backward then re-reads x)."""
 
-    def saved(kind, **params):
-        x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    def saved(kind, x=None, **params):
+        x = torch.randn(4, 8, 6, 6) if x is None else x
+        x.requires_grad_()
         sizes = []
 
         def pack(t):
@@ -268,7 +288,15 @@ def test_saved_tensors():
     total, xb, outb = saved("gem", p=torch.tensor(3.0, requires_grad=True))
     assert total <= xb + outb + 4
     total, xb, outb = saved("max")
-    assert total <= xb + 3 * outb
+    assert total == 2 * outb  # int32 (arg-max, tie count) per output
+    tied = torch.randn(4, 8, 6, 6)
+    tied[0, 0, :, :2] = 100.0
+    total, xb, outb = saved("max", tied)
+    assert total == xb + 2 * outb
+    x = tied.detach().clone().requires_grad_()
+    kernels.fused_pool(x, "max").sum().backward()
+    assert torch.allclose(x.grad[0, 0, :, :2], torch.full((6, 2), 1 / 12))
+    assert x.grad[0, 0, :, 2:].abs().sum() == 0 and x.grad[1].sum() == 8
 
 
 def test_compile_fullgraph():
@@ -324,3 +352,16 @@ def test_property_random_shapes(n, c, spatial, kind, layout, mask_mode, seed):
     x = make_input(n, c, tuple(spatial), layout, torch.float32, seed=seed)
     mask = make_mask(n, tuple(spatial), mask_mode, seed=seed)
     _check(x, kind, layout, mask, _params(kind, x, layout, seed), grad_seed=seed)
+
+
+def test_huge_page_buffers_are_ordinary_tensors():
+    """The huge-page hint changes nothing visible: shape, dtype, writability, results."""
+    from globalpool.kernels import huge_pages
+
+    g = huge_pages.empty_huge((3, 1 << 20), torch.float32)  # 12 MiB: the hint is given
+    assert g.shape == (3, 1 << 20) and g.dtype == torch.float32 and g.is_contiguous()
+    g.fill_(2.0)
+    assert float(g.sum()) == 6 * (1 << 20)
+    x = torch.randn(4, 64, 128, 128, requires_grad=True)  # a 16 MiB gradient
+    kernels.fused_pool(x, "avg").sum().backward()
+    assert torch.all(x.grad == 1 / (128 * 128))

@@ -80,8 +80,9 @@ def spatial_shape(x: torch.Tensor, layout: str) -> tuple[int, ...]:
 
 
 def _check_spatial_nonempty(x: torch.Tensor, layout: str) -> None:
-    sizes = spatial_shape(x, layout)
-    if any(s == 0 for s in sizes):
+    sizes = x.shape[2:] if layout == "channels_first" else x.shape[1:-1]
+    if 0 in sizes:
+        sizes = tuple(sizes)
         raise ValueError(
             f"x must have every spatial size > 0 (layout={layout!r}), got spatial sizes {sizes} "
             f"in shape {tuple(x.shape)}"

@@ -12,6 +12,11 @@ from globalpool.kinds import KIND_DEFS
 
 BACKENDS = ("auto", "fused", "torch")
 
+try:  # the kernels import numba/triton lazily; this only fails if the package is incomplete
+    from globalpool import kernels as _kernels
+except ImportError:  # pragma: no cover
+    _kernels = None
+
 # Below this many elements the fused op's fixed cost (custom-op dispatch, about 65 us forward on
 # the 2-core CPU) exceeds the few small torch ops it replaces, so ``auto`` keeps the composition.
 FUSED_MIN_ELEMENTS = 1 << 16
@@ -31,11 +36,7 @@ def output_width(kind: str, channels: int) -> int:
 
 
 def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> bool:
-    try:
-        from globalpool import kernels
-    except ImportError:
-        return False
-    return kernels.supports(x, kind, mask, **params)
+    return _kernels is not None and _kernels.supports(x, kind, mask, **params)
 
 
 def _choose_backend(backend: str, x: torch.Tensor, kind: str, mask: Any, params: dict) -> str:
@@ -93,9 +94,7 @@ def pool(
     """
     spec = pool_spec(x, kind, layout, mask, params)
     if _choose_backend(backend, x, kind, mask, spec.params) == "fused":
-        from globalpool import kernels
-
-        return kernels.fused_pool(x, kind, layout, mask, keepdim, **spec.params)
+        return _kernels.fused_pool(x, kind, layout, mask, keepdim, **spec.params)
     return _compose(x, spec, mask, keepdim)
 
 

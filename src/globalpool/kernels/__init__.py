@@ -1,7 +1,8 @@
 """Fused single-pass global-pooling kernels: numba on CPU, Triton on CUDA.
 
 :func:`supports` tells whether a fused kernel exists for a tensor's device and dtype;
-:func:`fused_pool` runs it (differentiable, through the ``globalpool::pool_forward`` custom op).
+:func:`fused_pool` runs it (differentiable; while tracing, through the ``globalpool::pool_forward``
+custom op, which ``torch.compile`` and ``torch.export`` keep as one node).
 Both expect arguments already checked by :mod:`globalpool.contract`; ``globalpool.pool(...,
 backend="auto"|"fused")`` is the public way in.
 
@@ -24,6 +25,7 @@ torch.Size([1, 2, 1, 1])
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import torch
@@ -72,6 +74,10 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
 def _physical(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, bool]:
     """x as a contiguous 3-D tensor in its memory order: ((N, C, L), False) or ((N, L, C), True)."""
     n = x.shape[0]
+    if x.is_contiguous():  # the common case, without the two movedim views
+        if layout == "channels_first":
+            return x.view(n, x.shape[1], math.prod(x.shape[2:])), False
+        return x.view(n, math.prod(x.shape[1:-1]), x.shape[-1]), True
     channel_dim = 1 if layout == "channels_first" else x.ndim - 1
     c = x.shape[channel_dim]
     last = x.movedim(channel_dim, -1)  # (N, *S, C)
@@ -118,14 +124,17 @@ def fused_pool(
     length = x3.shape[2] if not channels_last else x3.shape[1]
     m = None if mask is None else mask.reshape(n, length).contiguous()
     p = params.get("p", 3.0)
-    if not isinstance(p, torch.Tensor):
-        p = torch.tensor(float(p), dtype=torch.float32)
     eps = _float(params.get("eps"), 1e-6)
     r = _float(params.get("r"), 1.0)
     w = params.get("weights") if kind == "attention" else None
     if w is not None:
         w = w.to(x.dtype).reshape(n, length).contiguous()
-    out, _ = ops.pool_forward(x3, channels_last, kind, m, p, eps, r, w)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if not isinstance(p, torch.Tensor):
+            p = torch.tensor(float(p), dtype=torch.float32)
+        out, _ = ops.pool_forward(x3, channels_last, kind, m, p, eps, r, w)
+    else:
+        out = ops.eager_pool(x3, channels_last, kind, m, p, eps, r, w)
     if not keepdim:
         return out
     width = out.shape[1]

@@ -755,6 +755,21 @@ def _vipow(v, k):
     return vmul(v2, v2)
 
 
+@_helper
+def _root_span(out, o0, o1, invp):
+    """GeM's root, out.flat[o0:o1] <- out ** invp, vectorised (0, inf and NaN stay as they are),
+    applied by each task to the outputs it wrote while they are still in cache."""
+    W = nlanes(out)
+    z = vzero_of(out)
+    ipv = vfull(invp, z)
+    inf = vfull(np.inf, z)
+    for b in range(o0, o1, W):
+        k = min(W, o1 - b)
+        v = vload_part(out, b, k)
+        ok = mand(vgt(v, z), vlt(v, inf))
+        vput_part(out, b, vsel(ok, vexp2(vmul(ipv, vlog2(v))), v), k)
+
+
 @_kernel
 def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
     N, C, L = x.shape
@@ -802,6 +817,8 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
                 real = _real_part(mask, mo + b, k, z, ms)
                 total = _sum_step(total, vload_part(x, xo + b, k), real, wv, mode, pv, ip, epsv, z)
             out[n, row - n * C] = _finish_sum(hsum(total), den[n])
+        if mode == SUM_GEM:  # out's flat index is the row
+            _root_span(out, t * rows // ntask, (t + 1) * rows // ntask, 1.0 / p)
 
 
 # channels-last kernels: a task is (sample n, block of channels). Per-channel lane states live in
@@ -828,23 +845,36 @@ def _sts(a, off, v, r, W):
         vput_part(a, off, v, r)
 
 
+@_helper
+def _cl_task(t, nb, nch, cb, C, L):
+    """Task t of a channels-last kernel: (sample, first channel, channels, chunk, positions)."""
+    n = t // (nb * nch)
+    rest = t - n * nb * nch
+    blk = rest // nch
+    ch = rest - blk * nch
+    c0 = blk * cb
+    return n, c0, min(cb, C - c0), ch, ch * L // nch, (ch + 1) * L // nch
+
+
 @_kernel
-def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb):
+def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
+    """Tasks are (sample, block of cb channels, chunk of L). With ``nch > 1`` chunks (too few
+    samples to keep every core busy) each task writes partial sums to ``part[n, chunk, c]`` and
+    a second parallel loop adds them up; blocks stay whole rows of C where possible, as tasks
+    that share cache lines read them twice."""
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
     W = nlanes(x)
     weighted = mode == SUM_WEIGHTED
-    for t in prange(N * nb):
-        n = t // nb
-        c0 = (t - n * nb) * cb
-        k = min(cb, C - c0)
+    for t in prange(N * nb * nch):
+        n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         pv = vfull(p, z)
         epsv = vfull(eps, z)
         real = veq(z, z)
         acc = np.zeros(k, out.dtype)
-        for l0 in range(0, L, ROWS):
-            l1 = min(l0 + ROWS, L)
+        for l0 in range(la, lb, ROWS):
+            l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
                 s = _lds(acc, j, r, W, z)
@@ -854,8 +884,23 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb):
                         v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
                         s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
                 _sts(acc, j, s, r, W)
+        if nch > 1:
+            for j in range(k):
+                part[n, ch, c0 + j] = acc[j]
+            continue
         for j in range(k):
             out[n, c0 + j] = _finish_sum(acc[j], den[n])
+        if mode == SUM_GEM:
+            _root_span(out, n * C + c0, n * C + c0 + k, 1.0 / p)
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                s = part[n, 0, c]
+                for ch in range(1, nch):
+                    s += part[n, ch, c]
+                out[n, c] = _finish_sum(s, den[n])
+            if mode == SUM_GEM:
+                _root_span(out, n * C, (n + 1) * C, 1.0 / p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -875,10 +920,11 @@ def _tie_bits(v, real, mv):
 
 
 @_helper
-def _finish_max(out, aux, n, c, C, mode, m, i, t, s, den):
+def _finish_max(out, aux, n, c, C, mode, m, i, t, s, den, need_aux):
     mv = m if t > 0 else 0.0
-    aux[n, c, 0] = i if t > 0 else -1
-    aux[n, c, 1] = t
+    if need_aux:
+        aux[n, c, 0] = i if t > 0 else -1
+        aux[n, c, 1] = t
     avg = np.float64(s) / den if den > 0.0 else 0.0
     if mode == MAX_ONLY:
         out[n, c] = mv
@@ -928,7 +974,7 @@ def _max_pass_b(x, xo, mask, mo, ms, c0, c1, W, z, cm):
 
 
 @_helper
-def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, s):
+def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, s, need_aux):
     n = row // C
     c = row - n * C
     if s != s:  # NaN (or inf - inf) in the sum: a real NaN, if any, is the max
@@ -937,16 +983,17 @@ def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first,
             m = np.nan
             ties = 1
             first = i
-    _finish_max(out, aux, n, c, C, mode, m, first, ties, s, den[n])
+    _finish_max(out, aux, n, c, C, mode, m, first, ties, s, den[n], need_aux)
 
 
 @_kernel
-def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask):
+def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux):
     """Two passes per chunk of a row (the chunk stays in L1): pass A takes lane maxima and sums;
     pass B, run only when the chunk's max reaches the running max, counts ties and finds the
     first arg-max. x leaves DRAM once and long rows mostly skip pass B. Rows of one chunk are
     software-pipelined: pass A of the next row runs before pass B of this one, hiding the
-    latency of the horizontal max."""
+    latency of the horizontal max. Without ``need_aux`` (no backward will follow) pass B is
+    skipped: the value needs only pass A and the count of real positions."""
     N, C, L = x.shape
     rows = N * C
     W = nlanes(x)
@@ -956,6 +1003,15 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask):
         ninf = vfull(-np.inf, z)
         r0 = t * rows // ntask
         r1 = (t + 1) * rows // ntask
+        if not need_aux:
+            for row in range(r0, r1):
+                n = row // C
+                cm, sv = _max_pass_a(x, row * L, mask, n * ms * L, ms, 0, L, W, z, ninf, z)
+                ties = 1 if den[n] > 0.0 else 0
+                _max_finish_row(
+                    x, mask, ms, mode, den, out, aux, row, C, L, cm, ties, -1, hsum(sv), False
+                )
+            continue
         if chunk >= L:
             cm_next, s_next = hmax(ninf), z
             if r0 < r1:
@@ -972,7 +1028,7 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask):
                 ties, first = _max_pass_b(x, row * L, mask, (row // C) * ms * L, ms, 0, L, W, z, cm)
                 m = cm if ties > 0 else -np.inf
                 _max_finish_row(
-                    x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv)
+                    x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv), True
                 )
             continue
         for row in range(r0, r1):
@@ -995,7 +1051,9 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask):
                         first = cf
                     else:
                         ties += ct
-            _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv))
+            _max_finish_row(
+                x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv), True
+            )
 
 
 @_helper
@@ -1021,17 +1079,17 @@ def hany(typingctx, m):
 
 
 @_kernel
-def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb):
+def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, pt):
     """Per vector of channels and block of ROWS positions: pass A takes the block's lane maxima
     and sums; pass B (the block is re-read from L1), only where a lane's block max reaches its
-    running max, counts ties and finds the first position."""
+    running max, counts ties and finds the first position (skipped without ``need_aux``). With
+    ``nch > 1`` chunks of L, tasks write (max, sum, first, ties) partials to ``pm, ps, pi, pt``
+    ``[n, chunk, c]`` and a second loop merges them in chunk order (as in :func:`fwd_sum_cl`)."""
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
     W = nlanes(x)
-    for t in prange(N * nb):
-        n = t // nb
-        c0 = (t - n * nb) * cb
-        k = min(cb, C - c0)
+    for t in prange(N * nb * nch):
+        n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
         izero = izero_of(z)
@@ -1041,8 +1099,8 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb):
         sm = np.zeros(k, out.dtype)
         ix = np.full(k, -1, np.int32)
         tc = np.zeros(k, np.int32)
-        for l0 in range(0, L, ROWS):
-            l1 = min(l0 + ROWS, L)
+        for l0 in range(la, lb, ROWS):
+            l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
                 m = _lds(mx, j, r, W, z)
@@ -1056,7 +1114,9 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb):
                 _sts(sm, j, bs, r, W)
                 gt = vgt(bm, m)
                 eq = veq(bm, m)
-                if hany(mor(gt, eq)):
+                if not need_aux:
+                    _sts(mx, j, vsel(gt, bm, m), r, W)
+                elif hany(mor(gt, eq)):
                     c = _lds(tc, j, r, W, z)
                     bt = izero
                     bi = never
@@ -1073,11 +1133,33 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb):
                     _sts(mx, j, vsel(gt, bm, m), r, W)
         for j in range(k):
             m, i, ties, s = mx[j], ix[j], tc[j], sm[j]
+            if not need_aux:
+                ties = 1 if den[n] > 0.0 else 0
+            if nch > 1:
+                pm[n, ch, c0 + j], ps[n, ch, c0 + j] = m, s
+                pi[n, ch, c0 + j], pt[n, ch, c0 + j] = i, ties
+                continue
             if s != s:  # a real NaN, if any, is the max
                 nan_at = _first_nan_cl(x, n, c0 + j, mask, n * ms, L)
                 if nan_at >= 0:
                     m, i, ties = np.nan, nan_at, 1
-            _finish_max(out, aux, n, c0 + j, C, mode, m, i, ties, s, den[n])
+            _finish_max(out, aux, n, c0 + j, C, mode, m, i, ties, s, den[n], need_aux)
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                m, i, ties, s = pm[n, 0, c], pi[n, 0, c], pt[n, 0, c], ps[n, 0, c]
+                for ch in range(1, nch):
+                    s += ps[n, ch, c]
+                    if pt[n, ch, c] > 0:
+                        if ties == 0 or pm[n, ch, c] > m:
+                            m, i, ties = pm[n, ch, c], pi[n, ch, c], pt[n, ch, c]
+                        elif pm[n, ch, c] == m:
+                            ties += pt[n, ch, c]
+                if s != s:
+                    nan_at = _first_nan_cl(x, n, c, mask, n * ms, L)
+                    if nan_at >= 0:
+                        m, i, ties = np.nan, nan_at, 1
+                _finish_max(out, aux, n, c, C, mode, m, i, ties, s, den[n], need_aux)
 
 
 @_helper
@@ -1167,16 +1249,15 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
 
 
 @_kernel
-def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb):
+def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb, nch, pm, ps):
     """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
-    are rescaled, pass B adds 2**(rl * x - max) (the block is re-read from L1)."""
+    are rescaled, pass B adds 2**(rl * x - max) (the block is re-read from L1). With ``nch > 1``
+    chunks of L, (max, sum) partials go to ``pm, ps[n, chunk, c]`` and are merged after."""
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
     W = nlanes(x)
-    for t in prange(N * nb):
-        n = t // nb
-        c0 = (t - n * nb) * cb
-        k = min(cb, C - c0)
+    for t in prange(N * nb * nch):
+        n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         one = vfull(1.0, z)
         ninf = vfull(-np.inf, z)
@@ -1184,8 +1265,8 @@ def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb):
         real = veq(z, z)
         mx = np.full(k, -np.inf, top_out.dtype)
         sx = np.zeros(k, top_out.dtype)
-        for l0 in range(0, L, ROWS):
-            l1 = min(l0 + ROWS, L)
+        for l0 in range(la, lb, ROWS):
+            l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
                 m = _lds(mx, j, r, W, z)
@@ -1203,9 +1284,29 @@ def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb):
                         )
                 _sts(mx, j, nm, r, W)
                 _sts(sx, j, s, r, W)
+        if nch > 1:
+            for j in range(k):
+                pm[n, ch, c0 + j], ps[n, ch, c0 + j] = mx[j], sx[j]
+            continue
         for j in range(k):
             top_out[n, c0 + j] = mx[j] * rl
             sum_out[n, c0 + j] = sx[j]
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                top = pm[n, 0, c]
+                for ch in range(1, nch):
+                    top = max(top, pm[n, ch, c])
+                total = like(0.0, top)
+                for ch in range(nch):
+                    if pm[n, ch, c] == top:
+                        total += ps[n, ch, c]
+                    elif pm[n, ch, c] != -np.inf:
+                        total += ps[n, ch, c] * sexp2(rl * (pm[n, ch, c] - top))
+                    else:
+                        total += ps[n, ch, c]  # 0, or NaN carried on
+                top_out[n, c] = top * rl
+                sum_out[n, c] = total
 
 
 # --------------------------------------------------------------------------------------------
