@@ -199,3 +199,20 @@ def test_gem_large_p_on_dead_channel_stays_finite(backend):
     expected = reference_forward(x, "gem", "channels_first", None, p=12.0)
     assert_close(y, expected, torch.float32, "gem p=12")
     assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad)
+
+
+def test_auto_backend_choice():
+    """auto: fused for large inputs, except an unmasked CPU avg that needs no gradient (x.mean
+    is as fast); torch for small inputs."""
+    from globalpool.functional import _choose_backend
+
+    big = torch.randn(2, 64, 32, 32)
+    mask = torch.ones(2, 32, 32, dtype=torch.bool)
+    assert _choose_backend("auto", big, "avg", None, {}) == "torch"
+    assert _choose_backend("auto", big, "avg", mask, {}) == "fused"
+    assert _choose_backend("auto", big, "max", None, {}) == "fused"
+    assert _choose_backend("auto", big.requires_grad_(), "avg", None, {}) == "fused"
+    with torch.no_grad():
+        assert _choose_backend("auto", big, "avg", None, {}) == "torch"
+    assert _choose_backend("auto", torch.randn(2, 4, 8, 8), "gem", None, {}) == "torch"
+    assert _choose_backend("fused", torch.randn(2, 4, 8, 8), "avg", None, {}) == "fused"

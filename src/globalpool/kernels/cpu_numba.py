@@ -124,10 +124,11 @@ def _full_counts(n: int, length: int) -> np.ndarray:
     return np.full(n, float(length))  # shared: callers derive new arrays from it, never write it
 
 
-@functools.lru_cache(maxsize=8)
-def _no_weights(dtype: np.dtype) -> np.ndarray:
-    """A stand-in for the weights of unweighted kinds, of the type real weights would have."""
-    return np.zeros((1, 1), dtype=dtype)
+# stand-ins for the weights of unweighted kinds, of the type real weights would have
+_NO_WEIGHTS = {
+    np.dtype(t).char: np.zeros((1, 1), dtype=t)
+    for t in (np.uint16, np.int16, np.float32, np.float64)
+}
 
 
 def _inverse(v: np.ndarray) -> np.ndarray:
@@ -215,12 +216,12 @@ def forward(
     r: float = 1.0,
     weights: torch.Tensor | None = None,
     need_aux: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool ``x`` over L in one read; returns ``(out, aux)``.
 
     ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
     ``(N, C, 2)`` = (first arg-max along L, tie count) for the max kinds, else ``torch.empty(0)``.
-    ``need_aux=False`` (no backward will follow) skips the arg-max and tie count: aux is empty.
+    ``need_aux=False`` (no backward will follow) skips the arg-max and tie count: aux is None.
 
     >>> import torch
     >>> forward(torch.tensor([[[1.0, 2.0], [5.0, 5.0]]]), False, "avg", None)[0]
@@ -230,10 +231,10 @@ def forward(
     n, length, c = xa.shape if channels_last else (xa.shape[0], xa.shape[2], xa.shape[1])
     width = 2 * c if kind == "catavgmax" else c
     out = np.empty((n, width), dtype=np.float64 if xa.dtype == np.float64 else np.float32)
-    need_aux = need_aux and kind in MAX_KINDS
-    aux = np.empty((n, c, 2) if need_aux else (1, 1, 2), dtype=np.int32)
+    table = need_aux and kind in MAX_KINDS
+    aux = np.empty((n, c, 2), dtype=np.int32) if table else _NO_TABLE
     if n * c > 0 and length > 0:
-        args = (xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_aux)
+        args = (xa, channels_last, kind, mask, p, eps, r, weights, out, aux, table)
         if xa.size < _SERIAL_BELOW:
             with _one_thread():
                 _forward(*args)
@@ -241,21 +242,36 @@ def forward(
             _forward(*args)
     else:
         out[...] = 0
-        aux[..., 0], aux[..., 1] = -1, 0
+        if table:
+            aux[..., 0], aux[..., 1] = -1, 0
     out_t = torch.from_numpy(out) if xa.dtype.kind == "f" else _to_torch(out, x.dtype)
-    return out_t, (torch.from_numpy(aux) if need_aux else torch.empty(0))
+    if table:
+        return out_t, torch.from_numpy(aux)
+    return out_t, (torch.empty(0) if need_aux else None)
+
+
+_NO_TABLE = np.empty((1, 1, 2), dtype=np.int32)  # stands in for aux; never written
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(n: int, c: int, length: int, channels_last: bool) -> tuple:
+    """Per-shape constants: the all-real mask row, the real counts and the work split."""
+    if channels_last:
+        split, nch = _cl_split(n, c, length, _MAX_THREADS)
+    else:
+        split, nch = _row_tasks(n * c, _MAX_THREADS), 1
+    return _all_real(length), _full_counts(n, length), split, nch
 
 
 def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_aux) -> None:
     n, length, c = xa.shape if channels_last else (xa.shape[0], xa.shape[2], xa.shape[1])
     acc = out.dtype.type
-    m, ms = _mask_rows(mask, length)
-    den = _counts(m, ms, n, length)
-    if channels_last:
-        split, nch = _cl_split(n, c, length, _MAX_THREADS)
-        part = (n, nch, c) if nch > 1 else (1, 1, 1)  # partials per chunk of L, or unused
-    else:
-        split = _row_tasks(n * c, _MAX_THREADS)
+    m, den, split, nch = _plan(n, c, length, channels_last)
+    ms = 0
+    if mask is not None:
+        m, ms = mask.contiguous().numpy(), 1
+        den = m.sum(1, dtype=np.float64)
+    part = (n, nch, c) if nch > 1 else (1, 1, 1)  # channels-last partials per chunk of L
     if kind in MAX_KINDS:
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
@@ -282,7 +298,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
         wa, ws = _np(weights.contiguous()), 1
         den = _weight_sums(wa, m, ms)
     else:
-        wa, ws = _no_weights(xa.dtype), 0
+        wa, ws = _NO_WEIGHTS[xa.dtype.char], 0
     ip = _p_int(p) if kind == "gem" else 0
     args = (xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
     if channels_last:
