@@ -358,10 +358,10 @@ def test_huge_page_buffers_are_ordinary_tensors():
     """The huge-page hint changes nothing visible: shape, dtype, writability, results."""
     from globalpool.kernels import huge_pages
 
-    g = huge_pages.empty_huge((3, 1 << 20), torch.float32)  # 12 MiB: the hint is given
-    assert g.shape == (3, 1 << 20) and g.dtype == torch.float32 and g.is_contiguous()
+    g = huge_pages.empty_huge((9, 1 << 20), torch.float32)  # 36 MiB: the hint is given
+    assert g.shape == (9, 1 << 20) and g.dtype == torch.float32 and g.is_contiguous()
     g.fill_(2.0)
-    assert float(g.sum()) == 6 * (1 << 20)
-    x = torch.randn(4, 64, 128, 128, requires_grad=True)  # a 16 MiB gradient
+    assert float(g.sum()) == 18 * (1 << 20)
+    x = torch.randn(4, 64, 192, 192, requires_grad=True)  # a 36 MiB gradient
     kernels.fused_pool(x, "avg").sum().backward()
-    assert torch.all(x.grad == 1 / (128 * 128))
+    assert torch.all(x.grad == 1 / (192 * 192))

@@ -29,7 +29,10 @@ import torch
 __all__ = ["empty_huge"]
 
 HUGE_PAGE = 2 << 20
-MIN_BYTES = 8 << 20  # smaller buffers are often recycled from the heap, already mapped
+# glibc serves allocations above 32 MiB (its largest mmap threshold) from fresh mappings; smaller
+# ones may be recycled heap memory, already mapped, where the hint would only set khugepaged to
+# collapse pages in the background (measured: CPU and bandwidth taken from the next calls)
+MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
 
 
