@@ -268,8 +268,8 @@ def test_fake_shapes():
 
 
 def test_saved_tensors():
-    """avg saves nothing; gem saves only x, the output and p; max its arg-max table, plus x only
-    when a maximum is tied (the backward then re-reads x)."""
+    """avg saves nothing; gem saves only x, the output and p; max its arg-max table, plus the
+    values and indices of the rows whose maximum is tied (the backward needs x nowhere else)."""
 
     def saved(kind, x=None, **params):
         x = torch.randn(4, 8, 6, 6) if x is None else x
@@ -292,7 +292,7 @@ def test_saved_tensors():
     tied = torch.randn(4, 8, 6, 6)
     tied[0, 0, :, :2] = 100.0
     total, xb, outb = saved("max", tied)
-    assert total == xb + 2 * outb
+    assert total == 2 * outb + 36 * 4 + 8  # + one tied row of 6 x 6 floats and its int64 index
     x = tied.detach().clone().requires_grad_()
     kernels.fused_pool(x, "max").sum().backward()
     assert torch.allclose(x.grad[0, 0, :, :2], torch.full((6, 2), 1 / 12))
@@ -365,3 +365,13 @@ def test_huge_page_buffers_are_ordinary_tensors():
     x = torch.randn(4, 64, 192, 192, requires_grad=True)  # a 36 MiB gradient
     kernels.fused_pool(x, "avg").sum().backward()
     assert torch.all(x.grad == 1 / (192 * 192))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("kind", ("max", "avgmax", "catavgmax"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_tied_maxima(layout, kind, dtype):
+    """Rounded inputs tie often: the backward rebuilds tied rows from the saved rows alone."""
+    x = (make_input(3, 6, (5, 4), layout, torch.float64, seed=21) * 2).round().to(dtype)
+    mask = make_mask(3, (5, 4), "random", seed=21)
+    _check(x, kind, layout, mask, {})

@@ -326,12 +326,15 @@ def backward(
     *,
     need_p: bool = True,
     need_weights: bool = True,
+    tied: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients w.r.t. x (one write), p (gem) and weights (attention).
 
     ``x`` is read only by gem, lse, attention and rows whose maximum is tied: for avg (and the
     max kinds without ties) it may be a placeholder of the right shape and dtype (e.g. an
-    expanded scalar), and ``out`` is only used by gem, lse and attention.
+    expanded scalar), and ``out`` is only used by gem, lse and attention. For the max kinds,
+    ``tied = (rows, x_rows)`` (see :func:`tied_rows`) may stand in for x: the flat indices
+    ``n * C + c`` of the rows whose maximum is tied and their values, ``(T, L)``.
     Returns ``(grad_x, grad_p, grad_weights)``: grad_p a 0-dim tensor for gem (else None), float32
     (float64 for float64 x, so that a float64 GeM exponent keeps its precision),
     grad_weights ``(N, L)`` in weights' dtype for attention (else None).
@@ -367,7 +370,7 @@ def backward(
                 grad_p = torch.tensor(_gem_grad_p(g, den, p, parts), dtype=p_dtype)
             return gx, grad_p, grad_w
         gw = _backward_linear(
-            g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights
+            g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, tied
         )
     if gw is not None:
         grad_w = _to_torch(gw, weights.dtype)
@@ -375,9 +378,12 @@ def backward(
 
 
 def _backward_linear(
-    g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights
+    g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, saved=None
 ):
-    """avg, attention and the max scatter: grad = A[n, c] B[n, l] + G[n, c] [l = arg-max]."""
+    """avg, attention and the max scatter: grad = A[n, c] B[n, l] + G[n, c] [l = arg-max].
+
+    With ``saved`` tied rows given instead of x, the kernel scatters those rows as if untied and
+    :func:`_rewrite_tied` then writes them again from their saved values."""
     n, c, length = _dims(x, channels_last)
     acc = _acc(x)
     zeros = np.zeros((n, c), dtype=acc)
@@ -392,6 +398,8 @@ def _backward_linear(
         aux_a = aux.numpy()
         idx = np.ascontiguousarray(aux_a[..., 0])
         ties = np.ascontiguousarray(aux_a[..., 1])
+        if saved is not None:
+            ties = np.minimum(ties, 1)  # x is not here: the kernel must not read it
     else:
         idx = np.full((n, c), -1, dtype=np.int32)
         ties = np.zeros((n, c), dtype=np.int32)
@@ -427,7 +435,51 @@ def _backward_linear(
         K.bwd_lin_cf(
             xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, y_rows, d_rows, need_w, nch
         )
+    if saved is not None and len(saved[0]):
+        _rewrite_tied(gxa, channels_last, saved, a_coef, g_max, m, ms)
     return d_rows if need_w else None  # 0 at padded positions already
+
+
+def tied_rows(x: torch.Tensor, aux: torch.Tensor, channels_last: bool):
+    """``(rows, x_rows)`` for the rows of a max-kind forward whose maximum is tied: the flat
+    indices ``n * C + c`` (int64) and those rows' values along L, ``(T, L)`` — all that the
+    backward needs of x, usually far less than x itself.
+
+    >>> import torch
+    >>> x = torch.tensor([[[1.0, 3.0, 3.0], [0.0, 2.0, 1.0]]])
+    >>> rows, vals = tied_rows(x, forward(x, False, "max", None)[1], False)
+    >>> rows, vals
+    (tensor([0]), tensor([[1., 3., 3.]]))
+    """
+    rows = (aux[..., 1] > 1).flatten().nonzero().squeeze(1)
+    c = aux.shape[1]
+    n_idx, c_idx = rows // c, rows % c
+    vals = x[n_idx, :, c_idx] if channels_last else x[n_idx, c_idx, :]
+    return rows, vals
+
+
+def _rewrite_tied(gxa, channels_last, tied, a_coef, g_max, m, ms):
+    """Tied rows: grad = A (at real positions) + G / T at every real position equal to the max."""
+    rows, x_rows = tied
+    rows = rows.numpy()
+    c = a_coef.shape[1]
+    n_idx, c_idx = rows // c, rows % c
+    xr = _np_float(x_rows, np.float64)
+    real = m[n_idx * ms].astype(bool)
+    top = np.where(real, xr, -np.inf).max(1, keepdims=True)
+    hit = real & (xr == top)
+    share = g_max[n_idx, c_idx].astype(np.float64) / hit.sum(1)
+    grad = np.where(real, a_coef[n_idx, c_idx].astype(np.float64)[:, None], 0.0)
+    grad = grad + np.where(hit, share[:, None], 0.0)
+    acc = np.float64 if gxa.dtype == np.float64 else np.float32
+    raw = _np(_to_torch(grad.astype(acc), _TORCH_OF[gxa.dtype.char]))
+    if channels_last:
+        gxa[n_idx, :, c_idx] = raw
+    else:
+        gxa[n_idx, c_idx, :] = raw
+
+
+_TORCH_OF = {"H": torch.float16, "h": torch.bfloat16, "f": torch.float32, "d": torch.float64}
 
 
 def _placeholder(x: torch.Tensor) -> torch.Tensor:

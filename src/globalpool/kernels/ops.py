@@ -12,10 +12,10 @@ The op implementations dispatch on the device: CPU tensors run the numba kernels
 (:mod:`globalpool.kernels.cpu_numba`), CUDA tensors the Triton kernels
 (:mod:`globalpool.kernels.cuda_triton`, imported on first use only).
 
-Saved for backward (nothing else): avg -> mask; max kinds -> x, aux, mask (eager CPU calls drop x
-when no maximum is tied: the scatter then needs only the arg-max table); gem -> x, out, p, mask;
-lse -> x, out, mask; attention -> x, out, mask, weights. ``p`` is a 0-dim tensor so that a
-learnable GeM exponent receives its gradient.
+Saved for backward (nothing else): avg -> mask; max kinds -> x, aux, mask (eager CPU calls keep,
+instead of x, only the rows whose maximum is tied: the scatter needs x nowhere else); gem -> x,
+out, p, mask; lse -> x, out, mask; attention -> x, out, mask, weights. ``p`` is a 0-dim tensor so
+that a learnable GeM exponent receives its gradient.
 
 >>> import torch
 >>> from globalpool.kernels import ops
@@ -187,8 +187,11 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
     p_is_tensor = isinstance(p, Tensor)
     ctx.p_value = None if p_is_tensor else float(p)
     keep_x = kind != "avg"
-    if eager and kind in MAX_KINDS and x.device.type == "cpu" and not bool((aux[..., 1] > 1).any()):
-        keep_x = False  # the max backward reads x only at tied maxima, and there are none
+    rows = x_rows = None
+    if eager and kind in MAX_KINDS and x.device.type == "cpu":
+        # the max scatter reads x only at tied maxima: keep just those rows (usually none)
+        keep_x = False
+        rows, x_rows = _cpu().tied_rows(x, aux, channels_last)
     ctx.save_for_backward(
         x if keep_x else None,
         out if kind in ("gem", "lse", "attention") else None,
@@ -196,12 +199,14 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
         mask,
         p if kind == "gem" and p_is_tensor else None,
         weights if kind == "attention" else None,
+        rows,
+        x_rows,
     )
 
 
 def _backward_args(ctx, grad_out: Tensor) -> tuple:
     """The backward kernel's arguments, recovered from what :func:`_setup_context` saved."""
-    x, out, aux, mask, p, weights = ctx.saved_tensors
+    x, out, aux, mask, p, weights = ctx.saved_tensors[:6]
     kind = ctx.kind
     if x is None:  # avg, untied max: x's data is never read, a zero-stride stand-in has its shape
         shape, dtype = ctx.x_meta
@@ -251,7 +256,15 @@ class _EagerPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_aux):
         args = _backward_args(ctx, grad_out)
-        return _input_grads(args, *_backward_impl(*args))
+        rows, x_rows = ctx.saved_tensors[6:]
+        if rows is None:
+            return _input_grads(args, *_backward_impl(*args))
+        need_p, need_w = args[11], args[12]
+        gx, _, _ = _cpu().backward(
+            *args[:7], need_p=need_p, need_weights=need_w, tied=(rows, x_rows)
+        )
+        gp = torch.zeros((), dtype=_grad_p_dtype(gx))
+        return _input_grads(args, gx, gp, gx.new_empty((0,)))
 
 
 def eager_pool(
