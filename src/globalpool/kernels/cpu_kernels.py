@@ -856,6 +856,29 @@ def _cl_task(t, nb, nch, cb, C, L):
     return n, c0, min(cb, C - c0), ch, ch * L // nch, (ch + 1) * L // nch
 
 
+@_helper
+def _plain_cl_sum(x, mask, ms, w, ws, mode, ip, eps, n, c0, k, la, lb, acc):
+    """acc[j] += contribution of x[n, pos, c0 + j] for the real pos in [la, lb), positions in
+    memory order and channels innermost: plain loops that LLVM vectorises, a single forward
+    stream (measured 0.81 -> 1.08 of x.sum() on (8, 224, 224, 64) against the blocked loop)."""
+    xf = x.reshape(x.size)
+    L, C = x.shape[1], x.shape[2]
+    for pos in range(la, lb):
+        if mask[n * ms, pos]:
+            b = U((n * L + pos) * C + c0)
+            if mode == SUM_AVG:
+                for j in range(U(k)):
+                    acc[j] += widen(xf[b + j])
+            elif mode == SUM_WEIGHTED:
+                wv = widen(w[n * ws, pos])
+                for j in range(U(k)):
+                    acc[j] += widen(xf[b + j]) * wv
+            else:  # gem, integer p; NaN is not < eps and stays NaN
+                for j in range(U(k)):
+                    v = widen(xf[b + j])
+                    acc[j] += _ipow(eps if v < eps else v, ip)
+
+
 @_kernel
 def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
     """Tasks are (sample, block of cb channels, chunk of L). With ``nch > 1`` chunks (too few
@@ -873,17 +896,20 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
         epsv = vfull(eps, z)
         real = veq(z, z)
         acc = np.zeros(k, out.dtype)
-        for l0 in range(la, lb, ROWS):
-            l1 = min(l0 + ROWS, lb)
-            for j in range(0, k, W):
-                r = min(W, k - j)
-                s = _lds(acc, j, r, W, z)
-                for pos in range(l0, l1):
-                    if mask[n * ms, pos]:
-                        wv = vfull(widen(w[n * ws, pos]), z) if weighted else z
-                        v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
-                        s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
-                _sts(acc, j, s, r, W)
+        if mode != SUM_GEM or ip > 0:
+            _plain_cl_sum(x, mask, ms, w, ws, mode, ip, eps, n, c0, k, la, lb, acc)
+        else:
+            for l0 in range(la, lb, ROWS):
+                l1 = min(l0 + ROWS, lb)
+                for j in range(0, k, W):
+                    r = min(W, k - j)
+                    s = _lds(acc, j, r, W, z)
+                    for pos in range(l0, l1):
+                        if mask[n * ms, pos]:
+                            wv = vfull(widen(w[n * ws, pos]), z) if weighted else z
+                            v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
+                            s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
+                    _sts(acc, j, s, r, W)
         if nch > 1:
             for j in range(k):
                 part[n, ch, c0 + j] = acc[j]
@@ -1078,11 +1104,27 @@ def hany(typingctx, m):
     return types.boolean(m), codegen
 
 
+@_helper
+def _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm):
+    """Value-only channels-last max and sum (no arg-max), as plain loops in memory order (see
+    :func:`_plain_cl_sum`); NaN never wins the max here, the sums carry it."""
+    xf = x.reshape(x.size)
+    L, C = x.shape[1], x.shape[2]
+    for pos in range(la, lb):
+        if mask[n * ms, pos]:
+            b = U((n * L + pos) * C + c0)
+            for j in range(U(k)):
+                v = widen(xf[b + j])
+                mx[j] = v if v > mx[j] else mx[j]
+                sm[j] += v
+
+
 @_kernel
 def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, pt):
     """Per vector of channels and block of ROWS positions: pass A takes the block's lane maxima
     and sums; pass B (the block is re-read from L1), only where a lane's block max reaches its
-    running max, counts ties and finds the first position (skipped without ``need_aux``). With
+    running max, counts ties and finds the first position. Without ``need_aux`` a plain
+    value-only loop (:func:`_plain_cl_max`) runs instead. With
     ``nch > 1`` chunks of L, tasks write (max, sum, first, ties) partials to ``pm, ps, pi, pt``
     ``[n, chunk, c]`` and a second loop merges them in chunk order (as in :func:`fwd_sum_cl`)."""
     N, L, C = x.shape
@@ -1099,7 +1141,9 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
         sm = np.zeros(k, out.dtype)
         ix = np.full(k, -1, np.int32)
         tc = np.zeros(k, np.int32)
-        for l0 in range(la, lb, ROWS):
+        if not need_aux:
+            _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm)
+        for l0 in range(la, lb if need_aux else la, ROWS):  # with the arg-max table
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
@@ -1114,9 +1158,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
                 _sts(sm, j, bs, r, W)
                 gt = vgt(bm, m)
                 eq = veq(bm, m)
-                if not need_aux:
-                    _sts(mx, j, vsel(gt, bm, m), r, W)
-                elif hany(mor(gt, eq)):
+                if hany(mor(gt, eq)):
                     c = _lds(tc, j, r, W, z)
                     bt = izero
                     bi = never
