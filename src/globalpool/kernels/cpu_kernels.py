@@ -1105,18 +1105,24 @@ def hany(typingctx, m):
 
 
 @_helper
-def _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm):
-    """Value-only channels-last max and sum (no arg-max), as plain loops in memory order (see
-    :func:`_plain_cl_sum`); NaN never wins the max here, the sums carry it."""
+def _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm, with_sum):
+    """Value-only channels-last max (no arg-max), as plain loops in memory order (see
+    :func:`_plain_cl_sum`). With the sum (avgmax, catavgmax) NaN never wins the max and the sums
+    carry it; without (max), the max itself propagates NaN, one array update per element."""
     xf = x.reshape(x.size)
     L, C = x.shape[1], x.shape[2]
     for pos in range(la, lb):
         if mask[n * ms, pos]:
             b = U((n * L + pos) * C + c0)
-            for j in range(U(k)):
-                v = widen(xf[b + j])
-                mx[j] = v if v > mx[j] else mx[j]
-                sm[j] += v
+            if with_sum:
+                for j in range(U(k)):
+                    v = widen(xf[b + j])
+                    mx[j] = v if v > mx[j] else mx[j]
+                    sm[j] += v
+            else:
+                for j in range(U(k)):
+                    v = widen(xf[b + j])
+                    mx[j] = v if (v > mx[j]) | (v != v) else mx[j]
 
 
 @_kernel
@@ -1142,7 +1148,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
         ix = np.full(k, -1, np.int32)
         tc = np.zeros(k, np.int32)
         if not need_aux:
-            _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm)
+            _plain_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm, mode != MAX_ONLY)
         for l0 in range(la, lb if need_aux else la, ROWS):  # with the arg-max table
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
@@ -1192,6 +1198,11 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
                 m, i, ties, s = pm[n, 0, c], pi[n, 0, c], pt[n, 0, c], ps[n, 0, c]
                 for ch in range(1, nch):
                     s += ps[n, ch, c]
+                    if pm[n, ch, c] != pm[n, ch, c]:  # a chunk's NaN max (value-only max)
+                        m = pm[n, ch, c]
+                        continue
+                    if m != m:
+                        continue
                     if pt[n, ch, c] > 0:
                         if ties == 0 or pm[n, ch, c] > m:
                             m, i, ties = pm[n, ch, c], pi[n, ch, c], pt[n, ch, c]
