@@ -48,7 +48,7 @@ _TASKS_PER_THREAD = 4
 _MIN_CHUNK = 256  # positions per chunk of L when the channels-last forward splits L
 _MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
 _SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread (no pool wake-up)
-# forward tasks are split for the pool's full size (looking the current size up costs more than
+# tasks are split for the pool's full size (looking the current size up costs more than
 # the few spare tasks it saves when fewer threads are active)
 _MAX_THREADS = max(1, numba.config.NUMBA_NUM_THREADS)
 
@@ -124,6 +124,10 @@ def _full_counts(n: int, length: int) -> np.ndarray:
     return np.full(n, float(length))  # shared: callers derive new arrays from it, never write it
 
 
+# NumPy type codes of the arrays :func:`_np` makes, per torch dtype, and back
+_CHAR_OF = {torch.float16: "H", torch.bfloat16: "h", torch.float32: "f", torch.float64: "d"}
+_TORCH_OF = {c: t for t, c in _CHAR_OF.items()}
+
 # stand-ins for the weights of unweighted kinds, of the type real weights would have
 _NO_WEIGHTS = {
     np.dtype(t).char: np.zeros((1, 1), dtype=t)
@@ -161,10 +165,6 @@ def _parallelism(numel: int) -> Iterator[None]:
         yield
 
 
-def _threads() -> int:
-    return max(1, numba.get_num_threads())
-
-
 @functools.lru_cache(maxsize=256)
 def _row_tasks(rows: int, threads: int) -> int:
     return max(1, min(rows, _TASKS_PER_THREAD * threads))
@@ -186,7 +186,7 @@ def _cl_split(n: int, c: int, length: int, threads: int) -> tuple[int, int]:
 
 def _l_chunks(n: int, length: int) -> int:
     """Chunks of L per sample so that ``n * chunks`` tasks keep every core busy."""
-    want = _TASKS_PER_THREAD * _threads()
+    want = _TASKS_PER_THREAD * _MAX_THREADS
     if n >= want:
         return 1
     return max(1, min(math.ceil(want / max(n, 1)), length // 64 or 1))
@@ -404,7 +404,7 @@ def _backward_linear(
         idx = np.full((n, c), -1, dtype=np.int32)
         ties = np.zeros((n, c), dtype=np.int32)
     need_w = kind == "attention" and need_weights
-    wa, ws = _np(torch.zeros((1, 1), dtype=x.dtype)), 0  # same array type as real weights
+    wa, ws = _NO_WEIGHTS[_CHAR_OF[x.dtype]], 0
     if kind == "attention":
         wa, ws = _np(weights.contiguous()), 1
         a_coef = (g * _inverse(_weight_sums(wa, m, ms))[:, None]).astype(acc)
@@ -478,8 +478,6 @@ def _rewrite_tied(gxa, channels_last, tied, a_coef, g_max, m, ms):
     else:
         gxa[n_idx, c_idx, :] = raw
 
-
-_TORCH_OF = {"H": torch.float16, "h": torch.bfloat16, "f": torch.float32, "d": torch.float64}
 
 
 def _placeholder(x: torch.Tensor) -> torch.Tensor:

@@ -133,14 +133,16 @@ def pool_backward(
 
 
 def _backward_impl(
-    grad_out, x, out, aux, channels_last, kind, mask, p, eps, r, weights, need_p, need_weights
+    grad_out, x, out, aux, channels_last, kind, mask, p, eps, r, weights, need_p, need_weights,
+    tied=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``tied``: the max kinds' saved tied rows standing in for x (eager CPU calls only)."""
     backend = backend_for(x)
     if x.device.type == "cuda" and not x.is_contiguous():  # avg placeholder: never read
         x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kwargs = {}
     if x.device.type == "cpu":
-        kwargs = dict(need_p=need_p, need_weights=need_weights)
+        kwargs = dict(need_p=need_p, need_weights=need_weights, tied=tied)
     gx, gp, gw = backend.backward(
         grad_out,
         x,
@@ -191,7 +193,7 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
     if eager and kind in MAX_KINDS and x.device.type == "cpu":
         # the max scatter reads x only at tied maxima: keep just those rows (usually none)
         keep_x = False
-        rows, x_rows = _cpu().tied_rows(x, aux, channels_last)
+        rows, x_rows = backend_for(x).tied_rows(x, aux, channels_last)
     ctx.save_for_backward(
         x if keep_x else None,
         out if kind in ("gem", "lse", "attention") else None,
@@ -257,14 +259,8 @@ class _EagerPool(torch.autograd.Function):
     def backward(ctx, grad_out, grad_aux):
         args = _backward_args(ctx, grad_out)
         rows, x_rows = ctx.saved_tensors[6:]
-        if rows is None:
-            return _input_grads(args, *_backward_impl(*args))
-        need_p, need_w = args[11], args[12]
-        gx, _, _ = _cpu().backward(
-            *args[:7], need_p=need_p, need_weights=need_w, tied=(rows, x_rows)
-        )
-        gp = torch.zeros((), dtype=_grad_p_dtype(gx))
-        return _input_grads(args, gx, gp, gx.new_empty((0,)))
+        tied = None if rows is None else (rows, x_rows)
+        return _input_grads(args, *_backward_impl(*args, tied=tied))
 
 
 def eager_pool(
@@ -294,11 +290,6 @@ def eager_pool(
     ):
         return _EagerPool.apply(x, channels_last, kind, mask, p, eps, r, weights)[0]
     if x.device.type == "cpu":  # no backward will follow: skip the max kinds' arg-max table
-        return _cpu().forward(x, channels_last, kind, mask, float(p), eps, r, weights, False)[0]
+        backend = backend_for(x)
+        return backend.forward(x, channels_last, kind, mask, float(p), eps, r, weights, False)[0]
     return _forward_impl(x, channels_last, kind, mask, p, eps, r, weights)[0]
-
-
-def _cpu() -> ModuleType:
-    from globalpool.kernels import cpu_numba
-
-    return cpu_numba
