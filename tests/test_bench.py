@@ -9,6 +9,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from globalpool.bench.cache import cache_flusher
 from globalpool.bench.check import ReferenceCache, check_method
 from globalpool.bench.command import bench, bench_memory
 from globalpool.bench.memory import saved_bytes
@@ -123,6 +124,40 @@ def test_backward_timing_does_not_accumulate_grad():
     assert f.repeats == 3  # cut to the minimum by the budget
 
 
+def test_cold_cache_flushes_before_every_timed_sample():
+    log: list[str] = []
+    ref = {"ref": lambda: log.append("ref")}
+    time_forward(
+        lambda: log.append("fn"),
+        device="cpu",
+        repeats=4,
+        flush=lambda: log.append("F"),
+        references=ref,
+    )
+    # every call (warm-up and estimates included) is preceded by a flush
+    assert all(log[i - 1] == "F" for i, v in enumerate(log) if v != "F"), log
+    assert log.count("fn") >= 4 and log.count("ref") >= 4
+    log.clear()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    time_backward(
+        lambda: (log.append("fwd"), x.mean(2))[1],
+        [x],
+        torch.ones(2, 3),
+        device="cpu",
+        repeats=3,
+        flush=lambda: log.append("F"),
+    )
+    # the flush comes after the untimed forward, right before the timed backward
+    assert log[:2] == ["fwd", "F"] and log.count("F") == log.count("fwd")
+
+
+def test_cache_modes():
+    assert cache_flusher("cpu", "warm") is None
+    cache_flusher("cpu", "cold")()
+    with pytest.raises(ValueError, match="cache must be one of"):
+        cache_flusher("cpu", "lukewarm")
+
+
 def test_saved_bytes_counts_unique_storages():
     x = torch.randn(4, 8, 6, 6)
     n = x.numel() * 4
@@ -187,4 +222,6 @@ def test_cli_registration_and_bad_arguments(tmp_path):
     assert (tmp_path / "bench.json").exists()
     bad = runner.invoke(app, ["bench", "--shapes", "2x4", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "shapes must be" in bad.output
+    bad = runner.invoke(app, ["bench", "--cache", "lukewarm", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "cache must be one of" in bad.output
     assert parse_shapes("tokens")[0].dims == (32, 768, 196)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from globalpool.bench.cache import CACHE_MODES
 from globalpool.bench.memory import MEMORY_SHAPE, run_memory, write_memory_report
 from globalpool.bench.methods import default_methods
 from globalpool.bench.report import machine_info, write_report
@@ -113,6 +114,13 @@ def bench(
     memory: Annotated[
         bool, typer.Option("--memory", help="Also run the saved-for-backward memory benchmark.")
     ] = False,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="cold: flush the caches before every timed sample (method and ceiling alike); "
+            "warm: leave them as the previous sample left them."
+        ),
+    ] = "cold",
     threads: Annotated[
         int | None,
         typer.Option(min=1, help="Threads for torch and numba (default: leave as configured)."),
@@ -134,6 +142,8 @@ def bench(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if cache not in CACHE_MODES:
+        raise typer.BadParameter(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if threads:
         _set_threads(threads)
     kind_list = _kinds(kinds)
@@ -149,6 +159,7 @@ def bench(
         "warmup": warmup,
         "budget_s": budget,
         "compile": compile,
+        "cache": cache,
         "threads": torch.get_num_threads(),
     }
     start = time.perf_counter()
@@ -168,7 +179,13 @@ def bench(
         for case in all_cases:
             results.append(
                 run_case(
-                    case, methods, repeats=repeats, warmup=warmup, budget_s=budget, progress=step
+                    case,
+                    methods,
+                    repeats=repeats,
+                    warmup=warmup,
+                    budget_s=budget,
+                    cache=cache,
+                    progress=step,
                 )
             )
         progress.advance(task)

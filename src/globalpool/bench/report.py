@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from globalpool.bench.cache import cache_bytes
+
 FWD_TARGET = 0.9
 BWD_TARGET = 0.8
 SPEEDUP_TARGETS = {"gem": 25.0, "catavgmax": 2.0}
@@ -47,20 +49,6 @@ def _cpuinfo() -> dict[str, str]:
     return out
 
 
-def _cache_bytes(level: int) -> int | None:
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in sorted(base.glob("index*")) if base.exists() else []:
-        try:
-            if int((index / "level").read_text()) != level:
-                continue
-            size = (index / "size").read_text().strip().upper()
-        except (OSError, ValueError):
-            continue
-        factor = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(size[-1:], 1)
-        return int(size.rstrip("KMG")) * factor
-    return None
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -82,8 +70,8 @@ def machine_info() -> dict[str, Any]:
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": sys.modules["numba"].get_num_threads() if "numba" in sys.modules else None,
-        "l2_bytes": _cache_bytes(2),
-        "l3_bytes": _cache_bytes(3),
+        "l2_bytes": cache_bytes(2),
+        "l3_bytes": cache_bytes(3),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -373,6 +361,8 @@ def markdown(data: dict[str, Any]) -> str:
         "allocated once (the bracketed GB/s and the details' *bwd ratio to write*) is the pure "
         "write bandwidth.",
         "",
+        _cache_text(s.get("cache", "warm")),
+        "",
         "## Targets",
         "",
         *_target_table(data.get("targets", [])),
@@ -468,6 +458,20 @@ def plot(data: dict[str, Any], path: Path) -> list[Path]:
         plt.close(fig)
         written.append(out)
     return written
+
+
+def _cache_text(cache: str) -> str:
+    if cache == "cold":
+        return (
+            "Cache: **cold** - the caches were flushed (a read of twice the last-level cache on "
+            "CPU, a 256 MiB write on CUDA) before every timed sample of every method and of its "
+            "paired ceiling, outside the clock, so both stream the input from memory."
+        )
+    return (
+        "Cache: **warm** - each sample found the caches as the previous sample (of the method "
+        "or of its paired ceiling) left them; on inputs near the last-level cache size this "
+        "favours whichever call happens to reuse the other's lines."
+    )
 
 
 def write_report(data: dict[str, Any], out_dir: Path, stem: str = "bench") -> dict[str, Any]:

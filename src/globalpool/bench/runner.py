@@ -12,6 +12,10 @@ Per case (a shape in one layout, dtype and device):
    one sample of the ceilings (see :mod:`globalpool.bench.timing`);
 4. time the ceilings again; the case's reported ceiling GB/s is the faster of the two runs.
 
+With ``cache="cold"`` (the default) the caches are flushed before every timed sample, of the
+methods and of the ceilings alike (:mod:`globalpool.bench.cache`); ``"warm"`` leaves them as
+the previous sample left them.
+
 Ratios are ``median ceiling time / median method time`` (= GB/s ratio) over the ceiling samples
 paired with the method's own samples: forward against ``x.sum()``, backward against
 ``empty_like(x).fill_(1.0)``. That backward ceiling allocates, like every backward that
@@ -41,6 +45,7 @@ from typing import Any
 
 import torch
 
+from globalpool.bench.cache import cache_flusher
 from globalpool.bench.check import ReferenceCache, check_method
 from globalpool.bench.methods import (
     CEILING_LABELS,
@@ -50,7 +55,7 @@ from globalpool.bench.methods import (
     ceiling_write,
 )
 from globalpool.bench.shapes import Case, dtype_name
-from globalpool.bench.timing import Timing, time_backward, time_forward
+from globalpool.bench.timing import Flush, Timing, time_backward, time_forward
 
 Progress = Callable[[str], None]
 
@@ -123,6 +128,7 @@ def run_method(
     repeats: int,
     warmup: int,
     budget_s: float | None,
+    flush: Flush = None,
 ) -> dict[str, Any]:
     """Check then time one method; returns its result record (ratios added by the caller)."""
     entry: dict[str, Any] = {
@@ -144,7 +150,13 @@ def run_method(
             entry["error"] = result.message
             return entry
         inputs = [xg] + [v for v in params.values() if isinstance(v, torch.Tensor)]
-        kw = {"device": case.device, "repeats": repeats, "warmup": warmup, "budget_s": budget_s}
+        kw = {
+            "device": case.device,
+            "repeats": repeats,
+            "warmup": warmup,
+            "budget_s": budget_s,
+            "flush": flush,
+        }
         buf = torch.empty_like(x)
         nbytes = case.input_bytes
         fwd = time_forward(
@@ -171,8 +183,10 @@ def run_method(
     return entry
 
 
-def _time_ceilings(x: torch.Tensor, case: Case, repeats: int, warmup: int) -> dict[str, Timing]:
-    kw = {"device": case.device, "repeats": repeats, "warmup": warmup}
+def _time_ceilings(
+    x: torch.Tensor, case: Case, repeats: int, warmup: int, flush: Flush
+) -> dict[str, Timing]:
+    kw = {"device": case.device, "repeats": repeats, "warmup": warmup, "flush": flush}
     buf = torch.empty_like(x)
     return {
         "forward": time_forward(lambda: ceiling_forward(x), **kw),
@@ -189,6 +203,7 @@ def run_case(
     warmup: int = 1,
     budget_s: float | None = 3.0,
     check_samples: int = 2,
+    cache: str = "cold",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Benchmark every applicable method on one case; see the module docstring."""
@@ -196,10 +211,11 @@ def run_case(
     methods = [m for m in methods if m.applies(case)]
     if any(m.family == "compile" for m in methods):
         reset_compiler()
+    flush = cache_flusher(case.device, cache)
     x = make_input(case)
     nbytes = case.input_bytes
     say(f"{case.label}: ceilings")
-    before = _time_ceilings(x, case, max(repeats, 5), warmup)
+    before = _time_ceilings(x, case, max(repeats, 5), warmup, flush)
     refs = ReferenceCache(case, x, check_samples)
     grads: dict[str, torch.Tensor] = {}
     params: dict[str, dict[str, Any]] = {}
@@ -223,11 +239,12 @@ def run_case(
                 repeats=repeats,
                 warmup=warmup,
                 budget_s=budget_s,
+                flush=flush,
             )
         )
-    after = _time_ceilings(x, case, max(repeats, 5), warmup)
+    after = _time_ceilings(x, case, max(repeats, 5), warmup, flush)
     ceiling = {d: min(before[d], after[d], key=lambda t: t.median_s) for d in before}
-    del x, refs, params, grads
+    del x, refs, params, grads, flush
     gc.collect()
     return {
         "device": case.device,
@@ -238,6 +255,7 @@ def run_case(
         "channels_first_shape": list(case.shape.dims),
         "spatial_rank": case.shape.rank,
         "input_bytes": nbytes,
+        "cache": cache,
         # 1-minute load average when the case ended: other processes distort timings
         "load_average_1m": os.getloadavg()[0],
         "ceiling": {

@@ -16,6 +16,10 @@ Paired ceilings: ``references`` (name -> callable) are timed in the same loop, o
 right after every sample of the method, so a ratio compares measurements taken seconds apart on a
 machine whose memory bandwidth drifts (a shared VM host can move it by 2x between cases).
 
+Cache state: with ``flush`` (see :mod:`globalpool.bench.cache`) the caches are evicted before
+every sample of the method and of each reference, outside the clock; without it each sample
+finds the caches as the previous one left them.
+
 The number of samples is ``repeats``, cut to what fits into ``budget_s`` (never below
 ``min_repeats``; the untimed forward and the reference samples count against the budget); the
 median is reported.
@@ -90,8 +94,14 @@ def _n_repeats(estimate_s: float, repeats: int, min_repeats: int, budget_s: floa
     return max(min(repeats, min_repeats), min(repeats, math.floor(budget_s / estimate_s)))
 
 
-def _timed(fn: Callable[[], Any], number: int, device: str) -> float:
-    """Seconds for ``number`` calls of ``fn``; results are freed after the clock stops."""
+Flush = Callable[[], None] | None
+
+
+def _timed(fn: Callable[[], Any], number: int, device: str, flush: Flush = None) -> float:
+    """Seconds for ``number`` calls of ``fn`` (after ``flush``, untimed); results are freed
+    after the clock stops."""
+    if flush is not None:
+        flush()
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(number):
@@ -111,12 +121,15 @@ def _calls_per_sample(estimate: float, device: str, min_sample_s: float) -> int:
 class _Paired:
     """Reference callables sampled once after every method sample, each with its own count."""
 
-    def __init__(self, references: References | None, device: str, min_sample_s: float) -> None:
+    def __init__(
+        self, references: References | None, device: str, min_sample_s: float, flush: Flush
+    ) -> None:
         self.device = device
+        self.flush = flush
         self.refs = dict(references or {})
         self.number = {
             name: _calls_per_sample(
-                min(_timed(f, 1, device) for _ in range(2)), device, min_sample_s
+                min(_timed(f, 1, device, flush) for _ in range(2)), device, min_sample_s
             )
             for name, f in self.refs.items()
         }
@@ -127,7 +140,7 @@ class _Paired:
         start = time.perf_counter()
         for name, f in self.refs.items():
             n = self.number[name]
-            self.samples[name].append(_timed(f, n, self.device) / n)
+            self.samples[name].append(_timed(f, n, self.device, self.flush) / n)
         return time.perf_counter() - start
 
 
@@ -141,18 +154,19 @@ def time_forward(
     budget_s: float | None = None,
     min_sample_s: float = 1e-3,
     references: References | None = None,
+    flush: Flush = None,
 ) -> Timing:
     """Time ``fn()`` under ``torch.no_grad()``; see the module docstring."""
     with torch.no_grad():
-        estimate = min(_timed(fn, 1, device) for _ in range(max(warmup, 1)))
+        estimate = min(_timed(fn, 1, device, flush) for _ in range(max(warmup, 1)))
         number = _calls_per_sample(estimate, device, min_sample_s)
-        paired = _Paired(references, device, min_sample_s)
+        paired = _Paired(references, device, min_sample_s, flush)
         ref_cost = paired.sample()
         paired.samples = {name: [] for name in paired.refs}
         n = _n_repeats(estimate * number + ref_cost, repeats, min_repeats, budget_s)
         samples = []
         for _ in range(n):
-            samples.append(_timed(fn, number, device))
+            samples.append(_timed(fn, number, device, flush))
             paired.sample()
     return _summary(samples, number, paired.samples)
 
@@ -169,6 +183,7 @@ def time_backward(
     budget_s: float | None = None,
     min_sample_s: float = 1e-3,
     references: References | None = None,
+    flush: Flush = None,
 ) -> Timing:
     """Time ``torch.autograd.grad(forward(), inputs, grad_out)``, the forward untimed.
 
@@ -182,6 +197,8 @@ def time_backward(
         with torch.enable_grad():
             y = forward()
         g = grad_out.reshape(y.shape)
+        if flush is not None:
+            flush()
         synchronize(device)
         t0 = time.perf_counter()
         grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
@@ -192,7 +209,7 @@ def time_backward(
 
     estimate = min(sample()[1] for _ in range(max(warmup, 1)))
     with torch.no_grad():
-        paired = _Paired(references, device, min_sample_s)
+        paired = _Paired(references, device, min_sample_s, flush)
         ref_cost = paired.sample()
         paired.samples = {name: [] for name in paired.refs}
     n = _n_repeats(estimate + ref_cost, repeats, min_repeats, budget_s)
