@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from globalpool import kernels
-from globalpool.kernels import cpu_numba, ops
+from globalpool.kernels import cpu_kernels, cpu_numba, ops
 from helpers import (
     DTYPES,
     KIND_PARAMS,
@@ -84,6 +84,31 @@ def test_channels_last_chunks_merge(kind, mask_mode):
     if kind in ("max", "lse", "avg"):
         x[0, 1500, 1] = float("nan")  # a real NaN in a late chunk is the result
         assert torch.isnan(kernels.fused_pool(x, kind, "channels_last")[0, 1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("mask_mode", ("none", "random"))
+def test_attention_long_rows_four_at_a_time(mask_mode, dtype):
+    """Channels-first rows of >= ROWS4_MIN_L positions are summed four rows at a time sharing
+    each load of the weights: C = 6 makes groups of four cross sample boundaries (those rows
+    fall back to one at a time), L % 16 != 0 leaves a tail, and N * C * L is past the
+    parallel threshold so groups also meet task boundaries (8 samples: a task gets >= 4 rows)."""
+    length = cpu_kernels.ROWS4_MIN_L + 13
+    x = make_input(8, 6, (length,), "channels_first", dtype, seed=5)
+    mask = make_mask(8, (length,), mask_mode, seed=5)
+    _check(x, "attention", "channels_first", mask, _params("attention", x, "channels_first", 5))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lse_maximum_rising_in_a_later_chunk(layout):
+    """Channels-first lse keeps one running maximum per row and rescales its sums when a later
+    chunk beats it (by far: 2**(r * gap) would overflow float32 without the rescale)."""
+    x = make_input(2, 3, (3000,), layout, torch.float32, seed=9)
+    ch = (slice(None), 1) if layout == "channels_first" else (slice(None), slice(None), 1)
+    pos = (slice(None), slice(None), 2500) if layout == "channels_first" else (slice(None), 2500)
+    x[pos] = 120.0  # one large value late in every row
+    x[ch] -= 300.0  # and a row far below zero everywhere else
+    _check(x, "lse", layout, make_mask(2, (3000,), "random", seed=9), {"r": 1.0})
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -170,6 +170,7 @@ _EXP2_POLY = (
     0.0013399918989378558,
     0.00015344393100911625,
 )
+_EXP2_MAGIC = 1.5 * 2**23 + 127  # see _exp2_ir
 
 
 def _const(ty, v):
@@ -209,7 +210,13 @@ def _fma_ir(builder, a, b, c):
 
 def _exp2_ir(builder, u, nonpositive=False):
     """2**u. With ``nonpositive`` (u <= 0 or NaN, as in log-sum-exp) the overflow clamp is
-    skipped and u < -126 gives 2**-126 instead of 0 (harmless next to a sum >= 1)."""
+    skipped and u < -126 gives 2**-126 instead of 0 (harmless next to a sum >= 1).
+
+    The scale 2**rint(u) comes from a magic addend: t = u + (1.5 * 2**23 + 127) holds
+    rint(u) + 127 in its low mantissa bits, so ``bits(t) << 23`` is that float (the higher bits
+    shift out): no float-to-int conversion, and a NaN u needs no guard (it stays NaN through the
+    polynomial). rint(u) itself is taken with ``llvm.rint``, not as t - addend, which the
+    function's unsafe-fp-math attribute lets LLVM fold back to u."""
     ty = u.type
     if _base(ty) != ir.FloatType():
         return builder.call(_fn(builder, f"llvm.exp2.{_tname(ty)}", ty, [ty]), [u])
@@ -218,14 +225,14 @@ def _exp2_ir(builder, u, nonpositive=False):
     uc = builder.select(low, _const(ty, -126.0), u)
     if not nonpositive:
         uc = builder.select(builder.fcmp_ordered(">", uc, _const(ty, 128.0)), _const(ty, 128.0), uc)
+    t = builder.fadd(uc, _const(ty, _EXP2_MAGIC))
     k = builder.call(_fn(builder, f"llvm.rint.{_tname(ty)}", ty, [ty]), [uc])
     f = builder.fsub(uc, k)  # in [-0.5, 0.5] (NaN stays NaN and carries through q)
     q = _const(ty, _EXP2_POLY[-1])
     for coef in reversed(_EXP2_POLY[:-1]):
         q = _fma_ir(builder, q, f, _const(ty, coef))
-    kfin = builder.select(builder.fcmp_ordered("==", k, k), k, _const(ty, 0.0))  # no NaN to int
-    bits = builder.add(builder.fptosi(kfin, it), _const(it, 127))
-    res = builder.fmul(q, builder.bitcast(builder.shl(bits, _const(it, 23)), ty))
+    scale = builder.bitcast(builder.shl(builder.bitcast(t, it), _const(it, 23)), ty)
+    res = builder.fmul(q, scale)
     if nonpositive:
         return res
     return builder.select(low, _const(ty, 0.0), res)  # NaN is not < -126: it stays NaN
@@ -770,6 +777,44 @@ def _root_span(out, o0, o1, invp):
         vput_part(out, b, vsel(ok, vexp2(vmul(ipv, vlog2(v))), v), k)
 
 
+ROWS4_MIN_L = 4096
+
+
+@_helper
+def _wsum_step(s, v, wv, real, z):
+    """s + w * x at real lanes (a padded lane's NaN in x or w never reaches s)."""
+    return vadd(s, vsel(real, vmul(v, wv), z))
+
+
+@_helper
+def _weighted_rows4(x, xo, L, mask, mo, ms, w, wo, z):
+    """Lane sums of w * x over four rows of one sample (x at xo, xo + L, xo + 2L, xo + 3L):
+    each vector of weights and of the mask is loaded once for the four rows."""
+    W = nlanes(x)
+    full = L // W * W
+    chunk = W * 64  # lane sums are flushed into the totals every chunk (two-level summation)
+    t0, t1, t2, t3 = z, z, z, z
+    for c0 in range(0, full, chunk):
+        s0, s1, s2, s3 = z, z, z, z
+        for b in range(c0, min(c0 + chunk, full), W):
+            wv = vload(w, wo + b)
+            real = _real(mask, mo + b, z, ms)
+            s0 = _wsum_step(s0, vload(x, xo + b), wv, real, z)
+            s1 = _wsum_step(s1, vload(x, xo + L + b), wv, real, z)
+            s2 = _wsum_step(s2, vload(x, xo + 2 * L + b), wv, real, z)
+            s3 = _wsum_step(s3, vload(x, xo + 3 * L + b), wv, real, z)
+        t0, t1, t2, t3 = vadd(t0, s0), vadd(t1, s1), vadd(t2, s2), vadd(t3, s3)
+    if full < L:
+        k = L - full
+        wv = vload_part(w, wo + full, k)
+        real = _real_part(mask, mo + full, k, z, ms)
+        t0 = _wsum_step(t0, vload_part(x, xo + full, k), wv, real, z)
+        t1 = _wsum_step(t1, vload_part(x, xo + L + full, k), wv, real, z)
+        t2 = _wsum_step(t2, vload_part(x, xo + 2 * L + full, k), wv, real, z)
+        t3 = _wsum_step(t3, vload_part(x, xo + 3 * L + full, k), wv, real, z)
+    return hsum(t0), hsum(t1), hsum(t2), hsum(t3)
+
+
 @_kernel
 def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
     N, C, L = x.shape
@@ -779,15 +824,29 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
     full2 = L // W2 * W2
     chunk = W2 * 32  # lane sums are flushed into `total` every chunk (two-level summation)
     weighted = mode == SUM_WEIGHTED
+    # four rows at a time share each load of w; on short rows the four interleaved streams
+    # defeat the hardware prefetcher (measured slower from DRAM than one row at a time)
+    rows4 = weighted and L >= ROWS4_MIN_L
     for t in prange(ntask):
         z = vzero_of(x)
         pv = vfull(p, z)
         epsv = vfull(eps, z)
-        for row in range(t * rows // ntask, (t + 1) * rows // ntask):
+        r1 = (t + 1) * rows // ntask
+        row = t * rows // ntask
+        while row < r1:
             n = row // C
             xo = row * L
             mo = n * ms * L
             wo = n * ws * L
+            if rows4 and row + 4 <= r1 and (row + 3) // C == n:  # rows share w and mask
+                a0, a1, a2, a3 = _weighted_rows4(x, xo, L, mask, mo, ms, w, wo, z)
+                c = row - n * C
+                out[n, c] = _finish_sum(a0, den[n])
+                out[n, c + 1] = _finish_sum(a1, den[n])
+                out[n, c + 2] = _finish_sum(a2, den[n])
+                out[n, c + 3] = _finish_sum(a3, den[n])
+                row += 4
+                continue
             total = z
             for c0 in range(0, full2, chunk):
                 s1 = z
@@ -817,6 +876,7 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
                 real = _real_part(mask, mo + b, k, z, ms)
                 total = _sum_step(total, vload_part(x, xo + b, k), real, wv, mode, pv, ip, epsv, z)
             out[n, row - n * C] = _finish_sum(hsum(total), den[n])
+            row += 1
         if mode == SUM_GEM:  # out's flat index is the row
             _root_span(out, t * rows // ntask, (t + 1) * rows // ntask, 1.0 / p)
 
@@ -1242,8 +1302,9 @@ def _exp2_sum(s, v, real, rlv, nref, z):
 
 @_kernel
 def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
-    """Per chunk of a row (in L1): pass A takes the lane maxima, the running sums are rescaled to
-    the new maxima, pass B adds 2**(rl * x - max). x leaves DRAM once; one exp2 per element."""
+    """Per chunk of a row (in L1): pass A takes the chunk's maximum, the running sums are
+    rescaled (one scalar exp2) when it beats the row's maximum so far, pass B adds
+    2**(rl * (x - max)). x leaves DRAM once; one exp2 per element."""
     N, C, L = x.shape
     rows = N * C
     W = nlanes(x)
@@ -1251,18 +1312,18 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
     chunk = W2 * 32
     for t in prange(ntask):
         z = vzero_of(x)
-        one = vfull(1.0, z)
         ninf = vfull(-np.inf, z)
         rlv = vfull(rl, z)
         for row in range(t * rows // ntask, (t + 1) * rows // ntask):
             n = row // C
             xo = row * L
             mo = n * ms * L
-            Ma, Mb, Sa, Sb = ninf, ninf, z, z  # lane maxima of x, sums of 2**(rl * (x - M))
+            top = like(-np.inf, rl)  # the row's maximum so far over real positions (never NaN)
+            Sa, Sb = z, z  # lane sums of 2**(rl * (x - top))
             for c0 in range(0, L, chunk):
                 c1 = min(c0 + chunk, L)
                 e2 = c0 + (c1 - c0) // W2 * W2
-                na, nb = Ma, Mb
+                na, nb = ninf, ninf
                 for b in range(c0, e2, W2):
                     na = _vmax_real(na, vload(x, xo + b), _real(mask, mo + b, z, ms))
                     nb = _vmax_real(nb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms))
@@ -1271,34 +1332,25 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
                     na = _vmax_real(
                         na, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms)
                     )
-                Sa = vmul(Sa, vsel(veq(Ma, na), one, vexp2(vmul(rlv, vsub(Ma, na)))))
-                Sb = vmul(Sb, vsel(veq(Mb, nb), one, vexp2(vmul(rlv, vsub(Mb, nb)))))
-                Ma, Mb = na, nb
-                ra = vsub(z, vsel(veq(na, ninf), z, vmul(rlv, na)))
-                rb = vsub(z, vsel(veq(nb, ninf), z, vmul(rlv, nb)))
+                cm = hmax(vmaximum(na, nb))
+                if cm > top:
+                    if top != -np.inf:
+                        f = vfull(sexp2(rl * (top - cm)), z)
+                        Sa, Sb = vmul(Sa, f), vmul(Sb, f)
+                    top = cm
+                ref = vfull(0.0 if top == -np.inf else -rl * top, z)
                 for b in range(c0, e2, W2):
-                    Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ra, z)
+                    Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ref, z)
                     Sb = _exp2_sum(
-                        Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, rb, z
+                        Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, ref, z
                     )
                 for b in range(e2, c1, W):
                     k = min(W, c1 - b)
                     Sa = _exp2_sum(
-                        Sa, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms), rlv, ra, z
+                        Sa, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms), rlv, ref, z
                     )
-            top = hmax(vmaximum(Ma, Mb))
-            if top == -np.inf:
-                total = hsum(vadd(Sa, Sb))
-            else:
-                tv = vfull(top, z)
-                total = hsum(
-                    vadd(
-                        vmul(Sa, vexp2(vmul(rlv, vsub(Ma, tv)))),
-                        vmul(Sb, vexp2(vmul(rlv, vsub(Mb, tv)))),
-                    )
-                )
             top_out[n, row - n * C] = top * rl
-            sum_out[n, row - n * C] = total
+            sum_out[n, row - n * C] = hsum(vadd(Sa, Sb))
 
 
 @_kernel
