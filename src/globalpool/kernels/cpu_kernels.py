@@ -1346,9 +1346,8 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
                     )
                 for b in range(e2, c1, W):
                     k = min(W, c1 - b)
-                    Sa = _exp2_sum(
-                        Sa, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms), rlv, ref, z
-                    )
+                    real = _real_part(mask, mo + b, k, z, ms)
+                    Sa = _exp2_sum(Sa, vload_part(x, xo + b, k), real, rlv, ref, z)
             top_out[n, row - n * C] = top * rl
             sum_out[n, row - n * C] = hsum(vadd(Sa, Sb))
 
