@@ -1300,6 +1300,33 @@ def _exp2_sum(s, v, real, rlv, nref, z):
     return vadd(s, vsel(real, vexp2n(vfma(v, rlv, nref)), z))
 
 
+@_helper
+def _lse_pass_a(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, ninf):
+    """Lane maxima of x over the real positions c0..c1 of a row (ms: a literal 0 or 1 at each
+    call site, so the unmasked loop carries no mask test)."""
+    na, nb = ninf, ninf
+    for b in range(c0, e2, W2):
+        na = _vmax_real(na, vload(x, xo + b), _real(mask, mo + b, z, ms))
+        nb = _vmax_real(nb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms))
+    for b in range(e2, c1, W):
+        k = min(W, c1 - b)
+        na = _vmax_real(na, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms))
+    return hmax(vmaximum(na, nb))
+
+
+@_helper
+def _lse_pass_b(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb):
+    """Sa, Sb + 2**(rl * x + ref) over the real positions c0..c1 of a row."""
+    for b in range(c0, e2, W2):
+        Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ref, z)
+        Sb = _exp2_sum(Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, ref, z)
+    for b in range(e2, c1, W):
+        k = min(W, c1 - b)
+        real = _real_part(mask, mo + b, k, z, ms)
+        Sa = _exp2_sum(Sa, vload_part(x, xo + b, k), real, rlv, ref, z)
+    return Sa, Sb
+
+
 @_kernel
 def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
     """Per chunk of a row (in L1): pass A takes the chunk's maximum, the running sums are
@@ -1323,31 +1350,20 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
             for c0 in range(0, L, chunk):
                 c1 = min(c0 + chunk, L)
                 e2 = c0 + (c1 - c0) // W2 * W2
-                na, nb = ninf, ninf
-                for b in range(c0, e2, W2):
-                    na = _vmax_real(na, vload(x, xo + b), _real(mask, mo + b, z, ms))
-                    nb = _vmax_real(nb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms))
-                for b in range(e2, c1, W):
-                    k = min(W, c1 - b)
-                    na = _vmax_real(
-                        na, vload_part(x, xo + b, k), _real_part(mask, mo + b, k, z, ms)
-                    )
-                cm = hmax(vmaximum(na, nb))
+                if ms:
+                    cm = _lse_pass_a(x, xo, mask, mo, 1, c0, c1, e2, W, W2, z, ninf)
+                else:
+                    cm = _lse_pass_a(x, xo, mask, mo, 0, c0, c1, e2, W, W2, z, ninf)
                 if cm > top:
                     if top != -np.inf:
                         f = vfull(sexp2(rl * (top - cm)), z)
                         Sa, Sb = vmul(Sa, f), vmul(Sb, f)
                     top = cm
                 ref = vfull(0.0 if top == -np.inf else -rl * top, z)
-                for b in range(c0, e2, W2):
-                    Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ref, z)
-                    Sb = _exp2_sum(
-                        Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, ref, z
-                    )
-                for b in range(e2, c1, W):
-                    k = min(W, c1 - b)
-                    real = _real_part(mask, mo + b, k, z, ms)
-                    Sa = _exp2_sum(Sa, vload_part(x, xo + b, k), real, rlv, ref, z)
+                if ms:
+                    Sa, Sb = _lse_pass_b(x, xo, mask, mo, 1, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
+                else:
+                    Sa, Sb = _lse_pass_b(x, xo, mask, mo, 0, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
             top_out[n, row - n * C] = top * rl
             sum_out[n, row - n * C] = hsum(vadd(Sa, Sb))
 
