@@ -12,9 +12,8 @@ messages: each names the argument, the value received and what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,15 +22,15 @@ from globalpool.kinds import KIND_DEFS, KINDS
 LAYOUTS = ("channels_first", "channels_last")
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    """Validated, normalised arguments of one pooling call."""
+class PoolSpec(NamedTuple):
+    """Validated, normalised arguments of one pooling call (a named tuple: every eager call
+    builds one, and a tuple is several times cheaper to build than a frozen dataclass)."""
 
     kind: str
     layout: str
     channel_dim: int
     spatial_dims: tuple[int, ...]
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any]
 
     @property
     def spatial_rank(self) -> int:
@@ -47,7 +46,7 @@ def check_input(x: Any, name: str = "x") -> None:
     """Check that ``x`` is a floating tensor of rank 3 to 5 with no empty spatial dim."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() and x.dtype in _FLOAT_DTYPES):
+    if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
             f"got {x.dtype}"
@@ -59,7 +58,7 @@ def check_input(x: Any, name: str = "x") -> None:
         )
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def check_layout(layout: Any) -> None:
@@ -69,9 +68,17 @@ def check_layout(layout: Any) -> None:
 
 def layout_dims(ndim: int, layout: str) -> tuple[int, tuple[int, ...]]:
     """Channel dim and spatial dims of a rank-``ndim`` tensor in ``layout``."""
+    dims = _LAYOUT_DIMS.get((ndim, layout))
+    if dims is not None:
+        return dims
     if layout == "channels_first":
         return 1, tuple(range(2, ndim))
     return ndim - 1, tuple(range(1, ndim - 1))
+
+
+_LAYOUT_DIMS = {
+    (ndim, "channels_first"): (1, tuple(range(2, ndim))) for ndim in range(3, 6)
+} | {(ndim, "channels_last"): (ndim - 1, tuple(range(1, ndim - 1))) for ndim in range(3, 6)}
 
 
 def spatial_shape(x: torch.Tensor, layout: str) -> tuple[int, ...]:
@@ -80,6 +87,8 @@ def spatial_shape(x: torch.Tensor, layout: str) -> tuple[int, ...]:
 
 
 def _check_spatial_nonempty(x: torch.Tensor, layout: str) -> None:
+    if x.numel():  # no dim is 0
+        return
     sizes = x.shape[2:] if layout == "channels_first" else x.shape[1:-1]
     if 0 in sizes:
         sizes = tuple(sizes)
@@ -143,7 +152,7 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
 def check_params(kind: str, params: dict[str, Any], x: torch.Tensor, layout: str) -> dict:
     """Fill defaults for ``kind`` and check each parameter's type and range."""
     kdef = KIND_DEFS[kind]
-    unknown = sorted(set(params) - set(kdef.defaults))
+    unknown = sorted(set(params) - set(kdef.defaults)) if params else None
     if unknown:
         takes = ", ".join(kdef.defaults) or "no parameters"
         raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; it takes {takes}")

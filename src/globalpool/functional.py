@@ -56,7 +56,7 @@ def _choose_backend(backend: str, x: torch.Tensor, kind: str, mask: Any, params:
     # auto: exporters (ONNX, torch.export) get the plain composition, which maps to standard ops.
     if not available or torch.compiler.is_exporting():
         return "torch"
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return "fused"
     if kind == "avg" and mask is None and not (torch.is_grad_enabled() and x.requires_grad):
         # inference average on CPU: torch's mean is one native op, at least as fast (benchmarks/

@@ -64,9 +64,9 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
         return False
     if x.ndim not in (3, 4, 5):
         return False
-    if x.device.type == "cpu":
+    if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
         return _HAS_NUMBA
-    if x.device.type == "cuda":
+    if x.is_cuda:
         return _HAS_TRITON
     return False
 

@@ -41,14 +41,14 @@ MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
 
 def backend_for(x: Tensor) -> ModuleType:
     """The kernel module for x's device (imported lazily)."""
-    if x.device.type == "cuda":
-        from globalpool.kernels import cuda_triton
-
-        return cuda_triton
-    if x.device.type == "cpu":
+    if x.is_cpu:  # is_cpu / is_cuda: no device object on the eager hot path
         from globalpool.kernels import cpu_numba
 
         return cpu_numba
+    if x.is_cuda:
+        from globalpool.kernels import cuda_triton
+
+        return cuda_triton
     raise ValueError(f"x must be on a cpu or cuda device for the fused kernels, got {x.device}")
 
 
@@ -190,7 +190,7 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
     ctx.p_value = None if p_is_tensor else float(p)
     keep_x = kind != "avg"
     rows = x_rows = None
-    if eager and kind in MAX_KINDS and x.device.type == "cpu":
+    if eager and kind in MAX_KINDS and x.is_cpu:
         # the max scatter reads x only at tied maxima: keep just those rows (usually none)
         keep_x = False
         rows, x_rows = backend_for(x).tied_rows(x, aux, channels_last)
@@ -289,7 +289,7 @@ def eager_pool(
         or (weights is not None and weights.requires_grad)
     ):
         return _EagerPool.apply(x, channels_last, kind, mask, p, eps, r, weights)[0]
-    if x.device.type == "cpu":  # no backward will follow: skip the max kinds' arg-max table
+    if x.is_cpu:  # no backward will follow: skip the max kinds' arg-max table
         backend = backend_for(x)
         return backend.forward(x, channels_last, kind, mask, float(p), eps, r, weights, False)[0]
     return _forward_impl(x, channels_last, kind, mask, p, eps, r, weights)[0]
