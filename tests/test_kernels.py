@@ -99,6 +99,41 @@ def test_attention_long_rows_four_at_a_time(mask_mode, dtype):
     _check(x, "attention", "channels_first", mask, _params("attention", x, "channels_first", 5))
 
 
+def test_exp2_and_log2_match_numpy_at_ties_and_edges():
+    """The float32 exp2/log2 the kernels emit, scalar and 16-lane, against NumPy: exact
+    half-integers (where a rounding that breaks ties differently from rint doubles or halves
+    the result), the clamps at -126 / 128, 0, inf and NaN."""
+    from numba import njit
+
+    K = cpu_kernels
+
+    @njit
+    def run(u, e_s, e_v, x, l_s, l_v):
+        for i in range(u.size):
+            e_s[i] = K.sexp2(u[i])
+            l_s[i] = K.slog2(x[i])
+        for b in range(0, u.size, 16):
+            K.vput(e_v, b, K.vexp2(K.vload(u, b)))
+            K.vput(l_v, b, K.vlog2(K.vload(x, b)))
+
+    halves = np.arange(-125.5, 126.0, 1.0)
+    # 2**u for u in (127.5, 128) overflows to inf (2**rint(u) does): not tested
+    u = np.concatenate([halves, [-130.0, -126.0, 0.0, 127.4, 128.0, 200.0, np.nan, -np.inf]])
+    rng = np.random.default_rng(0)
+    u = np.concatenate([u, rng.uniform(-30, 30, 16 - u.size % 16 + 64)]).astype(np.float32)
+    x = np.abs(u) + np.float32(1e-3)
+    x[:4] = [0.0, np.inf, np.nan, 1.0]
+    e_s, e_v, l_s, l_v = (np.empty_like(u) for _ in range(4))
+    run(u, e_s, e_v, x, l_s, l_v)
+    with np.errstate(over="ignore", divide="ignore"):
+        want_e = np.exp2(u.astype(np.float64)).astype(np.float32)
+        want_l = np.log2(x.astype(np.float64))
+    want_e[u < -126] = 0.0
+    for got_e, got_l in ((e_s, l_s), (e_v, l_v)):
+        np.testing.assert_allclose(got_e, want_e, rtol=4e-7, atol=0)
+        np.testing.assert_allclose(got_l, want_l, rtol=4e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lse_maximum_rising_in_a_later_chunk(layout):
     """Channels-first lse keeps one running maximum per row and rescales its sums when a later

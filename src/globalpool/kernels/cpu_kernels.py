@@ -170,7 +170,7 @@ _EXP2_POLY = (
     0.0013399918989378558,
     0.00015344393100911625,
 )
-_EXP2_MAGIC = 1.5 * 2**23 + 127  # see _exp2_ir
+_EXP2_MAGIC = 1.5 * 2**23  # even: see _exp2_ir
 
 
 def _const(ty, v):
@@ -212,11 +212,12 @@ def _exp2_ir(builder, u, nonpositive=False):
     """2**u. With ``nonpositive`` (u <= 0 or NaN, as in log-sum-exp) the overflow clamp is
     skipped and u < -126 gives 2**-126 instead of 0 (harmless next to a sum >= 1).
 
-    The scale 2**rint(u) comes from a magic addend: t = u + (1.5 * 2**23 + 127) holds
-    rint(u) + 127 in its low mantissa bits, so ``bits(t) << 23`` is that float (the higher bits
-    shift out): no float-to-int conversion, and a NaN u needs no guard (it stays NaN through the
-    polynomial). rint(u) itself is taken with ``llvm.rint``, not as t - addend, which the
-    function's unsafe-fp-math attribute lets LLVM fold back to u."""
+    The scale 2**rint(u) comes from a magic addend: t = u + 1.5 * 2**23 holds rint(u) in its
+    low mantissa bits, so ``(bits(t) + 127) << 23`` is that float (the higher bits shift out):
+    no float-to-int conversion, and a NaN u needs no guard (it stays NaN through the
+    polynomial). The addend is even, so a tie (u = k + 0.5) rounds to the same even integer as
+    ``llvm.rint``, which gives the reduced argument (t - addend would be folded back to u under
+    the function's unsafe-fp-math attribute)."""
     ty = u.type
     if _base(ty) != ir.FloatType():
         return builder.call(_fn(builder, f"llvm.exp2.{_tname(ty)}", ty, [ty]), [u])
@@ -231,7 +232,8 @@ def _exp2_ir(builder, u, nonpositive=False):
     q = _const(ty, _EXP2_POLY[-1])
     for coef in reversed(_EXP2_POLY[:-1]):
         q = _fma_ir(builder, q, f, _const(ty, coef))
-    scale = builder.bitcast(builder.shl(builder.bitcast(t, it), _const(it, 23)), ty)
+    biased = builder.add(builder.bitcast(t, it), _const(it, 127))
+    scale = builder.bitcast(builder.shl(biased, _const(it, 23)), ty)
     res = builder.fmul(q, scale)
     if nonpositive:
         return res
