@@ -556,7 +556,7 @@ def _binary(op):
     return fn
 
 
-vadd, vsub, vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+vadd, vsub, vmul, vdiv = _binary("fadd"), _binary("fsub"), _binary("fmul"), _binary("fdiv")
 iadd = _binary("add")
 mand, mor = _binary("and_"), _binary("or_")
 
@@ -1329,8 +1329,22 @@ def _lse_pass_b(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb):
     return Sa, Sb
 
 
+@_helper
+def _lse_finish(out, o, tops, tots, ti, cnts, k, rl):
+    """out.flat[o:o + k] <- log(mean over the real positions of e**(r x)) / r, vectorised,
+    from each output's maximum of x (``tops.flat[ti:]``), sum of 2**(rl * (x - top))
+    (``tots.flat[ti:]``, rl = r log2 e) and real count (``cnts``); 0 where the count is 0.
+    Taken by each task while its outputs are in cache (as a NumPy epilogue it cost more than the
+    log2s themselves: temporaries and their page faults)."""
+    z = vzero_of(out)
+    rlv = vfull(rl, z)
+    c = vload_part(cnts, 0, k)
+    y = vadd(vmul(vload_part(tops, ti, k), rlv), vlog2(vdiv(vload_part(tots, ti, k), c)))
+    vput_part(out, o, vsel(vgt(c, z), vdiv(y, rlv), z), k)
+
+
 @_kernel
-def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
+def fwd_lse_cf(x, mask, ms, rl, den, out, ntask):
     """Per chunk of a row (in L1): pass A takes the chunk's maximum, the running sums are
     rescaled (one scalar exp2) when it beats the row's maximum so far, pass B adds
     2**(rl * (x - max)). x leaves DRAM once; one exp2 per element."""
@@ -1343,7 +1357,9 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
         rlv = vfull(rl, z)
-        for row in range(t * rows // ntask, (t + 1) * rows // ntask):
+        tops, tots, cnts = np.empty(W, out.dtype), np.empty(W, out.dtype), np.empty(W, out.dtype)
+        r0, r1 = t * rows // ntask, (t + 1) * rows // ntask
+        for row in range(r0, r1):
             n = row // C
             xo = row * L
             mo = n * ms * L
@@ -1366,12 +1382,14 @@ def fwd_lse_cf(x, mask, ms, rl, top_out, sum_out, ntask):
                     Sa, Sb = _lse_pass_b(x, xo, mask, mo, 1, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
                 else:
                     Sa, Sb = _lse_pass_b(x, xo, mask, mo, 0, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
-            top_out[n, row - n * C] = top * rl
-            sum_out[n, row - n * C] = hsum(vadd(Sa, Sb))
+            i = (row - r0) % W  # results are finished W rows at a time (out's flat index: row)
+            tops[i], tots[i], cnts[i] = top, hsum(vadd(Sa, Sb)), den[n]
+            if i == W - 1 or row == r1 - 1:
+                _lse_finish(out, row - i, tops, tots, 0, cnts, i + 1, rl)
 
 
 @_kernel
-def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb, nch, pm, ps):
+def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps):
     """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
     are rescaled, pass B adds 2**(rl * x - max) (the block is re-read from L1). With ``nch > 1``
     chunks of L, (max, sum) partials go to ``pm, ps[n, chunk, c]`` and are merged after."""
@@ -1385,8 +1403,8 @@ def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb, nch, pm, ps):
         ninf = vfull(-np.inf, z)
         rlv = vfull(rl, z)
         real = veq(z, z)
-        mx = np.full(k, -np.inf, top_out.dtype)
-        sx = np.zeros(k, top_out.dtype)
+        mx = np.full(k, -np.inf, out.dtype)
+        sx = np.zeros(k, out.dtype)
         for l0 in range(la, lb, ROWS):
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
@@ -1410,9 +1428,9 @@ def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb, nch, pm, ps):
             for j in range(k):
                 pm[n, ch, c0 + j], ps[n, ch, c0 + j] = mx[j], sx[j]
             continue
-        for j in range(k):
-            top_out[n, c0 + j] = mx[j] * rl
-            sum_out[n, c0 + j] = sx[j]
+        cnts = np.full(W, den[n], out.dtype)
+        for j in range(0, k, W):
+            _lse_finish(out, n * C + c0 + j, mx, sx, j, cnts, min(W, k - j), rl)
     if nch > 1:
         for n in prange(N):
             for c in range(C):
@@ -1427,8 +1445,10 @@ def fwd_lse_cl(x, mask, ms, rl, top_out, sum_out, cb, nch, pm, ps):
                         total += ps[n, ch, c] * sexp2(rl * (pm[n, ch, c] - top))
                     else:
                         total += ps[n, ch, c]  # 0, or NaN carried on
-                top_out[n, c] = top * rl
-                sum_out[n, c] = total
+                pm[n, 0, c], ps[n, 0, c] = top, total
+            cnts = np.full(W, den[n], out.dtype)
+            for c in range(0, C, W):
+                _lse_finish(out, n * C + c, pm, ps, n * nch * C + c, cnts, min(W, C - c), rl)
 
 
 # --------------------------------------------------------------------------------------------

@@ -282,17 +282,12 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
             K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux)
         return
     if kind == "lse":
-        total = np.empty_like(out)
-        rl = r * K.LOG2E  # the kernels work in base 2: out <- max(rl x), total <- sum 2**(. - max)
+        rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
-            K.fwd_lse_cl(xa, m, ms, acc(rl), out, total, split, nch, pm, ps)
+            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, pm, ps)
         else:
-            K.fwd_lse_cf(xa, m, ms, acc(rl), out, total, split)
-        cnt = den.astype(acc)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            y = (out + np.log2(total / cnt)) / acc(rl)
-        out[...] = np.where(cnt > 0, y, acc(0))
+            K.fwd_lse_cf(xa, m, ms, rl, den, out, split)
         return
     if kind == "attention":
         wa, ws = _np(weights.contiguous()), 1
