@@ -66,7 +66,9 @@ def test_bench_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "bench_cpu_float32.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["machine"]["torch"] == torch.__version__
+    assert saved["settings"]["cache"] == "cold"  # the default outside --quick
     assert len(saved["cases"]) == 4  # 2 shapes x 2 layouts
+    assert {c["cache"] for c in saved["cases"]} == {"cold"}
     for case in data["cases"]:
         assert case["ceiling"]["forward"]["gbps"] > 0
         for m in case["methods"]:
@@ -149,6 +151,13 @@ def test_cold_cache_flushes_before_every_timed_sample():
     )
     # the flush comes after the untimed forward, right before the timed backward
     assert log[:2] == ["fwd", "F"] and log.count("F") == log.count("fwd")
+
+
+def test_quick_defaults_to_warm_caches(tmp_path):
+    data = bench(quick=True, kinds="avg", shapes="2x4x3x3", repeats=1, out=tmp_path)
+    assert data["settings"]["cache"] == "warm" and data["settings"]["quick"]
+    cold = bench(quick=True, kinds="avg", shapes="2x4x3x3", repeats=1, cache="cold", out=tmp_path)
+    assert cold["settings"]["cache"] == "cold"
 
 
 def test_cache_modes():

@@ -77,7 +77,7 @@ def bench(
         typer.Option(
             "--quick",
             help="Reduced set (2 small shapes, float32, CPU, no "
-            "compile, 5 repeats, 0.5 s budget); under a minute on 2 cores.",
+            "compile, 5 repeats, 0.5 s budget, warm caches); under a minute on 2 cores.",
         ),
     ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or all (cuda when present).")] = "all",
@@ -115,12 +115,13 @@ def bench(
         bool, typer.Option("--memory", help="Also run the saved-for-backward memory benchmark.")
     ] = False,
     cache: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="cold: flush the caches before every timed sample (method and ceiling alike); "
-            "warm: leave them as the previous sample left them."
+            "warm: leave them as the previous sample left them (default: cold, warm with "
+            "--quick, whose small shapes fit in the caches)."
         ),
-    ] = "cold",
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(min=1, help="Threads for torch and numba (default: leave as configured)."),
@@ -142,6 +143,7 @@ def bench(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    cache = cache or ("warm" if quick else "cold")
     if cache not in CACHE_MODES:
         raise typer.BadParameter(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if threads:

@@ -217,7 +217,8 @@ def _exp2_ir(builder, u, nonpositive=False):
     no float-to-int conversion, and a NaN u needs no guard (it stays NaN through the
     polynomial). The addend is even, so a tie (u = k + 0.5) rounds to the same even integer as
     ``llvm.rint``, which gives the reduced argument (t - addend would be folded back to u under
-    the function's unsafe-fp-math attribute)."""
+    the function's unsafe-fp-math attribute). 2**u for u in (127.5, 128) overflows to inf, as
+    2**rint(u) does."""
     ty = u.type
     if _base(ty) != ir.FloatType():
         return builder.call(_fn(builder, f"llvm.exp2.{_tname(ty)}", ty, [ty]), [u])
@@ -779,7 +780,7 @@ def _root_span(out, o0, o1, invp):
         vput_part(out, b, vsel(ok, vexp2(vmul(ipv, vlog2(v))), v), k)
 
 
-ROWS4_MIN_L = 4096
+ROWS4_MIN_L = 4096  # attention rows at least this long are summed four at a time (fwd_sum_cf)
 
 
 @_helper
@@ -1304,8 +1305,8 @@ def _exp2_sum(s, v, real, rlv, nref, z):
 
 @_helper
 def _lse_pass_a(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, ninf):
-    """Lane maxima of x over the real positions c0..c1 of a row (ms: a literal 0 or 1 at each
-    call site, so the unmasked loop carries no mask test)."""
+    """The maximum of x over the real positions c0..c1 of a row, -inf if none (ms: a literal 0
+    or 1 at each call site, so the unmasked loop carries no mask test)."""
     na, nb = ninf, ninf
     for b in range(c0, e2, W2):
         na = _vmax_real(na, vload(x, xo + b), _real(mask, mo + b, z, ms))
