@@ -176,6 +176,30 @@ def test_physical_layout(kind, fmt):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_physical_views_keep_offset_and_ignore_unit_dims(layout):
+    """_physical reads x's strides: a batch slice (storage offset), size-1 dims with odd strides
+    and a channels-last slice are all viewed in place; an expanded dim is copied."""
+    big = make_input(4, 6, (5, 1), layout, torch.float32, seed=3)
+    x = big[1:3]  # storage offset 1 * 30
+    x3, _ = kernels._physical(x, layout)
+    assert x3.data_ptr() == x.data_ptr() and torch.equal(x3.reshape(x.shape), x.reshape(x.shape))
+    _check(x, "avg", layout, None, {})
+    odd = torch.empty(2, 6, 5, 1).as_strided((2, 6, 5, 1), (30, 5, 1, 99))  # stride of a 1-dim
+    odd.copy_(make_input(2, 6, (5, 1), "channels_first", torch.float32, seed=4))
+    if layout == "channels_first":
+        assert kernels._physical(odd, layout)[0].data_ptr() == odd.data_ptr()
+        _check(odd, "max", layout, None, {})
+    expanded = make_input(2, 1, (5, 4), layout, torch.float32, seed=5)
+    cf = layout == "channels_first"
+    expanded = expanded.expand(2, 3, 5, 4) if cf else expanded.expand(2, 5, 4, 3)
+    x3, _ = kernels._physical(expanded, layout)
+    assert x3.is_contiguous()
+    _check(expanded.contiguous(), "avg", layout, None, {})
+    want = kernels.fused_pool(expanded.contiguous(), "avg", layout)
+    assert torch.equal(kernels.fused_pool(expanded, "avg", layout), want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_max_ties_share_gradient(layout, dtype):
     # row 0: maximum 3 at positions 1, 4 and 2900 (different chunks); row 1: a single maximum

@@ -71,27 +71,40 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     return False
 
 
+def _packed(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether ``strides`` lay ``sizes`` out densely in this order (size-1 dims: any stride)."""
+    expected = 1
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _physical(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, bool]:
-    """x as a contiguous 3-D tensor in its memory order: ((N, C, L), False) or ((N, L, C), True)."""
-    n = x.shape[0]
-    if x.is_contiguous():  # the common case, without the two movedim views
-        if layout == "channels_first":
-            return x.view(n, x.shape[1], math.prod(x.shape[2:])), False
-        return x.view(n, math.prod(x.shape[1:-1]), x.shape[-1]), True
-    channel_dim = 1 if layout == "channels_first" else x.ndim - 1
-    c = x.shape[channel_dim]
-    last = x.movedim(channel_dim, -1)  # (N, *S, C)
-    first = x.movedim(channel_dim, 1)  # (N, C, *S)
-    prefer_last = layout == "channels_last"
-    if prefer_last and last.is_contiguous():
-        return last.reshape(n, -1, c), True
-    if first.is_contiguous():
-        return first.reshape(n, c, -1), False
-    if last.is_contiguous():
-        return last.reshape(n, -1, c), True
-    if prefer_last:
-        return last.contiguous().reshape(n, -1, c), True
-    return first.contiguous().reshape(n, c, -1), False
+    """x as a contiguous 3-D tensor in its memory order: ((N, C, L), False) or ((N, L, C), True).
+
+    Decided from x's strides and taken with one ``as_strided`` view when x is densely stored in
+    either order (the layout's own first), so a channels-last-stored tensor costs no more torch
+    calls than a contiguous one; otherwise copied into the layout's own order.
+    """
+    shape, stride = x.shape, x.stride()
+    cdim = 1 if layout == "channels_first" else x.ndim - 1
+    sdims = range(2, x.ndim) if cdim == 1 else range(1, x.ndim - 1)
+    n, c = shape[0], shape[cdim]
+    spatial = tuple(shape[d] for d in sdims)
+    spatial_strides = tuple(stride[d] for d in sdims)
+    length = math.prod(spatial)
+    first = _packed((n, c, *spatial), (stride[0], stride[cdim], *spatial_strides))
+    last = _packed((n, *spatial, c), (stride[0], *spatial_strides, stride[cdim]))
+    for channels_last in (True, False) if layout == "channels_last" else (False, True):
+        if last if channels_last else first:
+            if channels_last:
+                return x.as_strided((n, length, c), (length * c, c, 1)), True
+            return x.as_strided((n, c, length), (c * length, length, 1)), False
+    if layout == "channels_last":
+        return x.movedim(cdim, -1).contiguous().reshape(n, length, c), True
+    return x.movedim(cdim, 1).contiguous().reshape(n, c, length), False
 
 
 def _float(v: Any, default: float) -> float:
