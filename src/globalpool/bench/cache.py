@@ -48,13 +48,17 @@ def cache_flusher(device: str, mode: str) -> Callable[[], None] | None:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {mode!r}")
     if mode == "warm":
         return None
-    if str(device).startswith("cuda"):
+    cuda = str(device).startswith("cuda")
+    if cuda:
         buf = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
-        return lambda: buf.zero_() and None
-    llc = cache_bytes(3) or cache_bytes(2) or 32 * 2**20
-    buf = torch.ones(max(2 * llc, 64 * 2**20) // 4, dtype=torch.float32)  # touched: resident
+    else:
+        llc = cache_bytes(3) or cache_bytes(2) or 32 * 2**20
+        buf = torch.ones(max(2 * llc, 64 * 2**20) // 4, dtype=torch.float32)  # touched: resident
 
     def flush() -> None:
-        buf.sum()
+        if cuda:
+            buf.zero_()
+        else:
+            buf.sum()
 
     return flush

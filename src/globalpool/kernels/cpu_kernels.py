@@ -834,8 +834,8 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
         z = vzero_of(x)
         pv = vfull(p, z)
         epsv = vfull(eps, z)
-        r1 = (t + 1) * rows // ntask
-        row = t * rows // ntask
+        r0, r1 = t * rows // ntask, (t + 1) * rows // ntask
+        row = r0
         while row < r1:
             n = row // C
             xo = row * L
@@ -881,7 +881,7 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
             out[n, row - n * C] = _finish_sum(hsum(total), den[n])
             row += 1
         if mode == SUM_GEM:  # out's flat index is the row
-            _root_span(out, t * rows // ntask, (t + 1) * rows // ntask, 1.0 / p)
+            _root_span(out, r0, r1, 1.0 / p)
 
 
 # channels-last kernels: a task is (sample n, block of channels). Per-channel lane states live in

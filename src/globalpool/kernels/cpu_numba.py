@@ -269,8 +269,8 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
     m, den, split, nch = _plan(n, c, length, channels_last)
     ms = 0
     if mask is not None:
-        m, ms = mask.contiguous().numpy(), 1
-        den = m.sum(1, dtype=np.float64)
+        m, ms = _mask_rows(mask, length)
+        den = _counts(m, ms, n, length)
     part = (n, nch, c) if nch > 1 else (1, 1, 1)  # channels-last partials per chunk of L
     if kind in MAX_KINDS:
         if channels_last:
@@ -472,7 +472,6 @@ def _rewrite_tied(gxa, channels_last, tied, a_coef, g_max, m, ms):
         gxa[n_idx, :, c_idx] = raw
     else:
         gxa[n_idx, c_idx, :] = raw
-
 
 
 def _placeholder(x: torch.Tensor) -> torch.Tensor:

@@ -138,10 +138,10 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``tied``: the max kinds' saved tied rows standing in for x (eager CPU calls only)."""
     backend = backend_for(x)
-    if x.device.type == "cuda" and not x.is_contiguous():  # avg placeholder: never read
+    if x.is_cuda and not x.is_contiguous():  # avg placeholder: never read
         x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kwargs = {}
-    if x.device.type == "cpu":
+    if x.is_cpu:
         kwargs = dict(need_p=need_p, need_weights=need_weights, tied=tied)
     gx, gp, gw = backend.backward(
         grad_out,
