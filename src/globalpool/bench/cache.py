@@ -7,8 +7,12 @@ served from what the previous call left there, and how much depends on the trave
 the previous call, not on the method timed (on a 32 MiB-L3 CPU the ``x.sum()`` ceiling of a
 49 MiB tensor moved between 44 and 95 GB/s from one run to the next).
 
-On CPU the flush *reads* a buffer twice the last-level cache (at least 64 MiB): reading leaves
-clean lines, so the timed call never pays for writing the flush buffer back. On CUDA it zeroes a
+On CPU the flush *reads* a buffer four times the last-level cache (at least 128 MiB): reading
+leaves clean lines, so the timed call never pays for writing the flush buffer back. Twice the
+cache was not enough on an AMD Zen 4 (32 MiB L3, whose replacement keeps lines that were reused
+over lines read once): after a 64 MiB read the ``x.sum()`` of a (32, 2048, 14, 14) float32
+tensor still ran at 36 GB/s (samples up to 49), after 128 MiB at 28-29 GB/s (at most 33), the
+same as after two different 64 MiB buffers or a write followed by a read. On CUDA it zeroes a
 256 MiB buffer, as ``triton.testing.do_bench`` does to clear the L2.
 
 >>> cache_flusher("cpu", "warm") is None
@@ -53,7 +57,7 @@ def cache_flusher(device: str, mode: str) -> Callable[[], None] | None:
         buf = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
     else:
         llc = cache_bytes(3) or cache_bytes(2) or 32 * 2**20
-        buf = torch.ones(max(2 * llc, 64 * 2**20) // 4, dtype=torch.float32)  # touched: resident
+        buf = torch.ones(max(4 * llc, 128 * 2**20) // 4, dtype=torch.float32)  # touched: resident
 
     def flush() -> None:
         if cuda:

@@ -463,9 +463,9 @@ def plot(data: dict[str, Any], path: Path) -> list[Path]:
 def _cache_text(cache: str) -> str:
     if cache == "cold":
         return (
-            "Cache: **cold** - the caches were flushed (a read of twice the last-level cache on "
-            "CPU, a 256 MiB write on CUDA) before every timed sample of every method and of its "
-            "paired ceiling, outside the clock, so both stream the input from memory."
+            "Cache: **cold** - the caches were flushed (a read of four times the last-level "
+            "cache on CPU, a 256 MiB write on CUDA) before every timed sample of every method and "
+            "of its paired ceiling, outside the clock, so both stream the input from memory."
         )
     return (
         "Cache: **warm** - each sample found the caches as the previous sample (of the method "
