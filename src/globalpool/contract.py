@@ -119,9 +119,10 @@ def _check_per_position(name: str, t: torch.Tensor, x: torch.Tensor, layout: str
 
 
 def _check_real(name: str, value: Any, kind: str) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # first: an ABC check (Real) on a tensor is slow cold
         ok = value.ndim == 0 and value.is_floating_point()
+    else:
+        ok = isinstance(value, Real) and not isinstance(value, bool)
     if not ok:
         raise TypeError(
             f"{name} for kind {kind!r} must be a real number or a 0-dim floating tensor, "

@@ -68,7 +68,7 @@ class GeM(nn.Module):
 
     >>> import torch, globalpool as gp
     >>> gem = gp.GeM(p=3.0)
-    >>> round(float(gem.p), 4), gem(torch.rand(2, 4, 7, 7)).shape
+    >>> round(float(gem.p.detach()), 4), gem(torch.rand(2, 4, 7, 7)).shape
     (3.0, torch.Size([2, 4]))
     """
 

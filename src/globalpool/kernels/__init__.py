@@ -24,6 +24,7 @@ torch.Size([1, 2, 1, 1])
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Any
@@ -71,7 +72,7 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     return False
 
 
-def _packed(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+def _packed(sizes: list[int], strides: list[int]) -> bool:
     """Whether ``strides`` lay ``sizes`` out densely in this order (size-1 dims: any stride)."""
     expected = 1
     for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
@@ -79,6 +80,48 @@ def _packed(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
             return False
         expected *= size
     return True
+
+
+def _storage_plan(
+    shape: tuple[int, ...], stride: tuple[int, ...], layout: str
+) -> tuple[str, tuple[int, ...] | None, tuple[int, int, int], bool]:
+    """How to take x's 3-D form in its memory order: ``(how, perm, shape3, channels_last)``.
+
+    ``how`` is ``"view"`` (``x.reshape(shape3)``), ``"permuted"`` (``x.permute(perm)
+    .reshape(shape3)``, still a view: x is stored in the other layout's order) or ``"copy"``
+    (``x.permute(perm).contiguous().reshape(shape3)``). Cached per shape and strides: the
+    analysis is pure Python and an eager call pays it with cold caches (:func:`_cached_plan`;
+    torch.compile traces this uncached function).
+    """
+    ndim = len(shape)
+    cdim = 1 if layout == "channels_first" else ndim - 1
+    sdims = tuple(range(2, ndim)) if cdim == 1 else tuple(range(1, ndim - 1))
+    n, c = shape[0], shape[cdim]
+    length = math.prod([shape[d] for d in sdims])
+    first_order = (0, cdim, *sdims)
+    last_order = (0, *sdims, cdim)
+    first = _packed([shape[d] for d in first_order], [stride[d] for d in first_order])
+    last = _packed([shape[d] for d in last_order], [stride[d] for d in last_order])
+    own, other = (first, last) if cdim == 1 else (last, first)
+    own_order, other_order = (first_order, last_order) if cdim == 1 else (last_order, first_order)
+    shape_first, shape_last = (n, c, length), (n, length, c)
+    if own:
+        return "view", None, shape_first if cdim == 1 else shape_last, cdim != 1
+    if other:
+        return "permuted", other_order, shape_last if cdim == 1 else shape_first, cdim == 1
+    return "copy", own_order, shape_first if cdim == 1 else shape_last, cdim != 1
+
+
+_cached_plan = functools.lru_cache(maxsize=1024)(_storage_plan)
+
+
+def _view3(x: torch.Tensor, plan: tuple) -> torch.Tensor:
+    how, perm, shape3, _ = plan
+    if how == "view":  # a reshape: its gradient is a view too, unlike as_strided's
+        return x.reshape(shape3)
+    if how == "permuted":
+        return x.permute(perm).reshape(shape3)
+    return x.permute(perm).contiguous().reshape(shape3)
 
 
 def _physical(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, bool]:
@@ -89,25 +132,8 @@ def _physical(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, bool]:
     layout's own order. Never ``as_strided``: its backward materialises a zero tensor of x's whole
     storage and scatters into it (measured: the fused backward fell to 0.2-0.6 of ``fill_``).
     """
-    shape, stride = x.shape, x.stride()
-    cdim = 1 if layout == "channels_first" else x.ndim - 1
-    sdims = range(2, x.ndim) if cdim == 1 else range(1, x.ndim - 1)
-    n, c = shape[0], shape[cdim]
-    spatial = tuple(shape[d] for d in sdims)
-    spatial_strides = tuple(stride[d] for d in sdims)
-    length = math.prod(spatial)
-    first = _packed((n, c, *spatial), (stride[0], stride[cdim], *spatial_strides))
-    last = _packed((n, *spatial, c), (stride[0], *spatial_strides, stride[cdim]))
-    own = first if cdim == 1 else last
-    if own:  # a view (x.reshape): its gradient is a view too, unlike as_strided's
-        return x.reshape((n, c, length) if cdim == 1 else (n, length, c)), cdim != 1
-    if last if cdim == 1 else first:  # stored in the other order: a permuted view
-        if cdim == 1:
-            return x.movedim(1, -1).reshape(n, length, c), True
-        return x.movedim(-1, 1).reshape(n, c, length), False
-    if layout == "channels_last":
-        return x.movedim(cdim, -1).contiguous().reshape(n, length, c), True
-    return x.movedim(cdim, 1).contiguous().reshape(n, c, length), False
+    plan = _cached_plan(x.shape, x.stride(), layout)
+    return _view3(x, plan), plan[3]
 
 
 def _float(v: Any, default: float) -> float:
@@ -136,8 +162,10 @@ def fused_pool(
     """
     n = x.shape[0]
     spatial_rank = x.ndim - 2
-    x3, channels_last = _physical(x, layout)
-    length = x3.shape[2] if not channels_last else x3.shape[1]
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    plan = (_storage_plan if tracing else _cached_plan)(x.shape, x.stride(), layout)
+    how, perm, shape3, channels_last = plan
+    length = shape3[2] if not channels_last else shape3[1]
     m = None if mask is None else mask.reshape(n, length).contiguous()
     p = params.get("p", 3.0)
     eps = _float(params.get("eps"), 1e-6)
@@ -146,12 +174,17 @@ def fused_pool(
     if w is not None:  # each skipped no-op call saves a dispatcher round trip (~20 us cold)
         w = (w if w.dtype == x.dtype else w.to(x.dtype)).reshape(n, length)
         w = w if w.is_contiguous() else w.contiguous()
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if tracing:
         if not isinstance(p, torch.Tensor):
             p = torch.tensor(float(p), dtype=torch.float32)
-        out, _ = ops.pool_forward(x3, channels_last, kind, m, p, eps, r, w)
+        out, _ = ops.pool_forward(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
+    elif x.is_cpu and how != "copy" and not ops.needs_grad(x, p, w):
+        # inference on the CPU: the kernel takes x's 3-D view in NumPy (no torch view op)
+        cpu = ops.backend_for(x)
+        view = (perm, shape3)
+        out = cpu.forward(x, channels_last, kind, m, float(p), eps, r, w, False, view=view)[0]
     else:
-        out = ops.eager_pool(x3, channels_last, kind, m, p, eps, r, w)
+        out = ops.eager_pool(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
     if not keepdim:
         return out
     width = out.shape[1]

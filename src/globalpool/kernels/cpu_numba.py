@@ -216,18 +216,26 @@ def forward(
     r: float = 1.0,
     weights: torch.Tensor | None = None,
     need_aux: bool = True,
+    *,
+    view: tuple[tuple[int, ...] | None, tuple[int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool ``x`` over L in one read; returns ``(out, aux)``.
 
     ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
     ``(N, C, 2)`` = (first arg-max along L, tie count) for the max kinds, else ``torch.empty(0)``.
     ``need_aux=False`` (no backward will follow) skips the arg-max and tie count: aux is None.
+    ``view=(perm, shape3)``: x is given in its original N-D shape and its 3-D form is
+    ``x.permute(perm).reshape(shape3)`` (perm None: no permute), taken here on the NumPy array
+    (a view; the plan comes from ``globalpool.kernels._storage_plan``).
 
     >>> import torch
     >>> forward(torch.tensor([[[1.0, 2.0], [5.0, 5.0]]]), False, "avg", None)[0]
     tensor([[1.5000, 5.0000]])
     """
     xa = _np(x)  # numpy shapes and allocations: fewer cold steps than torch's on a large input
+    if view is not None:
+        perm, shape3 = view
+        xa = (xa if perm is None else xa.transpose(perm)).reshape(shape3)
     n, length, c = xa.shape if channels_last else (xa.shape[0], xa.shape[2], xa.shape[1])
     width = 2 * c if kind == "catavgmax" else c
     out = np.empty((n, width), dtype=np.float64 if xa.dtype == np.float64 else np.float32)
@@ -406,7 +414,8 @@ def _backward_linear(
     tied = ties > 1
     xa = _np(x) if (need_w or tied.any()) else _np(_placeholder(x))
     d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)
-    y_rows = _np_float(out, acc).reshape(n, c) if need_w else np.zeros((1, 1), dtype=acc)
+    # the kernels take d_l = sum_c A_c (x_cl - y_c) with y = 0; the output enters only below
+    y_rows = np.zeros((n, c) if need_w else (1, 1), dtype=acc)
     if channels_last:
         K.bwd_lin_cl(
             xa,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MAX_KINDS", "eager_pool", "pool_backward", "pool_forward"]
+__all__ = ["MAX_KINDS", "eager_pool", "needs_grad", "pool_backward", "pool_forward"]
 
 MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
 
@@ -263,6 +263,15 @@ class _EagerPool(torch.autograd.Function):
         return _input_grads(args, *_backward_impl(*args, tied=tied))
 
 
+def needs_grad(x: Tensor, p: float | Tensor, weights: Tensor | None) -> bool:
+    """Whether a pooling call must record a graph (grad mode on and an input requires grad)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (isinstance(p, Tensor) and p.requires_grad)
+        or (weights is not None and weights.requires_grad)
+    )
+
+
 def eager_pool(
     x: Tensor,
     channels_last: bool,
@@ -283,11 +292,7 @@ def eager_pool(
     >>> y.backward(torch.ones(1, 1)); x.grad
     tensor([[[0., 1.]]])
     """
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (isinstance(p, Tensor) and p.requires_grad)
-        or (weights is not None and weights.requires_grad)
-    ):
+    if needs_grad(x, p, weights):
         return _EagerPool.apply(x, channels_last, kind, mask, p, eps, r, weights)[0]
     if x.is_cpu:  # no backward will follow: skip the max kinds' arg-max table
         backend = backend_for(x)
