@@ -483,3 +483,40 @@ def test_many_tied_maxima(layout, kind, dtype):
     x = (make_input(3, 6, (5, 4), layout, torch.float64, seed=21) * 2).round().to(dtype)
     mask = make_mask(3, (5, 4), "random", seed=21)
     _check(x, kind, layout, mask, {})
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(layout):
+    """d/dw of attention pooling is sum_c g_c (x_cl - out_c) / S: computed from the bfloat16
+    output (rounded to 2**-9 of |out|) the difference lost its precision (hypothesis found
+    -0.31 for -0.28 with values near 12; here near 100, where the rounding is 0.25)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (100.0 + 4 * torch.rand(3, 5, 4, generator=gen)).to(torch.bfloat16)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous()
+    w = torch.rand(3, 4, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn(3, 5, generator=gen).to(torch.bfloat16)
+    y = kernels.fused_pool(x, "attention", layout, weights=w)
+    (gw,) = torch.autograd.grad(y, w, g)
+    xd = x.double() if layout == "channels_first" else x.double().movedim(-1, 1)
+    wd = w.detach().double().requires_grad_(True)
+    yd = (xd * wd[:, None, :]).sum(-1) / wd.sum(-1, keepdim=True)
+    (expected,) = torch.autograd.grad(yd, wd, g.double())
+    torch.testing.assert_close(gw.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("channels", (16, 33, 64, 65))
+@pytest.mark.parametrize("kind", ("max", "avgmax", "catavgmax"))
+def test_channels_last_inference_max_in_registers(kind, channels):
+    """Without a graph the channels-last max kinds skip the arg-max table, and up to
+    REGS_CL_MAX vectors of channels (64 float32) keep their running max and sum in registers;
+    65 takes the plain loop. A real NaN in the last channel reaches the output."""
+    assert cpu_kernels.REGS_CL_MAX * 16 == 64
+    x = make_input(2, channels, (300,), "channels_last", torch.float32, seed=3)
+    _check(x, kind, "channels_last", make_mask(2, (300,), "random", seed=3),
+           _params(kind, x, "channels_last", 3))
+    x[1, 123, channels - 1] = float("nan")
+    with torch.no_grad():
+        y = kernels.fused_pool(x, kind, "channels_last")
+    nan_columns = [channels - 1, 2 * channels - 1] if kind == "catavgmax" else [channels - 1]
+    assert torch.isnan(y).nonzero().tolist() == [[1, c] for c in nan_columns]
