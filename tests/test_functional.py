@@ -202,17 +202,23 @@ def test_gem_large_p_on_dead_channel_stays_finite(backend):
 
 
 def test_auto_backend_choice():
-    """auto: fused for large inputs, except an unmasked CPU avg that needs no gradient (x.mean
-    is as fast); torch for small inputs."""
+    """auto: fused for large inputs, except an unmasked CPU avg that needs no gradient and is
+    stored channels-first (x.mean is as fast there); torch for small inputs."""
     from globalpool.functional import _choose_backend
 
+    cf = "channels_first"
     big = torch.randn(2, 64, 32, 32)
+    stored_last = big.contiguous(memory_format=torch.channels_last)
     mask = torch.ones(2, 32, 32, dtype=torch.bool)
-    assert _choose_backend("auto", big, "avg", None, {}) == "torch"
-    assert _choose_backend("auto", big, "avg", mask, {}) == "fused"
-    assert _choose_backend("auto", big, "max", None, {}) == "fused"
-    assert _choose_backend("auto", big.requires_grad_(), "avg", None, {}) == "fused"
+    assert _choose_backend("auto", big, "avg", None, {}, cf) == "torch"
+    assert _choose_backend("auto", stored_last, "avg", None, {}, cf) == "fused"
+    assert _choose_backend("auto", big.movedim(1, -1), "avg", None, {}, "channels_last") == "torch"
+    assert _choose_backend("auto", stored_last.movedim(1, -1), "avg", None, {},
+                           "channels_last") == "fused"
+    assert _choose_backend("auto", big, "avg", mask, {}, cf) == "fused"
+    assert _choose_backend("auto", big, "max", None, {}, cf) == "fused"
+    assert _choose_backend("auto", big.requires_grad_(), "avg", None, {}, cf) == "fused"
     with torch.no_grad():
-        assert _choose_backend("auto", big, "avg", None, {}) == "torch"
-    assert _choose_backend("auto", torch.randn(2, 4, 8, 8), "gem", None, {}) == "torch"
-    assert _choose_backend("fused", torch.randn(2, 4, 8, 8), "avg", None, {}) == "fused"
+        assert _choose_backend("auto", big, "avg", None, {}, cf) == "torch"
+    assert _choose_backend("auto", torch.randn(2, 4, 8, 8), "gem", None, {}, cf) == "torch"
+    assert _choose_backend("fused", torch.randn(2, 4, 8, 8), "avg", None, {}, cf) == "fused"

@@ -33,7 +33,7 @@ import torch
 
 from globalpool.kernels import ops
 
-__all__ = ["fused_pool", "supports"]
+__all__ = ["fused_pool", "stored_channels_last", "supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
@@ -113,6 +113,19 @@ def _storage_plan(
 
 
 _cached_plan = functools.lru_cache(maxsize=1024)(_storage_plan)
+
+
+def stored_channels_last(x: torch.Tensor, layout: str) -> bool:
+    """Whether the fused kernel would read ``x`` as ``(N, L, C)`` (channels innermost in memory:
+    a ``channels_last`` layout, or a channels-first tensor in ``torch.channels_last`` format).
+
+    >>> import torch
+    >>> x = torch.ones(2, 3, 4, 4)
+    >>> stored_channels_last(x, "channels_first"), stored_channels_last(
+    ...     x.contiguous(memory_format=torch.channels_last), "channels_first")
+    (False, True)
+    """
+    return _cached_plan(x.shape, x.stride(), layout)[3]
 
 
 def _view3(x: torch.Tensor, plan: tuple) -> torch.Tensor:

@@ -170,7 +170,7 @@ _EXP2_POLY = (
     0.0013399918989378558,
     0.00015344393100911625,
 )
-_EXP2_MAGIC = 1.5 * 2**23 + 127  # added to an integer-valued k: see _exp2_ir
+_EXP2_MAGIC = 1.5 * 2**23  # even: see _exp2_ir
 
 
 def _const(ty, v):
@@ -212,13 +212,13 @@ def _exp2_ir(builder, u, nonpositive=False):
     """2**u. With ``nonpositive`` (u <= 0 or NaN, as in log-sum-exp) the overflow clamp is
     skipped and u < -126 gives 2**-126 instead of 0 (harmless next to a sum >= 1).
 
-    The scale 2**k, k = rint(u), comes from a magic addend: t = k + (1.5 * 2**23 + 127) is
-    exact (k is an integer) and holds k + 127 in its low mantissa bits, so ``bits(t) << 23`` is
-    2**k as a float (the higher bits shift out): no float-to-int conversion, one addition
-    (adding the magic to u itself would also round, but a second rounding of ties then has to
-    agree with ``llvm.rint``'s, and t - addend would be folded back to u under the function's
-    unsafe-fp-math attribute), and a NaN u needs no guard (it stays NaN through the polynomial).
-    2**u for u in (127.5, 128) overflows to inf, as 2**rint(u) does."""
+    The scale 2**rint(u) comes from a magic addend: t = u + 1.5 * 2**23 holds rint(u) in its
+    low mantissa bits, so ``(bits(t) + 127) << 23`` is that float (the higher bits shift out):
+    no float-to-int conversion, and a NaN u needs no guard (it stays NaN through the
+    polynomial). The addend is even, so a tie (u = k + 0.5) rounds to the same even integer as
+    ``llvm.rint``, which gives the reduced argument (t - addend would be folded back to u under
+    the function's unsafe-fp-math attribute). 2**u for u in (127.5, 128) overflows to inf, as
+    2**rint(u) does."""
     ty = u.type
     if _base(ty) != ir.FloatType():
         return builder.call(_fn(builder, f"llvm.exp2.{_tname(ty)}", ty, [ty]), [u])
@@ -227,13 +227,14 @@ def _exp2_ir(builder, u, nonpositive=False):
     uc = builder.select(low, _const(ty, -126.0), u)
     if not nonpositive:
         uc = builder.select(builder.fcmp_ordered(">", uc, _const(ty, 128.0)), _const(ty, 128.0), uc)
+    t = builder.fadd(uc, _const(ty, _EXP2_MAGIC))
     k = builder.call(_fn(builder, f"llvm.rint.{_tname(ty)}", ty, [ty]), [uc])
     f = builder.fsub(uc, k)  # in [-0.5, 0.5] (NaN stays NaN and carries through q)
     q = _const(ty, _EXP2_POLY[-1])
     for coef in reversed(_EXP2_POLY[:-1]):
         q = _fma_ir(builder, q, f, _const(ty, coef))
-    t = builder.fadd(k, _const(ty, _EXP2_MAGIC))
-    scale = builder.bitcast(builder.shl(builder.bitcast(t, it), _const(it, 23)), ty)
+    biased = builder.add(builder.bitcast(t, it), _const(it, 127))
+    scale = builder.bitcast(builder.shl(biased, _const(it, 23)), ty)
     res = builder.fmul(q, scale)
     if nonpositive:
         return res
