@@ -102,6 +102,15 @@ def test_attention_negative_weights():
         gp.pool(X, "attention", weights=w)
 
 
+def test_attention_negative_weights_next_to_nan():
+    """A NaN weight (e.g. poison at a padded position) must not hide a negative one."""
+    w = torch.rand(2, 4, 5)
+    w[0, 0, 0] = float("nan")
+    w[1, 2, 3] = -0.25
+    with pytest.raises(ValueError, match=r"weights must be non-negative, got a minimum of -0.25"):
+        gp.pool(X, "attention", weights=w)
+
+
 def test_attention_weights_wrong_shape():
     with pytest.raises(ValueError, match=r"weights must have shape \(N, \*S\) = \(2, 4, 5\), got \(2, 3, 4, 5\)"):
         gp.pool(X, "attention", weights=torch.rand(2, 3, 4, 5))

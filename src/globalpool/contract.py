@@ -145,8 +145,13 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
     if not weights.is_floating_point():
         raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
     _check_per_position("weights", weights, x, layout)
-    if not _tracing() and bool((weights < 0).any()):
-        low = float(weights.detach().min())
+    if _tracing():
+        return
+    w = weights.detach()
+    low = float(w.amin())  # one reduction: (w < 0).any() also writes a mask (~0.3 ms cold on 2 MB)
+    if low != low:  # NaN (e.g. at padded positions) hides the minimum: look at the rest
+        low = float(torch.where(w.isnan(), 0.0, w).amin())
+    if low < 0:
         raise ValueError(f"weights must be non-negative, got a minimum of {low}")
 
 
