@@ -64,8 +64,8 @@ def _choose_backend(
         return "torch"
     if kind == "avg" and mask is None and not (torch.is_grad_enabled() and x.requires_grad):
         # inference average on CPU: where the spatial dims are innermost in memory torch's mean
-        # is one native pass as fast as the kernel (benchmarks/results/cpu: 0.92-1.0 of x.sum());
-        # stored channels-last it reads 0.54-0.97 against the kernel's 0.81-0.97
+        # is one native pass as fast as the kernel (benchmarks/results/cpu: 0.94-0.98 of x.sum()
+        # vs 0.90-0.98); stored channels-last it reads 0.39-0.98 against the kernel's 0.81-0.92
         return "fused" if _kernels.stored_channels_last(x, layout) else "torch"
     return "fused"
 

@@ -373,7 +373,7 @@ def backward(
                 grad_p = torch.tensor(_gem_grad_p(g, den, p, parts), dtype=p_dtype)
             return gx, grad_p, grad_w
         gw = _backward_linear(
-            g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, tied
+            g, x, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, tied
         )
     if gw is not None:
         grad_w = _to_torch(gw, weights.dtype)
@@ -381,7 +381,7 @@ def backward(
 
 
 def _backward_linear(
-    g, x, out, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, saved=None
+    g, x, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, saved=None
 ):
     """avg, attention and the max scatter: grad = A[n, c] B[n, l] + G[n, c] [l = arg-max].
 
@@ -413,9 +413,7 @@ def _backward_linear(
         a_coef = (g * _inverse(_weight_sums(wa, m, ms))[:, None]).astype(acc)
     tied = ties > 1
     xa = _np(x) if (need_w or tied.any()) else _np(_placeholder(x))
-    d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)
-    # the kernels take d_l = sum_c A_c (x_cl - y_c) with y = 0; the output enters only below
-    y_rows = np.zeros((n, c) if need_w else (1, 1), dtype=acc)
+    d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)  # sum_c A_c x_cl
     if channels_last:
         K.bwd_lin_cl(
             xa,
@@ -430,14 +428,13 @@ def _backward_linear(
             ties,
             tied.any(1),
             gxa,
-            y_rows,
             d_rows,
             need_w,
             nch,
         )
     else:
         K.bwd_lin_cf(
-            xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, y_rows, d_rows, need_w, nch
+            xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, d_rows, need_w, nch
         )
     if saved is not None and len(saved[0]):
         _rewrite_tied(gxa, channels_last, saved, a_coef, g_max, m, ms)
