@@ -228,6 +228,25 @@ def test_lse_is_stable_for_large_inputs(channels_last):
 
 @pytest.mark.usefixtures("interp")
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(channels_last):
+    """grad_w = sum_c g_c (x_cl - out_c) / S loses its precision when taken from the output
+    rounded to bfloat16 (2**-9 of |out|, 0.25 near 100): the kernel sums g x and the wrapper
+    subtracts the weighted mean instead."""
+    gen = torch.Generator().manual_seed(0)
+    x = (100.0 + 4 * torch.rand(3, 5, 4, generator=gen)).to(torch.bfloat16)
+    w = torch.rand(3, 4, generator=gen).to(torch.bfloat16)
+    g = torch.randn(3, 5, generator=gen).to(torch.bfloat16)
+    xk = x.transpose(1, 2).contiguous() if channels_last else x
+    out, aux = ct.forward(xk, channels_last, "attention", None, weights=w)
+    gw = ct.backward(g, xk, out, aux, channels_last, "attention", None, weights=w)[2]
+    wd = w.double().requires_grad_(True)
+    yd = (x.double() * wd[:, None, :]).sum(-1) / wd.sum(-1, keepdim=True)
+    (expected,) = torch.autograd.grad(yd, wd, g.double())
+    torch.testing.assert_close(gw.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
 def test_attention_zero_weights_pool_to_zero(channels_last):
     x, mask, w = make("attention", (3, 4, 20), channels_last, masked=False, seed=6)
     w[2] = 0.0

@@ -527,19 +527,21 @@ def _backward(
     sm = _sm_count(x)
     if kind == "attention":
         w = weights.to(acc_t)
-        sw = (w if mask is None else torch.where(mask, w, 0.0)).sum(1)
-        isw = _inverse(sw)
+        w_real = w if mask is None else torch.where(mask, w, 0.0)
+        isw = _inverse(w_real.sum(1))
         bl, bc, c_per, csplit, warps = _attn_config(
             n, c, length, channels_last, x.element_size(), sm, split, block_l
         )
         pgw = torch.empty((csplit, n, length), dtype=acc_t, device=x.device) if need_w else None
         k._attn_bwd[(n, _cdiv(length, bl), csplit)](
-            g, x, out, m8, weights, isw, grad_x, pgw, n, c, length, c_per,
+            g, x, m8, weights, isw, grad_x, pgw, n, c, length, c_per,
             CL=bool(channels_last), HAS_MASK=mask is not None, NEED_W=need_w, ACC=tl_acc,
             BL=bl, BC=bc, num_warps=warps,
         )  # fmt: skip
-        if need_w:
-            grad_w = (pgw[0] if csplit == 1 else pgw.sum(0)).to(weights.dtype)
+        if need_w:  # d_l = sum_c g_c x_cl / S; grad_w = d - sum_l w_l d_l / S (real positions)
+            d = pgw[0] if csplit == 1 else pgw.sum(0)
+            d = d - ((w_real * d).sum(1) * isw)[:, None]
+            grad_w = (d if mask is None else torch.where(mask, d, 0.0)).to(weights.dtype)
         return grad_x, None, grad_w
     cnt = _counts(mask, n, length, acc_t, x.device)
     icnt = _inverse(cnt)

@@ -562,7 +562,6 @@ def _pool_bwd(
 def _attn_bwd(
     g_ptr,
     x_ptr,
-    out_ptr,
     m_ptr,
     w_ptr,
     isw_ptr,
@@ -580,8 +579,9 @@ def _attn_bwd(
     BC: tl.constexpr,
 ):
     """Attention backward: grid (N, L blocks, C splits); loops over its channels, writing
-    grad_x = g w / sum(w) and, with NEED_W, accumulating sum_c g (x - y) for grad_w into a
-    partial buffer (C splits, N, L) that the wrapper sums (only then is x read)."""
+    grad_x = g w / sum(w) and, with NEED_W, accumulating sum_c g x / sum(w) into a partial
+    buffer (C splits, N, L) that the wrapper sums and centres into grad_w (only then is x
+    read; the output, rounded to x's dtype, never enters)."""
     n = tl.program_id(0).to(tl.int64)
     lb = tl.program_id(1)
     cs = tl.program_id(2)
@@ -616,8 +616,7 @@ def _attn_bwd(
             xoff = (n * C + c) * L + lpos
         tl.store(gx_ptr + xoff, tl.where(ok, g * wv, 0.0).to(GTY), mask=inb)
         if NEED_W:
-            y = tl.load(out_ptr + n * C + c, mask=inc, other=0.0).to(ACC)
             xv = tl.load(x_ptr + xoff, mask=ok, other=0.0).to(ACC)
-            gw += _rsum(tl.where(ok, g * (xv - y), 0.0), CAX)
+            gw += _rsum(tl.where(ok, g * xv, 0.0), CAX)
     if NEED_W:
         tl.store(pgw_ptr + (cs * N + n) * L + lpos, gw * isw, mask=inl)
