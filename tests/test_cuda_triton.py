@@ -247,6 +247,24 @@ def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(channels_la
 
 @pytest.mark.usefixtures("interp")
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+def test_lse_grad_in_bfloat16_avoids_the_rounded_output(channels_last):
+    """d lse / dx = exp(r (x - out)) / L: from the output rounded to bfloat16 near 100 (a step of
+    0.5) the factor was off by up to exp(0.25 r); the backward takes lse again in float32."""
+    gen = torch.Generator().manual_seed(0)
+    x = (100.0 + 4 * torch.rand(3, 5, 40, generator=gen)).to(torch.bfloat16)
+    g = torch.randn(3, 5, generator=gen).to(torch.bfloat16)
+    xk = x.transpose(1, 2).contiguous() if channels_last else x
+    out, aux = ct.forward(xk, channels_last, "lse", None, r=2.0)
+    gx = ct.backward(g, xk, out, aux, channels_last, "lse", None, r=2.0)[0]
+    xd = x.double().requires_grad_(True)
+    yd = (torch.logsumexp(2.0 * xd, -1) - np.log(40)) / 2.0
+    (expected,) = torch.autograd.grad(yd, xd, g.double())
+    expected = expected.transpose(1, 2) if channels_last else expected
+    torch.testing.assert_close(gx.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
 def test_attention_zero_weights_pool_to_zero(channels_last):
     x, mask, w = make("attention", (3, 4, 20), channels_last, masked=False, seed=6)
     w[2] = 0.0

@@ -8,6 +8,8 @@ boundaries), gradients w.r.t. p and weights, gradcheck, opcheck, torch.compile a
 
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -520,3 +522,23 @@ def test_channels_last_inference_max_in_registers(kind, channels):
         y = kernels.fused_pool(x, kind, "channels_last")
     nan_columns = [channels - 1, 2 * channels - 1] if kind == "catavgmax" else [channels - 1]
     assert torch.isnan(y).nonzero().tolist() == [[1, c] for c in nan_columns]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_lse_grad_in_bfloat16_avoids_the_rounded_output(layout):
+    """d lse / dx = softmax(r x) = exp(r (x - out)) / L: with the output rounded to bfloat16 near
+    100 (a step of 0.5) the factor exp(r (x - out)) was off by up to exp(0.25 r)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (100.0 + 4 * torch.rand(3, 5, 40, generator=gen)).to(torch.bfloat16)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous()
+    g = torch.randn(3, 5, generator=gen).to(torch.bfloat16)
+    xg = x.detach().requires_grad_(True)
+    (gx,) = torch.autograd.grad(kernels.fused_pool(xg, "lse", layout, r=2.0), xg, g)
+    xd = x.double() if layout == "channels_first" else x.double().movedim(-1, 1)
+    xd.requires_grad_(True)
+    yd = (torch.logsumexp(2.0 * xd, -1) - math.log(40)) / 2.0
+    (expected,) = torch.autograd.grad(yd, xd, g.double())
+    if layout == "channels_last":
+        expected = expected.movedim(1, -1)
+    torch.testing.assert_close(gx.double(), expected, rtol=2e-2, atol=2e-2)

@@ -354,11 +354,12 @@ def _forward(
     *,
     split: int | None = None,
     block_l: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, length = _check(x, channels_last, kind, mask, weights)
     (p, p_t), eps, r = _exponent(p, kind, x), _as_float(eps, 1e-6), _as_float(r, 1.0)
     oc = 2 * c if kind == "catavgmax" else c
-    out = torch.empty((n, oc), dtype=x.dtype, device=x.device)
+    out = torch.empty((n, oc), dtype=out_dtype or x.dtype, device=x.device)  # stores cast to it
     if kind in _MAX_KINDS:
         aux = torch.empty((n, c, 2), dtype=torch.int32, device=x.device)
     else:
@@ -502,6 +503,11 @@ def _backward(
         if out is None or out.numel() != n * oc:
             raise ValueError(f"out must be the forward output ({n}, {oc}) for kind={kind!r}")
         out = out.reshape(n, oc).contiguous()
+        if kind == "lse" and x.dtype in (torch.float16, torch.bfloat16):
+            # exp(r (x - out)) with out rounded to x's dtype is off by a factor exp(r |out| 2**-9)
+            # in bfloat16: take lse again in float32 (one more read of x, half inputs only)
+            out = _forward(x, channels_last, "lse", mask, None, None, r, None,
+                           out_dtype=torch.float32)[0]  # fmt: skip
     else:
         out = None
     if kind in _MAX_KINDS:
