@@ -335,7 +335,7 @@ def backward(
 
     ``x`` is read only by gem, lse, attention and rows whose maximum is tied: for avg (and the
     max kinds without ties) it may be a placeholder of the right shape and dtype (e.g. an
-    expanded scalar), and ``out`` is only used by gem, lse and attention. For the max kinds,
+    expanded scalar), and ``out`` is only used by gem and lse. For the max kinds,
     ``tied = (rows, x_rows)`` (see :func:`tied_rows`) may stand in for x: the flat indices
     ``n * C + c`` of the rows whose maximum is tied and their values, ``(T, L)``.
     Returns ``(grad_x, grad_p, grad_weights)``: grad_p a 0-dim tensor for gem (else None), float32
@@ -412,7 +412,8 @@ def _backward_linear(
     wa, ws = _NO_WEIGHTS[_CHAR_OF[x.dtype]], 0
     if kind == "attention":
         wa, ws = _np(weights.contiguous()), 1
-        a_coef = (g * _inverse(_weight_sums(wa, m, ms))[:, None]).astype(acc)
+        w_sums = _weight_sums(wa, m, ms)
+        a_coef = (g * _inverse(w_sums)[:, None]).astype(acc)
     tied = ties > 1
     xa = _np(x) if (need_w or tied.any()) else _np(_placeholder(x))
     d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)  # sum_c A_c x_cl
@@ -440,18 +441,20 @@ def _backward_linear(
         )
     if saved is not None and len(saved[0]):
         _rewrite_tied(gxa, channels_last, saved, a_coef, g_max, m, ms)
-    return _centred(d_rows, weights, m) if need_w else None
+    return _centred(d_rows, weights, w_sums, m) if need_w else None
 
 
-def _centred(d: np.ndarray, weights: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+def _centred(
+    d: np.ndarray, weights: torch.Tensor, w_sums: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
     """The attention weights' gradient from ``d_l = sum_c g_c x_cl / S``: ``d_l - sum_l' w_l'
-    d_l' / S`` at real positions (S = sum of real weights), 0 at padded ones. The same as
-    ``sum_c g_c (x_cl - out_c) / S`` without the output, which is rounded to x's dtype: in
-    bfloat16 its error (2**-9 of |out|) survived the cancellation against x (measured: -0.31
-    for -0.28)."""
+    d_l' / S`` at real positions (S = ``w_sums``, the sums of the real weights), 0 at padded
+    ones. The same as ``sum_c g_c (x_cl - out_c) / S`` without the output, which is rounded to
+    x's dtype: in bfloat16 its error (2**-9 of |out|) survived the cancellation against x
+    (measured: -0.31 for -0.28)."""
     w = np.where(mask, _np_float(weights, np.float64), 0.0)
     d = d.astype(np.float64)
-    mean = (w * d).sum(1) * _inverse(w.sum(1))
+    mean = (w * d).sum(1) * _inverse(w_sums)
     return np.where(mask, d - mean[:, None], 0.0)
 
 

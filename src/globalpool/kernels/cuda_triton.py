@@ -445,9 +445,10 @@ def backward(
     None), grad_weights is ``(N, L)`` in x's dtype for attention (else None). Padded positions
     and empty samples get exactly 0. x is read by gem, lse, attention (only for grad_weights)
     and the max kinds' tied rows; for avg it may be a placeholder of the right shape and dtype
-    (e.g. an expanded scalar), and ``out``/``aux`` may be None where unused (avg; out for the
-    max kinds). ``need_p=False`` / ``need_weights=False`` skip grad p / grad weights (returned
-    as None); without grad weights the attention backward does not read x at all.
+    (e.g. an expanded scalar), and ``out``/``aux`` may be None where unused (out is read by gem
+    and lse only; aux by the max kinds). ``need_p=False`` / ``need_weights=False`` skip grad p /
+    grad weights (returned as None); without grad weights the attention backward does not read
+    x at all.
 
     >>> import os, torch
     >>> x = torch.tensor([[[1.0, 3.0, 3.0]]])
@@ -499,7 +500,7 @@ def _backward(
             f"got shape {tuple(grad_out.shape)}"
         )
     g = grad_out.reshape(n, oc).contiguous()
-    if kind in ("gem", "lse", "attention"):
+    if kind in ("gem", "lse"):
         if out is None or out.numel() != n * oc:
             raise ValueError(f"out must be the forward output ({n}, {oc}) for kind={kind!r}")
         out = out.reshape(n, oc).contiguous()

@@ -14,7 +14,8 @@ The op implementations dispatch on the device: CPU tensors run the numba kernels
 
 Saved for backward (nothing else): avg -> mask; max kinds -> x, aux, mask (eager CPU calls keep,
 instead of x, only the rows whose maximum is tied: the scatter needs x nowhere else); gem -> x,
-out, p, mask; lse -> x, out, mask; attention -> x, out, mask, weights. ``p`` is a 0-dim tensor so
+out, p, mask; lse -> x, out, mask; attention -> x, mask, weights (its gradients never read the
+output). ``p`` is a 0-dim tensor so
 that a learnable GeM exponent receives its gradient.
 
 >>> import torch
@@ -196,7 +197,7 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
         rows, x_rows = backend_for(x).tied_rows(x, aux, channels_last)
     ctx.save_for_backward(
         x if keep_x else None,
-        out if kind in ("gem", "lse", "attention") else None,
+        out if kind in ("gem", "lse") else None,
         aux if kind in MAX_KINDS else None,
         mask,
         p if kind == "gem" and p_is_tensor else None,
