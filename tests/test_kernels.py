@@ -335,7 +335,7 @@ def _sample(kind: str, channels_last: bool, masked: bool, dtype=torch.float32):
     x = torch.randn(2, 3, 6, generator=gen, dtype=dtype)
     mask = torch.tensor([[True] * 5 + [False], [False] + [True] * 5]) if masked else None
     w = torch.rand(2, 6, generator=gen, dtype=dtype) if kind == "attention" else None
-    return x, channels_last, kind, mask, torch.tensor(2.5 if kind == "gem" else 3.0), 1e-6, 1.3, w
+    return x, channels_last, kind, mask, torch.tensor(2.5 if kind == "gem" else 3.0), torch.tensor(1e-6), torch.tensor(1.3), w
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -371,10 +371,10 @@ def test_fake_shapes():
 
     with FakeTensorMode():
         x = torch.empty(4, 7, 10)
-        out, aux = ops.pool_forward(x, True, "catavgmax", None, torch.tensor(3.0), 1e-6, 1.0, None)
+        out, aux = ops.pool_forward(x, True, "catavgmax", None, torch.tensor(3.0), torch.tensor(1e-6), torch.tensor(1.0), None)
         assert out.shape == (4, 20) and aux.shape == (4, 10, 2) and aux.dtype == torch.int32
-        out, aux = ops.pool_forward(x, False, "lse", None, torch.tensor(3.0), 1e-6, 1.0, None)
-        assert out.shape == (4, 7) and aux.numel() == 0
+        out, aux = ops.pool_forward(x, False, "lse", None, torch.tensor(3.0), torch.tensor(1e-6), torch.tensor(1.0), None)
+        assert out.shape == (4, 7) and aux.shape == (2, 4, 7)  # row maxima, log-means
 
 
 def test_saved_tensors():

@@ -48,15 +48,35 @@ def _choose_backend(
     if backend == "torch":
         return "torch"
     available = _fused_available(x, kind, mask, params)
+    if available:
+        graph = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        # the kernels give no gradient for eps or r: eager calls take it from the composition
+        # inside their backward, a graph cannot
+        graph_grad = graph and any(
+            isinstance(params.get(k), torch.Tensor) and params[k].requires_grad
+            for k in ("eps", "r")
+        )
+        mode = None if graph else _kernels.ops.unsupported_mode(x, mask, *params.values())
     if backend == "fused":
         if not available:
             raise ValueError(
                 f"backend='fused' has no kernel for kind {kind!r} on device {x.device} with "
                 f"dtype {x.dtype}; use backend='auto' or 'torch'"
             )
+        if graph_grad:
+            raise ValueError(
+                "backend='fused' cannot give a gradient for a tensor eps or r inside "
+                "torch.compile / torch.export; use backend='auto' or 'torch'"
+            )
+        if mode is not None and mode != "torch.jit.trace":  # a trace records the custom op
+            raise ValueError(
+                f"backend='fused' cannot run under {mode}; use backend='auto' (which takes the "
+                "torch composition there) or 'torch'"
+            )
         return "fused"
-    # auto: exporters (ONNX, torch.export) get the plain composition, which maps to standard ops.
-    if not available or torch.compiler.is_exporting():
+    # auto: exporters (ONNX, torch.export) and tracers get the plain composition, which maps to
+    # standard ops; so do the autograd modes the kernels cannot serve
+    if not available or torch.compiler.is_exporting() or mode is not None or graph_grad:
         return "torch"
     if not x.is_cpu:
         return "fused"

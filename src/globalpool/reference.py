@@ -101,9 +101,10 @@ def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: n
         return 0.5 * (xs.mean(axis=1) + xs.max(axis=1))
     if kind == "catavgmax":
         return np.concatenate([xs.mean(axis=1), xs.max(axis=1)])
-    if kind == "gem":
+    if kind == "gem":  # scaled by the row maximum: no power over- or underflows float64
         clamped = np.maximum(xs, eps)
-        return np.mean(clamped**p, axis=1) ** (1.0 / p)
+        top = clamped.max(axis=1)
+        return top * np.mean((clamped / top[:, None]) ** p, axis=1) ** (1.0 / p)
     if kind == "lse":
         top = xs.max(axis=1)
         return top + np.log(np.mean(np.exp(r * (xs - top[:, None])), axis=1)) / r
@@ -146,14 +147,16 @@ def _backward_one(
         g_avg, g_max = g[:c], g[c:]
         gx = g_avg[:, None] / k + g_max[:, None] * _max_share(xs)
     elif kind == "gem":
-        # y = m^(1/p), m = mean(z^p), z = clamp(x, eps)
+        # y = m^(1/p), m = mean(z^p), z = clamp(x, eps); with u = z / y (so mean(u^p) = 1 up to
+        # rounding, and no power of an unscaled z): dy/dz = u^(p-1) / k and
+        # dy/dp = y * (-log(mean u^p) / p^2 + mean(u^p log u) / (p mean u^p))
         z = np.maximum(xs, eps)
-        m = np.mean(z**p, axis=1)
-        y = m ** (1.0 / p)
-        dy_dz = (y ** (1.0 - p))[:, None] * z ** (p - 1.0) / k
-        gx = g[:, None] * dy_dz * (xs >= eps)
-        # d y / d p = y * (-log(m) / p^2 + mean(z^p log z) / (p m))
-        dy_dp = y * (-np.log(m) / p**2 + np.mean(z**p * np.log(z), axis=1) / (p * m))
+        top = z.max(axis=1, keepdims=True)
+        y = top[:, 0] * np.mean((z / top) ** p, axis=1) ** (1.0 / p)
+        u = z / y[:, None]
+        mu = np.mean(u**p, axis=1)
+        gx = g[:, None] * u ** (p - 1.0) / k * (xs >= eps)
+        dy_dp = y * (-np.log(mu) / p**2 + np.mean(u**p * np.log(u), axis=1) / (p * mu))
         gp = float(np.sum(g * dy_dp))
     elif kind == "lse":
         e = np.exp(r * (xs - xs.max(axis=1, keepdims=True)))

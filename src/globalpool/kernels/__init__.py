@@ -149,10 +149,8 @@ def _physical(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, bool]:
     return _view3(x, plan), plan[3]
 
 
-def _float(v: Any, default: float) -> float:
-    if v is None:
-        return default
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+def _param(v: Any, default: float) -> float | torch.Tensor:
+    return default if v is None else v
 
 
 def fused_pool(
@@ -165,8 +163,8 @@ def fused_pool(
 ) -> torch.Tensor:
     """Global pooling of ``x`` with the fused kernel; same meaning as ``globalpool.pool``.
 
-    ``params``: ``p`` (float or 0-dim tensor; a tensor that requires grad gets a gradient) and
-    ``eps`` for gem, ``r`` for lse, ``weights`` ``(N, *S)`` for attention.
+    ``params``: ``p`` and ``eps`` for gem, ``r`` for lse (each a float or a 0-dim tensor; a
+    tensor that requires grad gets a gradient), ``weights`` ``(N, *S)`` for attention.
 
     >>> import torch
     >>> x = torch.tensor([[[1.0, 2.0, 4.0]]])
@@ -175,27 +173,33 @@ def fused_pool(
     """
     n = x.shape[0]
     spatial_rank = x.ndim - 2
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    plan = (_storage_plan if tracing else _cached_plan)(x.shape, x.stride(), layout)
+    graph = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    tracing = graph or torch.jit.is_tracing()
+    plan = (_storage_plan if graph else _cached_plan)(x.shape, x.stride(), layout)
     how, perm, shape3, channels_last = plan
     length = shape3[2] if not channels_last else shape3[1]
     m = None if mask is None else mask.reshape(n, length).contiguous()
-    p = params.get("p", 3.0)
-    eps = _float(params.get("eps"), 1e-6)
-    r = _float(params.get("r"), 1.0)
+    p = _param(params.get("p"), 3.0)
+    eps = _param(params.get("eps"), 1e-6)
+    r = _param(params.get("r"), 1.0)
     w = params.get("weights") if kind == "attention" else None
     if w is not None:  # each skipped no-op call saves a dispatcher round trip (~20 us cold)
         w = (w if w.dtype == x.dtype else w.to(x.dtype)).reshape(n, length)
         w = w if w.is_contiguous() else w.contiguous()
-    if tracing:
-        if not isinstance(p, torch.Tensor):
-            p = torch.tensor(float(p), dtype=torch.float32)
+    if tracing:  # one custom op in the graph; its numbers are 0-dim tensors
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        p, eps, r = (
+            v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=acc)
+            for v in (p, eps, r)
+        )
         out, _ = ops.pool_forward(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
-    elif x.is_cpu and how != "copy" and not ops.needs_grad(x, p, w):
+    elif x.is_cpu and how != "copy" and not ops.needs_grad(x, p, eps, r, w):
         # inference on the CPU: the kernel takes x's 3-D view in NumPy (no torch view op)
         cpu = ops.backend_for(x)
         view = (perm, shape3)
-        out = cpu.forward(x, channels_last, kind, m, float(p), eps, r, w, False, view=view)[0]
+        out = cpu.forward(
+            x, channels_last, kind, m, float(p), float(eps), float(r), w, False, view=view
+        )[0]
     else:
         out = ops.eager_pool(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
     if not keepdim:

@@ -1337,8 +1337,11 @@ def _first_nan_cl(x, n, c, mask, mi, L):
 
 
 # --------------------------------------------------------------------------------------------
-# forward: log-sum-exp in one read of x, in base 2: with rl = r * log2(e) the kernels return the
-# max of t = rl * x and the sum of 2**(t - max); the caller takes (max + log2(sum / n)) / rl.
+# forward: log-sum-exp in one read of x, in base 2: with rl = r * log2(e) each row's terms are
+# 2**(rl * (x - top)) with top its maximum (0 when that is -inf): the difference first, so that
+# no rounding of rl * x or rl * top (0.03 near 7e5) enters the sum. The result is
+# top + log2(sum / n) / rl; (top, log2(sum / n)) are also written out for the backward, which
+# needs exp(r (x - lse)) to float32 accuracy even where r x is large.
 
 
 @_helper
@@ -1348,8 +1351,8 @@ def _vmax_real(m, v, real):
 
 
 @_helper
-def _exp2_sum(s, v, real, rlv, nref, z):
-    return vadd(s, vsel(real, vexp2n(vfma(v, rlv, nref)), z))
+def _exp2_sum(s, v, real, rlv, top, z):
+    return vadd(s, vsel(real, vexp2n(vmul(vsub(v, top), rlv)), z))
 
 
 @_helper
@@ -1368,7 +1371,7 @@ def _lse_pass_a(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, ninf):
 
 @_helper
 def _lse_pass_b(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb):
-    """Sa, Sb + 2**(rl * x + ref) over the real positions c0..c1 of a row."""
+    """Sa, Sb + 2**(rl * (x - ref)) over the real positions c0..c1 of a row."""
     for b in range(c0, e2, W2):
         Sa = _exp2_sum(Sa, vload(x, xo + b), _real(mask, mo + b, z, ms), rlv, ref, z)
         Sb = _exp2_sum(Sb, vload(x, xo + b + W), _real(mask, mo + b + W, z, ms), rlv, ref, z)
@@ -1380,21 +1383,26 @@ def _lse_pass_b(x, xo, mask, mo, ms, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb):
 
 
 @_helper
-def _lse_finish(out, o, tops, tots, ti, cnts, k, rl):
+def _lse_finish(out, o, tops, tots, ti, cnts, k, rl, atop, alog):
     """out.flat[o:o + k] <- log(mean over the real positions of e**(r x)) / r, vectorised,
     from each output's maximum of x (``tops.flat[ti:]``), sum of 2**(rl * (x - top))
     (``tots.flat[ti:]``, rl = r log2 e) and real count (``cnts``); 0 where the count is 0.
+    ``atop``, ``alog`` (flat, like out) get the maximum and log2(sum / count) for the backward.
     Taken by each task while its outputs are in cache (as a NumPy epilogue it cost more than the
     log2s themselves: temporaries and their page faults)."""
     z = vzero_of(out)
     rlv = vfull(rl, z)
     c = vload_part(cnts, 0, k)
-    y = vadd(vmul(vload_part(tops, ti, k), rlv), vlog2(vdiv(vload_part(tots, ti, k), c)))
+    top = vload_part(tops, ti, k)
+    lg = vsel(vgt(c, z), vlog2(vdiv(vload_part(tots, ti, k), c)), z)
+    y = vadd(vmul(top, rlv), lg)
     vput_part(out, o, vsel(vgt(c, z), vdiv(y, rlv), z), k)
+    vput_part(atop, o, top, k)
+    vput_part(alog, o, lg, k)
 
 
 @_kernel
-def fwd_lse_cf(x, mask, ms, rl, den, out, ntask):
+def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog):
     """Per chunk of a row (in L1): pass A takes the chunk's maximum, the running sums are
     rescaled (one scalar exp2) when it beats the row's maximum so far, pass B adds
     2**(rl * (x - max)). x leaves DRAM once; one exp2 per element."""
@@ -1427,7 +1435,7 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask):
                         f = vfull(sexp2(rl * (top - cm)), z)
                         Sa, Sb = vmul(Sa, f), vmul(Sb, f)
                     top = cm
-                ref = vfull(0.0 if top == -np.inf else -rl * top, z)
+                ref = vfull(0.0 if top == -np.inf else top, z)
                 if ms:
                     Sa, Sb = _lse_pass_b(x, xo, mask, mo, 1, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
                 else:
@@ -1435,13 +1443,13 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask):
             i = (row - r0) % W  # results are finished W rows at a time (out's flat index: row)
             tops[i], tots[i], cnts[i] = top, hsum(vadd(Sa, Sb)), den[n]
             if i == W - 1 or row == r1 - 1:
-                _lse_finish(out, row - i, tops, tots, 0, cnts, i + 1, rl)
+                _lse_finish(out, row - i, tops, tots, 0, cnts, i + 1, rl, atop, alog)
 
 
 @_kernel
-def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps):
+def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog):
     """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
-    are rescaled, pass B adds 2**(rl * x - max) (the block is re-read from L1). With ``nch > 1``
+    are rescaled, pass B adds 2**(rl * (x - max)) (the block is re-read from L1). With ``nch > 1``
     chunks of L, (max, sum) partials go to ``pm, ps[n, chunk, c]`` and are merged after."""
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
@@ -1466,7 +1474,7 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps):
                     if mask[n * ms, pos]:
                         nm = _vmax_real(nm, _ldx(x, (n * L + pos) * C + c0 + j, r, W), real)
                 s = vmul(s, vsel(veq(m, nm), one, vexp2(vmul(rlv, vsub(m, nm)))))
-                ref = vsub(z, vsel(veq(nm, ninf), z, vmul(rlv, nm)))
+                ref = vsel(veq(nm, ninf), z, nm)
                 for pos in range(l0, l1):
                     if mask[n * ms, pos]:
                         s = _exp2_sum(
@@ -1480,7 +1488,7 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps):
             continue
         cnts = np.full(W, den[n], out.dtype)
         for j in range(0, k, W):
-            _lse_finish(out, n * C + c0 + j, mx, sx, j, cnts, min(W, k - j), rl)
+            _lse_finish(out, n * C + c0 + j, mx, sx, j, cnts, min(W, k - j), rl, atop, alog)
     if nch > 1:
         for n in prange(N):
             for c in range(C):
@@ -1498,7 +1506,9 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps):
                 pm[n, 0, c], ps[n, 0, c] = top, total
             cnts = np.full(W, den[n], out.dtype)
             for c in range(0, C, W):
-                _lse_finish(out, n * C + c, pm, ps, n * nch * C + c, cnts, min(W, C - c), rl)
+                _lse_finish(
+                    out, n * C + c, pm, ps, n * nch * C + c, cnts, min(W, C - c), rl, atop, alog
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1604,23 +1614,27 @@ def bwd_lin_cl(x, mask, ms, w, ws, weighted, A, G, idx, tc, anytie, gx, D, need_
 
 # --------------------------------------------------------------------------------------------
 # backward: gem and lse, grad = Q[n, c] * h(x) at real positions
-#   gem: h = x^(p-1) where x >= eps (else 0); with need_p also the per-(n, c, chunk) partial sums
-#        P0 = sum z^p and P1 = sum z^p log2 z (z = max(x, eps)) for the gradient w.r.t. p
-#   lse: h = 2**(rl x - rl y) = exp(r (x - y)), rl = r log2(e); Y holds rl * y
+#   gem: h = (x / y)^(p-1) where x >= eps (else 0), Y holds 1 / y and Q = g / n: scaled by the
+#        output, so that no power over- or underflows (x / y <= n^(1/p)); with need_p also the
+#        per-(n, c, chunk) partial sums P0 = sum z^p and P1 = sum z^p log2 z, z = max(x, eps) / y
+#   lse: h = 2**(rl (x - T) - Y) = exp(r (x - y)), rl = r log2(e), with T the row's maximum and
+#        Y = log2(mean 2**(rl (x - T))) from the forward: the difference first, as there
 
 
 @_helper
-def _gem_grad(xv, real, qv, p, ip, eps):
+def _gem_grad(xv, real, qv, p, ip, eps, yi):
     ok = real & (xv >= eps)
-    h = _ipow(xv, ip - 1) if ip > 0 else _spow(xv, p - like(1.0, p))
+    v = xv * yi
+    h = _ipow(v, ip - 1) if ip > 0 else _spow(v, p - like(1.0, p))
     return qv * h if ok else like(0.0, qv)
 
 
 @_helper
-def _gem_grad_p(xv, real, qv, p, ip, eps):
-    """(grad, z^p, z^p log2 z) at one position; the last two are 0 at padded positions."""
+def _gem_grad_p(xv, real, qv, p, ip, eps, yi):
+    """(grad, z^p, z^p log2 z) at one position, z = max(x, eps) / y; the last two are 0 at padded
+    positions."""
     zero = like(0.0, qv)
-    z = eps if xv < eps else xv
+    z = (eps if xv < eps else xv) * yi
     lz = slog2(z)
     h = _ipow(z, ip - 1) if ip > 0 else sexp2((p - like(1.0, p)) * lz)
     zp = h * z
@@ -1629,7 +1643,7 @@ def _gem_grad_p(xv, real, qv, p, ip, eps):
 
 
 @_kernel
-def bwd_nl_cf(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
+def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, C, L = gx.shape
     for t in prange(N * nch):
         n = t // nch
@@ -1640,18 +1654,19 @@ def bwd_nl_cf(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
         zero = like(0.0, Q[0, 0])
         for c in range(C):
             qv = Q[n, c]
+            yv = Y[n, c]
             if mode == NL_LSE:
-                ry = Y[n, c]
+                tv = T[n, c]
                 for pos in range(l0, l1):
                     u = U(pos)
-                    h = sexp2(r * widen(x[n, c, u]) - ry)
+                    h = sexp2(r * (widen(x[n, c, u]) - tv) - yv)
                     gx[n, c, u] = narrow(qv * h if mask[mi, u] else zero, gx)
             elif need_p:
                 s0 = zero
                 s1 = zero
                 for pos in range(l0, l1):
                     u = U(pos)
-                    g, a0, a1 = _gem_grad_p(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps)
+                    g, a0, a1 = _gem_grad_p(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps, yv)
                     gx[n, c, u] = narrow(g, gx)
                     s0 += a0
                     s1 += a1
@@ -1660,12 +1675,12 @@ def bwd_nl_cf(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
             else:
                 for pos in range(l0, l1):
                     u = U(pos)
-                    g = _gem_grad(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps)
+                    g = _gem_grad(widen(x[n, c, u]), mask[mi, u], qv, p, ip, eps, yv)
                     gx[n, c, u] = narrow(g, gx)
 
 
 @_kernel
-def bwd_nl_cl(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
+def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, L, C = gx.shape
     for t in prange(N * nch):
         n = t // nch
@@ -1683,19 +1698,21 @@ def bwd_nl_cl(x, mask, ms, Q, Y, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
             elif mode == NL_LSE:
                 for c in range(C):
                     u = U(c)
-                    h = sexp2(r * widen(x[n, pos, u]) - Y[n, u])
+                    h = sexp2(r * (widen(x[n, pos, u]) - T[n, u]) - Y[n, u])
                     gx[n, pos, u] = narrow(Q[n, u] * h, gx)
             elif need_p:
                 for c in range(C):
                     u = U(c)
-                    g, a0, a1 = _gem_grad_p(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps)
+                    g, a0, a1 = _gem_grad_p(
+                        widen(x[n, pos, u]), True, Q[n, u], p, ip, eps, Y[n, u]
+                    )
                     gx[n, pos, u] = narrow(g, gx)
                     s0[u] += a0
                     s1[u] += a1
             else:
                 for c in range(C):
                     u = U(c)
-                    g = _gem_grad(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps)
+                    g = _gem_grad(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps, Y[n, u])
                     gx[n, pos, u] = narrow(g, gx)
         if need_p:
             for c in range(C):

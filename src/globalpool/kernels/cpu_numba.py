@@ -221,9 +221,12 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool ``x`` over L in one read; returns ``(out, aux)``.
 
-    ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
-    ``(N, C, 2)`` = (first arg-max along L, tie count) for the max kinds, else ``torch.empty(0)``.
-    ``need_aux=False`` (no backward will follow) skips the arg-max and tie count: aux is None.
+    ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is what the backward
+    needs besides x: int32 ``(N, C, 2)`` = (first arg-max along L, tie count) for the max kinds;
+    for gem the output ``(N, C)`` in the accumulation dtype (float32, float64 for float64 x: a
+    half output's rounding would enter the gradient as ``(x / y)^(p - 1)``); for lse ``(2, N, C)``
+    in that dtype, each row's maximum of x and ``log2(mean 2**(r log2(e) (x - max)))``; else
+    ``torch.empty(0)``. ``need_aux=False`` (no backward will follow): aux is None.
     ``view=(perm, shape3)``: x is given in its original N-D shape and its 3-D form is
     ``x.permute(perm).reshape(shape3)`` (perm None: no permute), taken here on the NumPy array
     (a view; the plan comes from ``globalpool.kernels._storage_plan``).
@@ -241,6 +244,8 @@ def forward(
     out = np.empty((n, width), dtype=np.float64 if xa.dtype == np.float64 else np.float32)
     table = need_aux and kind in MAX_KINDS
     aux = np.empty((n, c, 2), dtype=np.int32) if table else _NO_TABLE
+    if kind == "lse":
+        aux = np.zeros((2, n, c), dtype=out.dtype)
     if n * c > 0 and length > 0:
         args = (xa, channels_last, kind, mask, p, eps, r, weights, out, aux, table)
         if xa.size < _SERIAL_BELOW:
@@ -248,17 +253,71 @@ def forward(
                 _forward(*args)
         else:
             _forward(*args)
+        if kind in ("gem", "lse"):
+            _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux)
     else:
         out[...] = 0
         if table:
             aux[..., 0], aux[..., 1] = -1, 0
     out_t = torch.from_numpy(out) if xa.dtype.kind == "f" else _to_torch(out, x.dtype)
-    if table:
+    if not need_aux:
+        return out_t, None
+    if table or kind == "lse":
         return out_t, torch.from_numpy(aux)
-    return out_t, (torch.empty(0) if need_aux else None)
+    if kind == "gem":
+        return out_t, torch.from_numpy(out.copy() if xa.dtype.kind == "f" else out)
+    return out_t, torch.empty(0)
 
 
 _NO_TABLE = np.empty((1, 1, 2), dtype=np.int32)  # stands in for aux; never written
+
+
+def _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux) -> None:
+    """Rows the one-pass kernels cannot represent, taken again in float64 from their maximum.
+
+    gem sums ``max(x, eps)^p`` unscaled (scaling by the row's maximum would need a second read
+    of x): that sum overflows (p = 20 on x near 100, float16 near 6e4 with p = 8) or leaves the
+    normal range (p = 20 on x < 1e-3, or x <= eps). lse is NaN where a row holds +inf (inf - inf
+    in its sum). Those rows (almost never any) are pooled here as the torch composition does:
+    scaled by the maximum, in float64.
+    """
+    n, c = out.shape[0], aux.shape[-1] if kind == "lse" else out.shape[1]
+    real = None if mask is None else mask.reshape(n, -1).numpy()
+    nonempty = np.ones(n, bool) if real is None else real.any(1)
+    y = out[:, :c]
+    if kind == "gem":
+        tiny = np.finfo(y.dtype).tiny / np.finfo(y.dtype).eps  # the mean must be this normal
+        low = tiny ** (1.0 / p)
+        bad = (np.isinf(y) | ~((y >= low) | np.isnan(y))) & nonempty[:, None]
+    else:
+        bad = (np.isnan(y) | np.isinf(aux[0])) & nonempty[:, None]
+    rows = np.flatnonzero(bad)
+    if not len(rows):
+        return
+    n_idx, c_idx = rows // c, rows % c
+    xs = _widen64(xa[n_idx, :, c_idx] if channels_last else xa[n_idx, c_idx, :])
+    keep = np.ones(xs.shape, bool) if real is None else real[n_idx]
+    with np.errstate(all="ignore"):
+        if kind == "gem":
+            z = np.where(keep, np.maximum(xs, eps), 1.0)
+            top = z.max(1, keepdims=True)
+            mean = np.where(keep, (z / top) ** p, 0.0).sum(1) / keep.sum(1)
+            y[n_idx, c_idx] = top[:, 0] * mean ** (1.0 / p)
+        else:
+            z = np.where(keep, xs, -np.inf)
+            top = z.max(1, keepdims=True)
+            top = np.where(np.isfinite(top), top, 0.0)
+            mean = np.exp(r * (z - top)).sum(1) / keep.sum(1)
+            y[n_idx, c_idx] = top[:, 0] + np.log(mean) / r
+
+
+def _widen64(a: np.ndarray) -> np.ndarray:
+    """Raw values (float16 as uint16, bfloat16 as int16 bits) as float64."""
+    if a.dtype == np.uint16:
+        return a.view(np.float16).astype(np.float64)
+    if a.dtype == np.int16:
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
 
 
 @functools.lru_cache(maxsize=256)
@@ -291,11 +350,12 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
         return
     if kind == "lse":
         rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
+        atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
-            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, pm, ps)
+            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, pm, ps, atop, alog)
         else:
-            K.fwd_lse_cf(xa, m, ms, rl, den, out, split)
+            K.fwd_lse_cf(xa, m, ms, rl, den, out, split, atop, alog)
         return
     if kind == "attention":
         wa, ws = _np(weights.contiguous()), 1
@@ -366,13 +426,12 @@ def backward(
         nch = _l_chunks(n, length)
         if kind in ("gem", "lse"):
             with_p = kind == "gem" and need_p
-            if kind == "lse" and x.dtype in (torch.float16, torch.bfloat16):
-                out = _lse_float32(x, channels_last, mask, r)
-            parts = _backward_nl(
-                g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p
+            aux = _nl_aux(x, out, aux, channels_last, kind, mask, p, eps, r)
+            y, parts = _backward_nl(
+                g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p
             )
             if with_p:
-                grad_p = torch.tensor(_gem_grad_p(g, den, p, parts), dtype=p_dtype)
+                grad_p = torch.tensor(_gem_grad_p(g, den, p, y, parts), dtype=p_dtype)
             return gx, grad_p, grad_w
         gw = _backward_linear(
             g, x, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, tied
@@ -502,32 +561,35 @@ def _placeholder(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((1, 1, 1), dtype=x.dtype)
 
 
-def _lse_float32(x: torch.Tensor, channels_last: bool, mask, r: float) -> torch.Tensor:
-    """lse of a half-precision x again, kept in float32 for its backward: exp(r (x - out)) with
-    out rounded to x's dtype is off by a factor exp(r |out| 2**-9) in bfloat16 (1.28 near 100).
-    One more read of x, for half inputs only."""
-    xa = _np(x)
-    n, length, c = xa.shape if channels_last else (xa.shape[0], xa.shape[2], xa.shape[1])
-    out = np.empty((n, c), dtype=np.float32)
-    _forward(xa, channels_last, "lse", mask, 3.0, 1e-6, r, None, out, _NO_TABLE, False)
-    return torch.from_numpy(out)
+def _nl_aux(x, out, aux, channels_last, kind, mask, p, eps, r) -> torch.Tensor:
+    """The forward's aux for gem / lse (see :func:`forward`); taken again if a caller has none:
+    gem then falls back to ``out`` (exact in float32 and float64)."""
+    n, c, _ = _dims(x, channels_last)
+    want = (2, n, c) if kind == "lse" else (n, c)
+    if aux is not None and tuple(aux.shape) == want and aux.is_floating_point():
+        return aux
+    if kind == "gem" and out is not None and out.dtype in (torch.float32, torch.float64):
+        return out
+    return forward(x.detach(), channels_last, kind, mask, p, eps, r)[1]
 
 
-def _backward_nl(g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p):
-    """gem / lse: grad = Q * h(x); returns the gem partial sums (S0, S1) per (n, chunk, c)."""
+def _backward_nl(g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p):
+    """gem / lse: grad = Q * h(x); returns gem's output (float64) and partial sums (S0, S1) per
+    (n, chunk, c) of the scaled z = max(x, eps) / y."""
     n, c, _ = _dims(x, channels_last)
     acc = _acc(x)
-    y = _np_float(out, np.float64).reshape(n, c)
-    inv = _inverse(den)[:, None]
+    q = g * _inverse(den)[:, None]
     if kind == "gem":
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            q = np.where(y > 0, g * np.power(np.where(y > 0, y, 1.0), 1.0 - p) * inv, 0.0)
+        y = _np_float(aux, np.float64).reshape(n, c)
+        yv = _inverse(np.where(np.isinf(y), 0.0, y))  # 1 / y; 0 for an empty sample
+        tv = yv
         mode = K.NL_GEM
     else:
-        q = g * inv
+        a = _np_float(aux, np.float64)
+        y, yv = None, a[1]
+        tv = np.where(np.isfinite(a[0]), a[0], 0.0)  # the maximum the forward's sums used
         mode = K.NL_LSE
         r = r * K.LOG2E  # the kernel works in base 2
-        y = y * r
     shape = (n, nch, c) if with_p else (1, 1, 1)
     p0 = np.zeros(shape, dtype=acc)
     p1 = np.zeros(shape, dtype=acc)
@@ -537,7 +599,8 @@ def _backward_nl(g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
         m,
         ms,
         q.astype(acc),
-        y.astype(acc),
+        yv.astype(acc),
+        tv.astype(acc),
         mode,
         acc(p),
         _p_int(p) if kind == "gem" else 0,
@@ -549,17 +612,15 @@ def _backward_nl(g, x, out, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
         with_p,
         nch,
     )
-    return p0, p1
+    return y, (p0, p1)
 
 
-def _gem_grad_p(g: np.ndarray, den: np.ndarray, p: float, partials) -> float:
-    """d/dp sum(g * y) with y = M^(1/p), M = S0/n: y * (S1 / (p S0) - log(M) / p^2)."""
+def _gem_grad_p(g: np.ndarray, den: np.ndarray, p: float, y: np.ndarray, partials) -> float:
+    """d/dp sum(g * y) with y = M^(1/p), M = mean max(x, eps)^p. With z = max(x, eps) / y the
+    mean of z^p is 1, so dy/dp = y * (S1 / (p S0) - log(M) / p^2) becomes y * S1 / (p S0)
+    (S0 = sum z^p, S1 = sum z^p log z): no power of an unscaled x, so none overflows."""
     s0 = partials[0].astype(np.float64).sum(1)
     s1 = partials[1].astype(np.float64).sum(1) * K.LN2  # the kernel sums z^p log2 z
-    cnt = den[:, None]
-    real = (cnt > 0) & (s0 > 0)
-    s0_ = np.where(real, s0, 1.0)
-    mean = s0_ / np.where(cnt > 0, cnt, 1.0)
-    y = mean ** (1.0 / p)
-    dydp = np.where(real, y * (s1 / (p * s0_) - np.log(mean) / (p * p)), 0.0)
+    real = (den[:, None] > 0) & (s0 > 0) & np.isfinite(y)
+    dydp = np.where(real, y * s1 / (p * np.where(real, s0, 1.0)), 0.0)
     return float((g * dydp).sum())
