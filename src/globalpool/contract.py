@@ -233,6 +233,22 @@ def check_param_names(kind: str, params: dict[str, Any]) -> None:
         raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; it takes {takes}")
 
 
+def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
+    """Check parameters given before any input (a layer's constructor): every name must be one of
+    ``kind``'s and every scalar value (``p``, ``eps``, ``r``) must be valid; ``weights`` need the
+    input and are checked at the call.
+
+    >>> check_fixed_params("gem", {"P": 3})
+    Traceback (most recent call last):
+    ...
+    TypeError: kind 'gem' got unexpected parameter(s) ['P']; it takes p, eps
+    """
+    check_param_names(kind, params)
+    for name, value in params.items():
+        if (kind, name) in _RANGES:
+            check_param_value(kind, name, value)
+
+
 def check_params(
     kind: str, params: dict[str, Any], x: torch.Tensor, layout: str, mask: Any = None
 ) -> dict:
