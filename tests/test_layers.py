@@ -316,3 +316,34 @@ def test_make_head_channels_last_gives_the_channels_first_logits(name):
 def test_nin_class_maps_channels_last():
     head = gp.NiNHead(6, 3, layout="channels_last")
     assert head.class_maps(torch.randn(2, 4, 5, 6)).shape == (2, 4, 5, 3)
+
+
+# --- swap_pool -----------------------------------------------------------------------------------
+
+def test_swap_pool_refuses_max_pool_returning_indices():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.AdaptiveMaxPool2d(1, return_indices=True)))
+    with pytest.raises(ValueError, match=r"cannot swap '1.0': AdaptiveMaxPool2d\(return_indices=True\)"):
+        gp.swap_pool(net, "avg")
+    assert isinstance(net[1][0], nn.AdaptiveMaxPool2d)  # left untouched
+
+
+class _SharedPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool_again = self.pool  # the same module under a second name
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        return self.fc((self.pool(f) + self.pool_again(f)).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["max", "gem", "catavgmax"])
+def test_swap_pool_replaces_a_shared_pool_under_every_name(kind):
+    net = _SharedPool()
+    gp.swap_pool(net, kind, classifier="fc")
+    assert not isinstance(net.pool_again, nn.AdaptiveAvgPool2d)
+    assert net.pool is net.pool_again  # still one shared module
+    assert net(torch.randn(2, 3, 5, 5)).shape == (2, 2)

@@ -262,6 +262,9 @@ def swap_pool(
     """Replace every ``AdaptiveAvg/MaxPool*d(1)`` in ``model`` by globalpool's ``kind``, in place.
 
     The new pool keeps singleton spatial dims, so whatever flattening the model does still works.
+    A pool registered under several names (one module shared by several attributes) is replaced
+    under every name by one new module, so they stay shared. ``AdaptiveMaxPool*d(1,
+    return_indices=True)`` is refused: its (values, indices) output has no globalpool equivalent.
     Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``)
     need ``classifier``: the dotted name of the ``nn.Linear`` that follows, which is rebuilt (newly
     initialised) with the right input width.
@@ -274,20 +277,32 @@ def swap_pool(
     (torch.Size([1, 2]), 16)
     """
     check_kind(kind)
-    names = [name for name, module in model.named_modules() if _is_global(module)]
-    if not names:
+    # every registration: a module shared by two attributes is listed under both paths
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_global(m)]
+    if not found:
         raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
+    for name, module in found:
+        if getattr(module, "return_indices", False):
+            raise ValueError(
+                f"cannot swap {name!r}: {type(module).__name__}(return_indices=True) returns "
+                f"(values, indices) and globalpool's pools return values only; expected "
+                f"return_indices=False"
+            )
     fc = model.get_submodule(classifier) if classifier is not None else None
     if fc is not None and not isinstance(fc, nn.Linear):
         raise TypeError(f"classifier must name an nn.Linear, got {type(fc).__name__}")
     if kind in ("catavgmax", "attention") and fc is None:
         raise ValueError(f"kind {kind!r} needs classifier= (the Linear after the pool), got None")
     channels = fc.in_features if fc is not None else 0
-    for name in names:
-        if kind == "attention" or kind == "gem":
-            new = make_pool(kind, channels, keepdim=True, **params)
-        else:
-            new = GlobalPool(kind, keepdim=True, **params)
+    replacements: dict[int, nn.Module] = {}  # id(old module) -> its one replacement
+    for name, module in found:
+        new = replacements.get(id(module))
+        if new is None:
+            if kind == "attention" or kind == "gem":
+                new = make_pool(kind, channels, keepdim=True, **params)
+            else:
+                new = GlobalPool(kind, keepdim=True, **params)
+            replacements[id(module)] = new
         _set_submodule(model, name, new)
     if fc is not None and new.output_width(channels) != fc.in_features:
         linear = nn.Linear(new.output_width(channels), fc.out_features, bias=fc.bias is not None)
