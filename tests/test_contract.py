@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,133 @@ def test_gem_layer_p_below_one():
 def test_head_unknown_name():
     with pytest.raises(ValueError, match=r"head must be one of .*got 'svm'"):
         gp.make_head("svm", 8, 10)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize(
+    ("kind", "name", "value"),
+    [("gem", "p", INF), ("gem", "p", NAN), ("gem", "eps", INF), ("gem", "eps", NAN),
+     ("lse", "r", INF), ("lse", "r", NAN)],
+)
+def test_non_finite_param_refused(kind, name, value, as_tensor):
+    v = torch.tensor(value) if as_tensor else value
+    with pytest.raises(ValueError, match=rf"{name} for kind '{kind}' must be finite, got {value}"):
+        gp.pool(X, kind, **{name: v})
+
+
+def test_huge_int_param_refused_as_infinite():
+    with pytest.raises(ValueError, match=r"r for kind 'lse' must be finite, got inf"):
+        gp.pool(X, "lse", r=10**400)
+
+
+@pytest.mark.parametrize("keepdim", ["False", 0, 1, None, torch.tensor(True)], ids=repr)
+def test_keepdim_not_bool_refused(keepdim):
+    with pytest.raises(TypeError, match=r"keepdim must be a bool \(True or False\), got"):
+        gp.pool(X, "avg", keepdim=keepdim)
+
+
+def test_attention_with_no_sample_returns_empty():
+    x = torch.randn(0, 3, 4, 5)
+    w = torch.rand(0, 4, 5)
+    for backend in ("auto", "torch"):
+        assert gp.pool(x, "attention", weights=w, backend=backend).shape == (0, 3)
+    assert gp.pool(x, "attention", weights=w, keepdim=True).shape == (0, 3, 1, 1)
+
+
+def test_attention_negative_weight_at_padded_position_ignored():
+    mask = torch.ones(2, 4, 5, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    w = torch.rand(2, 4, 5)
+    w[0, 0, 0] = -3.0
+    y = gp.pool(X, "attention", weights=w, mask=mask, backend="torch")
+    assert torch.isfinite(y).all()
+
+
+def test_attention_negative_weight_at_real_position_still_refused_with_mask():
+    mask = torch.ones(2, 4, 5, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    w = torch.rand(2, 4, 5)
+    w[0, 0, 0] = float("nan")
+    w[1, 1, 1] = -0.5
+    with pytest.raises(ValueError, match=r"non-negative, got a minimum of -0.5 at a real position"):
+        gp.pool(X, "attention", weights=w, mask=mask)
+
+
+@pytest.mark.parametrize("bad", [-2.0, NAN, INF, -INF])
+def test_reference_torch_and_fused_agree_on_bad_weight_at_padded_position(bad):
+    from helpers import reference_forward
+
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    mask = torch.rand(2, 4, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, 0, 0] = True
+    mask[0, 1, 1] = False
+    w = torch.rand(2, 4, 5, dtype=torch.float64)
+    w[0, 1, 1] = bad
+    expected = reference_forward(x, "attention", "channels_first", mask, weights=w)
+    for backend in ("torch", "fused"):
+        wg = w.clone().requires_grad_()
+        xg = x.clone().requires_grad_()
+        y = gp.pool(xg, "attention", weights=wg, mask=mask, backend=backend)
+        np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-10, atol=1e-12,
+                                   err_msg=backend)
+        y.sum().backward()
+        assert torch.isfinite(xg.grad).all() and torch.isfinite(wg.grad).all(), backend
+        assert wg.grad[0, 1, 1] == 0, backend
+
+
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+# the fused kernel's compiled op takes eps and r as Python floats only, so tensor eps / r go
+# through the torch backend here
+@pytest.mark.parametrize(
+    ("kind", "name", "bad", "backend"),
+    [("gem", "p", 0.5, "torch"), ("gem", "p", INF, "torch"), ("gem", "p", NAN, "torch"),
+     ("gem", "p", 0.5, "fused"), ("gem", "p", NAN, "fused"), ("gem", "eps", 0.0, "torch"),
+     ("gem", "eps", INF, "torch"), ("lse", "r", 0.0, "torch"), ("lse", "r", -1.0, "torch"),
+     ("lse", "r", NAN, "torch")],
+)
+def test_compiled_tensor_param_out_of_range_raises(kind, name, bad, backend):
+    f = _compiled(lambda x, v: gp.pool(x, kind, backend=backend, **{name: v}))
+    good = torch.tensor(2.0)
+    assert torch.isfinite(f(X, good)).all()
+    with pytest.raises(Exception, match=rf"{name} for kind '{kind}' must be finite and"):
+        f(X, torch.tensor(bad))
+
+
+def test_compiled_gem_tensor_p_below_one_raises():
+    f = torch.compile(lambda x, p: gp.pool(x, "gem", p=p, backend="torch"), fullgraph=True,
+                      backend="eager")
+    with pytest.raises(Exception, match=r"p for kind 'gem' must be finite and >= 1"):
+        f(X, torch.tensor(0.5))
+
+
+def test_compiled_negative_weight_raises_and_padded_one_is_ignored():
+    f = _compiled(lambda x, w, m: gp.pool(x, "attention", weights=w, mask=m, backend="torch"))
+    mask = torch.ones(2, 4, 5, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    w = torch.rand(2, 4, 5)
+    w[0, 0, 0] = -1.0
+    assert torch.isfinite(f(X, w, mask)).all()
+    w[1, 0, 0] = -1.0
+    with pytest.raises(Exception, match=r"weights must be non-negative at real positions"):
+        f(X, w, mask)
+
+
+def test_compiled_check_reads_back_on_accelerators(monkeypatch):
+    """The accelerator form (a read-back instead of a device-side assert) also raises."""
+    from globalpool import contract
+
+    monkeypatch.setattr(contract, "_check_traced", contract._check_read_back)
+    torch._dynamo.reset()
+    try:
+        f = _compiled(lambda x, p: gp.pool(x, "gem", p=p, backend="torch"))
+        assert torch.isfinite(f(X, torch.tensor(2.0))).all()
+        with pytest.raises(Exception):  # noqa: B017 - torch words this one itself
+            f(X, torch.tensor(0.5))
+    finally:
+        torch._dynamo.reset()

@@ -12,6 +12,7 @@ messages: each names the argument, the value received and what was expected.
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -38,7 +39,8 @@ class PoolSpec(NamedTuple):
 
 
 def _tracing() -> bool:
-    """True under torch.compile / torch.export, where value checks would force a sync."""
+    """True under torch.compile / torch.export: tensor values are unknown while tracing, so their
+    checks become graph nodes (:func:`_check_traced`)."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
@@ -130,14 +132,73 @@ def _check_real(name: str, value: Any, kind: str) -> None:
         )
 
 
-def _value(v: Any) -> float | None:
-    """A Python float for a number or an eager 0-dim tensor; None while tracing."""
-    if isinstance(v, torch.Tensor):
-        return None if _tracing() else float(v.detach())
-    return float(v)
+def _as_float(v: Any) -> float:
+    """A Python float for a number or an eager 0-dim tensor (an int too large for a float is
+    infinite)."""
+    try:
+        return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
-def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
+def _check_traced(cond: torch.Tensor, message: str) -> None:
+    """Check a bool 0-dim tensor inside a graph (torch.compile / torch.export), where it has no
+    value yet: it raises ``RuntimeError(message)`` when the graph runs.
+
+    On the CPU this is an ``_assert_async`` node (no cost to speak of, kept by torch.export and
+    dropped by the ONNX exporter). On an accelerator an ``_assert_async`` would be a device-side
+    assert, which leaves the device unusable, so the graph reads the value back instead (one host
+    sync, as the eager check takes) and raises a recoverable error; torch.export skips it there.
+    """
+    if cond.device.type == "cpu":
+        torch._assert_async(cond, message)
+    elif not torch.compiler.is_exporting():
+        _check_read_back(cond, message)
+
+
+def _check_read_back(cond: torch.Tensor, message: str) -> None:
+    """The accelerator form of :func:`_check_traced`: the graph reads ``cond`` back and raises
+    (torch reports the failed expression; ``message`` is shown where torch keeps it)."""
+    torch._check(cond.item(), lambda: message)
+
+
+# (kind, parameter) -> (is the value in range?, the same test on a tensor, what is expected)
+_RANGES = {
+    ("gem", "p"): (lambda v: v >= 1.0, lambda t: t >= 1.0, ">= 1"),
+    ("gem", "eps"): (lambda v: v > 0.0, lambda t: t > 0.0, "> 0"),
+    ("lse", "r"): (lambda v: v > 0.0, lambda t: t > 0.0, "> 0"),
+}
+
+
+def check_param_value(kind: str, name: str, value: Any) -> None:
+    """Check one scalar parameter (``p``/``eps`` of gem, ``r`` of lse): a real number or a 0-dim
+    floating tensor, finite and in range. Inside a graph a tensor's value is checked when the
+    graph runs (see :func:`_check_traced`).
+
+    >>> check_param_value("gem", "p", float("inf"))
+    Traceback (most recent call last):
+    ...
+    ValueError: p for kind 'gem' must be finite, got inf
+    """
+    _check_real(name, value, kind)
+    in_range, tensor_in_range, expected = _RANGES[(kind, name)]
+    if isinstance(value, torch.Tensor) and _tracing():
+        v = value.detach()
+        _check_traced(
+            torch.isfinite(v) & tensor_in_range(v),
+            f"{name} for kind {kind!r} must be finite and {expected} (checked in the graph)",
+        )
+        return
+    v = _as_float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} for kind {kind!r} must be finite, got {v}")
+    if not in_range(v):
+        raise ValueError(f"{name} for kind {kind!r} must be {expected}, got {v}")
+
+
+def _check_weights(weights: Any, x: torch.Tensor, layout: str, mask: Any = None) -> None:
+    """Weights must be non-negative at real positions; padded positions are never read, so they
+    may hold anything (NaN at a real position propagates to the output, as a NaN in x does)."""
     if weights is None:
         raise TypeError("kind 'attention' requires weights=Tensor of shape (N, *S), got None")
     if not isinstance(weights, torch.Tensor):
@@ -145,41 +206,79 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str) -> None:
     if not weights.is_floating_point():
         raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
     _check_per_position("weights", weights, x, layout)
-    if _tracing():
-        return
     w = weights.detach()
+    if mask is not None:
+        w = torch.where(mask, w, 0.0)
+    if _tracing():
+        _check_traced(
+            ~(w < 0).any(), "weights must be non-negative at real positions (checked in the graph)"
+        )
+        return
+    if not w.numel():  # no sample: nothing to check (amin of nothing raises)
+        return
     low = float(w.amin())  # one reduction: (w < 0).any() also writes a mask (~0.3 ms cold on 2 MB)
-    if low != low:  # NaN (e.g. at padded positions) hides the minimum: look at the rest
+    if low != low:  # NaN hides the minimum: look at the rest
         low = float(torch.where(w.isnan(), 0.0, w).amin())
     if low < 0:
-        raise ValueError(f"weights must be non-negative, got a minimum of {low}")
+        where = " at a real position" if mask is not None else ""
+        raise ValueError(f"weights must be non-negative, got a minimum of {low}{where}")
 
 
-def check_params(kind: str, params: dict[str, Any], x: torch.Tensor, layout: str) -> dict:
-    """Fill defaults for ``kind`` and check each parameter's type and range."""
+def check_param_names(kind: str, params: dict[str, Any]) -> None:
+    """Every parameter name must be one of ``kind``'s (``KIND_DEFS[kind].defaults``)."""
     kdef = KIND_DEFS[kind]
     unknown = sorted(set(params) - set(kdef.defaults)) if params else None
     if unknown:
         takes = ", ".join(kdef.defaults) or "no parameters"
         raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; it takes {takes}")
-    full = {**kdef.defaults, **params}
+
+
+def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
+    """Check parameters given before any input (a layer's constructor): every name must be one of
+    ``kind``'s and every scalar value (``p``, ``eps``, ``r``) must be valid; ``weights`` need the
+    input and are checked at the call.
+
+    >>> check_fixed_params("gem", {"P": 3})
+    Traceback (most recent call last):
+    ...
+    TypeError: kind 'gem' got unexpected parameter(s) ['P']; it takes p, eps
+    """
+    check_param_names(kind, params)
+    for name, value in params.items():
+        if (kind, name) in _RANGES:
+            check_param_value(kind, name, value)
+
+
+def check_params(
+    kind: str, params: dict[str, Any], x: torch.Tensor, layout: str, mask: Any = None
+) -> dict:
+    """Fill defaults for ``kind`` and check each parameter's type and range (``weights`` only at
+    the real positions of ``mask``)."""
+    check_param_names(kind, params)
+    full = {**KIND_DEFS[kind].defaults, **params}
     if kind == "gem":
-        _check_real("p", full["p"], kind)
-        _check_real("eps", full["eps"], kind)
-        p = _value(full["p"])
-        if p is not None and not p >= 1.0:
-            raise ValueError(f"p for kind 'gem' must be >= 1, got {p}")
-        eps = _value(full["eps"])
-        if eps is not None and not eps > 0.0:
-            raise ValueError(f"eps for kind 'gem' must be > 0, got {eps}")
+        check_param_value(kind, "p", full["p"])
+        check_param_value(kind, "eps", full["eps"])
     elif kind == "lse":
-        _check_real("r", full["r"], kind)
-        r = _value(full["r"])
-        if r is not None and not r > 0.0:
-            raise ValueError(f"r for kind 'lse' must be > 0, got {r}")
+        check_param_value(kind, "r", full["r"])
     elif kind == "attention":
-        _check_weights(full["weights"], x, layout)
+        _check_weights(full["weights"], x, layout, mask)
     return full
+
+
+def check_keepdim(keepdim: Any) -> None:
+    """``keepdim`` must be a bool (a string such as ``"False"`` would be truthy).
+
+    >>> check_keepdim("False")
+    Traceback (most recent call last):
+    ...
+    TypeError: keepdim must be a bool (True or False), got 'False' of type str
+    """
+    if not isinstance(keepdim, bool):
+        raise TypeError(
+            f"keepdim must be a bool (True or False), got {keepdim!r} of type "
+            f"{type(keepdim).__name__}"
+        )
 
 
 def check_kind(kind: Any, allowed: tuple[str, ...] = KINDS, name: str = "kind") -> None:
@@ -196,7 +295,7 @@ def pool_spec(
     check_input(x)
     _check_spatial_nonempty(x, layout)
     check_mask(mask, x, layout)
-    full = check_params(kind, params, x, layout)
+    full = check_params(kind, params, x, layout, mask)
     channel_dim, spatial_dims = layout_dims(x.ndim, layout)
     return PoolSpec(kind, layout, channel_dim, spatial_dims, full)
 

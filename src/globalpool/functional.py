@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from globalpool.contract import adaptive_spec, pool_spec
+from globalpool.contract import adaptive_spec, check_keepdim, pool_spec
 from globalpool.kinds import KIND_DEFS
 
 BACKENDS = ("auto", "fused", "torch")
@@ -128,6 +128,7 @@ def pool(
     torch.Size([1, 2, 1, 1])
     """
     spec = pool_spec(x, kind, layout, mask, params)
+    check_keepdim(keepdim)
     if _choose_backend(backend, x, kind, mask, spec.params, layout) == "fused":
         return _kernels.fused_pool(x, kind, layout, mask, keepdim, **spec.params)
     return _compose(x, spec, mask, keepdim)

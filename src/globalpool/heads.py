@@ -17,10 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool.contract import check_kind
+from globalpool.contract import check_input, check_kind, check_layout, check_mask, spatial_shape
 from globalpool.functional import pool
 from globalpool.kinds import KINDS
-from globalpool.layers import GlobalPool, make_pool
+from globalpool.layers import (
+    GlobalPool,
+    check_backend,
+    check_channel_count,
+    check_channels,
+    make_pool,
+)
 
 HEADS: tuple[str, ...] = ("fc", *KINDS, "nin")
 
@@ -45,6 +51,8 @@ class ClassifierHead(nn.Module):
         **pool_params: Any,
     ) -> None:
         super().__init__()
+        check_channels(in_channels, "in_channels")
+        check_channels(num_classes, "num_classes")
         self.pool = make_pool(pool, in_channels, layout=layout, **pool_params)
         self.feature_width = self.pool.output_width(in_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -57,11 +65,16 @@ class ClassifierHead(nn.Module):
 class FlattenFCHead(nn.Module):
     """The "traditional" head: flatten the whole feature map, a hidden FC layer, then classes.
 
-    Its parameter count grows with the spatial size, and it only accepts that size.
+    Its parameter count grows with the spatial size, and it only accepts that size. ``x`` is
+    ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"``. With a mask, padded
+    positions are replaced by 0 before the first layer, so what they hold (NaN, inf) never
+    reaches the logits or a gradient.
 
     >>> import torch, globalpool as gp
     >>> head = gp.FlattenFCHead(8, (4, 4), 10, hidden=32)
     >>> head(torch.randn(2, 8, 4, 4)).shape
+    torch.Size([2, 10])
+    >>> gp.FlattenFCHead(8, (4,), 10, layout="channels_last")(torch.randn(2, 4, 8)).shape
     torch.Size([2, 10])
     """
 
@@ -73,8 +86,14 @@ class FlattenFCHead(nn.Module):
         *,
         hidden: int = 256,
         dropout: float = 0.0,
+        layout: str = "channels_first",
     ) -> None:
         super().__init__()
+        check_channels(in_channels, "in_channels")
+        check_channels(num_classes, "num_classes")
+        check_channels(hidden, "hidden")
+        check_layout(layout)
+        self.in_channels, self.layout = in_channels, layout
         self.spatial_size = tuple(spatial_size)
         self.feature_width = in_channels * math.prod(self.spatial_size)
         self.hidden = nn.Linear(self.feature_width, hidden)
@@ -82,38 +101,78 @@ class FlattenFCHead(nn.Module):
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if tuple(x.shape[2:]) != self.spatial_size:
+        check_input(x)
+        if spatial_shape(x, self.layout) != self.spatial_size:
             raise ValueError(
                 f"x must have spatial size {self.spatial_size} for a flatten+FC head, "
-                f"got {tuple(x.shape[2:])}; use a pooling head for other input sizes"
+                f"got {spatial_shape(x, self.layout)}; use a pooling head for other input sizes"
             )
-        if mask is not None:
-            x = x * mask.unsqueeze(1).to(x.dtype)
+        check_channel_count(x, self.layout, self.in_channels, "FlattenFCHead")
+        check_mask(mask, x, self.layout)
+        channel_dim = 1 if self.layout == "channels_first" else x.ndim - 1
+        if mask is not None:  # select, not multiply: 0 * NaN is NaN
+            x = torch.where(mask.unsqueeze(channel_dim), x, 0.0)
         return self.fc(self.dropout(torch.relu(self.hidden(x.flatten(1)))))
 
 
 class NiNHead(nn.Module):
     """Network-in-Network head: a 1x1 convolution to class maps, ReLU, then global average.
 
-    There is no fully connected layer; the class maps double as class activation maps.
+    There is no fully connected layer; the class maps double as class activation maps. ``x`` is
+    ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"`` (where the 1x1 convolution
+    is a ``Linear`` on the last dim). With a mask, padded positions are replaced by 0 before the
+    convolution, so what they hold never reaches the logits or a gradient.
 
     >>> import torch, globalpool as gp
     >>> gp.NiNHead(16, 10)(torch.randn(2, 16, 6)).shape
     torch.Size([2, 10])
+    >>> gp.NiNHead(16, 10, layout="channels_last")(torch.randn(2, 6, 16)).shape
+    torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        layout: str = "channels_first",
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
+        check_channels(in_channels, "in_channels")
+        check_channels(num_classes, "num_classes")
+        check_layout(layout)
+        check_backend(backend)
         self.feature_width = in_channels
-        self.backend = backend
+        self.layout, self.backend = layout, backend
         self.conv = nn.Linear(in_channels, num_classes)  # a 1x1 conv of any spatial rank
 
-    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, num_classes, *S)`` maps before the global average."""
+    def class_maps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class maps before the global average, in the head's layout: ``(N, num_classes, *S)``
+        (or ``(N, *S, num_classes)`` channels-last); 0 input at padded positions."""
+        self._check(x, mask)
+        return self._class_maps(x, mask)
+
+    def _check(self, x: Any, mask: Any) -> None:
+        check_input(x)
+        check_channel_count(x, self.layout, self.conv.in_features, "NiNHead")
+        check_mask(mask, x, self.layout)
+
+    def _class_maps(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        first = self.layout == "channels_first"
+        if mask is not None:  # select, not multiply: 0 * NaN is NaN
+            x = torch.where(mask.unsqueeze(1 if first else -1), x, 0.0)
+        if not first:
+            return torch.relu(self.conv(x))
         return torch.relu(self.conv(x.movedim(1, -1))).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return pool(self.class_maps(x), "avg", mask=mask, backend=self.backend)
+        self._check(x, mask)
+        maps = self._class_maps(x, mask)
+        return pool(maps, "avg", layout=self.layout, mask=mask, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout!r}"
 
 
 def make_head(
@@ -124,30 +183,58 @@ def make_head(
     spatial_size: tuple[int, ...] | None = None,
     dropout: float = 0.0,
     hidden: int = 256,
+    layout: str = "channels_first",
+    backend: str = "auto",
     **pool_params: Any,
 ) -> nn.Module:
     """Build the head called ``name`` (one of :data:`HEADS`).
 
-    ``fc`` needs ``spatial_size``; pooling heads accept any spatial size.
+    Every head takes ``layout`` and ``backend`` (``fc`` does no pooling and only checks it).
+    ``fc`` needs ``spatial_size`` and uses ``hidden``; pooling heads accept any spatial size, so
+    one call can build any head and ``spatial_size``/``hidden`` are ignored by the others.
+    ``dropout`` (before the last layer) is for ``fc`` and the pooling heads; ``nin`` has no layer
+    to drop out before and refuses a non-zero one. ``pool_params`` (``p``, ``eps``,
+    ``learnable``, ``r``, ``keepdim`` ...) go to the pool of a pooling head; ``fc`` and ``nin``
+    refuse them.
 
     >>> import globalpool as gp
     >>> sorted(gp.HEADS)[:3]
     ['attention', 'avg', 'avgmax']
     >>> gp.make_head("fc", 8, 10, spatial_size=(5,), hidden=16).feature_width
     40
+    >>> gp.make_head("nin", 8, 10, p=3.0)
+    Traceback (most recent call last):
+    ...
+    TypeError: head 'nin' got unexpected argument(s) ['p']; it takes layout, backend
     """
     check_kind(name, HEADS, name="head")
-    backend = pool_params.pop("backend", "auto")
+    check_layout(layout)
+    check_backend(backend)
+    if name in ("fc", "nin"):
+        extra = sorted(pool_params)
+        if name == "nin" and dropout != 0:
+            extra = ["dropout", *extra]
+        if extra:
+            takes = "spatial_size, hidden, dropout, layout, backend" if name == "fc" else (
+                "layout, backend"
+            )
+            raise TypeError(f"head {name!r} got unexpected argument(s) {extra}; it takes {takes}")
     if name == "fc":
         if spatial_size is None:
             raise ValueError("spatial_size is required for head 'fc' (flatten + FC), got None")
         return FlattenFCHead(
-            in_channels, spatial_size, num_classes, hidden=hidden, dropout=dropout
+            in_channels, spatial_size, num_classes, hidden=hidden, dropout=dropout, layout=layout
         )
     if name == "nin":
-        return NiNHead(in_channels, num_classes, backend=backend)
+        return NiNHead(in_channels, num_classes, layout=layout, backend=backend)
     return ClassifierHead(
-        in_channels, num_classes, name, dropout=dropout, backend=backend, **pool_params
+        in_channels,
+        num_classes,
+        name,
+        dropout=dropout,
+        layout=layout,
+        backend=backend,
+        **pool_params,
     )
 
 
@@ -175,6 +262,9 @@ def swap_pool(
     """Replace every ``AdaptiveAvg/MaxPool*d(1)`` in ``model`` by globalpool's ``kind``, in place.
 
     The new pool keeps singleton spatial dims, so whatever flattening the model does still works.
+    A pool registered under several names (one module shared by several attributes) is replaced
+    under every name by one new module, so they stay shared. ``AdaptiveMaxPool*d(1,
+    return_indices=True)`` is refused: its (values, indices) output has no globalpool equivalent.
     Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``)
     need ``classifier``: the dotted name of the ``nn.Linear`` that follows, which is rebuilt (newly
     initialised) with the right input width.
@@ -187,20 +277,32 @@ def swap_pool(
     (torch.Size([1, 2]), 16)
     """
     check_kind(kind)
-    names = [name for name, module in model.named_modules() if _is_global(module)]
-    if not names:
+    # every registration: a module shared by two attributes is listed under both paths
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_global(m)]
+    if not found:
         raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
+    for name, module in found:
+        if getattr(module, "return_indices", False):
+            raise ValueError(
+                f"cannot swap {name!r}: {type(module).__name__}(return_indices=True) returns "
+                f"(values, indices) and globalpool's pools return values only; expected "
+                f"return_indices=False"
+            )
     fc = model.get_submodule(classifier) if classifier is not None else None
     if fc is not None and not isinstance(fc, nn.Linear):
         raise TypeError(f"classifier must name an nn.Linear, got {type(fc).__name__}")
     if kind in ("catavgmax", "attention") and fc is None:
         raise ValueError(f"kind {kind!r} needs classifier= (the Linear after the pool), got None")
     channels = fc.in_features if fc is not None else 0
-    for name in names:
-        if kind == "attention" or kind == "gem":
-            new = make_pool(kind, channels, keepdim=True, **params)
-        else:
-            new = GlobalPool(kind, keepdim=True, **params)
+    replacements: dict[int, nn.Module] = {}  # id(old module) -> its one replacement
+    for name, module in found:
+        new = replacements.get(id(module))
+        if new is None:
+            if kind == "attention" or kind == "gem":
+                new = make_pool(kind, channels, keepdim=True, **params)
+            else:
+                new = GlobalPool(kind, keepdim=True, **params)
+            replacements[id(module)] = new
         _set_submodule(model, name, new)
     if fc is not None and new.output_width(channels) != fc.in_features:
         linear = nn.Linear(new.output_width(channels), fc.out_features, bias=fc.bias is not None)

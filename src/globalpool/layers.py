@@ -9,13 +9,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from globalpool.contract import check_kind, check_layout, layout_dims
-from globalpool.functional import adaptive_pool, output_width, pool
+from globalpool.contract import (
+    check_fixed_params,
+    check_input,
+    check_keepdim,
+    check_kind,
+    check_layout,
+    check_mask,
+    check_param_value,
+    layout_dims,
+)
+from globalpool.functional import BACKENDS, adaptive_pool, output_width, pool
 from globalpool.kinds import KINDS
+
+
+def check_backend(backend: Any) -> None:
+    """``backend`` must be one of :data:`globalpool.functional.BACKENDS`.
+
+    >>> check_backend("cuda")
+    Traceback (most recent call last):
+    ...
+    ValueError: backend must be one of ('auto', 'fused', 'torch'), got 'cuda'
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_channels(channels: Any, name: str = "channels") -> None:
+    """A channel or class count must be a positive int."""
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+        raise ValueError(f"{name} must be a positive int, got {channels!r}")
+
+
+def check_channel_count(x: torch.Tensor, layout: str, channels: int, owner: str) -> None:
+    """``x`` must have ``channels`` channels where ``layout`` puts them."""
+    channel_dim, _ = layout_dims(x.ndim, layout)
+    if x.shape[channel_dim] != channels:
+        raise ValueError(
+            f"x must have {channels} channels at dim {channel_dim} (layout={layout!r}) for "
+            f"{owner}, got shape {tuple(x.shape)}"
+        )
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 class GlobalPool(nn.Module):
     """Global pooling of one kind with fixed parameters.
+
+    Every argument is checked here (kind, layout, keepdim, backend, the kind's parameter names
+    and scalar values); ``weights`` for ``attention`` are given at the call.
 
     >>> import torch, globalpool as gp
     >>> layer = gp.GlobalPool("catavgmax")
@@ -35,13 +87,18 @@ class GlobalPool(nn.Module):
         super().__init__()
         check_kind(kind)
         check_layout(layout)
+        check_keepdim(keepdim)
+        check_backend(backend)
+        check_fixed_params(kind, params)
         self.kind, self.layout, self.keepdim, self.backend = kind, layout, keepdim, backend
         self.params = params
 
     def output_width(self, channels: int) -> int:
         return output_width(self.kind, channels)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **params: Any):
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, **params: Any
+    ) -> torch.Tensor:
         return pool(
             x,
             self.kind,
@@ -83,11 +140,19 @@ class GeM(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or p < 1.0:
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
+            raise TypeError(f"p must be a real number (int or float), got {p!r}")
+        if not _finite(p):
+            raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+        if p < 1.0:
             raise ValueError(f"p must be a number >= 1, got {p!r}")
+        _check_bool(learnable, "learnable")
         if learnable and p == 1.0:
             raise ValueError("p must be > 1 for a learnable GeM (p = 1 + softplus(raw)), got 1.0")
+        check_param_value("gem", "eps", eps)
         check_layout(layout)
+        check_keepdim(keepdim)
+        check_backend(backend)
         raw = torch.tensor(_softplus_inverse(p - 1.0) if p > 1.0 else -30.0)
         if learnable:
             self.raw_p = nn.Parameter(raw)
@@ -125,10 +190,17 @@ class GeM(nn.Module):
 class AttentionPool(nn.Module):
     """Attention-weighted average: a learned 1x1 scorer gives weights ``sigmoid(w . x_s + b)``.
 
+    With a mask, padded positions are replaced by 0 before the scorer, so whatever they hold
+    (NaN, inf) reaches neither the output nor any gradient (x's or the scorer's).
+
     >>> import torch, globalpool as gp
     >>> att = gp.AttentionPool(8)
     >>> att(torch.randn(2, 8, 5, 5)).shape
     torch.Size([2, 8])
+    >>> x, mask = torch.randn(1, 8, 4), torch.tensor([[True, True, False, False]])
+    >>> x[..., 2:] = float("nan")
+    >>> bool(att(x, mask=mask).isfinite().all())
+    True
     """
 
     def __init__(
@@ -140,20 +212,36 @@ class AttentionPool(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_channels(channels)
         check_layout(layout)
+        check_keepdim(keepdim)
+        check_backend(backend)
         self.channels, self.layout, self.keepdim, self.backend = channels, layout, keepdim, backend
         self.score = nn.Linear(channels, 1)
 
     def output_width(self, channels: int) -> int:
         return channels
 
-    def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Non-negative weights of shape ``(N, *S)``."""
+    def _check(self, x: Any, mask: Any) -> None:
+        check_input(x)
+        check_channel_count(x, self.layout, self.channels, "AttentionPool")
+        check_mask(mask, x, self.layout)
+
+    def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Non-negative weights of shape ``(N, *S)``; padded positions (``mask`` False) are
+        scored as zeros, so what they hold never reaches the scorer."""
+        self._check(x, mask)
+        return self._weights(x, mask)
+
+    def _weights(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         channel_dim, _ = layout_dims(x.ndim, self.layout)
+        if mask is not None:  # select, not multiply: 0 * NaN is NaN
+            x = torch.where(mask.unsqueeze(channel_dim), x, 0.0)
         last = x if channel_dim == x.ndim - 1 else x.movedim(channel_dim, -1)
         return torch.sigmoid(self.score(last.to(self.score.weight.dtype))).squeeze(-1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, mask)
         return pool(
             x,
             "attention",
@@ -161,7 +249,7 @@ class AttentionPool(nn.Module):
             keepdim=self.keepdim,
             mask=mask,
             backend=self.backend,
-            weights=self.weights(x),
+            weights=self._weights(x, mask),
         )
 
     def extra_repr(self) -> str:
@@ -202,12 +290,31 @@ def make_pool(
 ) -> nn.Module:
     """The pooling module for ``kind``: learnable GeM, learned attention, else :class:`GlobalPool`.
 
+    ``params`` go to that module: ``keepdim`` and ``backend`` for every kind, ``p``, ``eps`` and
+    ``learnable`` for ``gem``, the kind's parameters for the others; anything else is refused.
+
     >>> make_pool("gem", 16)
     GeM(p=3.0000, eps=1e-06, learnable=True, layout='channels_first')
+    >>> make_pool("attention", 16, p=3.0)
+    Traceback (most recent call last):
+    ...
+    TypeError: pool 'attention' got unexpected argument(s) ['p']; it takes keepdim, backend
     """
     check_kind(kind, KINDS)
+    takes = _MAKE_POOL_ARGS.get(kind)
+    unknown = sorted(set(params) - set(takes)) if takes is not None else None
+    if unknown:
+        raise TypeError(
+            f"pool {kind!r} got unexpected argument(s) {unknown}; it takes {', '.join(takes)}"
+        )
     if kind == "gem":
         return GeM(layout=layout, **params)
     if kind == "attention":
         return AttentionPool(channels, layout=layout, **params)
     return GlobalPool(kind, layout=layout, **params)
+
+
+_MAKE_POOL_ARGS = {  # GlobalPool checks its own (keepdim, backend and the kind's parameters)
+    "gem": ("p", "eps", "learnable", "keepdim", "backend"),
+    "attention": ("keepdim", "backend"),
+}
