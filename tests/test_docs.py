@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,9 @@ MODULES = [
     "globalpool.compose",
     "globalpool.contract",
     "globalpool.functional",
+    "globalpool.kernels",
+    "globalpool.kernels.cpu_numba",
+    "globalpool.kernels.ops",
     "globalpool.heads",
     "globalpool.kinds",
     "globalpool.layers",
@@ -31,3 +36,13 @@ def test_doctests_pass(name):
 def test_public_names_have_examples(name):
     doc = getattr(gp, name).__doc__ or ""
     assert ">>>" in doc, f"globalpool.{name} needs a docstring with a runnable example"
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize(
+    "block", re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) or [""]
+)
+def test_readme_python_blocks_run(block):
+    exec(compile(block, "README.md", "exec"), {})
