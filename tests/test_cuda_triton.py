@@ -265,6 +265,23 @@ def test_lse_grad_in_bfloat16_avoids_the_rounded_output(channels_last):
 
 @pytest.mark.usefixtures("interp")
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+def test_gem_backward_scaled_by_the_output(channels_last):
+    """grad x and grad p at p = 30 on x in [1, 101]: from y^(1-p) x^(p-1) the first factor
+    underflowed float32 (85^-29) and the gradient was 0; the backward now takes (x / y)^(p-1)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1.0 + 100 * torch.rand(2, 3, 40, generator=gen, dtype=torch.float64))
+    g = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    want = pool_backward(x.numpy(), g.numpy(), "gem", p=30.0)
+    y = torch.from_numpy(pool_forward(x.numpy(), "gem", p=30.0)).float()
+    xk = (x.transpose(1, 2).contiguous() if channels_last else x).float()
+    gx, gp, _ = ct.backward(g.float(), xk, y, None, channels_last, "gem", None, p=30.0)
+    gx = gx.transpose(1, 2) if channels_last else gx
+    torch.testing.assert_close(gx.double(), torch.from_numpy(want["x"]), rtol=1e-4, atol=1e-6)
+    assert abs(float(gp) - want["p"]) <= 1e-4 * abs(want["p"])
+
+
+@pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
 def test_attention_zero_weights_pool_to_zero(channels_last):
     x, mask, w = make("attention", (3, 4, 20), channels_last, masked=False, seed=6)
     w[2] = 0.0

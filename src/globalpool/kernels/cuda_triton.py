@@ -504,10 +504,11 @@ def _backward(
         if out is None or out.numel() != n * oc:
             raise ValueError(f"out must be the forward output ({n}, {oc}) for kind={kind!r}")
         out = out.reshape(n, oc).contiguous()
-        if kind == "lse" and x.dtype in (torch.float16, torch.bfloat16):
-            # exp(r (x - out)) with out rounded to x's dtype is off by a factor exp(r |out| 2**-9)
-            # in bfloat16: take lse again in float32 (one more read of x, half inputs only)
-            out = _forward(x, channels_last, "lse", mask, None, None, r, None,
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # exp(r (x - out)) and (x / out)^(p - 1) with out rounded to x's dtype are off by up
+            # to exp(r |out| 2**-9) and (p - 1) 2**-9 in bfloat16: take the output again in
+            # float32 (one more read of x, half inputs only)
+            out = _forward(x, channels_last, kind, mask, p if p_t is None else p_t, eps, r, None,
                            out_dtype=torch.float32)[0]  # fmt: skip
     else:
         out = None
@@ -567,7 +568,7 @@ def _backward(
         num_warps=cfg.warps,
     )  # fmt: skip
     if need_p:
-        grad_p = _gem_grad_p(g, ps, pt, cnt, p if p_t is None else p_t.double(), n, c)
+        grad_p = _gem_grad_p(g, ps, pt, cnt, out, p if p_t is None else p_t.double(), n, c)
     return grad_x, grad_p, None
 
 
@@ -576,20 +577,19 @@ def _gem_grad_p(
     ps: torch.Tensor,
     pt: torch.Tensor,
     cnt: torch.Tensor,
+    y: torch.Tensor,
     p: float | torch.Tensor,
     n: int,
     c: int,
 ) -> torch.Tensor:
-    """d/dp of sum(g * y), y = m^(1/p), m = S/cnt: y * (T / (p S) - log(m) / p^2) per row, with
-    S = sum z^p and T = sum z^p ln z over the real positions (kernel partials, log base 2)."""
+    """d/dp of sum(g * y), y = m^(1/p), m = mean max(x, eps)^p: with z = max(x, eps) / y (so
+    mean z^p = 1), y * T / (p S) per row, S = sum z^p and T = sum z^p ln z over the real
+    positions (kernel partials, log base 2)."""
     s = ps.double().sum(1).view(n, c)
     t = pt.double().sum(1).view(n, c) * _LN2
-    cnt = cnt.double().view(n, 1)
-    real = (cnt > 0) & (s > 0)
-    s1 = torch.where(real, s, 1.0)
-    m = s1 / torch.where(cnt > 0, cnt, 1.0)
-    y = m ** (1.0 / p)
-    dydp = torch.where(real, y * (t / (p * s1) - torch.log(m) / (p * p)), 0.0)
+    y = y.double().view(n, c)
+    real = (cnt.double().view(n, 1) > 0) & (s > 0) & torch.isfinite(y)
+    dydp = torch.where(real, y * t / (p * torch.where(real, s, 1.0)), 0.0)
     return (g.double() * dydp).sum().float()
 
 

@@ -448,7 +448,7 @@ def _pool_bwd(
 
     Max kinds read x only for rows whose maximum is tied; gem and lse read x (their gradient
     depends on it) and, with NEED_P, gem also writes per-(row, split) partial sums S = sum z^p
-    and T = sum z^p log2 z for the gradient with respect to p.
+    and T = sum z^p log2 z, z = max(x, eps) / y, for the gradient with respect to p.
     """
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -504,10 +504,11 @@ def _pool_bwd(
         gm = tl.where(ties > 1, gm / tl.maximum(ties, 1).to(ACC), gm)
     y = zero
     coef = zero
-    if KIND == GEM:
+    yi = zero
+    if KIND == GEM:  # grad = g / n * (x / y)^(p - 1): scaled by y, no power over- or underflows
         y = tl.load(out_ptr + n * C + c, mask=valid, other=0.0).to(ACC)
-        ypow = tl.where(y > 0, tl.exp2((1.0 - p) * tl.log2(tl.where(y > 0, y, 1.0))), 0.0)
-        coef = g * ic * ypow
+        yi = tl.where((y > 0) & (y < float("inf")), 1.0 / tl.where(y > 0, y, 1.0), 0.0)
+        coef = g * ic
     if KIND == LSE:
         y = tl.load(out_ptr + n * C + c, mask=valid, other=0.0).to(ACC)
         coef = g * ic
@@ -538,7 +539,7 @@ def _pool_bwd(
             val += tl.where(tied & (xt == mval), gm, 0.0)
         if KIND == GEM:
             xv = tl.load(x_ptr + xoff, mask=ok, other=1.0).to(ACC)
-            xc = tl.where(xv < eps, eps, xv)
+            xc = tl.where(xv < eps, eps, xv) * yi
             if P_INT > 0:
                 zp1 = _powi(xc, P_INT - 1)
             else:
