@@ -116,6 +116,9 @@ def check(kind, x, mask, w, channels_last, split=None, block_l=None, **params):
     if kind in MAX_KINDS:
         channels = x.shape[2] if channels_last else x.shape[1]
         assert aux.dtype == torch.int32 and aux.shape == (x.shape[0], channels, 2)
+    elif kind == "lse":  # each row's maximum and log-mean, for the backward
+        channels = x.shape[2] if channels_last else x.shape[1]
+        assert aux.dtype == ct._acc_dtype(x) and aux.shape == (x.shape[0], channels, 2)
     else:
         assert aux.numel() == 0 and aux.dtype == torch.float32
     if kind == "gem":
@@ -278,6 +281,28 @@ def test_gem_backward_scaled_by_the_output(channels_last):
     gx = gx.transpose(1, 2) if channels_last else gx
     torch.testing.assert_close(gx.double(), torch.from_numpy(want["x"]), rtol=1e-4, atol=1e-6)
     assert abs(float(gp) - want["p"]) <= 1e-4 * abs(want["p"])
+
+
+@pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+def test_lse_grad_at_large_r_x_and_inf_rows(channels_last):
+    """x ~ 1e4, r = 50 in float32: exp(r (x - out)) from the rounded output (a step of 1e-3,
+    x 50) was off by 2.5%; the backward now reads the row's maximum and log-mean. A row holding
+    +inf pools to +inf (it was NaN: inf - inf)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(2, 3, 40, generator=gen, dtype=torch.float64)).float().double()
+    g = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    want = pool_backward(x.numpy(), g.numpy(), "lse", r=50.0)["x"]
+    xk = (x.transpose(1, 2).contiguous() if channels_last else x).float()
+    out, aux = ct.forward(xk, channels_last, "lse", None, r=50.0)
+    gx = ct.backward(g.float(), xk, out, aux, channels_last, "lse", None, r=50.0)[0]
+    gx = gx.transpose(1, 2) if channels_last else gx
+    torch.testing.assert_close(gx.double(), torch.from_numpy(want), rtol=1e-4, atol=1e-6)
+    xi = torch.randn(2, 3, 40, generator=gen)
+    xi[0, 1, 7] = float("inf")
+    xik = xi.transpose(1, 2).contiguous() if channels_last else xi
+    yi = ct.forward(xik, channels_last, "lse", None, r=1.0)[0]
+    assert yi[0, 1] == float("inf") and torch.isfinite(yi[1]).all()
 
 
 @pytest.mark.usefixtures("interp")

@@ -331,7 +331,9 @@ def forward(
 
     ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
     ``(N, C, 2)`` = (first arg-max along L, tie count; -1 and 0 for an empty sample) for the
-    max kinds, else an empty float32 tensor (``torch.empty(0)``).
+    max kinds; ``(N, C, 2)`` in the accumulation dtype = (maximum of x, log2 of the mean of
+    2**(r log2(e) (x - maximum))) for lse, which its backward reads instead of the rounded output;
+    else an empty float32 tensor (``torch.empty(0)``).
 
     >>> import os, torch
     >>> x = torch.tensor([[[1.0, 3.0, 3.0]]])
@@ -362,11 +364,13 @@ def _forward(
     out = torch.empty((n, oc), dtype=out_dtype or x.dtype, device=x.device)  # stores cast to it
     if kind in _MAX_KINDS:
         aux = torch.empty((n, c, 2), dtype=torch.int32, device=x.device)
+    elif kind == "lse":  # (max, log2 mean) per row, for an accurate backward
+        aux = torch.zeros((n, c, 2), dtype=_acc_dtype(x), device=x.device)
     else:
         aux = torch.empty(0, device=x.device)  # float32, like the other backend and the fake op
     if out.numel() == 0 or length == 0:
         out.zero_()
-        if aux.numel():
+        if kind in _MAX_KINDS:
             aux[..., 0] = -1
             aux[..., 1] = 0
         return out, aux
@@ -504,10 +508,12 @@ def _backward(
         if out is None or out.numel() != n * oc:
             raise ValueError(f"out must be the forward output ({n}, {oc}) for kind={kind!r}")
         out = out.reshape(n, oc).contiguous()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # exp(r (x - out)) and (x / out)^(p - 1) with out rounded to x's dtype are off by up
-            # to exp(r |out| 2**-9) and (p - 1) 2**-9 in bfloat16: take the output again in
-            # float32 (one more read of x, half inputs only)
+        lse_aux = aux is not None and tuple(aux.shape) == (n, c, 2) and aux.is_floating_point()
+        if kind == "lse" and not lse_aux:  # its (max, log-mean), taken again
+            aux = _forward(x, channels_last, kind, mask, None, None, r, None)[1]
+        if kind == "gem" and x.dtype in (torch.float16, torch.bfloat16):
+            # (x / out)^(p - 1) with out rounded to x's dtype is off by up to (p - 1) 2**-9 in
+            # bfloat16: take the output again in float32 (one more read of x, half inputs only)
             out = _forward(x, channels_last, kind, mask, p if p_t is None else p_t, eps, r, None,
                            out_dtype=torch.float32)[0]  # fmt: skip
     else:
@@ -518,6 +524,8 @@ def _backward(
                 f"aux must be the forward's int32 (N, C, 2) = {(n, c, 2)} tensor for "
                 f"kind={kind!r}, got {None if aux is None else (aux.dtype, tuple(aux.shape))}"
             )
+        aux = aux.contiguous()
+    elif kind == "lse":
         aux = aux.contiguous()
     else:
         aux = None

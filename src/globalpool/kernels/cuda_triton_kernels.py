@@ -195,7 +195,8 @@ def _update(
 def _finalize(
     out_ptr, aux_ptr, n, c, valid, C, acc, cnt, mx, idx, ties, nanc, ip, izs, KIND: tl.constexpr
 ):
-    """Turn a row's full state into its output (and aux for the max kinds) and store them."""
+    """Turn a row's full state into its output (and aux for the max kinds and lse) and store
+    them."""
     OTY = out_ptr.dtype.element_ty
     if KIND == CAT:
         obase = n * (2 * C) + c
@@ -223,9 +224,14 @@ def _finalize(
         m = tl.where(nonempty, acc / safe, 1.0)
         res = tl.where(nonempty, tl.exp2(tl.log2(m) * ip), 0.0)
         tl.store(out_ptr + obase, res.to(OTY), mask=valid)
-    if KIND == LSE:
-        res = tl.where(nonempty, mx + tl.log2(tl.where(nonempty, acc / safe, 1.0)) * izs, 0.0)
+    if KIND == LSE:  # aux (N, C, 2): the row's maximum and log2(mean 2**(zs (x - max)))
+        lg = tl.where(nonempty, tl.log2(tl.where(nonempty, acc / safe, 1.0)), 0.0)
+        res = tl.where(nonempty, mx + lg * izs, 0.0)
+        res = tl.where(nonempty & (mx == float("inf")), float("inf"), res)  # not inf - inf
         tl.store(out_ptr + obase, res.to(OTY), mask=valid)
+        row = n * C + c
+        tl.store(aux_ptr + 2 * row, mx, mask=valid)
+        tl.store(aux_ptr + 2 * row + 1, lg, mask=valid)
     if KIND == ATT:
         tl.store(out_ptr + obase, tl.where(nonempty, acc / safe, 0.0).to(OTY), mask=valid)
 
@@ -509,8 +515,11 @@ def _pool_bwd(
         y = tl.load(out_ptr + n * C + c, mask=valid, other=0.0).to(ACC)
         yi = tl.where((y > 0) & (y < float("inf")), 1.0 / tl.where(y > 0, y, 1.0), 0.0)
         coef = g * ic
-    if KIND == LSE:
-        y = tl.load(out_ptr + n * C + c, mask=valid, other=0.0).to(ACC)
+    top = zero
+    if KIND == LSE:  # exp(r (x - lse)) = 2**(zs (x - max) - log2 mean): the difference first
+        top = tl.load(aux_ptr + 2 * row, mask=valid, other=0.0).to(ACC)
+        top = tl.where((top == float("-inf")) | (top == float("inf")), 0.0, top)
+        y = tl.load(aux_ptr + 2 * row + 1, mask=valid, other=0.0).to(ACC)
         coef = g * ic
     S = zero
     T = zero
@@ -551,7 +560,7 @@ def _pool_bwd(
                 T += _rsum(zp * tl.log2(xc), RAX)
         if KIND == LSE:
             xv = tl.load(x_ptr + xoff, mask=ok, other=0.0).to(ACC)
-            val = tl.where(ok, coef * tl.exp2((xv - y) * zs), 0.0)
+            val = tl.where(ok, coef * tl.exp2((xv - top) * zs - y), 0.0)
         tl.store(gx_ptr + xoff, val.to(GTY), mask=inb)
     if NEED_P:
         po = row * SPLIT + sid

@@ -100,8 +100,9 @@ def pool_forward(
 
     Returns ``(out, aux)``: out ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; aux what
     the backward needs besides x (see the backends' ``forward``): int32 ``(N, C, 2)`` (first
-    arg-max, tie count) for the max kinds; on the CPU, gem's output in float32/float64 and lse's
-    ``(2, N, C)`` row maxima and log-means; else an empty float32 tensor.
+    arg-max, tie count) for the max kinds; lse's row maxima and log-means (``(2, N, C)`` on the
+    CPU, ``(N, C, 2)`` on CUDA); on the CPU gem's output in float32/float64; else an empty
+    float32 tensor.
     """
     return _forward_impl(x, channels_last, kind, mask, p, eps, r, weights)
 
@@ -122,8 +123,8 @@ def _pool_forward_fake(x, channels_last, kind, mask, p, eps, r, weights):
         aux = x.new_empty((n, c, 2), dtype=torch.int32)
     elif x.device.type == "cpu" and kind == "gem":
         aux = x.new_empty((n, c), dtype=acc)
-    elif x.device.type == "cpu" and kind == "lse":
-        aux = x.new_empty((2, n, c), dtype=acc)
+    elif kind == "lse":  # (max, log-mean) per row: planes on the CPU, pairs on CUDA
+        aux = x.new_empty((2, n, c) if x.device.type == "cpu" else (n, c, 2), dtype=acc)
     else:
         aux = x.new_empty((0,), dtype=torch.float32)
     return out, aux
