@@ -267,6 +267,23 @@ def test_lse_grad_in_bfloat16_avoids_the_rounded_output(channels_last):
 
 
 @pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+@pytest.mark.parametrize(("low", "high", "p"), [(1.0, 101.0, 20.0), (1e-5, 1e-3, 20.0),
+                                                (1e28, 1e30, 64.0), (1.0, 3.0, 7.5)])
+def test_gem_forward_scaled_by_the_running_max(low, high, p, channels_last, split):
+    """p = 20 on x in [1, 101] gave inf, on x < 1e-3 gave 0: the sum of clamp(x)^p is now taken
+    relative to the running maximum (and each split's to its own)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (low + (high - low) * torch.rand(2, 3, 50, generator=gen, dtype=torch.float64)).float()
+    want = pool_forward(x.double().numpy(), "gem", p=p, eps=low * 1e-3)
+    xk = x.transpose(1, 2).contiguous() if channels_last else x
+    out = ct._forward(xk, channels_last, "gem", None, p, low * 1e-3, None, None, split=split,
+                      block_l=16)[0]
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=2e-5)
+
+
+@pytest.mark.usefixtures("interp")
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
 def test_gem_backward_scaled_by_the_output(channels_last):
     """grad x and grad p at p = 30 on x in [1, 101]: from y^(1-p) x^(p-1) the first factor
@@ -449,14 +466,14 @@ _AOT_CASES = {
     "fwd-gem-cf-ptr-p-split-f32": (
         "_pool_fwd", "fp32",
         dict(KIND=4, HAS_MASK=False, FINAL=False, P_PTR=True, P_INT=0, **_TILE_CF),
-        ("m_ptr", "w_ptr", "pmx_ptr", "pidx_ptr", "pties_ptr", "pnan_ptr"),
+        ("m_ptr", "w_ptr", "pidx_ptr", "pties_ptr", "pnan_ptr"),
     ),
     "combine-max-f64": (
         "_pool_combine", "fp64", dict(KIND=1, P_PTR=False, BR=64, BS=16), ("p_ptr",),
     ),
     "combine-gem-ptr-p-f32": (
         "_pool_combine", "fp32", dict(KIND=4, P_PTR=True, BR=64, BS=16),
-        ("pmx_ptr", "pidx_ptr", "pties_ptr", "pnan_ptr"),
+        ("pidx_ptr", "pties_ptr", "pnan_ptr"),
     ),
     "bwd-gem-cf-mask-f32": (
         "_pool_bwd", "fp32",

@@ -408,7 +408,8 @@ def _forward(
     def buf(dtype: torch.dtype, needed: bool) -> torch.Tensor | None:
         return torch.empty((rows, cfg.split), dtype=dtype, device=x.device) if needed else None
 
-    part = [buf(acc_t, True), buf(acc_t, True), buf(acc_t, kind in _MAX_KINDS or kind == "lse")]
+    with_max = kind in _MAX_KINDS or kind in ("lse", "gem")
+    part = [buf(acc_t, True), buf(acc_t, True), buf(acc_t, with_max)]
     ipart = [buf(torch.int32, kind in _MAX_KINDS) for _ in range(3)]
     k._pool_fwd[grid](
         x, m8, w, out, aux, *part, *ipart, p_t,

@@ -149,10 +149,10 @@ def _update(
 ):
     """Fold one tile into the running state (reductions along RAX, kept as size-1 dims).
 
-    acc: sum x | sum clamp(x)^p | sum exp2((x - mx) r log2(e)) (lse) | sum w x
+    acc: sum x | sum (clamp(x) / mx)^p | sum exp2((x - mx) r log2(e)) (lse) | sum w x
     cnt: number of real positions | sum w (attention)
     mx, idx, ties, nanc: running max key (NaN counted as +inf), first arg-max, tie and NaN counts
-    (max kinds); mx is the running max of x for lse.
+    (max kinds); mx is the running max of x for lse, of clamp(x) for gem.
     """
     if KIND == AVG or KIND == AVGMAX or KIND == CAT:
         acc += _rsum(xv, RAX)
@@ -170,13 +170,13 @@ def _update(
         idx = tl.where(gt, tidx, tl.where(eq, tl.minimum(idx, tidx), idx))
         ties = tl.where(gt, tties, tl.where(eq, ties + tties, ties))
         mx = tl.where(gt, tmax, mx)
-    if KIND == GEM:
+    if KIND == GEM:  # sum (clamp(x) / mx)^p with mx the running max: no power over/underflows
         xc = tl.where(xv < eps, eps, xv)
-        if P_INT > 0:
-            v = _powi(xc, P_INT)
-        else:
-            v = tl.exp2(p * tl.log2(xc))
-        acc += _rsum(tl.where(ok, v, 0.0), RAX)
+        mnew = tl.maximum(mx, _rmax(tl.where(ok, xc, 0.0), RAX))
+        inv = 1.0 / tl.where(mnew > 0, mnew, 1.0)
+        acc = acc * _gem_pow(tl.where(mx > 0, mx * inv, 0.0), p, P_INT)
+        acc += _rsum(tl.where(ok, _gem_pow(xc * inv, p, P_INT), 0.0), RAX)
+        mx = mnew
         cnt += _rsum(ok.to(ACC), RAX)
     if KIND == LSE:
         xk = tl.where(ok, xv, float("-inf"))
@@ -189,6 +189,14 @@ def _update(
         acc += _rsum(wv * xv, RAX)
         cnt += _rsum(wv, RAX)
     return acc, cnt, mx, idx, ties, nanc
+
+
+@triton.jit
+def _gem_pow(u, p, P_INT: tl.constexpr):
+    """u^p for 0 <= u <= 1 (integer p by multiplications)."""
+    if P_INT > 0:
+        return _powi(u, P_INT)
+    return tl.where(u > 0, tl.exp2(p * tl.log2(tl.where(u > 0, u, 1.0))), 0.0)
 
 
 @triton.jit
@@ -220,9 +228,9 @@ def _finalize(
     if KIND == CAT:
         tl.store(out_ptr + obase, tl.where(nonempty, acc / safe, 0.0).to(OTY), mask=valid)
         tl.store(out_ptr + obase + C, vmax.to(OTY), mask=valid)
-    if KIND == GEM:
+    if KIND == GEM:  # mx * (mean (z / mx)^p)^(1/p)
         m = tl.where(nonempty, acc / safe, 1.0)
-        res = tl.where(nonempty, tl.exp2(tl.log2(m) * ip), 0.0)
+        res = tl.where(nonempty, mx * tl.exp2(tl.log2(m) * ip), 0.0)
         tl.store(out_ptr + obase, res.to(OTY), mask=valid)
     if KIND == LSE:  # aux (N, C, 2): the row's maximum and log2(mean 2**(zs (x - max)))
         lg = tl.where(nonempty, tl.log2(tl.where(nonempty, acc / safe, 1.0)), 0.0)
@@ -341,7 +349,7 @@ def _pool_fwd(
         po = (n * C + c) * SPLIT + sid
         tl.store(pacc_ptr + po, acc, mask=valid)
         tl.store(pcnt_ptr + po, cnt, mask=valid)
-        if KIND == MAX or KIND == AVGMAX or KIND == CAT or KIND == LSE:
+        if KIND == MAX or KIND == AVGMAX or KIND == CAT or KIND == LSE or KIND == GEM:
             tl.store(pmx_ptr + po, mx, mask=valid)
         if KIND == MAX or KIND == AVGMAX or KIND == CAT:
             tl.store(pidx_ptr + po, idx, mask=valid)
@@ -384,16 +392,25 @@ def _pool_combine(
     acc = tl.load(pacc_ptr + po, mask=ok, other=0.0)
     cnt = _rsum(tl.load(pcnt_ptr + po, mask=ok, other=0.0), 1)
     mx = cnt
-    if KIND == MAX or KIND == AVGMAX or KIND == CAT or KIND == LSE:
+    if KIND == MAX or KIND == AVGMAX or KIND == CAT or KIND == LSE or KIND == GEM:
         mx = tl.load(pmx_ptr + po, mask=ok, other=float("-inf"))
     idx = tl.where(valid, 0, 0)
     ties = idx
     nanc = idx
+    if P_PTR:
+        ip = 1.0 / tl.load(p_ptr).to(ACC)
+    else:
+        ip = _param(ip_hi, ip_lo, ACC)
     if KIND == LSE:
         zs = _param(zs_hi, zs_lo, ACC)
         top = _rmax(mx, 1)
         tsafe = tl.where(top == float("-inf"), 0.0, top)
         acc = _rsum(acc * tl.exp2((mx - tsafe) * zs), 1)
+        mx = top
+    elif KIND == GEM:  # each split's sum is relative to its own maximum
+        top = _rmax(mx, 1)
+        inv = 1.0 / tl.where(top > 0, top, 1.0)
+        acc = _rsum(acc * _gem_pow(tl.where(mx > 0, mx * inv, 0.0), 1.0 / ip, 0), 1)
         mx = top
     else:
         acc = _rsum(acc, 1)
@@ -408,10 +425,6 @@ def _pool_combine(
         mx = top
     n = (r // C).to(tl.int64)
     c = r % C
-    if P_PTR:
-        ip = 1.0 / tl.load(p_ptr).to(ACC)
-    else:
-        ip = _param(ip_hi, ip_lo, ACC)
     izs = _param(izs_hi, izs_lo, ACC)
     _finalize(out_ptr, aux_ptr, n, c, valid, C, acc, cnt, mx, idx, ties, nanc, ip, izs, KIND)
 
