@@ -281,16 +281,18 @@ def _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux) -> Non
     in its sum). Those rows (almost never any) are pooled here as the torch composition does:
     scaled by the maximum, in float64.
     """
-    n, c = out.shape[0], aux.shape[-1] if kind == "lse" else out.shape[1]
-    real = None if mask is None else mask.reshape(n, -1).numpy()
-    nonempty = np.ones(n, bool) if real is None else real.any(1)
-    y = out[:, :c]
-    if kind == "gem":
-        tiny = np.finfo(y.dtype).tiny / np.finfo(y.dtype).eps  # the mean must be this normal
-        low = tiny ** (1.0 / p)
-        bad = (np.isinf(y) | ~((y >= low) | np.isnan(y))) & nonempty[:, None]
+    y = out[:, : aux.shape[-1]] if kind == "lse" else out
+    if kind == "gem":  # the mean of z^p must be normal: lost tiny terms then weigh < 2**-23
+        low = (np.finfo(y.dtype).tiny / np.finfo(y.dtype).eps) ** (1.0 / p)
+        bad = ~((y >= low) & (y < np.inf))  # also NaN rows: taken again, NaN again
     else:
-        bad = (np.isnan(y) | np.isinf(aux[0])) & nonempty[:, None]
+        bad = np.isnan(y)  # +inf in the row (NaN x too: taken again, NaN again)
+    if not bad.any():  # the common case: two or three passes over the (N, C) outputs
+        return
+    n, c = y.shape
+    real = None if mask is None else mask.reshape(n, -1).numpy()
+    if real is not None:
+        bad &= real.any(1)[:, None]  # an empty sample's 0 is right
     rows = np.flatnonzero(bad)
     if not len(rows):
         return
