@@ -55,6 +55,9 @@ def _set_threads(n: int) -> None:
     try:
         import numba
 
+        from globalpool.kernels import launch
+
+        launch.select_layer()  # set_num_threads starts numba's threads: pick the layer first
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
