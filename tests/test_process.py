@@ -16,6 +16,8 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 PRELUDE = """
@@ -167,3 +169,17 @@ def test_read_only_install_compiles_in_memory_with_one_warning(tmp_path):
         cwd=tmp_path,
     )
     assert "ok True warnings 1 True" in _ok(proc)
+
+
+@pytest.mark.parametrize("kind", ["avg"])
+def test_warmup_compiles_the_selection(kind, tmp_path):
+    from typer.testing import CliRunner
+
+    from globalpool.cli import app
+
+    result = CliRunner().invoke(
+        app, ["warmup", "--kind", kind, "--layout", "channels_first", "--dtype", "float32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "avg" in result.output and "channels_first" in result.output
+    assert "cache" in result.output
