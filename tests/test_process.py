@@ -96,9 +96,12 @@ def test_dataloader_fork_workers_pool_on_the_fused_path():
     assert "results [True, True, True, True]" in out
 
 
-def test_two_threads_pool_at_once():
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_two_threads_pool_at_once(layer):
+    """Also under workqueue, where two launches at once would abort the process."""
     out = _ok(
-        _run("""
+        _run(
+            """
         import threading
         from globalpool.kernels import launch
         results = []
@@ -120,9 +123,13 @@ def test_two_threads_pool_at_once():
         for t in threads:
             t.join()
         print("layer", launch.layer_info()[0], "ok", len(results), all(results))
-        """)
+        """,
+            env={"NUMBA_THREADING_LAYER": layer} if layer else None,
+        )
     )
     assert "ok 40 True" in out
+    if layer:
+        assert f"layer {layer} " in out
 
 
 def test_user_threading_layer_is_respected():
@@ -133,10 +140,10 @@ def test_user_threading_layer_is_respected():
             assert pooled(0)
             print("layer", launch.layer_info())
             """,
-            env={"NUMBA_THREADING_LAYER": "omp"},
+            env={"NUMBA_THREADING_LAYER": "workqueue"},
         )
     )
-    assert "layer ('omp', 'user')" in out
+    assert "layer ('workqueue', False)" in out
 
 
 def test_read_only_install_compiles_in_memory_with_one_warning(tmp_path):

@@ -54,10 +54,6 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
     try:
         import numba
-
-        from globalpool.kernels import launch
-
-        launch.select_layer()  # set_num_threads starts numba's threads: pick the layer first
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass

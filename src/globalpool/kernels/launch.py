@@ -1,15 +1,14 @@
 """How the numba CPU kernels are compiled, cached and launched (no kernel code here).
 
-Threading layer. Unless the user chose one (``NUMBA_THREADING_LAYER`` in the environment, or
-``numba.config.THREADING_LAYER`` set before the first fused call), :func:`select_layer` sets
-numba's ``workqueue`` layer before the first parallel launch. The default layer on Linux is
-GNU OpenMP, which kills any ``fork()``ed child (a ``DataLoader`` worker, a ``multiprocessing``
-fork pool) that launches a parallel kernel after its parent did; ``workqueue`` is built into
-numba, survives ``fork()`` and ran the kernels as fast (README, "First call and caching"). It is
-not thread-safe (two threads launching at once abort the process), so every launch of a
-parallel kernel goes through :data:`LAUNCH_LOCK` while that layer is in use. If numba had already
-started another layer, that one stays (numba cannot switch) and a ``fork()``ed child that would
-launch a kernel under GNU OpenMP gets a ``RuntimeError`` instead of being terminated.
+Threading. The kernels run under numba's threading layer as configured (``NUMBA_THREADING_LAYER``
+or numba's default: OpenMP on Linux, the fastest here). GNU OpenMP cannot run a parallel region
+in a ``fork()``ed child of a process that already used it (numba terminates such a child: a
+``DataLoader`` worker, a ``multiprocessing`` fork pool), so in such a child every kernel runs a
+serial build of itself instead (``parallel=False``, compiled on first use there and cached like
+the others): one thread per child, as torch itself uses in ``DataLoader`` workers.
+numba's ``workqueue`` layer is fork-safe but measured 10-60% slower here (README, "First call
+and caching") and is not thread-safe; under it (chosen by the user) every launch goes through
+:data:`LAUNCH_LOCK`, so that two Python threads never launch at once.
 
 Caching. Kernels are cached on disk by numba (``__pycache__`` beside the source, else the
 user's cache directory, or ``NUMBA_CACHE_DIR``). Where none is writable (a read-only install
@@ -22,9 +21,8 @@ inlined with the mode as a constant, so numba prunes the other modes' branches b
 the first call compiles only what it needs.
 
 >>> from globalpool.kernels import launch
->>> launch.select_layer() in ("workqueue", "omp", "tbb", "default", "safe", "forksafe",
-...                           "threadsafe")
-True
+>>> launch.serial()
+False
 """
 
 from __future__ import annotations
@@ -41,20 +39,10 @@ import numba
 import numpy as np
 from numba import njit
 
-__all__ = ["LAUNCH_LOCK", "cache_dir", "can_cache", "parallel_kernel", "select_layer"]
-
-FORK_SAFE_LAYER = "workqueue"
+__all__ = ["LAUNCH_LOCK", "cache_dir", "can_cache", "layer_info", "parallel_kernel", "serial"]
 
 LAUNCH_LOCK = threading.RLock()
-_state: dict[str, Any] = {"layer": None, "chosen_by": None, "pid": os.getpid()}
-
-
-def _reset_after_fork() -> None:  # a lock held by another thread at fork() stays held: renew it
-    global LAUNCH_LOCK
-    LAUNCH_LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+_state: dict[str, Any] = {"serial": False}
 
 
 def _started_layer() -> str | None:
@@ -69,49 +57,42 @@ def _started_layer() -> str | None:
         return None
 
 
-def select_layer() -> str:
-    """Pick the threading layer before the first parallel launch; returns the layer in effect
-    (or the one configured, if numba has not started one yet)."""
-    if _state["layer"] is not None:
-        return _state["layer"]
-    started = _started_layer()
-    if started is not None:
-        layer, by = started, "numba (already started)"
-        if started == "omp":
-            warnings.warn(
-                "numba's OpenMP threading layer was started before globalpool's fused CPU "
-                "kernels: fork()ed children (DataLoader workers) cannot run them. Set "
-                f"NUMBA_THREADING_LAYER={FORK_SAFE_LAYER} to allow it.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    elif "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
-        layer, by = numba.config.THREADING_LAYER, "user"
-    else:
-        numba.config.THREADING_LAYER = FORK_SAFE_LAYER
-        layer, by = FORK_SAFE_LAYER, "globalpool"
-    _state.update(layer=layer, chosen_by=by, pid=os.getpid())
-    return layer
+def _gnu_openmp() -> bool:
+    if _started_layer() != "omp":
+        return False
+    try:
+        from numba.np.ufunc import omppool
+
+        return getattr(omppool, "openmp_vendor", "GNU") != "Intel"
+    except ImportError:  # pragma: no cover
+        return True
 
 
-def layer_info() -> tuple[str, str]:
-    """(layer, who chose it): ``globalpool``, ``user`` or ``numba (already started)``."""
-    select_layer()
-    started = _started_layer()
-    return started or _state["layer"], _state["chosen_by"]
+def _after_fork_in_child() -> None:
+    global LAUNCH_LOCK
+    LAUNCH_LOCK = threading.RLock()  # a lock held by another thread at fork() stays held: renew
+    if _gnu_openmp():  # the parent ran GNU OpenMP regions: this child must not start one
+        _state["serial"] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def serial() -> bool:
+    """Whether kernels run their serial builds (a fork()ed child of a GNU OpenMP process)."""
+    return _state["serial"]
+
+
+def layer_info() -> tuple[str, bool]:
+    """(threading layer in use, or as configured if none started yet; whether serial builds
+    run)."""
+    return _started_layer() or numba.config.THREADING_LAYER, _state["serial"]
 
 
 def _launch_guard() -> contextlib.AbstractContextManager:
-    layer = _state["layer"] or select_layer()
-    if layer == "omp" and os.getpid() != _state["pid"] and _started_layer() == "omp":
-        raise RuntimeError(
-            "globalpool's fused CPU kernels cannot run in a fork()ed child under numba's OpenMP "
-            f"threading layer; set NUMBA_THREADING_LAYER={FORK_SAFE_LAYER} (or use "
-            "backend='torch' here)"
-        )
-    if layer in (FORK_SAFE_LAYER, "default", "safe", "forksafe"):  # possibly not thread-safe
-        return LAUNCH_LOCK
-    return contextlib.nullcontext()
+    if _started_layer() not in ("workqueue", None):
+        return contextlib.nullcontext()
+    return LAUNCH_LOCK  # workqueue (or none started yet: layer unknown): one launch at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,35 +146,35 @@ class ParallelKernel:
         self._params = params
         self._modal = [params.index(m) for m in modal if m in params]
         self._entries: dict[tuple, Any] = {}
+        self._serial: dict[tuple, Any] = {}
         if self._modal:
-            self._body = njit(
-                inline="always",
-                **{k: v for k, v in options.items() if k not in ("parallel", "cache")},
-            )(fn)
-        else:
-            self._entries[()] = njit(**options)(fn)
+            body_options = {k: v for k, v in options.items() if k not in ("parallel", "cache")}
+            self._body = njit(inline="always", **body_options)(fn)
 
-    def entry(self, key: tuple) -> Any:
-        """The compiled dispatcher for these modal argument values (built on first use)."""
-        disp = self._entries.get(key)
+    def _build(self, key: tuple, serial: bool = False) -> Any:
+        built = self._serial if serial else self._entries
+        disp = built.get(key)
         if disp is None:
-            disp = self._build(key)
+            options = {**self._options, "parallel": not serial and self._options["parallel"]}
+            disp = self._entry(key, options) if self._modal else njit(**options)(self.py_func)
+            built[key] = disp
         return disp
 
-    def _build(self, key: tuple) -> Any:
+    def _entry(self, key: tuple, options: dict[str, Any]) -> Any:
         consts = dict(zip(self._modal, key, strict=True))
-        name = f"{self.__name__}__{'_'.join(str(int(k)) for k in key)}"
+        tag = "_".join(str(int(k)) for k in key) + ("" if options["parallel"] else "_serial")
+        name = f"{self.__name__}__{tag}"
         call = ", ".join(repr(consts[i]) if i in consts else p for i, p in enumerate(self._params))
         src = f"def {name}({', '.join(self._params)}):\n    return _body({call})\n"
         namespace: dict[str, Any] = {"__name__": self.py_func.__module__, "_body": self._body}
         # compiled as if in the kernels' file: numba's cache locates and stamps entries by it
         exec(compile(src, inspect.getfile(self.py_func), "exec"), namespace)
-        disp = njit(**self._options)(namespace[name])
-        self._entries[key] = disp
-        return disp
+        return njit(**options)(namespace[name])
 
     def __call__(self, *args: Any) -> Any:
         key = tuple(_constant(args[i]) for i in self._modal)
+        if _state["serial"]:
+            return self._build(key, serial=True)(*args)
         disp = self._entries.get(key) or self._build(key)
         with _launch_guard():
             return disp(*args)
