@@ -1,4 +1,4 @@
-"""The ``globalpool`` command line: ``compare``, ``bench``, ``bench-memory``.
+"""The ``globalpool`` command line: ``compare``, ``bench``, ``bench-memory``, ``warmup``.
 
 Each subcommand lives in its own module; this file only registers them.
 
@@ -13,6 +13,7 @@ import typer
 
 from globalpool.bench.command import bench, bench_memory
 from globalpool.experiments.command import compare
+from globalpool.kernels.warmup import warmup
 
 app = typer.Typer(
     name="globalpool",
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("compare")(compare)
 app.command("bench")(bench)
 app.command("bench-memory")(bench_memory)
+app.command("warmup")(warmup)
 
 if __name__ == "__main__":
     app()

@@ -54,7 +54,6 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
     try:
         import numba
-
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
