@@ -105,8 +105,9 @@ def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: n
         clamped = np.maximum(xs, eps)
         top = clamped.max(axis=1)
         return top * np.mean((clamped / top[:, None]) ** p, axis=1) ** (1.0 / p)
-    if kind == "lse":
+    if kind == "lse":  # shifted by the maximum where it is finite (a row with +inf is +inf)
         top = xs.max(axis=1)
+        top = np.where(np.isfinite(top), top, 0.0)
         return top + np.log(np.mean(np.exp(r * (xs - top[:, None])), axis=1)) / r
     # attention
     total = w.sum()

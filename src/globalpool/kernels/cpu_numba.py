@@ -35,6 +35,7 @@ import numba
 import numpy as np
 import torch
 
+from globalpool import reference
 from globalpool.kernels import cpu_kernels as K
 from globalpool.kernels.huge_pages import empty_huge
 
@@ -278,8 +279,8 @@ def _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux) -> Non
     gem sums ``max(x, eps)^p`` unscaled (scaling by the row's maximum would need a second read
     of x): that sum overflows (p = 20 on x near 100, float16 near 6e4 with p = 8) or leaves the
     normal range (p = 20 on x < 1e-3, or x <= eps). lse is NaN where a row holds +inf (inf - inf
-    in its sum). Those rows (almost never any) are pooled here as the torch composition does:
-    scaled by the maximum, in float64.
+    in its sum). Those rows (almost never any) are pooled here by the NumPy reference, which
+    scales by the maximum in float64, as the torch composition does.
     """
     y = out[:, : aux.shape[-1]] if kind == "lse" else out
     if kind == "gem":  # the mean of z^p must be normal: lost tiny terms then weigh < 2**-23
@@ -298,19 +299,10 @@ def _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux) -> Non
         return
     n_idx, c_idx = rows // c, rows % c
     xs = _widen64(xa[n_idx, :, c_idx] if channels_last else xa[n_idx, c_idx, :])
-    keep = np.ones(xs.shape, bool) if real is None else real[n_idx]
-    with np.errstate(all="ignore"):
-        if kind == "gem":
-            z = np.where(keep, np.maximum(xs, eps), 1.0)
-            top = z.max(1, keepdims=True)
-            mean = np.where(keep, (z / top) ** p, 0.0).sum(1) / keep.sum(1)
-            y[n_idx, c_idx] = top[:, 0] * mean ** (1.0 / p)
-        else:
-            z = np.where(keep, xs, -np.inf)
-            top = z.max(1, keepdims=True)
-            top = np.where(np.isfinite(top), top, 0.0)
-            mean = np.exp(r * (z - top)).sum(1) / keep.sum(1)
-            y[n_idx, c_idx] = top[:, 0] + np.log(mean) / r
+    keep = None if real is None else real[n_idx]
+    with np.errstate(all="ignore"):  # the NumPy reference, one row per sample
+        y[n_idx, c_idx] = reference.pool_forward(xs[:, None, :], kind, mask=keep, p=p, eps=eps,
+                                                 r=r)[:, 0]
 
 
 def _widen64(a: np.ndarray) -> np.ndarray:
