@@ -51,12 +51,7 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 
 def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
-    try:
-        import numba
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    torch.set_num_threads(n)  # the fused CPU kernels use torch's thread count too
 
 
 def _progress(console: Console) -> Progress:

@@ -69,7 +69,6 @@ def machine_info() -> dict[str, Any]:
         "simd": simd,
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "numba_threads": sys.modules["numba"].get_num_threads() if "numba" in sys.modules else None,
         "l2_bytes": cache_bytes(2),
         "l3_bytes": cache_bytes(3),
         "platform": platform.platform(),
