@@ -118,7 +118,9 @@ def bench(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(min=1, help="Threads for torch and numba (default: leave as configured)."),
+        typer.Option(
+            min=1, help="Threads for torch and the fused CPU kernels (default: as configured)."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("globalpool-bench"),
 ) -> dict[str, Any]:
