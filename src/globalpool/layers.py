@@ -57,9 +57,7 @@ def check_channel_count(x: torch.Tensor, layout: str, channels: int, owner: str)
     got = x.shape[channel_dim]
 
     def message() -> str:
-        return (
-            f"{owner} got input with {got} channels (dim {channel_dim} for layout={layout!r})"
-        )
+        return f"{owner} got input with {got} channels (dim {channel_dim} for layout={layout!r})"
 
     if isinstance(got, torch.SymInt):
         torch._check(got == channels, message)
