@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from globalpool.bench.cache import cache_flusher
@@ -202,9 +201,8 @@ def test_fused_avg_saves_no_input_sized_bytes(tmp_path):
 
 
 def test_cli_registration_and_bad_arguments(tmp_path):
-    app = typer.Typer()
-    app.command("bench")(bench)
-    app.command("bench-memory")(bench_memory)
+    from globalpool.cli import app
+
     runner = CliRunner()
     res = runner.invoke(
         app,
@@ -230,7 +228,7 @@ def test_cli_registration_and_bad_arguments(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "bench.json").exists()
     bad = runner.invoke(app, ["bench", "--shapes", "2x4", "--out", str(tmp_path)])
-    assert bad.exit_code != 0 and "shapes must be" in bad.output
+    assert bad.exit_code == 2 and bad.stderr.startswith("Error: --shapes: must be names from")
     bad = runner.invoke(app, ["bench", "--cache", "lukewarm", "--out", str(tmp_path)])
-    assert bad.exit_code != 0 and "cache must be one of" in bad.output
+    assert bad.exit_code == 2 and "Error: --cache: must be one of" in bad.stderr
     assert parse_shapes("tokens")[0].dims == (32, 768, 196)
