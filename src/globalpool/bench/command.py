@@ -235,6 +235,18 @@ def bench(
     return data
 
 
+def _targets_text(data: dict[str, Any]) -> str:
+    """``"; targets met 3/5"``, or nothing when no case of the run has a target.
+
+    >>> _targets_text({"targets": []}), _targets_text({"targets": [{"met": True}, {"met": 0}]})
+    ('', '; targets met 1/2')
+    """
+    targets = data.get("targets") or []
+    if not targets:
+        return ""
+    return f"; targets met {sum(bool(t['met']) for t in targets)}/{len(targets)}"
+
+
 def _summary(console: Console, data: dict[str, Any], paths: dict[str, Any]) -> None:
     bad = [
         f"{c['device']} {c['dtype']} {c['layout']} {c['shape_name']} {m['id']}: {m['status']}"
@@ -242,9 +254,7 @@ def _summary(console: Console, data: dict[str, Any], paths: dict[str, Any]) -> N
         for m in c["methods"]
         if m["status"] != "ok"
     ]
-    targets = data.get("targets", [])
-    met = sum(t["met"] for t in targets)
-    console.print(f"bench finished in {data['wall_s']:.1f} s; targets met {met}/{len(targets)}")
+    console.print(f"bench finished in {data['wall_s']:.1f} s{_targets_text(data)}")
     for line in bad[:20]:
         console.print(f"  [red]{line}[/red]")
     if len(bad) > 20:
@@ -290,11 +300,7 @@ def bench_memory(
         paths = write_memory_report(data, out, stem)
     except OSError as exc:
         raise runtime_error(f"cannot write the report into {out} ({exc})", option="--out") from None
-    met = sum(t["met"] for t in data["targets"])
-    console.print(
-        f"memory: targets met {met}/{len(data['targets'])}; wrote {paths['json']}, "
-        f"{paths['markdown']}"
-    )
+    console.print(f"memory{_targets_text(data)}; wrote {paths['json']}, {paths['markdown']}")
     if torch.cuda.is_available() and dev == "cpu":
         console.print("(CUDA present: run with --device cuda for the GPU numbers)")
     return data
