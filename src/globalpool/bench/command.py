@@ -5,7 +5,7 @@ well as registered on the typer app (``app.command("bench")(bench)``).
 
 >>> import inspect
 >>> sorted(inspect.signature(bench).parameters)[:4]
-['budget', 'compile', 'device', 'dtype']
+['budget', 'cache', 'compile', 'device']
 """
 
 from __future__ import annotations
