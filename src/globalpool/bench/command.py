@@ -95,8 +95,10 @@ def bench(
         bool,
         typer.Option(
             "--quick",
-            help="Reduced set (2 small shapes, float32, CPU, no "
-            "compile, 5 repeats, 0.5 s budget, warm caches); under a minute on 2 cores.",
+            help="Reduced set (2 small shapes, float32, CPU, no compile, 5 repeats, 0.5 s "
+            "budget, warm caches). On 2 quiet cores about 50 s the first time (numba compiles "
+            "the fused kernels; 'globalpool warmup' does that ahead) and 11 s once they are "
+            "cached; up to twice that on busy cores.",
         ),
     ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or all (cuda when present).")] = "all",
