@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from globalpool.bench.cache import cache_flusher
@@ -14,6 +14,7 @@ from globalpool.bench.check import ReferenceCache, check_method
 from globalpool.bench.command import bench, bench_memory
 from globalpool.bench.memory import saved_bytes
 from globalpool.bench.methods import SEED_METHODS, Method, default_methods
+from globalpool.bench.report import machine_info, write_report
 from globalpool.bench.runner import run_case
 from globalpool.bench.shapes import Case, Shape, parse_shapes
 from globalpool.bench.timing import time_backward, time_forward
@@ -202,9 +203,8 @@ def test_fused_avg_saves_no_input_sized_bytes(tmp_path):
 
 
 def test_cli_registration_and_bad_arguments(tmp_path):
-    app = typer.Typer()
-    app.command("bench")(bench)
-    app.command("bench-memory")(bench_memory)
+    from globalpool.cli import app
+
     runner = CliRunner()
     res = runner.invoke(
         app,
@@ -230,7 +230,131 @@ def test_cli_registration_and_bad_arguments(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "bench.json").exists()
     bad = runner.invoke(app, ["bench", "--shapes", "2x4", "--out", str(tmp_path)])
-    assert bad.exit_code != 0 and "shapes must be" in bad.output
+    assert bad.exit_code == 2 and bad.stderr.startswith("Error: --shapes: must be names from")
     bad = runner.invoke(app, ["bench", "--cache", "lukewarm", "--out", str(tmp_path)])
-    assert bad.exit_code != 0 and "cache must be one of" in bad.output
+    assert bad.exit_code == 2 and "Error: --cache: must be one of" in bad.stderr
     assert parse_shapes("tokens")[0].dims == (32, 768, 196)
+
+
+# --- honest figures: ratios from the medians printed next to them, spreads, labels ----------------
+
+
+def _torch_methods(kind: str = "avg") -> list[Method]:
+    """Seed and composed methods of ``kind``: nothing to compile."""
+    return [m for m in default_methods((kind,), compile=False) if m.family != "fused"]
+
+
+def test_json_ratio_is_computed_from_stored_medians_with_spreads():
+    result = run_case(TINY, _torch_methods(), repeats=3, warmup=0)
+    for m in result["methods"]:
+        for d in ("forward", "backward"):
+            t = m[d]
+            assert t["ratio"] == t["ceiling_median_s"] / t["median_s"]
+            assert t["min_s"] <= t["median_s"] <= t["max_s"]
+            assert t["ceiling_min_s"] <= t["ceiling_median_s"] <= t["ceiling_max_s"]
+        bwd = m["backward"]
+        assert bwd["ratio_write"] == bwd["write_median_s"] / bwd["median_s"]
+        assert bwd["write_min_s"] <= bwd["write_median_s"] <= bwd["write_max_s"]
+    for c in result["ceiling"].values():
+        assert c["min_s"] <= c["median_s"] <= c["max_s"]
+
+
+_MS = r"(\d+\.\d{3}) \((\d+\.\d{3})–(\d+\.\d{3})\)"  # median (min–max)
+
+
+def test_markdown_ratio_matches_the_medians_beside_it(tmp_path):
+    cases = [run_case(TINY, _torch_methods(), repeats=3, warmup=0)]
+    data = {"machine": machine_info(), "settings": {}, "cases": cases, "targets": []}
+    md = write_report(data, tmp_path)["markdown"].read_text()
+    # a method row: label | ok | fwd ms | paired x.sum() ms | fwd ratio | GB/s | bwd ms | paired
+    # fill_ ms | bwd ratio | paired buf.fill_ ms | ratio to write | ...
+    row = re.compile(
+        rf"^\| `[^`]+` \| ok \| {_MS} \| {_MS} \| (\d+\.\d\d) \| [^|]+ \| {_MS} \| {_MS} \| "
+        rf"(\d+\.\d\d) \| {_MS} \| (\d+\.\d\d) \|",
+        flags=re.M,
+    )
+    rows = row.findall(md)
+    assert len(rows) == len(cases[0]["methods"]), md
+    for cells in rows:
+        values = [float(v) for v in cells]
+        groups = [values[0:3], values[3:6], values[7:10], values[10:13], values[14:17]]
+        for median, lo, hi in groups:
+            assert lo <= median <= hi
+        pairs = [  # (method median, ceiling median, printed ratio)
+            (values[0], values[3], values[6]),
+            (values[7], values[10], values[13]),
+            (values[7], values[14], values[17]),
+        ]
+        for method, ceiling, printed in pairs:
+            # the printed medians carry 3 decimals: bound the ratio's rounding error
+            slack = 0.005 + ceiling / method * (0.0005 / method + 0.0005 / ceiling) * 1.01
+            assert abs(printed - ceiling / method) <= slack, (method, ceiling, printed)
+    assert "separate ceiling runs" in md.lower() and "not a ratio's denominator" in md
+
+
+def test_speedup_table_has_no_rows_for_baselines_that_did_not_run(tmp_path):
+    fake = Method("fused:avg", "fused", "avg", lambda case: lambda x, p: x.mean(case.spatial_dims),
+                  lambda c: "fake fused")  # fmt: skip
+    cases = [run_case(TINY, [*_torch_methods(), fake], repeats=1, warmup=0)]
+    data = {"machine": machine_info(), "settings": {}, "cases": cases, "targets": []}
+    md = write_report(data, tmp_path)["markdown"].read_text()
+    assert "| avg | torch |" in md
+    assert "| compile |" not in md  # compile was off: no row of dashes for it
+
+
+def test_console_omits_targets_when_the_run_has_none(tmp_path, monkeypatch):
+    from globalpool.bench import command
+    from globalpool.cli import app
+
+    monkeypatch.setattr(command, "default_methods", lambda kinds, compile: SEED_METHODS[:1])
+    args = ["bench", "--shapes", "2x4x3x3", "--layout", "channels_first", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "bench finished in" in result.stderr
+    assert "targets met" not in result.stderr  # no "targets met 0/0"
+    assert command._targets_text({"targets": [{"met": True}, {"met": False}]}) == (
+        "; targets met 1/2"
+    )
+
+
+def _plot_case(layout: str, dtype: str = "float32") -> dict:
+    def rec(mid: str, family: str, status: str = "ok") -> dict:
+        timed = {"forward": {"ratio": 0.7}, "backward": {"ratio": 0.4}} if status == "ok" else {}
+        return {"id": mid, "family": family, "kind": "avg", "status": status, **timed}
+
+    methods = [
+        rec("seed:mean", "seed"),
+        rec("torch:avg", "torch"),
+        rec("compile:avg", "compile", "ERROR"),  # no bar anywhere: no legend entry
+        rec("fused:avg", "fused"),
+    ]
+    return {"device": "cpu", "dtype": dtype, "layout": layout, "shape_name": "big",
+            "methods": methods}  # fmt: skip
+
+
+def test_plot_legend_has_no_empty_families_and_target_lines_are_labelled():
+    import matplotlib.pyplot as plt
+
+    from globalpool.bench.plot import figure
+
+    targets = [
+        {"device": "cpu", "target": f"{d} ratio to ceiling", "kind": "avg", "layout": lay,
+         "threshold": thr, "shapes": ["big"]}
+        for d, thr in (("forward", 0.9), ("backward", 0.8))
+        for lay in ("channels_first", "channels_last")
+    ]  # fmt: skip
+    cases = [_plot_case(lay, dt) for lay in ("channels_first", "channels_last")
+             for dt in ("float32", "bfloat16")]  # fmt: skip
+    data = {"cases": cases, "targets": targets, "machine": {"name": "test machine"}}
+    fig = figure(data, "cpu", "float32")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["seed", "torch", "fused"]
+    for row in fig.axes[0:2], fig.axes[2:4]:
+        for ax, threshold in zip(row, (0.9, 0.8), strict=True):
+            texts = [t.get_text() for t in ax.texts]
+            assert f"target {threshold:g} (big)" in texts and "ceiling = 1" in texts, texts
+            dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+            assert [ln.get_label() for ln in dashed] == [f"target {threshold:g} (big)"]
+    plt.close(fig)
+    fig = figure(data, "cpu", "bfloat16")  # the CPU targets concern float32 only
+    assert all("target" not in t.get_text() for ax in fig.axes for t in ax.texts)
+    plt.close(fig)

@@ -10,18 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from globalpool.data import write_cifar10_fixture
-from globalpool.experiments.command import compare, parse_heads, parse_train_sizes
+from globalpool.experiments.command import parse_heads, parse_train_sizes
 from globalpool.experiments.report import markdown_table, summarize
 from globalpool.experiments.results import OutputError, ResultStore, check_writable
 from globalpool.experiments.spec import RunSpec, TrainConfig
 from globalpool.experiments.stats import mean_ci
-
-app = typer.Typer(add_completion=False)
-app.command()(compare)
 
 # A tiny MNIST-1D config: 200 training samples, 40 steps of batch 100, ~0.2 s per run.
 TINY = ["--train-sizes", "200", "--epochs", "1", "--heads", "avg,fc", "--seeds", "2"]
@@ -43,7 +39,10 @@ RECORD_KEYS = {
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+    """``globalpool compare ARGS`` through the real command line (its error style)."""
+    from globalpool.cli import app as cli
+
+    return CliRunner().invoke(cli, ["compare", *args])
 
 
 def run_files(out: Path) -> dict[str, float]:
@@ -222,43 +221,48 @@ def _empty(root: Path) -> Path:
     return root
 
 
+# (id, arguments, message, exit code): 2 for a bad option value, 1 for what running found
 BAD = [
-    ("unknown-head", lambda d: ["--heads", "avg,median"], "unknown head 'median'"),
-    ("unknown-dataset", lambda d: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-    ("unknown-model", lambda d: ["--model", "vgg"], "model must be one of"),
-    ("bad-seeds", lambda d: ["--seeds", "0"], "--seeds must be a positive int"),
-    ("bad-epochs", lambda d: ["--epochs", "0"], "epochs must be a positive int"),
-    ("bad-device", lambda d: ["--device", "tpu"], "--device must be one of"),
-    ("too-large", lambda d: ["--train-sizes", "99999"], "exceeds the 4000 training samples"),
+    ("unknown-head", lambda d: ["--heads", "avg,median"], "--heads: unknown head 'median'", 2),
+    ("unknown-dataset", lambda d: ["--dataset", "imagenet"], "--dataset: unknown dataset", 2),
+    ("unknown-model", lambda d: ["--model", "vgg"], "--model: must be one of", 2),
+    ("bad-seeds", lambda d: ["--seeds", "0"], "--seeds: must be a positive int", 2),
+    ("bad-epochs", lambda d: ["--epochs", "0"], "--epochs: must be a positive int", 2),
+    ("bad-device", lambda d: ["--device", "tpu"], "--device: must be one of", 2),
+    ("not-an-int", lambda d: ["--seeds", "two"], "--seeds: ", 2),
+    ("too-large", lambda d: ["--train-sizes", "99999"], "exceeds the 4000 training samples", 1),
     (
         "data-dir-empty",
         lambda d: ["--dataset", "cifar10", "--data-dir", str(_empty(d / "empty"))],
         "cifar10: missing",
+        1,
     ),
     (
         "truncated-pickle",
         lambda d: ["--dataset", "cifar10", "--data-dir", str(_truncated(d / "trunc"))],
         "cifar10",
+        1,
     ),
     (
         "wrong-checksum",
         lambda d: ["--dataset", "cifar10", "--data-dir", str(_wrong_checksum(d / "md5"))],
         "md5",
+        1,
     ),
-    ("missing-folder", lambda d: ["--dataset", f"folder:{d / 'nope'}"], "folder"),
+    ("missing-folder", lambda d: ["--dataset", f"folder:{d / 'nope'}"], "folder", 1),
 ]
 
 
-@pytest.mark.parametrize(("case", "make_args", "message"), BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_one_line_and_keeps_results(tmp_path, case, make_args, message):
+@pytest.mark.parametrize(("case", "make_args", "message", "code"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_keeps_results(tmp_path, case, make_args, message, code):
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
     (out / "results.md").write_text("earlier results\n")
     (out / "runs" / "old.json").write_text('{"accuracy": 0.9}\n')
     result = invoke(*make_args(tmp_path), "--out", str(out))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.output
     assert (out / "results.md").read_text() == "earlier results\n"
@@ -272,7 +276,7 @@ def test_cuda_requested_without_cuda(tmp_path):
         pytest.skip("CUDA is available here")
     result = invoke("--device", "cuda", "--out", str(tmp_path))
     assert result.exit_code == 1
-    expected = "error: --device cuda was requested but no CUDA device is available"
+    expected = "Error: --device cuda was requested but no CUDA device is available"
     assert result.stderr.strip() == expected
 
 
@@ -282,7 +286,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path):
     for out in (blocker, blocker / "sub"):
         result = invoke(*TINY, "--out", str(out))
         assert result.exit_code == 1
-        assert result.stderr.startswith("error: --out ") and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("Error: --out ") and result.stderr.count("\n") == 1
         assert "Traceback" not in result.output
     assert blocker.read_text() == "keep me"
 
@@ -350,7 +354,7 @@ def test_a_failing_run_keeps_the_finished_ones(tmp_path, monkeypatch):
     result = invoke(*TINY, "--out", str(out), *SEQUENTIAL)  # plan: avg/seed0, then fc/seed0
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (  # after the progress display
-        "error: run mnist1d/cnn1d/fc/seed0/n200 failed: RuntimeError: simulated failure "
+        "Error: run mnist1d/cnn1d/fc/seed0/n200 failed: RuntimeError: simulated failure "
         "with a second line"
     )
     assert "Traceback" not in result.output

@@ -53,12 +53,16 @@ class ClassifierHead(nn.Module):
         super().__init__()
         check_channels(in_channels, "in_channels")
         check_channels(num_classes, "num_classes")
+        self.in_channels, self.layout = in_channels, layout
         self.pool = make_pool(pool, in_channels, layout=layout, **pool_params)
         self.feature_width = self.pool.output_width(in_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.feature_width, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_input(x)
+        owner = f"ClassifierHead(in_channels={self.in_channels})"
+        check_channel_count(x, self.layout, self.in_channels, owner)
         return self.fc(self.dropout(self.pool(x, mask=mask)))
 
 
@@ -107,7 +111,8 @@ class FlattenFCHead(nn.Module):
                 f"x must have spatial size {self.spatial_size} for a flatten+FC head, "
                 f"got {spatial_shape(x, self.layout)}; use a pooling head for other input sizes"
             )
-        check_channel_count(x, self.layout, self.in_channels, "FlattenFCHead")
+        owner = f"FlattenFCHead(in_channels={self.in_channels})"
+        check_channel_count(x, self.layout, self.in_channels, owner)
         check_mask(mask, x, self.layout)
         channel_dim = 1 if self.layout == "channels_first" else x.ndim - 1
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
@@ -155,7 +160,8 @@ class NiNHead(nn.Module):
 
     def _check(self, x: Any, mask: Any) -> None:
         check_input(x)
-        check_channel_count(x, self.layout, self.conv.in_features, "NiNHead")
+        channels = self.conv.in_features
+        check_channel_count(x, self.layout, channels, f"NiNHead(in_channels={channels})")
         check_mask(mask, x, self.layout)
 
     def _class_maps(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

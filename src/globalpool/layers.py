@@ -42,13 +42,27 @@ def check_channels(channels: Any, name: str = "channels") -> None:
 
 
 def check_channel_count(x: torch.Tensor, layout: str, channels: int, owner: str) -> None:
-    """``x`` must have ``channels`` channels where ``layout`` puts them."""
+    """``x`` must have ``channels`` channels where ``layout`` puts them; ``owner`` names the module.
+
+    A shape check only, so it is cheap and traceable: a static size is compared in Python (a
+    ``ValueError``); a symbolic one (``torch.compile(dynamic=True)``, ``torch.export`` with a
+    dynamic channel dim) is asserted with ``torch._check``.
+
+    >>> check_channel_count(torch.zeros(2, 2, 3), "channels_first", 4, "Head(in_channels=4)")
+    Traceback (most recent call last):
+    ...
+    ValueError: Head(in_channels=4) got input with 2 channels (dim 1 for layout='channels_first')
+    """
     channel_dim, _ = layout_dims(x.ndim, layout)
-    if x.shape[channel_dim] != channels:
-        raise ValueError(
-            f"x must have {channels} channels at dim {channel_dim} (layout={layout!r}) for "
-            f"{owner}, got shape {tuple(x.shape)}"
-        )
+    got = x.shape[channel_dim]
+
+    def message() -> str:
+        return f"{owner} got input with {got} channels (dim {channel_dim} for layout={layout!r})"
+
+    if isinstance(got, torch.SymInt):
+        torch._check(got == channels, message)
+    elif got != channels:
+        raise ValueError(message())
 
 
 def _finite(v: float) -> bool:
@@ -224,7 +238,8 @@ class AttentionPool(nn.Module):
 
     def _check(self, x: Any, mask: Any) -> None:
         check_input(x)
-        check_channel_count(x, self.layout, self.channels, "AttentionPool")
+        owner = f"AttentionPool(channels={self.channels})"
+        check_channel_count(x, self.layout, self.channels, owner)
         check_mask(mask, x, self.layout)
 
     def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

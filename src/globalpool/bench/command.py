@@ -5,15 +5,16 @@ well as registered on the typer app (``app.command("bench")(bench)``).
 
 >>> import inspect
 >>> sorted(inspect.signature(bench).parameters)[:4]
-['budget', 'compile', 'device', 'dtype']
+['budget', 'cache', 'compile', 'device']
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 import typer
@@ -36,6 +37,20 @@ from globalpool.bench.shapes import (
     parse_layouts,
     parse_shapes,
 )
+from globalpool.cli_errors import runtime_error, usage_error
+
+T = TypeVar("T")
+
+
+def _option(option: str, parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``; a ``ValueError`` is a usage error of ``option`` (exit 2), a
+    ``RuntimeError`` (e.g. CUDA asked for but absent) a runtime error about it (exit 1)."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise usage_error(option, str(exc)) from None
+    except RuntimeError as exc:
+        raise runtime_error(str(exc), option=option) from None
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -46,8 +61,18 @@ def _kinds(text: str) -> tuple[str, ...]:
     out = tuple(k.strip() for k in text.split(",") if k.strip())
     for k in out:
         if k not in KINDS:
-            raise typer.BadParameter(f"kinds must be among {KINDS} or 'all', got {k!r}")
+            raise usage_error("--kinds", f"must be among {KINDS} or 'all', got {k!r}")
     return out
+
+
+def _check_out(out: Path) -> None:
+    """``out`` must be (or become) a writable folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise runtime_error(f"cannot create {out} ({exc})", option="--out") from None
+    if not os.access(out, os.W_OK):
+        raise runtime_error(f"{out} is not writable", option="--out")
 
 
 def _set_threads(n: int) -> None:
@@ -70,8 +95,10 @@ def bench(
         bool,
         typer.Option(
             "--quick",
-            help="Reduced set (2 small shapes, float32, CPU, no "
-            "compile, 5 repeats, 0.5 s budget, warm caches); under a minute on 2 cores.",
+            help="Reduced set (2 small shapes, float32, CPU, no compile, 5 repeats, 0.5 s "
+            "budget, warm caches). On 2 quiet cores about 50 s the first time (numba compiles "
+            "the fused kernels; 'globalpool warmup' does that ahead) and 11 s once they are "
+            "cached; up to twice that on busy cores.",
         ),
     ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or all (cuda when present).")] = "all",
@@ -132,19 +159,24 @@ def bench(
     repeats = repeats or (5 if quick else 10)
     budget = budget if budget is not None else (0.5 if quick else 2.0)
     compile = (not quick) if compile is None else compile
-    try:
-        shape_set = parse_shapes(shapes) if shapes else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
-        all_cases = cases(
-            shape_set, parse_layouts(layout), parse_dtypes(dtype), parse_devices(device)
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    shape_set = (
+        _option("--shapes", parse_shapes, shapes)
+        if shapes
+        else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
+    )
+    all_cases = cases(
+        shape_set,
+        _option("--layout", parse_layouts, layout),
+        _option("--dtype", parse_dtypes, dtype),
+        _option("--device", parse_devices, device),
+    )
     cache = cache or ("warm" if quick else "cold")
     if cache not in CACHE_MODES:
-        raise typer.BadParameter(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        raise usage_error("--cache", f"must be one of {CACHE_MODES}, got {cache!r}")
+    kind_list = _kinds(kinds)
+    _check_out(out)  # before minutes of benchmarking, not after
     if threads:
         _set_threads(threads)
-    kind_list = _kinds(kinds)
     methods = default_methods(kind_list, compile=compile)
     settings = {
         "quick": quick,
@@ -195,13 +227,28 @@ def bench(
         # other processes on the machine distort timings: the 1/5/15-minute load averages
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
     }
-    paths = write_report(data, out)
+    try:
+        paths = write_report(data, out)
+    except OSError as exc:
+        raise runtime_error(f"cannot write the report into {out} ({exc})", option="--out") from None
     _summary(console, data, paths)
     if memory:
         for dev in settings["devices"]:
             stem = "memory" if dev == "cpu" else f"memory_{dev}"
             bench_memory(kinds=kinds, layout=layout, dtype=dtype, device=dev, out=out, stem=stem)
     return data
+
+
+def _targets_text(data: dict[str, Any]) -> str:
+    """``"; targets met 3/5"``, or nothing when no case of the run has a target.
+
+    >>> _targets_text({"targets": []}), _targets_text({"targets": [{"met": True}, {"met": 0}]})
+    ('', '; targets met 1/2')
+    """
+    targets = data.get("targets") or []
+    if not targets:
+        return ""
+    return f"; targets met {sum(bool(t['met']) for t in targets)}/{len(targets)}"
 
 
 def _summary(console: Console, data: dict[str, Any], paths: dict[str, Any]) -> None:
@@ -211,9 +258,7 @@ def _summary(console: Console, data: dict[str, Any], paths: dict[str, Any]) -> N
         for m in c["methods"]
         if m["status"] != "ok"
     ]
-    targets = data.get("targets", [])
-    met = sum(t["met"] for t in targets)
-    console.print(f"bench finished in {data['wall_s']:.1f} s; targets met {met}/{len(targets)}")
+    console.print(f"bench finished in {data['wall_s']:.1f} s{_targets_text(data)}")
     for line in bad[:20]:
         console.print(f"  [red]{line}[/red]")
     if len(bad) > 20:
@@ -238,17 +283,16 @@ def bench_memory(
 ) -> dict[str, Any]:
     """Bytes saved for backward per kind: fused kernel vs composed torch (vs torch.compile)."""
     console = Console(stderr=True, emoji=False)
-    try:
-        (shape_obj,) = parse_shapes(shape)[:1]
-        dtypes = parse_dtypes(dtype)
-        layouts = parse_layouts(layout)
-        (dev,) = parse_devices(device)[:1]
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    (shape_obj,) = _option("--shape", parse_shapes, shape)[:1]
+    dtypes = _option("--dtype", parse_dtypes, dtype)
+    layouts = _option("--layout", parse_layouts, layout)
+    (dev,) = _option("--device", parse_devices, device)[:1]
+    kind_list = _kinds(kinds)
+    _check_out(out)
     families = ("torch", "compile", "fused") if compile else ("torch", "fused")
     with console.status("measuring saved-for-backward bytes"):
         rows = run_memory(
-            _kinds(kinds),
+            kind_list,
             shape=shape_obj,
             layouts=layouts,
             dtypes=dtypes,
@@ -256,12 +300,11 @@ def bench_memory(
             families=families,
         )
     data: dict[str, Any] = {"machine": machine_info(), "shape": list(shape_obj.dims), "rows": rows}
-    paths = write_memory_report(data, out, stem)
-    met = sum(t["met"] for t in data["targets"])
-    console.print(
-        f"memory: targets met {met}/{len(data['targets'])}; wrote {paths['json']}, "
-        f"{paths['markdown']}"
-    )
+    try:
+        paths = write_memory_report(data, out, stem)
+    except OSError as exc:
+        raise runtime_error(f"cannot write the report into {out} ({exc})", option="--out") from None
+    console.print(f"memory{_targets_text(data)}; wrote {paths['json']}, {paths['markdown']}")
     if torch.cuda.is_available() and dev == "cpu":
         console.print("(CUDA present: run with --device cuda for the GPU numbers)")
     return data

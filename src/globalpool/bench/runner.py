@@ -102,18 +102,37 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _timing_entry(t: Timing, nbytes: int, direction: str) -> dict[str, Any]:
-    """Throughput and ratios against the ceilings sampled alongside the method."""
+    """Throughput and ratios against the ceilings sampled alongside the method.
+
+    Every ratio is stored with the medians it is computed from: ``ratio`` is
+    ``ceiling_median_s / median_s`` (the paired ceiling's samples, not the case's separate
+    ceiling runs), ``ratio_write`` is ``write_median_s / median_s``; the spread of each figure is
+    its ``min_s`` .. ``max_s`` over the samples.
+
+    >>> t = Timing(2e-3, 1e-3, 4e-3, 5, 1, {"forward": {"median_s": 1e-3, "min_s": 1e-3,
+    ...                                                 "max_s": 2e-3}})
+    >>> e = _timing_entry(t, 10**6, "forward")
+    >>> e["ratio"] == e["ceiling_median_s"] / e["median_s"], e["ceiling_max_s"]
+    (True, 0.002)
+    """
     ceiling = t.refs[direction]
     entry = {
         **t.as_dict(),
         "gbps": t.gbps(nbytes),
+        "ceiling_median_s": ceiling["median_s"],
+        "ceiling_min_s": ceiling["min_s"],
+        "ceiling_max_s": ceiling["max_s"],
         "ceiling_gbps": nbytes / ceiling["median_s"] / 1e9,
         "ratio": ceiling["median_s"] / t.median_s,
         # best sample against best sample: less sensitive to other processes on the machine
         "ratio_min": ceiling["min_s"] / t.min_s,
     }
     if "write" in t.refs:
-        entry["ratio_write"] = t.refs["write"]["median_s"] / t.median_s
+        write = t.refs["write"]
+        entry["write_median_s"] = write["median_s"]
+        entry["write_min_s"] = write["min_s"]
+        entry["write_max_s"] = write["max_s"]
+        entry["ratio_write"] = write["median_s"] / t.median_s
     return entry
 
 

@@ -124,7 +124,7 @@ def parse_devices(text: str) -> tuple[str, ...]:
     if text not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'all', got {text!r}")
     if text == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
+        raise RuntimeError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
     return (text,)
 
 

@@ -246,6 +246,10 @@ def download_cifar10(
     return extract_cifar10(target, root, md5=md5)
 
 
+# How to allow the download, from the command line (``compare --download``) and from Python.
+_DOWNLOAD_HINT = "or pass --download to fetch them (download=True in Python)"
+
+
 def _locate(root: Path, download: bool) -> Path:
     candidates = [root / CIFAR10_DIRNAME, root]
     for candidate in candidates:
@@ -262,7 +266,8 @@ def _locate(root: Path, download: bool) -> Path:
     )
     if not download:
         raise DatasetError(
-            f"cifar10: {where}; put the python-format CIFAR-10 files there or allow the download"
+            f"cifar10: {where}; put the python-format CIFAR-10 files there (or point --data-dir "
+            f"at them), {_DOWNLOAD_HINT}"
         )
     try:
         return download_cifar10(root, url=CIFAR10_URL, md5=CIFAR10_TARBALL_MD5)
@@ -292,7 +297,10 @@ def load_cifar10(
     if root.exists() and not root.is_dir():
         raise DatasetError(f"cifar10: data dir {root} is not a directory")
     if not root.exists() and not download:
-        raise DatasetError(f"cifar10: data dir {root} does not exist")
+        raise DatasetError(
+            f"cifar10: data dir {root} does not exist; point --data-dir at the python-format "
+            f"CIFAR-10 files, {_DOWNLOAD_HINT}"
+        )
     batches = _locate(root, download)
     if verify:
         verify_checksums(batches)

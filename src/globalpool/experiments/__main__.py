@@ -1,14 +1,16 @@
 """``python -m globalpool.experiments [OPTIONS]``: ``compare`` without the rest of the CLI.
 
-Handy under ``torchrun --nproc_per_node=K -m globalpool.experiments ...``.
+Handy under ``torchrun --nproc_per_node=K -m globalpool.experiments ...``. Same help and error
+style as ``globalpool compare`` (:mod:`globalpool.cli_group`).
 """
 
 import typer
 
+from globalpool.cli_group import GlobalpoolCommand
 from globalpool.experiments.command import compare
 
-app = typer.Typer(add_completion=False)
-app.command()(compare)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.command(cls=GlobalpoolCommand)(compare)
 
 if __name__ == "__main__":
     app()

@@ -1,9 +1,11 @@
 """``globalpool compare``: train one backbone per head and seed, report which head wins.
 
-Registered by ``globalpool.cli`` as ``app.command("compare")(compare)``. Bad input (unknown head,
-model or dataset, missing or corrupt data, an unwritable ``--out``) ends with one ``error:`` line
-on stderr and exit code 1, before any training; results already in ``--out`` are never touched
-except by adding finished runs. Set ``GLOBALPOOL_DEBUG=1`` to see tracebacks instead.
+Registered by ``globalpool.cli`` as ``app.command("compare")(compare)``. Bad input ends with one
+``Error:`` line on stderr before any training (:mod:`globalpool.cli_errors`): exit 2 for a bad
+option value (unknown head, model or dataset, ``--seeds 0``), exit 1 for what running found
+(missing or corrupt data, no CUDA, an unwritable ``--out``, a failed run); results already in
+``--out`` are never touched except by adding finished runs. Set ``GLOBALPOOL_DEBUG=1`` to see
+tracebacks instead.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +23,18 @@ from globalpool.experiments.spec import DEFAULTS, RunSpec, TrainConfig, dataset_
 
 
 class CompareError(ValueError):
-    """Bad arguments or environment for ``compare``; the message is one line."""
+    """Bad arguments or environment for ``compare``; the message is one line.
+
+    ``option`` names the option whose value is bad (a usage error, exit 2), and prefixes the
+    message; without it the error is one of running (exit 1).
+
+    >>> str(CompareError("must be a positive int, got 0", "--seeds"))
+    '--seeds: must be a positive int, got 0'
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(f"{option}: {message}" if option else message)
+        self.option = option
 
 
 def parse_heads(text: str) -> list[str]:
@@ -42,12 +54,12 @@ def parse_heads(text: str) -> list[str]:
             continue
         if name not in HEADS:
             raise CompareError(
-                f"unknown head {name!r}; expected 'all' or some of: {', '.join(HEADS)}"
+                f"unknown head {name!r}; expected 'all' or some of: {', '.join(HEADS)}", "--heads"
             )
         if name not in heads:
             heads.append(name)
     if not heads:
-        raise CompareError(f"--heads is empty; expected 'all' or some of: {', '.join(HEADS)}")
+        raise CompareError(f"empty; expected 'all' or some of: {', '.join(HEADS)}", "--heads")
     return heads
 
 
@@ -73,12 +85,12 @@ def parse_train_sizes(text: str | None) -> list[int | None]:
                 value = 0
             if value < 1:
                 raise CompareError(
-                    f"--train-sizes must be positive integers or 'full', got {item.strip()!r}"
+                    f"must be positive integers or 'full', got {item.strip()!r}", "--train-sizes"
                 )
         if value not in sizes:
             sizes.append(value)
     if not sizes:
-        raise CompareError("--train-sizes is empty; give positive integers or 'full'")
+        raise CompareError("empty; give positive integers or 'full'", "--train-sizes")
     return sorted(sizes, key=lambda s: float("inf") if s is None else s)
 
 
@@ -87,14 +99,18 @@ def check_dataset_name(dataset: str) -> str:
     base = dataset_base(dataset)
     if base not in DEFAULTS or (base == "folder") != (":" in dataset):
         names = "mnist1d, digits-shifted, cifar10, folder:PATH"
-        raise CompareError(f"unknown dataset {dataset!r}; expected one of: {names}")
+        raise CompareError(f"unknown dataset {dataset!r}; expected one of: {names}", "--dataset")
     return dataset.strip()
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    return typer.Exit(code)
+def _fail(message: str, code: int = 1, usage: bool = False) -> Exception:
+    """The one-line error to raise (:mod:`globalpool.cli_errors`); silent on ranks > 0."""
+    from globalpool.cli_errors import CLIError, CLIUsageError
+
+    error = CLIUsageError(message) if usage else CLIError(message, exit_code=code)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return typer.Exit(error.exit_code)
+    return error
 
 
 def _message(err: BaseException) -> str:
@@ -127,8 +143,21 @@ def compare(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     data_dir: Annotated[
-        Path | None, typer.Option(help="Where dataset files live (CIFAR-10) or are cached.")
+        Path | None,
+        typer.Option(
+            help="Where dataset files live (CIFAR-10: DATA_DIR/cifar-10-batches-py/) or are cached "
+            "(default: the cache dir, see --download)."
+        ),
     ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            "--download",
+            help="Allow downloading CIFAR-10 when its files are missing (the python-format "
+            "archive, 163 MiB, md5-checked) into --data-dir, or without it into the cache dir: "
+            "$GLOBALPOOL_CACHE_DIR, else $XDG_CACHE_HOME/globalpool, else ~/.cache/globalpool.",
+        ),
+    ] = False,
     out: Annotated[
         Path, typer.Option(help="Results directory (runs, results.md/.json, plots).")
     ] = Path("globalpool-results"),
@@ -163,6 +192,7 @@ def compare(
             train_sizes=train_sizes,
             device=device,
             data_dir=data_dir,
+            download=download,
             out=out,
             batch_size=batch_size,
             lr=lr,
@@ -178,7 +208,7 @@ def compare(
     except Exception as err:
         if os.environ.get("GLOBALPOOL_DEBUG"):
             raise
-        raise _fail(_message(err)) from None
+        raise _fail(_message(err), usage=getattr(err, "option", None) is not None) from None
 
 
 def _config(base: str, **options: Any) -> TrainConfig:
@@ -189,8 +219,9 @@ def _config(base: str, **options: Any) -> TrainConfig:
             changes[name] = value
     try:
         return dataclasses.replace(config, **changes)
-    except ValueError as err:
-        raise CompareError(f"--{str(err).replace('_', '-')}") from None
+    except ValueError as err:  # "epochs must be a positive int, got 0"
+        name, _, rest = str(err).partition(" ")
+        raise CompareError(rest, f"--{name.replace('_', '-')}") from None
 
 
 def _compare(
@@ -202,6 +233,7 @@ def _compare(
     train_sizes: str | None,
     device: str,
     data_dir: Path | None,
+    download: bool,
     out: Path,
     batch_size: int | None,
     lr: float | None,
@@ -217,11 +249,11 @@ def _compare(
     head_list = parse_heads(heads)
     sizes = parse_train_sizes(train_sizes)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise CompareError(f"--seeds must be a positive int, got {seeds!r}")
+        raise CompareError(f"must be a positive int, got {seeds!r}", "--seeds")
     if workers is not None and workers < 1:
-        raise CompareError(f"--workers must be a positive int, got {workers!r}")
+        raise CompareError(f"must be a positive int, got {workers!r}", "--workers")
     if threads is not None and threads < 1:
-        raise CompareError(f"--threads must be a positive int, got {threads!r}")
+        raise CompareError(f"must be a positive int, got {threads!r}", "--threads")
     config = _config(base, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend)
 
     from globalpool.experiments import distributed
@@ -230,8 +262,13 @@ def _compare(
 
     try:
         model_name = resolve_model_name(model if model is not None else base)
+    except ValueError as err:  # "model must be one of ..."
+        raise CompareError(str(err).removeprefix("model "), "--model") from None
+    if device.strip().lower() not in ("auto", "cpu", "cuda"):
+        raise CompareError(f"must be one of cpu, cuda, auto; got {device!r}", "--device")
+    try:
         torch_device = resolve_device(device)
-    except ValueError as err:
+    except ValueError as err:  # CUDA asked for but absent: the machine, not the value
         raise CompareError(str(err)) from None
 
     ctx = distributed.init_distributed(torch_device.type)
@@ -246,6 +283,7 @@ def _compare(
             model_name=model_name,
             torch_device=torch_device,
             data_dir=data_dir,
+            download=download,
             out=out,
             workers=workers,
             threads=threads,
@@ -266,6 +304,7 @@ def _run(
     model_name: str,
     torch_device: Any,
     data_dir: Path | None,
+    download: bool,
     out: Path,
     workers: int | None,
     threads: int | None,
@@ -296,8 +335,8 @@ def _run(
     try:
         if ctx.is_main:
             check_writable(out)
-        # An explicit --data-dir must hold the files; without one, CIFAR-10 may be downloaded.
-        data = load_dataset(dataset, data_dir=data_dir, download=data_dir is None)
+        # CIFAR-10 is downloaded (into --data-dir or the cache dir) only with --download.
+        data = load_dataset(dataset, data_dir=data_dir, download=download)
         for size in sizes:
             if size is not None and size > data.train_size:
                 raise CompareError(

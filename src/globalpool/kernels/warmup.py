@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from globalpool.cli_errors import usage_error
+
 __all__ = ["compile_item", "warmup"]
 
 _LAYOUTS = ("channels_first", "channels_last")
@@ -57,7 +59,7 @@ def _split(values: list[str] | None, allowed: tuple[str, ...], what: str) -> lis
             elif part in allowed:
                 out.append(part)
             elif part:
-                raise typer.BadParameter(f"{what} must be among {allowed} or 'all', got {part!r}")
+                raise usage_error(f"--{what}", f"must be among {allowed} or 'all', got {part!r}")
     return list(dict.fromkeys(out))
 
 
