@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
