@@ -61,6 +61,19 @@ def _first_call(kind: str, layout: str, dtype: str, train: bool, cache: str) -> 
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def _cpu_name() -> str:
+    """The CPU's model name, family and model number (Linux), else what platform knows."""
+    try:
+        info = dict(
+            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if ":" in line
+        )
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
@@ -84,7 +97,7 @@ def main() -> None:
             )
             print(f"{kind:<10} {layout:<15} {inference:6.2f} s {training:6.2f} s {cached:6.2f} s")
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "load_average_start": load_start,
