@@ -138,7 +138,123 @@ def test_report_table_marks_best_and_na():
     rows = summarize(recs)
     assert [r["head"] for r in rows] == ["fc", "avg"]  # HEADS order
     table = markdown_table(rows)
-    assert "**65.0 ± 63.5**" in table and "| n/a |" in table and "bigger acc %" in table
+    assert "| n/a |" in table and "bigger acc %" in table
+    # avg's mean is higher, but its CI (65.0 ± 63.5) overlaps fc's (50.0 ± 0.0): no bold.
+    assert "**" not in table
+    assert "No head is bold" in table and "overlapping 95% CIs" in table
+
+
+def _row(head, values, size=10):
+    mean, half = mean_ci(values)
+    acc = {"mean": mean, "ci95": half, "n": len(values), "values": values}
+    return {
+        "head": head,
+        "train_size": size,
+        "seeds": len(values),
+        "accuracy": acc,
+        "accuracies": {"test": acc},
+        "params_total": 1,
+        "params_head": 1,
+        "train_time_s": 1.0,
+        "train_cpu_time_s": 1.0,
+        "peak_memory_bytes": None,
+        "train_throughput": 1.0,
+        "eval_throughput": 1.0,
+    }
+
+
+def test_best_head_is_bold_only_when_its_ci_clears_the_next_best():
+    clear = [_row("avg", [0.90, 0.91, 0.92]), _row("fc", [0.50, 0.52, 0.51])]
+    table = markdown_table(clear)
+    assert "| `avg` | 10 | 3 | **91.0 ± 2.5** |" in table
+    assert "Bold in this table: `avg`" in table and "does not overlap" in table
+    close = [_row("avg", [0.90, 0.91, 0.92]), _row("fc", [0.89, 0.90, 0.91])]
+    table = markdown_table(close)
+    assert "**" not in table
+    assert "No head is bold in this table" in table and "overlapping 95% CIs" in table
+    one_seed = markdown_table([_row("avg", [0.9]), _row("fc", [0.5])])
+    assert "**" not in one_seed and "with one seed there is no CI" in one_seed
+
+
+def test_report_defines_every_column_and_states_the_test_size(tmp_path):
+    from globalpool.experiments.labels import describe_test_sets
+    from globalpool.experiments.report import markdown_report
+
+    names = {"test": 450, "everywhere": 450, "right": 450, "larger-canvas": 450}
+    rows = [_row("avg", [0.9, 0.8]), _row("fc", [0.7, 0.6])]
+    for row in rows:
+        row["accuracies"] = {n: row["accuracy"] for n in names}
+    meta = {"dataset": "digits-shifted", "test_size": 450}
+    meta["test_sets"] = describe_test_sets("digits-shifted", names)
+    text = markdown_report(rows, meta)
+    header = next(line for line in text.splitlines() if line.startswith("| head |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[3:7] == [
+        "same region acc %",
+        "anywhere acc %",
+        "right half only (never seen) acc %",
+        "larger canvas acc %",
+    ]
+    for column in columns:
+        assert f"- **{column}**: " in text, column
+    assert "450 samples" in text
+
+
+def test_files_respect_the_umask(tmp_path):
+    from globalpool.experiments.report import write_report
+
+    old = os.umask(0o022)
+    try:
+        store = ResultStore(tmp_path)
+        spec = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(1, 100, 0.01))
+        record = {
+            "spec": {"head": "avg", "seed": 0},
+            "train_size": 200,
+            "accuracy": 0.5,
+            "accuracies": {"test": 0.5},
+            "params_total": 1,
+            "params_head": 1,
+            "train_time_s": 1.0,
+            "peak_memory_bytes": None,
+            "train_throughput": 1.0,
+            "eval_throughput": 1.0,
+        }
+        written = [store.save(spec, record)]
+        written += write_report(tmp_path, [record], {"dataset": "mnist1d"}).values()
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert modes == {p.name: "0o644" for p in written}
+    assert {"avg-seed0-n200.json", "results.json", "results.md", "accuracy.png"} <= set(modes)
+
+
+def test_error_bars_are_clipped_to_the_metric_range(tmp_path):
+    from globalpool.experiments.plots import clip_errors
+    from globalpool.experiments.report import write_report
+
+    below, above, clipped = clip_errors([97.0, 3.0, 50.0], [10.0, 10.0, 10.0])
+    assert below == [10.0, 3.0, 10.0] and above == [3.0, 10.0, 10.0]
+    assert clipped == [True, True, False]
+    records = [
+        {
+            "spec": {"head": "avg", "seed": s},
+            "train_size": 10,
+            "accuracy": a,
+            "accuracies": {"test": a},
+            "params_total": 1,
+            "params_head": 1,
+            "train_time_s": 1.0,
+            "peak_memory_bytes": None,
+            "train_throughput": 1.0,
+            "eval_throughput": 1.0,
+        }
+        for s, a in enumerate([1.0, 0.9])  # 95.0 ± 63.5 would reach 158%
+    ]
+    write_report(tmp_path, records, {"dataset": "mnist1d"})
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["plots_clipped"] == {
+        "plot": True
+    }
+    assert "CI clipped at 0% / 100%" in (tmp_path / "results.md").read_text()
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -187,10 +303,23 @@ def test_digits_shifted_fc_cannot_take_the_larger_canvas(tmp_path):
     args = "--dataset digits-shifted --heads avg,fc --seeds 1 --epochs 1 --train-sizes 128"
     result = invoke(*args.split(), "--out", str(tmp_path), *SEQUENTIAL)
     assert result.exit_code == 0, result.output
-    rows = {r["head"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    summary = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["head"]: r for r in summary["rows"]}
     assert rows["fc"]["accuracies"]["larger-canvas"] is None
     assert rows["avg"]["accuracies"]["larger-canvas"]["mean"] >= 0.0
-    assert "n/a" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "n/a" in text
+    labels = {s["name"]: s["label"] for s in summary["meta"]["test_sets"]}
+    assert labels == {
+        "test": "same region",
+        "everywhere": "anywhere",
+        "right": "right half only (never seen)",
+        "larger-canvas": "larger canvas",
+    }
+    header = " | ".join(f"{label} acc %" for label in labels.values())
+    assert f"| seeds | {header} |" in text
+    assert summary["meta"]["test_size"] == 449  # a quarter of the 1797 digits, held out
+    assert "same region 449, anywhere 449" in text
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -319,7 +448,10 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
     assert ddp["rows"][0].keys() == one["rows"][0].keys()
     assert ddp["runs"][0].keys() == one["runs"][0].keys()
     assert ddp["meta"]["world_size"] == 2 and ddp["runs"][0]["world_size"] == 2
-    assert run_files(tmp_path / "ddp").keys() == run_files(tmp_path / "one").keys()
+    # Two ranks' batch-norm statistics differ from one process's: the runs are kept apart.
+    ddp_files, one_files = run_files(tmp_path / "ddp"), run_files(tmp_path / "one")
+    assert [Path(f).name for f in ddp_files] == [Path(f).name for f in one_files]
+    assert ddp_files.keys().isdisjoint(one_files)
     # Same global batches and steps: the split only changes floating-point summation order.
     assert ddp["runs"][0]["steps"] == one["runs"][0]["steps"] == 40
     assert abs(ddp["runs"][0]["accuracy"] - one["runs"][0]["accuracy"]) <= 0.02
@@ -327,7 +459,21 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["stats", "spec", "results", "measure", "runner", "report", "distributed", "command"],
+    [
+        "stats",
+        "spec",
+        "results",
+        "measure",
+        "runner",
+        "report",
+        "distributed",
+        "command",
+        "interrupt",
+        "provenance",
+        "labels",
+        "ranking",
+        "plots",
+    ],
 )
 def test_experiment_doctests(name):
     import doctest
@@ -378,3 +524,190 @@ def test_cifar10_fixture_end_to_end(tmp_path):
     assert summary["meta"]["config"]["augment"] == "crop-flip"
     assert [r["train_size"] for r in summary["rows"]] == [40]
     assert summary["runs"][0]["steps"] == 2  # full-width ResNet-18: keep it to two steps
+
+
+# --- reproducibility --------------------------------------------------------------------------
+
+
+def _runs(out: Path) -> dict[str, dict]:
+    return {r["label"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+
+
+@pytest.mark.slow
+def test_runs_do_not_depend_on_the_worker_count(tmp_path):
+    import torch
+
+    one_args = ["--out", str(tmp_path / "one"), "--workers", "1"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # this process's own count must not leak into the run
+    try:
+        one = invoke(*TINY[:-1], "1", *one_args)
+    finally:
+        torch.set_num_threads(before)
+    assert one.exit_code == 0, one.output
+    two = invoke(*TINY[:-1], "1", "--out", str(tmp_path / "two"), "--workers", "2")
+    assert two.exit_code == 0, two.output
+    a, b = _runs(tmp_path / "one"), _runs(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 2
+    for label in a:
+        for key in ("accuracy", "accuracies", "final_train_loss", "weights_digest", "threads"):
+            assert a[label][key] == b[label][key], (label, key)
+        assert a[label]["threads"] == 1 and a[label]["reused"] is False
+    assert run_files(tmp_path / "one").keys() == run_files(tmp_path / "two").keys()
+
+    # The other way of running finds the first one's runs and labels them as reused.
+    again = invoke(*TINY[:-1], "1", "--out", str(tmp_path / "one"), "--workers", "2")
+    assert again.exit_code == 0, again.output
+    assert "0 runs trained, 2 reused" in again.stdout
+    assert all(r["reused"] is True for r in _runs(tmp_path / "one").values())
+    assert "| reused (cached) |" in (tmp_path / "one" / "results.md").read_text()
+
+
+def test_thread_count_and_provenance_are_part_of_the_cache_key(tmp_path):
+    out = tmp_path / "out"
+    tiny = ["--train-sizes", "200", "--epochs", "1", "--heads", "avg", "--seeds", "1"]
+    first = invoke(*tiny, "--out", str(out), "--workers", "1")
+    assert first.exit_code == 0, first.output
+    second = invoke(*tiny, "--out", str(out), "--workers", "1", "--threads", "2")
+    assert second.exit_code == 0, second.output
+    assert "1 runs trained, 0 reused" in second.stdout  # not the one-thread run
+    files = sorted(run_files(out))
+    assert len(files) == 2 and Path(files[0]).parent != Path(files[1]).parent
+    summary = json.loads((out / "results.json").read_text())
+    run, meta = summary["runs"][0], summary["meta"]
+    assert run["threads"] == 2 and run["spec"]["env"]["threads"] == 2
+    for key in ("torch", "globalpool", "world_size", "device", "hardware"):
+        assert run[key] is not None
+    assert meta["env"]["threads"] == 2 and meta["test_size"] == 1000
+    assert meta["test_sets"] == [
+        {
+            "name": "test",
+            "label": "test",
+            "size": 1000,
+            "description": "the dataset's held-out test set",
+        }
+    ]
+    text = (out / "results.md").read_text()
+    assert "Test set: 1000 samples" in text and "2 torch thread(s)" in text
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+# Long enough that runs are still in flight when the first one is written.
+STOP_ARGS = ["--train-sizes", "200", "--epochs", "10", "--heads", "avg,fc,max", "--seeds", "4"]
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            alive.append(int(entry.name))
+    return alive
+
+
+def _start_compare(out: Path) -> subprocess.Popen:
+    import globalpool
+
+    src = str(Path(globalpool.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "globalpool.cli", "compare", *STOP_ARGS, "--workers", "2"]
+    return subprocess.Popen(
+        [*cmd, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: every worker can be found and signalled
+    )
+
+
+def _wait_for_a_finished_run(proc: subprocess.Popen, out: Path, timeout: float = 120) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = len(list(out.glob("runs/**/*.json")))
+        if done:
+            return done
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, 9)
+    raise AssertionError("no run finished in time")
+
+
+def _stop(proc: subprocess.Popen, signals: list[tuple[int, bool]], gap: float) -> tuple:
+    """Send each (signal, to_group) ``gap`` seconds apart; return (rc, stderr, seconds)."""
+    import time
+
+    t0 = time.monotonic()
+    for k, (sig, to_group) in enumerate(signals):
+        if k:
+            time.sleep(gap)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise AssertionError("compare did not exit within 10 s of the signal") from None
+    return proc.returncode, err, time.monotonic() - t0
+
+
+def _assert_clean(proc: subprocess.Popen, out: Path, done_before: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 2.0
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _group_alive(proc.pid) == [], "worker processes outlived compare"
+    files = list(out.glob("runs/**/*.json"))
+    assert done_before <= len(files) < 12  # finished runs kept; the others were stopped
+    assert all("accuracy" in json.loads(f.read_text()) for f in files)
+    assert not list(out.glob("runs/**/*.tmp"))
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+@needs_proc
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "to_group", "code"),
+    [(2, True, 130), (15, False, 143)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-compare"],
+)
+def test_a_signal_stops_at_once_and_keeps_finished_runs(tmp_path, sig, to_group, code):
+    out = tmp_path / "out"
+    proc = _start_compare(out)
+    done = _wait_for_a_finished_run(proc, out)
+    rc, err, seconds = _stop(proc, [(sig, to_group)], 0.0)
+    assert rc == code, err
+    assert seconds < 5.0, f"took {seconds:.1f} s to stop"
+    name = "SIGINT" if sig == 2 else "SIGTERM"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted ({name}): ") and "finished and kept under" in last
+    assert "Traceback" not in err
+    _assert_clean(proc, out, done)
+    assert not (out / "results.md").exists()  # the report is written only for a full plan
+
+
+@needs_proc
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    out = tmp_path / "out"
+    proc = _start_compare(out)
+    done = _wait_for_a_finished_run(proc, out)
+    rc, err, seconds = _stop(proc, [(2, True), (2, True)], 0.02)
+    # 130 from either handler; a second signal after Python's own shutdown began ends the
+    # process by SIGINT itself, which a shell reports as 130 too.
+    assert rc in (130, -2), err
+    assert seconds < 3.0, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in err
+    _assert_clean(proc, out, done)

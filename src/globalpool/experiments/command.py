@@ -6,6 +6,10 @@ option value (unknown head, model or dataset, ``--seeds 0``), exit 1 for what ru
 (missing or corrupt data, no CUDA, an unwritable ``--out``, a failed run); results already in
 ``--out`` are never touched except by adding finished runs. Set ``GLOBALPOOL_DEBUG=1`` to see
 tracebacks instead.
+
+Ctrl-C (SIGINT) or SIGTERM stops at once (:mod:`.interrupt`): runs in flight are killed, every
+finished run is already saved, one ``interrupted`` line says how many, and the exit code is
+130 (SIGINT) or 143 (SIGTERM); a second signal exits without any clean-up.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +40,10 @@ class CompareError(ValueError):
     def __init__(self, message: str, option: str | None = None) -> None:
         super().__init__(f"{option}: {message}" if option else message)
         self.option = option
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the training; the message says what was kept."""
 
 
 def parse_heads(text: str) -> list[str]:
@@ -171,44 +180,66 @@ def compare(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Parallel single-thread run processes (default: CPU cores; 1 on CUDA)."),
+        typer.Option(
+            help="Parallel run processes (default: CPU cores / --threads; 1 on CUDA). "
+            "Does not change any run's result."
+        ),
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="Torch threads per process (default: cores / processes)."),
+        typer.Option(
+            help="Torch threads each run trains on (default 1, so results do not depend on the "
+            "worker count). Part of the cache key: runs on other thread counts are kept apart."
+        ),
     ] = None,
     backend: Annotated[
         str, typer.Option(help="Pooling backend of the heads: torch, auto or fused.")
     ] = "torch",
 ) -> None:
     """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
-    parameters, training time, peak memory and throughput as Markdown, JSON and PNG."""
+    parameters, training time, peak memory and throughput as Markdown, JSON and PNG.
+    Finished runs are cached in --out and reused by a later call made the same way. Ctrl-C
+    stops at once and keeps every finished run (exit code 130; a second Ctrl-C skips any
+    clean-up); run the same command again to train the rest."""
+    from globalpool.experiments import interrupt
+
     try:
-        _compare(
-            dataset=dataset,
-            heads=heads,
-            seeds=seeds,
-            epochs=epochs,
-            train_sizes=train_sizes,
-            device=device,
-            data_dir=data_dir,
-            download=download,
-            out=out,
-            batch_size=batch_size,
-            lr=lr,
-            model=model,
-            workers=workers,
-            threads=threads,
-            backend=backend,
-        )
+        with interrupt.stop_on_signals():
+            try:
+                _compare(
+                    dataset=dataset,
+                    heads=heads,
+                    seeds=seeds,
+                    epochs=epochs,
+                    train_sizes=train_sizes,
+                    device=device,
+                    data_dir=data_dir,
+                    download=download,
+                    out=out,
+                    batch_size=batch_size,
+                    lr=lr,
+                    model=model,
+                    workers=workers,
+                    threads=threads,
+                    backend=backend,
+                )
+            except KeyboardInterrupt as err:  # still inside: a second signal exits at once
+                raise _interrupted(err, interrupt.received(), out) from None
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
-        raise _fail(f"interrupted; finished runs are kept under {out}", 130) from None
     except Exception as err:
         if os.environ.get("GLOBALPOOL_DEBUG"):
             raise
         raise _fail(_message(err), usage=getattr(err, "option", None) is not None) from None
+
+
+def _interrupted(err: KeyboardInterrupt, signum: int | None, out: Path) -> typer.Exit:
+    from globalpool.experiments.interrupt import exit_code, signal_name
+
+    kept = str(err) if isinstance(err, Interrupted) else f"finished runs are kept under {out}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"\ninterrupted ({signal_name(signum)}): {kept}", file=sys.stderr, flush=True)
+    return typer.Exit(exit_code(signum))
 
 
 def _config(base: str, **options: Any) -> TrainConfig:
@@ -320,6 +351,8 @@ def _run(
         run_sequential,
         usable_cpus,
     )
+    from globalpool.experiments.labels import describe_test_sets, labels_of
+    from globalpool.experiments.provenance import current_env
     from globalpool.experiments.report import markdown_table, summarize, write_report
     from globalpool.experiments.results import ResultStore, check_writable
     from globalpool.experiments.runner import total_steps
@@ -365,12 +398,16 @@ def _run(
     # The full size is one run whether it is asked for as "full" or by its number.
     sizes = list(dict.fromkeys(None if s == data.train_size else s for s in sizes))
 
-    # 3. Plan: rank 0 decides what is left to run; every rank gets the same list.
+    # 3. Plan: rank 0 decides what is left to run; every rank gets the same list. How a run is
+    #    made (threads for the math, processes, device, versions, data) is part of its cache
+    #    key; each run trains on one thread by default, so the worker count cannot change it.
+    threads = threads or 1
+    env = current_env(torch_device, threads, ctx.world_size, data)
     store = ResultStore(out)
     # Seed-major order: each head's runs are spread over the whole call, so a busy spell on a
     # shared machine slows every head a little rather than one head a lot.
     plan = [
-        RunSpec(dataset, model_name, head, seed, size, config)
+        RunSpec(dataset, model_name, head, seed, size, config, env)
         for size in sizes
         for seed in range(seeds)
         for head in head_list
@@ -378,45 +415,48 @@ def _run(
     pending = [spec for spec in plan if store.load(spec) is None] if ctx.is_main else None
     pending = distributed.broadcast_object(pending, ctx)
 
-    cpus = usable_cpus()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     if ctx.enabled or torch_device.type == "cuda":
         n_workers = 1
     else:
-        n_workers = min(workers or cpus, max(1, len(pending)))
-    # One thread per process unless cores would sit idle: oversubscribed intra-op threads spin
-    # and can make small models many times slower.
-    threads = threads or max(1, cpus // (n_workers * max(1, local_world)))
+        n_workers = min(workers or max(1, usable_cpus() // threads), max(1, len(pending)))
 
     # 4. Train what is pending, saving each run as it finishes.
     from globalpool.experiments.progress import RichSink
 
-    with RichSink(len(plan), len(plan) - len(pending), enabled=ctx.is_main) as sink:
-        if ctx.is_main and len(pending) < len(plan):
-            sink.note(f"{len(plan) - len(pending)} of {len(plan)} runs already in {out}; skipped")
-        if n_workers > 1:
-            source = DataSource(dataset, None if data_dir is None else str(data_dir))
-            run_parallel(
-                pending,
-                source,
-                store=store,
-                device=torch_device,
-                workers=n_workers,
-                threads=threads,
-                sink=sink,
-            )
-        else:
-            torch.set_num_threads(threads)
-            run_sequential(pending, data, store=store, device=torch_device, ctx=ctx, sink=sink)
+    try:
+        with RichSink(len(plan), len(plan) - len(pending), enabled=ctx.is_main) as sink:
+            if ctx.is_main and len(pending) < len(plan):
+                sink.note(
+                    f"{len(plan) - len(pending)} of {len(plan)} runs already in {out}; skipped"
+                )
+            if n_workers > 1:
+                source = DataSource(dataset, None if data_dir is None else str(data_dir))
+                run_parallel(
+                    pending, source, store=store, device=torch_device, workers=n_workers, sink=sink
+                )
+            else:
+                run_sequential(pending, data, store=store, device=torch_device, ctx=ctx, sink=sink)
+    except KeyboardInterrupt:
+        done = sum(store.load(spec) is not None for spec in plan) if ctx.is_main else 0
+        raise Interrupted(
+            f"{done} of {len(plan)} runs are finished and kept under {out} "
+            f"({done - (len(plan) - len(pending))} trained by this call); run the same command "
+            f"again to train the other {len(plan) - done}"
+        ) from None
     distributed.barrier(ctx)
     if not ctx.is_main:
         return
 
     # 5. Report every run of the plan (this call's and earlier ones').
-    records = [store.load(spec) for spec in plan]
-    missing = [spec.label for spec, rec in zip(plan, records, strict=True) if rec is None]
+    loaded = [store.load(spec) for spec in plan]
+    missing = [spec.label for spec, rec in zip(plan, loaded, strict=True) if rec is None]
     if missing:
         raise CompareError(f"results of {len(missing)} runs are missing, e.g. {missing[0]}")
+    trained = set(pending)
+    records = [
+        {**rec, "reused": spec not in trained} for spec, rec in zip(plan, loaded, strict=True)
+    ]
+    test_sets = describe_test_sets(dataset, {k: len(y) for k, (_, y) in data.test_sets().items()})
     meta = {
         "dataset": dataset,
         "model": model_name,
@@ -429,13 +469,18 @@ def _run(
         "world_size": ctx.world_size,
         "workers": n_workers,
         "threads": threads,
+        "env": dataclasses.asdict(env),
+        "test_size": len(data.y_test),
+        "test_sets": test_sets,
         "memory_method": records[0].get("memory_method") if records else None,
         "runs_this_call": len(pending),
+        "runs_reused": len(plan) - len(pending),
         "wall_time_s": time.perf_counter() - started,
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "globalpool": env.globalpool,
     }
     paths = write_report(Path(out).expanduser(), records, meta)
-    print(markdown_table(summarize(records)), end="")
+    print(markdown_table(summarize(records), labels_of(meta)), end="")
     written = ", ".join(str(p) for p in paths.values())
     print(f"\n{len(pending)} runs trained, {len(plan) - len(pending)} reused; wrote {written}")

@@ -1,31 +1,30 @@
 """Run a plan of :class:`RunSpec` s: skip finished ones, save each as it ends, show progress.
 
-Runs are independent, so on a multi-core CPU they go to a pool of single-threaded worker
-processes (``workers``), each loading the dataset once; small models train far faster that
-way than with one process using several threads per tiny operation. Under ``torchrun`` (or with
-``workers=1``) runs go one after another in this process, data-parallel across the ranks.
-Every finished run is written at once, so an error or Ctrl-C loses at most the runs in flight.
+Runs are independent, so on a multi-core CPU they go to worker processes
+(:mod:`globalpool.experiments.pool`), each loading the dataset once; small models train far
+faster that way than with one process using several threads per tiny operation. Under
+``torchrun`` (or with ``workers=1``) runs go one after another in this process, data-parallel
+across the ranks. Every run trains on the thread count of its :class:`RunEnv` whichever process
+runs it, so where it runs does not change its numbers. Every finished run is written at once,
+so an error or Ctrl-C loses at most the runs in flight.
 """
 
 from __future__ import annotations
 
-import ctypes
+import collections
 import dataclasses
-import multiprocessing as mp
 import os
-import queue as queue_module
-import signal
-import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Sequence
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
 
 from globalpool.data import Dataset, load_dataset
 from globalpool.experiments.distributed import DistContext
+from globalpool.experiments.pool import Worker, one_line, start_workers, stop_workers
 from globalpool.experiments.results import ResultStore
-from globalpool.experiments.runner import train_and_evaluate
+from globalpool.experiments.runner import ProgressFn, train_and_evaluate
 from globalpool.experiments.spec import RunSpec
 
 
@@ -60,8 +59,25 @@ class ProgressSink:
     def finish(self, label: str, record: dict[str, Any]) -> None: ...
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())
+def run_one(
+    spec: RunSpec,
+    data: Dataset,
+    *,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """:func:`train_and_evaluate` on ``spec.env.threads`` torch threads (restored afterwards)."""
+    ctx = ctx or DistContext()
+    if spec.env is not None and spec.env.world_size != ctx.world_size:
+        raise ValueError(f"run made for {spec.env.world_size} processes, not {ctx.world_size}")
+    before = torch.get_num_threads()
+    if spec.env is not None:
+        torch.set_num_threads(spec.env.threads)
+    try:
+        return train_and_evaluate(spec, data, device=device, ctx=ctx, progress=progress)
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_sequential(
@@ -81,46 +97,15 @@ def run_sequential(
             sink.update(label, done, steps)
 
         try:
-            record = train_and_evaluate(spec, data, device=device, ctx=ctx, progress=report)
+            record = run_one(spec, data, device=device, ctx=ctx, progress=report)
         except Exception as err:
-            raise RunError(f"run {spec.label} failed: {_one_line(err)}") from err
+            raise RunError(f"run {spec.label} failed: {one_line(err)}") from err
         if ctx.is_main:
             store.save(spec, record)
         sink.finish(spec.label, record)
 
 
 # --- worker processes -------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel end this worker when the parent ``compare`` dies (even killed),
-    so no orphaned training process keeps the cores busy."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _init_worker(source: DataSource, threads: int, events: Any) -> None:
-    _die_with_parent()
-    torch.set_num_threads(threads)
-    _WORKER["data"] = source.load()
-    _WORKER["events"] = events
-
-
-def _run_in_worker(spec: RunSpec, device: str) -> dict[str, Any]:
-    events = _WORKER["events"]
-    events.put((spec.label, 0, 0))
-
-    def report(done: int, steps: int) -> None:
-        events.put((spec.label, done, steps))
-
-    return train_and_evaluate(spec, _WORKER["data"], device=torch.device(device), progress=report)
 
 
 def run_parallel(
@@ -130,64 +115,71 @@ def run_parallel(
     store: ResultStore,
     device: torch.device,
     workers: int,
-    threads: int,
     sink: ProgressSink,
-    poll: Callable[[], None] | None = None,
 ) -> None:
-    """Run ``pending`` on ``workers`` spawned processes with ``threads`` torch threads each.
+    """Run ``pending`` on ``workers`` worker processes, each run saved by its worker as it ends.
 
     On a failure, runs already in flight finish and are saved; runs not yet started are dropped,
-    then :class:`RunError` is raised.
+    then :class:`RunError` is raised. On any other exception (a Ctrl-C's
+    :class:`KeyboardInterrupt`) every worker is killed at once and the runs in flight are lost.
     """
-    context = mp.get_context("spawn")
-    events = context.Queue()
-    started: set[str] = set()
+    queue = collections.deque(pending)
     failure: RunError | None = None
-
-    def drain() -> None:
-        while True:
-            try:
-                label, done, steps = events.get_nowait()
-            except queue_module.Empty:
-                return
-            if label not in started:
-                started.add(label)
-                sink.start(label, steps)
-            if steps:
-                sink.update(label, done, steps)
-
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(source, threads, events),
-    ) as pool:
-        futures: dict[Future, RunSpec] = {
-            pool.submit(_run_in_worker, spec, str(device)): spec for spec in pending
-        }
-        remaining = set(futures)
-        while remaining:
-            done, remaining = wait(remaining, timeout=0.1, return_when=FIRST_COMPLETED)
-            drain()
-            if poll is not None:
-                poll()
-            for future in done:
-                spec = futures[future]
-                if future.cancelled():
+    pool = start_workers(workers, source, store, str(device))
+    alive: list[Worker] = list(pool)
+    finished = False
+    try:
+        while alive and (queue or any(w.task is not None for w in alive)):
+            if failure is None:
+                for worker in alive:
+                    if worker.ready and worker.task is None and queue:
+                        spec = queue.popleft()
+                        if not worker.send(spec):  # died meanwhile: its EOF comes next
+                            queue.appendleft(spec)
+                            continue
+                        sink.start(spec.label, 0)
+            by_conn = {w.conn: w for w in alive}
+            for conn in wait(list(by_conn), timeout=0.5):
+                worker = by_conn[conn]
+                message = worker.receive()
+                if message is None:
+                    alive.remove(worker)
+                    reason = f"its worker process died (exit code {worker.exitcode()})"
+                    if worker.task is not None and failure is None:
+                        failure = RunError(f"run {worker.task.label} failed: {reason}")
                     continue
-                err = future.exception()
-                if err is not None:
-                    if failure is None:
-                        failure = RunError(f"run {spec.label} failed: {_one_line(err)}")
-                        for other in remaining:
-                            other.cancel()
-                    continue
-                record = future.result()
-                store.save(spec, record)
-                if spec.label not in started:
-                    started.add(spec.label)
-                    sink.start(spec.label, record["steps"])
-                sink.finish(spec.label, record)
-    events.close()
+                err = _handle(message, worker, sink)
+                failure = failure or err
+            if failure is not None:
+                queue.clear()
+        if queue and failure is None:
+            failure = RunError(f"every worker process died; {len(queue)} runs not started")
+        finished = True
+    finally:
+        in_flight = [w.task for w in pool if w.task is not None]
+        stop_workers(pool, gracefully=finished)
+        for spec in in_flight:  # killed, perhaps while writing its record
+            store.discard_partial(spec)
     if failure is not None:
         raise failure
+
+
+def _handle(message: tuple[Any, ...], worker: Worker, sink: ProgressSink) -> RunError | None:
+    """Act on one worker message; a failure comes back as the :class:`RunError` to raise."""
+    kind = message[0]
+    if kind == "ready":
+        worker.ready = True
+    elif kind == "progress":
+        _, label, done, steps = message
+        sink.update(label, done, steps)
+    elif kind == "done":
+        _, label, record = message
+        worker.task = None
+        sink.finish(label, record)
+    elif kind == "error":
+        _, label, text = message
+        worker.task = None
+        return RunError(f"run {label} failed: {text}")
+    elif kind == "fatal":
+        return RunError(f"a worker process could not start: {message[1]}")
+    return None

@@ -1,8 +1,10 @@
-"""Summaries of finished runs: a Markdown table, a JSON file and PNG plots (matplotlib, Agg).
+"""Summaries of finished runs: a Markdown report, a JSON file and PNG plots (:mod:`.plots`).
 
 Per (head, training-set size): test accuracy as mean +- 95% Student-t CI over seeds (and the same
 for every extra test set, e.g. digits-shifted's moved digits), parameters (total and head),
-training wall time, peak memory and throughput, each averaged over seeds.
+training wall time, peak memory and throughput, each averaged over seeds. Below the table:
+which head, if any, is clearly best (:mod:`.ranking`), what every column means, and one line
+per run saying how it was made and whether this call trained it or reused it from the cache.
 
 >>> rec = {"spec": {"head": "avg", "seed": 0}, "train_size": 100, "accuracy": 0.9,
 ...        "accuracies": {"test": 0.9}, "params_total": 10, "params_head": 2,
@@ -21,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from globalpool.experiments.labels import labels_of, ordered
+from globalpool.experiments.plots import CLIP_NOTE, plot_accuracy, plot_sweep
+from globalpool.experiments.ranking import winner
 from globalpool.experiments.results import atomic_write
 from globalpool.experiments.stats import mean_ci
 from globalpool.heads import HEADS
@@ -102,31 +107,42 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "n/a" if value is None else format(value / scale, spec)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The results table; the best mean test accuracy per training-set size is bold."""
-    names = [n for n in (rows[0]["accuracies"] if rows else {"test": None}) if n != "test"]
-    header = ["head", "train n", "seeds", "test acc %"] + [f"{n} acc %" for n in names]
-    header += [
-        "params total",
-        "params head",
-        "train time s",
+COLUMNS = [
+    ("params total", "trainable parameters of the whole model"),
+    ("params head", "trainable parameters of the head alone (pooling and classifier)"),
+    ("train time s", "wall time of the training loop, mean over seeds"),
+    (
         "train CPU s",
-        "peak mem MiB",
-        "train samples/s",
-        "eval samples/s",
-    ]
+        "CPU time of the training process meanwhile (all its threads), mean over seeds; a "
+        "busy shared machine inflates it less than wall time",
+    ),
+    ("peak mem MiB", None),  # described by the run's memory method
+    ("train samples/s", "training samples (all ranks) per second of training"),
+    ("eval samples/s", "samples of the first test set column per second of evaluation"),
+]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
+    """The results table, then one line per training-set size on which head (if any) is bold.
+
+    A head's test accuracy is bold only when it is the best mean and its 95% CI does not
+    overlap the next-best head's. ``labels`` renames test sets (``{name: label}``).
+    """
+    labels = labels or {}
+    names = ordered(rows[0]["accuracies"], labels) if rows else ["test"]
+    header = ["head", "train n", "seeds"] + [f"{labels.get(n, n)} acc %" for n in names]
+    header += [name for name, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    best: dict[int, float] = {}
+    sizes = sorted({row["train_size"] for row in rows})
+    verdicts = {n: winner([r for r in rows if r["train_size"] == n]) for n in sizes}
     for row in rows:
-        if row["accuracy"] is not None:
-            size, mean = row["train_size"], row["accuracy"]["mean"]
-            best[size] = max(best.get(size, -1.0), mean)
-    for row in rows:
-        acc = _fmt_acc(row["accuracy"])
-        if row["accuracy"] is not None and row["accuracy"]["mean"] == best[row["train_size"]]:
-            acc = f"**{acc}**"
-        cells = [f"`{row['head']}`", str(row["train_size"]), str(row["seeds"]), acc]
-        cells += [_fmt_acc(row["accuracies"].get(n)) for n in names]
+        cells = [f"`{row['head']}`", str(row["train_size"]), str(row["seeds"])]
+        for name in names:
+            acc = row["accuracy"] if name == "test" else row["accuracies"].get(name)
+            cell = _fmt_acc(acc)
+            if name == "test" and verdicts[row["train_size"]][0] is row:
+                cell = f"**{cell}**"
+            cells.append(cell)
         cells += [
             f"{row['params_total']:,}",
             f"{row['params_head']:,}",
@@ -137,111 +153,142 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             _fmt(row["eval_throughput"], ",.0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    test = labels.get("test", "test")
+    for size, (best, why) in verdicts.items():
+        where = f"train n={size}" if len(sizes) > 1 else "this table"
+        if best is None:
+            lines.append(f"No head is bold in {where} ({test} accuracy): {why}.  ")
+        else:
+            lines.append(f"Bold in {where}: `{best['head']}`, the best {test} accuracy; {why}.  ")
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Title, settings, the table and notes on how each column was measured."""
+def _legend(names: Sequence[str], meta: dict[str, Any]) -> list[str]:
+    sets = {s["name"]: s for s in meta.get("test_sets", [])}
+    out = [
+        "Columns:",
+        "",
+        "- **head**: the pooling head on the shared backbone.",
+        "- **train n**: training-set size (below the full set, a stratified subset drawn with "
+        "each seed).",
+        "- **seeds**: runs averaged, seeds 0 .. N-1 (a seed sets the initial weights, the batch "
+        "order and the subset).",
+    ]
+    for name in names:
+        info = sets.get(name, {"label": name, "description": f"test set {name!r}"})
+        size = f", {info['size']} samples" if "size" in info else ""
+        out.append(
+            f"- **{info['label']} acc %**: accuracy on {info['description']}{size}; mean ± 95% "
+            "CI (Student t over seeds)."
+        )
+    memory = MEMORY_NOTES.get(meta.get("memory_method"), "not measured.")
+    for name, text in COLUMNS:
+        out.append(f"- **{name}**: {(text + '.') if text else memory}")
+    out.append("- **n/a**: not measured; for an accuracy, the head cannot take that input size.")
+    return out
+
+
+def _env_of(rec: dict[str, Any]) -> dict[str, Any]:
+    env = rec.get("spec", {}).get("env") or {}
+    return {
+        "threads": env.get("threads", rec.get("threads")),
+        "world_size": env.get("world_size", rec.get("world_size")),
+        "device": rec.get("device", env.get("device")),
+        "hardware": env.get("hardware", rec.get("hardware")),
+        "torch": env.get("torch", rec.get("torch")),
+        "globalpool": env.get("globalpool", rec.get("globalpool")),
+    }
+
+
+def _runs_table(records: Sequence[dict[str, Any]], test_label: str) -> list[str]:
+    header = [
+        "run",
+        f"{test_label} acc %",
+        "final train loss",
+        "this call",
+        "threads",
+        "processes",
+        "device",
+        "torch",
+        "globalpool",
+        "finished (UTC)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for rec in records:
+        env = _env_of(rec)
+        loss = rec.get("final_train_loss")
+        device = f"{env['device']} ({env['hardware']})" if env["hardware"] else env["device"]
+        cells = [
+            f"`{rec.get('label', rec['spec'].get('head'))}`",
+            _fmt(None if rec["accuracy"] is None else 100 * rec["accuracy"], ".2f"),
+            _fmt(loss, ".4f"),
+            "reused (cached)" if rec.get("reused") else "trained",
+            str(env["threads"]),
+            str(env["world_size"]),
+            str(device),
+            str(env["torch"]),
+            str(env["globalpool"]),
+            str(rec.get("finished_at", "n/a")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sizes_line(meta: dict[str, Any]) -> str:
+    sets = meta.get("test_sets") or []
+    if len(sets) <= 1:
+        return f"Test set: {meta.get('test_size')} samples, the same for every run."
+    parts = ", ".join(f"{s['label']} {s['size']}" for s in sets)
+    return f"Test sets (samples each, the same for every run): {parts}."
+
+
+def markdown_report(
+    rows: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    records: Sequence[dict[str, Any]] = (),
+    plots: dict[str, bool] | None = None,
+) -> str:
+    """Title, settings, the table, the column legend, the plots and one line per run."""
     cfg = meta.get("config", {})
+    labels = labels_of(meta)
+    names = ordered(rows[0]["accuracies"], labels) if rows else ["test"]
+    envs = list(dict.fromkeys(tuple(_env_of(r).items()) for r in records))
+    if len(envs) == 1:
+        env = dict(envs[0])
+        made = (
+            f"every run on {env['device']} ({env['hardware']}), {env['world_size']} "
+            f"process(es) per run, {env['threads']} torch thread(s) for the math, torch "
+            f"{env['torch']}, globalpool {env['globalpool']}"
+        )
+        if meta.get("env", {}).get("data"):
+            made += f", dataset digest {meta['env']['data']}"
+    else:
+        made = "runs were made differently; see each run below"
+    reused = sum(1 for r in records if r.get("reused"))
     lines = [
         f"# globalpool compare: {meta.get('dataset')} / {meta.get('model')}",
         "",
-        f"Seeds: {meta.get('seeds')}; epochs: {cfg.get('epochs')} "
+        _sizes_line(meta) + "  ",
+        f"Training (every run): seeds {meta.get('seeds')}; epochs {cfg.get('epochs')} "
         f"({meta.get('steps')} optimiser steps of batch {cfg.get('batch_size')}); "
         f"{cfg.get('optimizer')} lr {cfg.get('lr')} ({cfg.get('schedule')}), "
-        f"weight decay {cfg.get('weight_decay')}; device {meta.get('device')}, "
-        f"{meta.get('world_size')} process(es), {meta.get('workers')} worker(s) x "
-        f"{meta.get('threads')} thread(s).",
+        f"weight decay {cfg.get('weight_decay')}.  ",
+        f"How the runs were made (part of the cache key): {made}.  ",
+        f"This call: {len(records) - reused} run(s) trained with {meta.get('workers')} worker "
+        f"process(es), {reused} reused from the cache (marked `reused (cached)` below).",
         "",
-        markdown_table(rows),
-        "Accuracy: mean ± 95% CI (Student t over seeds). Train time: wall time of the training "
-        "loop; train CPU: CPU time of the process meanwhile (all its threads), which a busy "
-        "shared machine inflates less than wall time. Peak mem: "
-        + MEMORY_NOTES.get(meta.get("memory_method"), "not measured.")
-        + " Throughput: training samples (all ranks) per second of training; eval: test "
-        "samples per second. `n/a` accuracy: a flatten-FC head cannot take that input size.",
+        markdown_table(rows, labels),
+        *_legend(names, meta),
         "",
     ]
+    for kind, clipped in (plots or {}).items():
+        name = "accuracy.png" if kind == "plot" else "accuracy_vs_train_size.png"
+        note = f" Red triangles: {CLIP_NOTE} (the metric's range)." if clipped else ""
+        lines += [f"![{kind}]({name})", "", f"`{name}`: mean ± 95% CI; dots: seeds.{note}", ""]
+    if records:
+        lines += ["## Runs", "", *_runs_table(records, labels.get("test", "test")), ""]
     return "\n".join(lines)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _plot_accuracy(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(r["train_size"] for r in rows)
-    sel = [r for r in rows if r["train_size"] == size]
-    names = list(sel[0]["accuracies"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(sel) + 2), 4.0), dpi=120)
-    width = 0.8 / max(len(names), 1)
-    for j, name in enumerate(names):
-        xs, ys, es = [], [], []
-        for i, row in enumerate(sel):
-            acc = row["accuracies"].get(name)
-            if acc is None:
-                continue
-            xs.append(i + (j - (len(names) - 1) / 2) * width)
-            ys.append(100 * acc["mean"])
-            es.append(100 * (acc["ci95"] or 0.0))
-            seeds = [100 * v for v in acc["values"]]
-            ax.scatter([xs[-1] + 0.12 * width] * len(seeds), seeds, s=8, c="gray", alpha=0.6)
-        ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=4, label=name)
-    ax.set_xticks(range(len(sel)), [r["head"] for r in sel])
-    ax.set_ylabel("accuracy % (mean ± 95% CI; dots: seeds)")
-    ax.set_title(
-        f"{meta.get('dataset')} / {meta.get('model')}: {sel[0]['seeds']} seeds, train n={size}"
-    )
-    ax.grid(axis="y", alpha=0.3)
-    if len(names) > 1:
-        ax.legend(title="test set", fontsize="small")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _plot_sweep(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
-    heads = list(dict.fromkeys(r["head"] for r in rows))
-    for k, head in enumerate(heads):
-        sel = [r for r in rows if r["head"] == head and r["accuracy"] is not None]
-        nudge = 1.0 + 0.012 * (k - (len(heads) - 1) / 2)  # keep error bars apart (log x)
-        ax.errorbar(
-            [r["train_size"] * nudge for r in sel],
-            [100 * r["accuracy"]["mean"] for r in sel],
-            yerr=[100 * (r["accuracy"]["ci95"] or 0.0) for r in sel],
-            marker="o",
-            capsize=3,
-            label=head,
-        )
-    ax.set_xscale("log")
-    sizes = sorted({r["train_size"] for r in rows})
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.minorticks_off()
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("training-set size")
-    ax.set_ylabel("test accuracy % (mean ± 95% CI)")
-    ax.set_title(f"{meta.get('dataset')} / {meta.get('model')}: accuracy vs training-set size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    _save(fig, path)
 
 
 def write_report(
@@ -251,13 +298,15 @@ def write_report(
     sweep, ``accuracy_vs_train_size.png`` into ``out``; return their paths by kind."""
     rows = summarize(records)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    payload = {"meta": meta, "rows": rows, "runs": list(records)}
-    atomic_write(paths["json"], json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    atomic_write(paths["markdown"], markdown_report(rows, meta))
+    clipped: dict[str, bool] = {}
     if rows:
         paths["plot"] = out / "accuracy.png"
-        _plot_accuracy(rows, meta, paths["plot"])
+        clipped["plot"] = plot_accuracy(rows, meta, paths["plot"])
         if len({r["train_size"] for r in rows}) > 1:
             paths["sweep_plot"] = out / "accuracy_vs_train_size.png"
-            _plot_sweep(rows, meta, paths["sweep_plot"])
+            clipped["sweep_plot"] = plot_sweep(rows, meta, paths["sweep_plot"])
+    meta = {**meta, "plots_clipped": clipped}
+    payload = {"meta": meta, "rows": rows, "runs": list(records)}
+    atomic_write(paths["json"], json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write(paths["markdown"], markdown_report(rows, meta, records, clipped))
     return paths

@@ -4,9 +4,12 @@ Layout under ``root``::
 
     runs/<dataset>/<model>-<fingerprint>/<head>-seed<S>-n<train_size|full>.json
 
-``<fingerprint>`` hashes the model name and training settings, so changing ``--epochs`` or
-``--lr`` starts a fresh set of runs beside the old ones instead of mixing or overwriting them.
-A run whose file exists (and parses) is finished and is skipped on re-run.
+``<fingerprint>`` hashes the model name, the training settings and how the run is made
+(:class:`~globalpool.experiments.provenance.RunEnv`: torch threads, processes, device, torch and
+globalpool versions, dataset digest), so changing ``--epochs``, ``--threads`` or the torch
+version starts a fresh set of runs beside the old ones instead of mixing or overwriting them.
+A run whose file exists (and parses) is finished and is skipped on re-run. Files get the mode
+``0o666`` less the umask, as any plainly created file would.
 
 >>> import tempfile
 >>> from globalpool.experiments.spec import RunSpec, TrainConfig
@@ -50,15 +53,36 @@ def dataset_slug(dataset: str) -> str:
     return f"{name}-{base}-{digest}"
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux ``/proc``).
+
+    >>> 0 <= current_umask() <= 0o777
+    True
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a truncated one.
+    A crash leaves either the old file or the new one, never a truncated one. The file gets the
+    mode a plain ``open(path, "w")`` would give (``0o666`` less the umask), not ``mkstemp``'s
+    private ``0o600``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)
@@ -119,3 +143,9 @@ class ResultStore:
         path = self.path(spec)
         atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return path
+
+    def discard_partial(self, spec: RunSpec) -> None:
+        """Remove temporary files a writer of ``spec`` killed mid-:func:`atomic_write` left."""
+        path = self.path(spec)
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalpool import __version__ as globalpool_version
 from globalpool.data import Dataset
 from globalpool.experiments.distributed import (
     DistContext,
@@ -35,6 +36,7 @@ from globalpool.experiments.distributed import (
     wrap_model,
 )
 from globalpool.experiments.measure import CudaPeak, TensorPeak, memory_method, state_bytes
+from globalpool.experiments.provenance import hardware_name, weights_digest
 from globalpool.experiments.spec import RunSpec, TrainConfig
 from globalpool.models import build_model, count_parameters
 
@@ -226,6 +228,7 @@ def train_and_evaluate(
         optimizer.step()
         return loss
 
+    threads = torch.get_num_threads()  # the count the math below runs on
     _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     while step < steps:
@@ -291,6 +294,7 @@ def train_and_evaluate(
         "steps": step,
         "samples_seen": samples,
         "final_train_loss": float(loss_tail) / tail_count if tail_count else None,
+        "weights_digest": weights_digest(model),
         "train_time_s": train_time,
         "train_cpu_time_s": train_cpu,
         "train_throughput": samples / train_time if train_time > 0 else None,
@@ -299,8 +303,10 @@ def train_and_evaluate(
         "peak_memory_bytes": peak,
         "memory_method": memory_method(device),
         "device": str(device),
+        "hardware": hardware_name(device),
         "world_size": ctx.world_size,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
+        "globalpool": globalpool_version,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

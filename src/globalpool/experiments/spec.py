@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from globalpool.experiments.provenance import RunEnv
+
 OPTIMIZERS = ("adam", "sgd")
 BACKENDS = ("torch", "auto", "fused")
 AUGMENTATIONS = ("none", "crop-flip")
@@ -71,7 +73,11 @@ _CORE = ("epochs", "batch_size", "lr")  # always hashed
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One (dataset, model, head, seed, train_size) training run under ``config``."""
+    """One (dataset, model, head, seed, train_size) training run under ``config``.
+
+    ``env`` (threads, processes, device, versions, dataset digest) says how the run is made;
+    ``compare`` always sets it, so it is part of the cache key (:attr:`fingerprint`).
+    """
 
     dataset: str
     model: str
@@ -79,6 +85,7 @@ class RunSpec:
     seed: int
     train_size: int | None
     config: TrainConfig
+    env: RunEnv | None = None
 
     @property
     def label(self) -> str:
@@ -88,7 +95,8 @@ class RunSpec:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the model and training settings: runs under other settings never collide.
+        """Hash of the model, training settings and :attr:`env`: runs that could differ never
+        collide.
 
         Settings left at their field default are not hashed, so adding a new setting (with a
         default that keeps the old behaviour) does not orphan results already stored.
@@ -98,7 +106,9 @@ class RunSpec:
             for f in dataclasses.fields(self.config)
             if f.name in _CORE or getattr(self.config, f.name) != f.default
         }
-        payload = {"model": self.model, "config": config}
+        payload: dict[str, Any] = {"model": self.model, "config": config}
+        if self.env is not None:
+            payload["env"] = dataclasses.asdict(self.env)
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
