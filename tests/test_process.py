@@ -1,7 +1,7 @@
 """The fused CPU kernels across processes and threads, and without a writable cache.
 
-Each case runs in a fresh interpreter (subprocess) so that the kernels' thread pool and numba's
-cache start from scratch, as in a user's program: a ``fork()``ed child (``os.fork``, a
+Each case runs in a fresh interpreter (subprocess) so that numba's threading layer and cache
+start from scratch, as in a user's program: a ``fork()``ed child (``os.fork``, a
 ``multiprocessing`` fork pool, ``DataLoader`` workers) pools on the fused path after its parent
 did; two threads pool at once; a read-only install (the package imported from a zip file, no
 writable cache directory) compiles in memory with one warning.
@@ -35,7 +35,7 @@ def pooled(seed, layout="channels_first"):
 
 
 def _run(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    base = dict(os.environ)
+    base = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     base["PYTHONPATH"] = os.pathsep.join([str(SRC), base.get("PYTHONPATH", "")])
     base.update(env or {})
     script = textwrap.dedent(PRELUDE) + textwrap.dedent(code)
@@ -96,10 +96,14 @@ def test_dataloader_fork_workers_pool_on_the_fused_path():
     assert "results [True, True, True, True]" in out
 
 
-def test_two_threads_pool_at_once():
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_two_threads_pool_at_once(layer):
+    """Also under workqueue, where two launches at once would abort the process."""
     out = _ok(
-        _run("""
+        _run(
+            """
         import threading
+        from globalpool.kernels import launch
         results = []
 
         def work(seed):
@@ -118,54 +122,28 @@ def test_two_threads_pool_at_once():
             t.start()
         for t in threads:
             t.join()
-        print("ok", len(results), all(results))
-        """)
+        print("layer", launch.layer_info()[0], "ok", len(results), all(results))
+        """,
+            env={"NUMBA_THREADING_LAYER": layer} if layer else None,
+        )
     )
     assert "ok 40 True" in out
+    if layer:
+        assert f"layer {layer} " in out
 
 
-def test_forked_child_launches_on_several_threads():
-    """The child does not fall back to one thread: it makes its own pool on first use."""
+def test_user_threading_layer_is_respected():
     out = _ok(
-        _run("""
-        from globalpool.kernels import launch
-        torch.set_num_threads(2)
-        assert pooled(0)
-        pid = os.fork()
-        if pid == 0:
-            before = launch._pool["size"]
-            ok = pooled(1)
-            os._exit(0 if ok and before == 0 and launch._pool["size"] >= 1 else 3)
-        _, status = os.waitpid(pid, 0)
-        print("child", os.waitstatus_to_exitcode(status))
-        """)
+        _run(
+            """
+            from globalpool.kernels import launch
+            assert pooled(0)
+            print("layer", launch.layer_info())
+            """,
+            env={"NUMBA_THREADING_LAYER": "workqueue"},
+        )
     )
-    assert "child 0" in out
-
-
-@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
-def test_result_does_not_depend_on_the_thread_count(layout):
-    """Each row is summed by one task in a fixed order, and the task split depends on the
-    shape only: one thread and two give the same bits, forward and backward."""
-    import torch
-
-    import globalpool as gp
-
-    shape = (2, 96, 24, 24) if layout == "channels_first" else (2, 24, 24, 96)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).abs().requires_grad_(True)
-    before = torch.get_num_threads()
-    got = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            ys = [gp.pool(x, k, layout=layout, backend="fused") for k in ("avg", "gem", "lse")]
-            grads = torch.autograd.grad(sum(y.sum() for y in ys), x)
-            got.append([y.detach() for y in ys] + list(grads))
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*got, strict=True):
-        assert torch.equal(a, b)
+    assert "layer ('workqueue', False)" in out
 
 
 def test_read_only_install_compiles_in_memory_with_one_warning(tmp_path):
@@ -176,7 +154,9 @@ def test_read_only_install_compiles_in_memory_with_one_warning(tmp_path):
         for path in (SRC / "globalpool").rglob("*"):
             if "__pycache__" not in path.parts and path.is_file():
                 zf.write(path, path.relative_to(SRC).as_posix())
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "NUMBA_THREADING_LAYER")
+    }
     env.update(HOME="/dev/null", XDG_CACHE_HOME="/dev/null", PYTHONPATH=str(archive))
     script = textwrap.dedent(PRELUDE) + textwrap.dedent("""
         import warnings

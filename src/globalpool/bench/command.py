@@ -76,7 +76,13 @@ def _check_out(out: Path) -> None:
 
 
 def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)  # the fused CPU kernels use torch's thread count too
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
 
 
 def _progress(console: Console) -> Progress:
@@ -146,7 +152,7 @@ def bench(
     threads: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Threads for torch and the fused CPU kernels (default: as configured)."
+            min=1, help="Threads for torch and numba's kernels (default: as configured)."
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("globalpool-bench"),

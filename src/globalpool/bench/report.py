@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def machine_info() -> dict[str, Any]:
         "simd": simd,
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "numba_threads": sys.modules["numba"].get_num_threads() if "numba" in sys.modules else None,
         "l2_bytes": cache_bytes(2),
         "l3_bytes": cache_bytes(3),
         "platform": platform.platform(),

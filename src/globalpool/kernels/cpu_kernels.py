@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
@@ -51,7 +51,7 @@ _helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=CA
 # kernels: one compiled entry per value of `mode` (the body inlined with the mode constant, the
 # other modes' branches pruned), launched under launch's lock while the layer needs it
 _kernel = launch.parallel_kernel(
-    ("mode", "need_aux"), fastmath=FASTMATH, error_model="numpy", cache=CACHE
+    ("mode", "need_aux"), parallel=True, fastmath=FASTMATH, error_model="numpy", cache=CACHE
 )
 
 # forward / backward modes (chosen by the Python side)
@@ -833,7 +833,7 @@ def _weighted_rows4(x, xo, L, mask, mo, ms, w, wo, z):
 
 
 @_kernel
-def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask, t0, t1):
+def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
     N, C, L = x.shape
     rows = N * C
     W = nlanes(x)
@@ -844,7 +844,7 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask, t0, t1):
     # four rows at a time share each load of w; on short rows the four interleaved streams
     # defeat the hardware prefetcher (measured slower from DRAM than one row at a time)
     rows4 = weighted and L >= ROWS4_MIN_L
-    for t in range(t0, t1):
+    for t in prange(ntask):
         z = vzero_of(x)
         pv = vfull(p, z)
         epsv = vfull(eps, z)
@@ -957,7 +957,7 @@ def _plain_cl_sum(x, mask, ms, w, ws, mode, ip, eps, n, c0, k, la, lb, acc):
 
 
 @_kernel
-def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part, t0, t1):
+def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
     """Tasks are (sample, block of cb channels, chunk of L). With ``nch > 1`` chunks (too few
     samples to keep every core busy) each task writes partial sums to ``part[n, chunk, c]`` and
     a second parallel loop adds them up; blocks stay whole rows of C where possible, as tasks
@@ -966,7 +966,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part, t0
     nb = (C + cb - 1) // cb
     W = nlanes(x)
     weighted = mode == SUM_WEIGHTED
-    for t in range(t0, t1):
+    for t in prange(N * nb * nch):
         n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         pv = vfull(p, z)
@@ -995,21 +995,15 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part, t0
             out[n, c0 + j] = _finish_sum(acc[j], den[n])
         if mode == SUM_GEM:
             _root_span(out, n * C + c0, n * C + c0 + k, 1.0 / p)
-
-
-@_kernel
-def merge_sum_cl(x, mode, p, den, out, nch, part, t0, t1):
-    """Samples t0 <= n < t1 of :func:`fwd_sum_cl` run with ``nch > 1``: the chunks' partial
-    sums added in chunk order and finished."""
-    N, L, C = x.shape
-    for n in range(t0, t1):
-        for c in range(C):
-            s = part[n, 0, c]
-            for ch in range(1, nch):
-                s += part[n, ch, c]
-            out[n, c] = _finish_sum(s, den[n])
-        if mode == SUM_GEM:
-            _root_span(out, n * C, (n + 1) * C, 1.0 / p)
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                s = part[n, 0, c]
+                for ch in range(1, nch):
+                    s += part[n, ch, c]
+                out[n, c] = _finish_sum(s, den[n])
+            if mode == SUM_GEM:
+                _root_span(out, n * C, (n + 1) * C, 1.0 / p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1096,7 +1090,7 @@ def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first,
 
 
 @_kernel
-def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, t0, t1):
+def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux):
     """Two passes per chunk of a row (the chunk stays in L1): pass A takes lane maxima and sums;
     pass B, run only when the chunk's max reaches the running max, counts ties and finds the
     first arg-max. x leaves DRAM once and long rows mostly skip pass B. Rows of one chunk are
@@ -1107,7 +1101,7 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, t0, t1):
     rows = N * C
     W = nlanes(x)
     chunk = W * 64
-    for t in range(t0, t1):
+    for t in prange(ntask):
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
         r0 = t * rows // ntask
@@ -1256,7 +1250,7 @@ def _regs_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm, with_sum):
 
 
 @_kernel
-def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, pt, t0, t1):
+def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, pt):
     """Per vector of channels and block of ROWS positions: pass A takes the block's lane maxima
     and sums; pass B (the block is re-read from L1), only where a lane's block max reaches its
     running max, counts ties and finds the first position. Without ``need_aux`` a plain
@@ -1266,7 +1260,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
     W = nlanes(x)
-    for t in range(t0, t1):
+    for t in prange(N * nb * nch):
         n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
@@ -1324,33 +1318,27 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
                 if nan_at >= 0:
                     m, i, ties = np.nan, nan_at, 1
             _finish_max(out, aux, n, c0 + j, C, mode, m, i, ties, s, den[n], need_aux)
-
-
-@_kernel
-def merge_max_cl(x, mask, ms, mode, den, out, aux, need_aux, nch, pm, ps, pi, pt, t0, t1):
-    """Samples t0 <= n < t1 of :func:`fwd_max_cl` run with ``nch > 1``: the chunks'
-    (max, sum, first, ties) partials merged in chunk order and finished."""
-    N, L, C = x.shape
-    for n in range(t0, t1):
-        for c in range(C):
-            m, i, ties, s = pm[n, 0, c], pi[n, 0, c], pt[n, 0, c], ps[n, 0, c]
-            for ch in range(1, nch):
-                s += ps[n, ch, c]
-                if pm[n, ch, c] != pm[n, ch, c]:  # a chunk's NaN max (value-only max)
-                    m = pm[n, ch, c]
-                    continue
-                if m != m:
-                    continue
-                if pt[n, ch, c] > 0:
-                    if ties == 0 or pm[n, ch, c] > m:
-                        m, i, ties = pm[n, ch, c], pi[n, ch, c], pt[n, ch, c]
-                    elif pm[n, ch, c] == m:
-                        ties += pt[n, ch, c]
-            if s != s:
-                nan_at = _first_nan_cl(x, n, c, mask, n * ms, L)
-                if nan_at >= 0:
-                    m, i, ties = np.nan, nan_at, 1
-            _finish_max(out, aux, n, c, C, mode, m, i, ties, s, den[n], need_aux)
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                m, i, ties, s = pm[n, 0, c], pi[n, 0, c], pt[n, 0, c], ps[n, 0, c]
+                for ch in range(1, nch):
+                    s += ps[n, ch, c]
+                    if pm[n, ch, c] != pm[n, ch, c]:  # a chunk's NaN max (value-only max)
+                        m = pm[n, ch, c]
+                        continue
+                    if m != m:
+                        continue
+                    if pt[n, ch, c] > 0:
+                        if ties == 0 or pm[n, ch, c] > m:
+                            m, i, ties = pm[n, ch, c], pi[n, ch, c], pt[n, ch, c]
+                        elif pm[n, ch, c] == m:
+                            ties += pt[n, ch, c]
+                if s != s:
+                    nan_at = _first_nan_cl(x, n, c, mask, n * ms, L)
+                    if nan_at >= 0:
+                        m, i, ties = np.nan, nan_at, 1
+                _finish_max(out, aux, n, c, C, mode, m, i, ties, s, den[n], need_aux)
 
 
 @_helper
@@ -1428,7 +1416,7 @@ def _lse_finish(out, o, tops, tots, ti, cnts, k, rl, atop, alog):
 
 
 @_kernel
-def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog, t0, t1):
+def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog):
     """Per chunk of a row (in L1): pass A takes the chunk's maximum, the running sums are
     rescaled (one scalar exp2) when it beats the row's maximum so far, pass B adds
     2**(rl * (x - max)). x leaves DRAM once; one exp2 per element."""
@@ -1437,7 +1425,7 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog, t0, t1):
     W = nlanes(x)
     W2 = 2 * W
     chunk = W2 * 32
-    for t in range(t0, t1):
+    for t in prange(ntask):
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
         rlv = vfull(rl, z)
@@ -1473,14 +1461,14 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog, t0, t1):
 
 
 @_kernel
-def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog, t0, t1):
+def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog):
     """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
     are rescaled, pass B adds 2**(rl * (x - max)) (the block is re-read from L1). With ``nch > 1``
     chunks of L, (max, sum) partials go to ``pm, ps[n, chunk, c]`` and are merged after."""
     N, L, C = x.shape
     nb = (C + cb - 1) // cb
     W = nlanes(x)
-    for t in range(t0, t1):
+    for t in prange(N * nb * nch):
         n, c0, k, ch, la, lb = _cl_task(t, nb, nch, cb, C, L)
         z = vzero_of(x)
         one = vfull(1.0, z)
@@ -1515,33 +1503,26 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog, t0, t1):
         cnts = np.full(W, den[n], out.dtype)
         for j in range(0, k, W):
             _lse_finish(out, n * C + c0 + j, mx, sx, j, cnts, min(W, k - j), rl, atop, alog)
-
-
-@_kernel
-def merge_lse_cl(x, rl, den, out, nch, pm, ps, atop, alog, t0, t1):
-    """Samples t0 <= n < t1 of :func:`fwd_lse_cl` run with ``nch > 1``: the chunks' (max, sum)
-    partials merged (rescaled to the row maximum) and finished."""
-    N, L, C = x.shape
-    W = nlanes(x)
-    for n in range(t0, t1):
-        for c in range(C):
-            top = pm[n, 0, c]
-            for ch in range(1, nch):
-                top = max(top, pm[n, ch, c])
-            total = like(0.0, top)
-            for ch in range(nch):
-                if pm[n, ch, c] == top:
-                    total += ps[n, ch, c]
-                elif pm[n, ch, c] != -np.inf:
-                    total += ps[n, ch, c] * sexp2(rl * (pm[n, ch, c] - top))
-                else:
-                    total += ps[n, ch, c]  # 0, or NaN carried on
-            pm[n, 0, c], ps[n, 0, c] = top, total
-        cnts = np.full(W, den[n], out.dtype)
-        for c in range(0, C, W):
-            _lse_finish(
-                out, n * C + c, pm, ps, n * nch * C + c, cnts, min(W, C - c), rl, atop, alog
-            )
+    if nch > 1:
+        for n in prange(N):
+            for c in range(C):
+                top = pm[n, 0, c]
+                for ch in range(1, nch):
+                    top = max(top, pm[n, ch, c])
+                total = like(0.0, top)
+                for ch in range(nch):
+                    if pm[n, ch, c] == top:
+                        total += ps[n, ch, c]
+                    elif pm[n, ch, c] != -np.inf:
+                        total += ps[n, ch, c] * sexp2(rl * (pm[n, ch, c] - top))
+                    else:
+                        total += ps[n, ch, c]  # 0, or NaN carried on
+                pm[n, 0, c], ps[n, 0, c] = top, total
+            cnts = np.full(W, den[n], out.dtype)
+            for c in range(0, C, W):
+                _lse_finish(
+                    out, n * C + c, pm, ps, n * nch * C + c, cnts, min(W, C - c), rl, atop, alog
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1570,9 +1551,9 @@ def weight_sums(w, mask, ms, out):
 
 
 @_kernel
-def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, D, need_w, nch, t0, t1):
+def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, D, need_w, nch):
     N, C, L = gx.shape
-    for t in range(t0, t1):
+    for t in prange(N * nch):
         n = t // nch
         q = t - n * nch
         l0 = q * L // nch
@@ -1611,9 +1592,9 @@ def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, D, need_w, nch, 
 
 
 @_kernel
-def bwd_lin_cl(x, mask, ms, w, ws, weighted, A, G, idx, tc, anytie, gx, D, need_w, nch, t0, t1):
+def bwd_lin_cl(x, mask, ms, w, ws, weighted, A, G, idx, tc, anytie, gx, D, need_w, nch):
     N, L, C = gx.shape
-    for t in range(t0, t1):
+    for t in prange(N * nch):
         n = t // nch
         q = t - n * nch
         l0 = q * L // nch
@@ -1676,9 +1657,9 @@ def _gem_grad_p(xv, real, qv, p, ip, eps, yi):
 
 
 @_kernel
-def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch, t0, t1):
+def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, C, L = gx.shape
-    for t in range(t0, t1):
+    for t in prange(N * nch):
         n = t // nch
         q = t - n * nch
         l0 = q * L // nch
@@ -1713,9 +1694,9 @@ def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch
 
 
 @_kernel
-def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch, t0, t1):
+def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, L, C = gx.shape
-    for t in range(t0, t1):
+    for t in prange(N * nch):
         n = t // nch
         q = t - n * nch
         l0 = q * L // nch

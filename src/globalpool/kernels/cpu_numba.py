@@ -26,17 +26,17 @@ tensor([[[0.0000, 0.5000, 0.5000],
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numba
 import numpy as np
 import torch
 
 from globalpool import reference
 from globalpool.kernels import cpu_kernels as K
-from globalpool.kernels import launch
 from globalpool.kernels.huge_pages import empty_huge
 
 __all__ = ["DTYPES", "MAX_KINDS", "backward", "forward"]
@@ -49,9 +49,9 @@ _TASKS_PER_THREAD = 4
 _MIN_CHUNK = 256  # positions per chunk of L when the channels-last forward splits L
 _MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
 _SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread (no pool wake-up)
-# tasks are split for every core (fewer threads, as torch.set_num_threads may ask, each take
-# more of them: the split is cached per shape)
-_MAX_THREADS = max(1, os.cpu_count() or 1)
+# tasks are split for the pool's full size (looking the current size up costs more than
+# the few spare tasks it saves when fewer threads are active)
+_MAX_THREADS = max(1, numba.config.NUMBA_NUM_THREADS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,9 +146,24 @@ def _inverse(v: np.ndarray) -> np.ndarray:
 # work split
 
 
-def _parallelism(numel: int) -> contextlib.AbstractContextManager:
-    """Small problems run on the calling thread: waking the pool costs more than the work."""
-    return contextlib.nullcontext() if numel >= _SERIAL_BELOW else launch.one_thread()
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run a small problem on the calling thread: waking the pool costs more than the work."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+@contextmanager
+def _parallelism(numel: int) -> Iterator[None]:
+    if numel >= _SERIAL_BELOW:
+        yield
+        return
+    with _one_thread():
+        yield
 
 
 @functools.lru_cache(maxsize=256)
@@ -234,7 +249,10 @@ def forward(
         aux = np.zeros((2, n, c), dtype=out.dtype)
     if n * c > 0 and length > 0:
         args = (xa, channels_last, kind, mask, p, eps, r, weights, out, aux, table)
-        with _parallelism(xa.size):
+        if xa.size < _SERIAL_BELOW:
+            with _one_thread():
+                _forward(*args)
+        else:
             _forward(*args)
         if kind in ("gem", "lse"):
             _fix_extreme_rows(xa, channels_last, kind, mask, p, eps, r, out, aux)
@@ -320,28 +338,18 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
             pi, pt = np.empty(part, dtype=np.int32), np.empty(part, dtype=np.int32)
             mode = _MAX_MODE[kind]
-            tasks = n * math.ceil(c / split) * nch
-            K.fwd_max_cl.launch(
-                tasks, xa, m, ms, mode, den, out, aux, split, need_aux, nch, pm, ps, pi, pt
-            )
-            if nch > 1:
-                K.merge_max_cl.launch(
-                    n, xa, m, ms, mode, den, out, aux, need_aux, nch, pm, ps, pi, pt
-                )
+            K.fwd_max_cl(xa, m, ms, mode, den, out, aux, split, need_aux, nch, pm, ps, pi, pt)
         else:
-            K.fwd_max_cf.launch(split, xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux)
+            K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux)
         return
     if kind == "lse":
         rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
         atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
-            tasks = n * math.ceil(c / split) * nch
-            K.fwd_lse_cl.launch(tasks, xa, m, ms, rl, den, out, split, nch, pm, ps, atop, alog)
-            if nch > 1:
-                K.merge_lse_cl.launch(n, xa, rl, den, out, nch, pm, ps, atop, alog)
+            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, pm, ps, atop, alog)
         else:
-            K.fwd_lse_cf.launch(split, xa, m, ms, rl, den, out, split, atop, alog)
+            K.fwd_lse_cf(xa, m, ms, rl, den, out, split, atop, alog)
         return
     if kind == "attention":
         wa, ws = _np(weights.contiguous()), 1
@@ -351,12 +359,9 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
     ip = _p_int(p) if kind == "gem" else 0
     args = (xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
     if channels_last:
-        partials = np.empty(part, dtype=acc)
-        K.fwd_sum_cl.launch(n * math.ceil(c / split) * nch, *args, nch, partials)
-        if nch > 1:
-            K.merge_sum_cl.launch(n, xa, _SUM_MODE[kind], acc(p), den, out, nch, partials)
+        K.fwd_sum_cl(*args, nch, np.empty(part, dtype=acc))
     else:
-        K.fwd_sum_cf.launch(split, *args)
+        K.fwd_sum_cf(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,8 +471,7 @@ def _backward_linear(
     xa = _np(x) if (need_w or tied.any()) else _np(_placeholder(x))
     d_rows = np.zeros((n, length) if need_w else (1, 1), dtype=acc)  # sum_c A_c x_cl
     if channels_last:
-        K.bwd_lin_cl.launch(
-            n * nch,
+        K.bwd_lin_cl(
             xa,
             m,
             ms,
@@ -485,8 +489,8 @@ def _backward_linear(
             nch,
         )
     else:
-        K.bwd_lin_cf.launch(
-            n * nch, xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, d_rows, need_w, nch
+        K.bwd_lin_cf(
+            xa, m, ms, wa, ws, ws == 1, a_coef, g_max, idx, ties, gxa, d_rows, need_w, nch
         )
     if saved is not None and len(saved[0]):
         _rewrite_tied(gxa, channels_last, saved, a_coef, g_max, m, ms)
@@ -584,8 +588,7 @@ def _backward_nl(g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
     p0 = np.zeros(shape, dtype=acc)
     p1 = np.zeros(shape, dtype=acc)
     fn = K.bwd_nl_cl if channels_last else K.bwd_nl_cf
-    fn.launch(
-        n * nch,
+    fn(
         _np(x),
         m,
         ms,

@@ -1,14 +1,14 @@
 """How the numba CPU kernels are compiled, cached and launched (no kernel code here).
 
-Threading. A kernel is a serial, GIL-free numba function over a range of tasks ``t0 <= t < t1``
-(its last two arguments). :meth:`ParallelKernel.launch` splits ``[0, ntask)`` into one
-contiguous range per thread (``torch.get_num_threads()`` of them, as torch's own CPU ops use)
-and runs them at once: the calling thread takes the first range, a pool of Python threads the
-others. Nothing here uses OpenMP or numba's threading layer, so a ``fork()``ed child (a
-``DataLoader`` worker, a ``multiprocessing`` fork pool) pools like its parent: the pool's
-threads do not survive ``fork()``, and the child makes its own on first use. Within
-:func:`one_thread` (small inputs: waking a thread costs more than the work) every task runs on
-the calling thread. Two Python threads may launch at once.
+Threading. The kernels run under numba's threading layer as configured (``NUMBA_THREADING_LAYER``
+or numba's default: OpenMP on Linux, the fastest here). GNU OpenMP cannot run a parallel region
+in a ``fork()``ed child of a process that already used it (numba terminates such a child: a
+``DataLoader`` worker, a ``multiprocessing`` fork pool), so in such a child every kernel runs a
+serial build of itself instead (``parallel=False``, compiled on first use there and cached like
+the others): one thread per child, as torch itself uses in ``DataLoader`` workers.
+numba's ``workqueue`` layer is fork-safe but measured 10-60% slower here (README, "First call
+and caching") and is not thread-safe; under it (chosen by the user) every launch goes through
+:data:`LAUNCH_LOCK`, so that two Python threads never launch at once.
 
 Caching. Kernels are cached on disk by numba (``__pycache__`` beside the source, else the
 user's cache directory, or ``NUMBA_CACHE_DIR``). Where none is writable (a read-only install
@@ -18,13 +18,13 @@ are compiled in memory on every run.
 Compile-time modes. :func:`parallel_kernel` builds, for a kernel with ``modal`` arguments (a
 ``mode`` number, a ``need_aux`` flag), one compiled entry point per value of them, on first use
 of that value: the kernel's own source, its body opening with ``mode = <value>``, so numba
-prunes the other modes' branches before typing and the first call compiles only what it
-needs. (Serial compilation measured 2-4x faster than numba's ``parallel=True`` on the same
-kernels, whose parfor passes ran over each kernel body twice.)
+prunes the other modes' branches before typing and the first call compiles only what it needs.
+(Inlining the whole kernel into a small entry function, numba's ``inline="always"``, did the
+same but copied the kernel's IR once per block: 7 s of a max kernel's 10 s compile.)
 
 >>> from globalpool.kernels import launch
->>> launch.threads() >= 1
-True
+>>> launch.serial()
+False
 """
 
 from __future__ import annotations
@@ -36,57 +36,67 @@ import os
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
-import torch
 from numba import njit
 
-__all__ = ["ParallelKernel", "cache_dir", "can_cache", "one_thread", "parallel_kernel", "threads"]
+__all__ = ["LAUNCH_LOCK", "cache_dir", "can_cache", "layer_info", "parallel_kernel", "serial"]
 
-_local = threading.local()
-_pool: dict[str, Any] = {"executor": None, "size": 0}
-_pool_lock = threading.Lock()
+LAUNCH_LOCK = threading.RLock()
+_state: dict[str, Any] = {"serial": False}
+
+
+def _started_layer() -> str | None:
+    """The layer numba has already started in this process, or None."""
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", False):
+        return None
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _gnu_openmp() -> bool:
+    if _started_layer() != "omp":
+        return False
+    try:
+        from numba.np.ufunc import omppool
+
+        return getattr(omppool, "openmp_vendor", "GNU") != "Intel"
+    except ImportError:  # pragma: no cover
+        return True
 
 
 def _after_fork_in_child() -> None:
-    global _pool_lock
-    _pool_lock = threading.Lock()  # a lock held by another thread at fork() stays held: renew
-    _pool.update(executor=None, size=0)  # its threads did not survive fork(): make new ones
+    global LAUNCH_LOCK
+    LAUNCH_LOCK = threading.RLock()  # a lock held by another thread at fork() stays held: renew
+    if _gnu_openmp():  # the parent ran GNU OpenMP regions: this child must not start one
+        _state["serial"] = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def threads() -> int:
-    """How many threads a launch uses here: 1 within :func:`one_thread`, else torch's count."""
-    return 1 if getattr(_local, "single", False) else max(1, torch.get_num_threads())
+def serial() -> bool:
+    """Whether kernels run their serial builds (a fork()ed child of a GNU OpenMP process)."""
+    return _state["serial"]
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run every launch of this thread's block on the calling thread alone."""
-    previous = getattr(_local, "single", False)
-    _local.single = True
-    try:
-        yield
-    finally:
-        _local.single = previous
+def layer_info() -> tuple[str, bool]:
+    """(threading layer in use, or as configured if none started yet; whether serial builds
+    run)."""
+    return _started_layer() or numba.config.THREADING_LAYER, _state["serial"]
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        if _pool["size"] < workers:  # grown, never shrunk: idle threads cost nothing
-            old = _pool["executor"]
-            _pool.update(
-                executor=ThreadPoolExecutor(workers, thread_name_prefix="globalpool"),
-                size=workers,
-            )
-            if old is not None:
-                old.shutdown(wait=False)
-        return _pool["executor"]
+def _launch_guard() -> contextlib.AbstractContextManager:
+    if _started_layer() not in ("workqueue", None):
+        return contextlib.nullcontext()
+    return LAUNCH_LOCK  # workqueue (or none started yet: layer unknown): one launch at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,65 +133,50 @@ def cache_dir(probe: Callable) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# kernels
+# parallel kernels
 
 
 class ParallelKernel:
-    """A kernel over tasks ``t0 <= t < t1`` (its last two arguments), compiled GIL-free; with
-    ``modal`` argument names, one compiled entry point per value of those arguments (see the
-    module docstring). Calling it runs the given range on the calling thread; :meth:`launch`
-    splits a task count over threads."""
+    """A parallel numba kernel launched under :func:`_launch_guard`; with ``modal`` argument
+    names, one compiled entry point per value of those arguments (see the module docstring)."""
 
     def __init__(self, fn: Callable, options: dict[str, Any], modal: tuple[str, ...]) -> None:
         self.py_func = fn
         self.__name__ = fn.__name__
         self.__qualname__ = fn.__qualname__
         self.__doc__ = fn.__doc__
-        self._options = {**options, "nogil": True}
+        self._options = options
         params = list(inspect.signature(fn).parameters)
-        if params[-2:] != ["t0", "t1"]:
-            raise TypeError(f"{fn.__name__}: a kernel's last two arguments must be t0, t1")
         self._params = params
         self._modal = [params.index(m) for m in modal if m in params]
         self._entries: dict[tuple, Any] = {}
+        self._serial: dict[tuple, Any] = {}
 
-    def _build(self, key: tuple) -> Any:
-        disp = self._entries.get(key)
+    def _build(self, key: tuple, serial: bool = False) -> Any:
+        built = self._serial if serial else self._entries
+        disp = built.get(key)
         if disp is None:
-            disp = self._entry(key) if self._modal else njit(**self._options)(self.py_func)
-            self._entries[key] = disp
+            options = {**self._options, "parallel": not serial and self._options["parallel"]}
+            disp = self._entry(key, options) if self._modal else njit(**options)(self.py_func)
+            built[key] = disp
         return disp
 
-    def _entry(self, key: tuple) -> Any:
-        name = f"{self.__name__}__" + "_".join(str(int(k)) for k in key)
+    def _entry(self, key: tuple, options: dict[str, Any]) -> Any:
+        tag = "_".join(str(int(k)) for k in key) + ("" if options["parallel"] else "_serial")
+        name = f"{self.__name__}__{tag}"
         consts = {self._params[i]: v for i, v in zip(self._modal, key, strict=True)}
         namespace = dict(self.py_func.__globals__)
         # compiled as if in the kernels' file: numba's cache locates and stamps entries by it
         exec(_specialised(self.py_func, name, consts), namespace)
-        return njit(**self._options)(namespace[name])
-
-    def _dispatcher(self, args: tuple) -> Any:
-        key = tuple(_constant(args[i]) for i in self._modal)
-        return self._entries.get(key) or self._build(key)
+        return njit(**options)(namespace[name])
 
     def __call__(self, *args: Any) -> Any:
-        return self._dispatcher(args)(*args)
-
-    def launch(self, ntask: int, *args: Any) -> None:
-        """Run tasks ``0 <= t < ntask``: one contiguous range per thread, all at once."""
-        disp = self._dispatcher(args + (0, 0))
-        n = min(threads(), ntask)
-        if n <= 1:
-            disp(*args, 0, ntask)
-            return
-        bounds = [ntask * i // n for i in range(n + 1)]
-        pool = _executor(n - 1)
-        rest = [pool.submit(disp, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
-        try:
-            disp(*args, bounds[0], bounds[1])
-        finally:
-            for f in rest:
-                f.result()
+        key = tuple(_constant(args[i]) for i in self._modal)
+        if _state["serial"]:
+            return self._build(key, serial=True)(*args)
+        disp = self._entries.get(key) or self._build(key)
+        with _launch_guard():
+            return disp(*args)
 
 
 def _specialised(fn: Callable, name: str, consts: dict[str, bool | int]) -> Any:

@@ -90,7 +90,7 @@ def warmup(
         else "numba cache: off (compiled in memory; set "
         "NUMBA_CACHE_DIR to a writable directory to cache)"
     )
-    out.print(f"threads per launch: {launch.threads()}")
+    out.print(f"threading layer: {launch.layer_info()[0]}")
     items = [(k, lay, d) for d in dtypes for lay in layouts for k in kinds]
     rows = []
     progress = Progress(
