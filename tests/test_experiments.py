@@ -200,6 +200,22 @@ def test_report_defines_every_column_and_states_the_test_size(tmp_path):
     assert "450 samples" in text
 
 
+def _record(head: str, seed: int, train_size: int, accuracy: float) -> dict:
+    """A finished run's record as the runner writes it, with placeholder measurements."""
+    return {
+        "spec": {"head": head, "seed": seed},
+        "train_size": train_size,
+        "accuracy": accuracy,
+        "accuracies": {"test": accuracy},
+        "params_total": 1,
+        "params_head": 1,
+        "train_time_s": 1.0,
+        "peak_memory_bytes": None,
+        "train_throughput": 1.0,
+        "eval_throughput": 1.0,
+    }
+
+
 def test_files_respect_the_umask(tmp_path):
     from globalpool.experiments.report import write_report
 
@@ -207,18 +223,7 @@ def test_files_respect_the_umask(tmp_path):
     try:
         store = ResultStore(tmp_path)
         spec = RunSpec("mnist1d", "cnn1d", "avg", 0, 200, TrainConfig(1, 100, 0.01))
-        record = {
-            "spec": {"head": "avg", "seed": 0},
-            "train_size": 200,
-            "accuracy": 0.5,
-            "accuracies": {"test": 0.5},
-            "params_total": 1,
-            "params_head": 1,
-            "train_time_s": 1.0,
-            "peak_memory_bytes": None,
-            "train_throughput": 1.0,
-            "eval_throughput": 1.0,
-        }
+        record = _record("avg", 0, 200, 0.5)
         written = [store.save(spec, record)]
         written += write_report(tmp_path, [record], {"dataset": "mnist1d"}).values()
     finally:
@@ -235,21 +240,7 @@ def test_error_bars_are_clipped_to_the_metric_range(tmp_path):
     below, above, clipped = clip_errors([97.0, 3.0, 50.0], [10.0, 10.0, 10.0])
     assert below == [10.0, 3.0, 10.0] and above == [3.0, 10.0, 10.0]
     assert clipped == [True, True, False]
-    records = [
-        {
-            "spec": {"head": "avg", "seed": s},
-            "train_size": 10,
-            "accuracy": a,
-            "accuracies": {"test": a},
-            "params_total": 1,
-            "params_head": 1,
-            "train_time_s": 1.0,
-            "peak_memory_bytes": None,
-            "train_throughput": 1.0,
-            "eval_throughput": 1.0,
-        }
-        for s, a in enumerate([1.0, 0.9])  # 95.0 ± 63.5 would reach 158%
-    ]
+    records = [_record("avg", s, 10, a) for s, a in enumerate([1.0, 0.9])]  # 95.0 ± 63.5: 158%
     write_report(tmp_path, records, {"dataset": "mnist1d"})
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["plots_clipped"] == {
         "plot": True
