@@ -61,8 +61,7 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x)
-        owner = f"ClassifierHead(in_channels={self.in_channels})"
-        check_channel_count(x, self.layout, self.in_channels, owner)
+        check_channel_count(x, self.layout, self.in_channels, "ClassifierHead")
         return self.fc(self.dropout(self.pool(x, mask=mask)))
 
 
@@ -111,8 +110,7 @@ class FlattenFCHead(nn.Module):
                 f"x must have spatial size {self.spatial_size} for a flatten+FC head, "
                 f"got {spatial_shape(x, self.layout)}; use a pooling head for other input sizes"
             )
-        owner = f"FlattenFCHead(in_channels={self.in_channels})"
-        check_channel_count(x, self.layout, self.in_channels, owner)
+        check_channel_count(x, self.layout, self.in_channels, "FlattenFCHead")
         check_mask(mask, x, self.layout)
         channel_dim = 1 if self.layout == "channels_first" else x.ndim - 1
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
@@ -160,8 +158,7 @@ class NiNHead(nn.Module):
 
     def _check(self, x: Any, mask: Any) -> None:
         check_input(x)
-        channels = self.conv.in_features
-        check_channel_count(x, self.layout, channels, f"NiNHead(in_channels={channels})")
+        check_channel_count(x, self.layout, self.conv.in_features, "NiNHead")
         check_mask(mask, x, self.layout)
 
     def _class_maps(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -41,14 +41,17 @@ def check_channels(channels: Any, name: str = "channels") -> None:
         raise ValueError(f"{name} must be a positive int, got {channels!r}")
 
 
-def check_channel_count(x: torch.Tensor, layout: str, channels: int, owner: str) -> None:
-    """``x`` must have ``channels`` channels where ``layout`` puts them; ``owner`` names the module.
+def check_channel_count(
+    x: torch.Tensor, layout: str, channels: int, owner: str, arg: str = "in_channels"
+) -> None:
+    """``x`` must have ``channels`` channels where ``layout`` puts them; the error names the
+    module as ``owner(arg=channels)`` (built only when the check fails: this runs every call).
 
     A shape check only, so it is cheap and traceable: a static size is compared in Python (a
     ``ValueError``); a symbolic one (``torch.compile(dynamic=True)``, ``torch.export`` with a
     dynamic channel dim) is asserted with ``torch._check``.
 
-    >>> check_channel_count(torch.zeros(2, 2, 3), "channels_first", 4, "Head(in_channels=4)")
+    >>> check_channel_count(torch.zeros(2, 2, 3), "channels_first", 4, "Head")
     Traceback (most recent call last):
     ...
     ValueError: Head(in_channels=4) got input with 2 channels (dim 1 for layout='channels_first')
@@ -57,7 +60,10 @@ def check_channel_count(x: torch.Tensor, layout: str, channels: int, owner: str)
     got = x.shape[channel_dim]
 
     def message() -> str:
-        return f"{owner} got input with {got} channels (dim {channel_dim} for layout={layout!r})"
+        return (
+            f"{owner}({arg}={channels}) got input with {got} channels (dim {channel_dim} for "
+            f"layout={layout!r})"
+        )
 
     if isinstance(got, torch.SymInt):
         torch._check(got == channels, message)
@@ -238,8 +244,7 @@ class AttentionPool(nn.Module):
 
     def _check(self, x: Any, mask: Any) -> None:
         check_input(x)
-        owner = f"AttentionPool(channels={self.channels})"
-        check_channel_count(x, self.layout, self.channels, owner)
+        check_channel_count(x, self.layout, self.channels, "AttentionPool", "channels")
         check_mask(mask, x, self.layout)
 
     def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from globalpool.cli_errors import debug
 from globalpool.experiments.spec import DEFAULTS, RunSpec, TrainConfig, dataset_base
 
 
@@ -115,9 +115,10 @@ def check_dataset_name(dataset: str) -> str:
 def _fail(message: str, code: int = 1, usage: bool = False) -> Exception:
     """The one-line error to raise (:mod:`globalpool.cli_errors`); silent on ranks > 0."""
     from globalpool.cli_errors import CLIError, CLIUsageError
+    from globalpool.experiments import distributed
 
     error = CLIUsageError(message) if usage else CLIError(message, exit_code=code)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_main_process():
         return typer.Exit(error.exit_code)
     return error
 
@@ -228,16 +229,17 @@ def compare(
     except typer.Exit:
         raise
     except Exception as err:
-        if os.environ.get("GLOBALPOOL_DEBUG"):
+        if debug():
             raise
         raise _fail(_message(err), usage=getattr(err, "option", None) is not None) from None
 
 
 def _interrupted(err: KeyboardInterrupt, signum: int | None, out: Path) -> typer.Exit:
+    from globalpool.experiments import distributed
     from globalpool.experiments.interrupt import exit_code, signal_name
 
     kept = str(err) if isinstance(err, Interrupted) else f"finished runs are kept under {out}"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.is_main_process():
         print(f"\ninterrupted ({signal_name(signum)}): {kept}", file=sys.stderr, flush=True)
     return typer.Exit(exit_code(signum))
 
@@ -387,7 +389,7 @@ def _run(
         except ValueError as err:
             raise CompareError(f"model {model_name} does not fit {dataset}: {err}") from None
     except Exception as err:
-        if os.environ.get("GLOBALPOOL_DEBUG"):
+        if debug():
             raise
         error = _message(err)
     error = distributed.first_error(error, ctx)

@@ -49,6 +49,12 @@ def launched_by_torchrun() -> bool:
         return False
 
 
+def is_main_process() -> bool:
+    """True unless ``torchrun`` started this process as a rank above 0; readable before the
+    process group exists (errors and interruptions are reported by rank 0 alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device_type: str) -> DistContext:
     """Join the process group if launched by ``torchrun``; else return the single-process context.
 
