@@ -1,14 +1,28 @@
-"""Adaptive pooling: PyTorch's exact bins, both layouts, against F.adaptive_* and the reference."""
+"""Adaptive pooling: every kind per bin with PyTorch's exact bins, against F.adaptive_* and the
+NumPy reference, forward and backward, ranks, layouts, dtypes, masks, ``None`` dims."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import globalpool as gp
 from globalpool import reference
-from helpers import assert_close, to_np
+from globalpool.contract import LAYOUTS
+from helpers import (
+    KIND_PARAMS,
+    MASKS,
+    assert_close,
+    make_input,
+    make_mask,
+    make_weights,
+    poison_padded,
+    to_np,
+)
 
 TORCH_OPS = {
     ("avg", 1): F.adaptive_avg_pool1d,
@@ -18,33 +32,190 @@ TORCH_OPS = {
     ("max", 2): F.adaptive_max_pool2d,
     ("max", 3): F.adaptive_max_pool3d,
 }
-CASES = {  # input spatial size, output size: divisible, non-divisible, larger than the input
-    1: [((8,), 4), ((7,), 3), ((3,), 5)],
-    2: [((8, 6), (4, 3)), ((7, 5), (3, 2)), ((3, 4), (5, 7))],
-    3: [((4, 4, 4), 2), ((5, 3, 7), (2, 2, 3)), ((2, 3, 2), (3, 4, 5))],
+CASES = {  # input spatial size, output size: divisible, non-divisible, larger than the input, None
+    1: [((8,), 4), ((7,), 3), ((3,), 5), ((6,), None)],
+    2: [((8, 6), (4, 3)), ((7, 5), (3, 2)), ((3, 4), (5, 7)), ((7, 5), (None, 2))],
+    3: [((4, 4, 4), 2), ((5, 3, 7), (2, 1, 3)), ((2, 3, 2), (3, 4, 5)), ((5, 3, 4), (2, None, 3))],
 }
-PARAMS = [(kind, rank, i) for kind in ("avg", "max") for rank in (1, 2, 3) for i in range(3)]
+TORCH_PARAMS = [(kind, rank, i) for kind in ("avg", "max") for rank in (1, 2, 3) for i in range(4)]
 
 
-@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
-@pytest.mark.parametrize("kind,rank,case", PARAMS)
-def test_matches_torch_and_reference(kind, rank, case, layout):
+def _layout_input(x_cf: torch.Tensor, layout: str) -> torch.Tensor:
+    return x_cf if layout == "channels_first" else x_cf.movedim(1, -1).contiguous()
+
+
+def _to_cf(y: torch.Tensor, layout: str) -> torch.Tensor:
+    return y if layout == "channels_first" else y.movedim(-1, 1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind,rank,case", TORCH_PARAMS)
+def test_equals_torch_adaptive_ops(kind, rank, case, layout):
+    """Forward and backward equal F.adaptive_*_pool*d (random values: no tied maxima)."""
     spatial, out = CASES[rank][case]
     gen = torch.Generator().manual_seed(case)
-    x_cf = torch.randn((2, 3, *spatial), generator=gen, dtype=torch.float64)
-    expected_cf = TORCH_OPS[(kind, rank)](x_cf, out)
-    x = x_cf if layout == "channels_first" else x_cf.movedim(1, -1).contiguous()
-    x.requires_grad_()
+    x_cf = torch.randn((2, 3, *spatial), generator=gen, dtype=torch.float64, requires_grad=True)
+    sizes = (out,) * rank if not isinstance(out, tuple) else out
+    torch_out = tuple(i if o is None else o for o, i in zip(sizes, spatial, strict=True))
+    expected = TORCH_OPS[(kind, rank)](x_cf, torch_out)
+    x = _layout_input(x_cf.detach(), layout).requires_grad_()
     y = gp.adaptive_pool(x, out, kind, layout=layout)
-    y_cf = y if layout == "channels_first" else y.movedim(-1, 1)
-    torch.testing.assert_close(y_cf, expected_cf, rtol=0, atol=1e-12)
-    assert_close(y, reference.adaptive_forward(to_np(x), out, kind, layout=layout),
-                 torch.float64, "adaptive forward")
-    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_to_cf(y, layout), expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected.backward(grad_out)
+    _to_cf(y, layout).backward(grad_out)
+    torch.testing.assert_close(_to_cf(x.grad, layout), x_cf.grad, rtol=0, atol=1e-12)
+
+
+def _reference(x, out, kind, layout, mask, params, grad_out=None):
+    np_params = {k: to_np(v) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    np_mask = None if mask is None else mask.numpy()
+    if grad_out is None:
+        return reference.adaptive_forward(to_np(x), out, kind, layout=layout, mask=np_mask,
+                                          **np_params)
+    return reference.adaptive_backward(to_np(x), to_np(grad_out), out, kind, layout=layout,
+                                       mask=np_mask, **np_params)
+
+
+def _check(kind, spatial, out, layout, dtype, mask_mode, seed, n=2, c=3):
+    """Forward, grad x (and grad weights / p) against the reference, with NaN and inf poured
+    into the padded positions."""
+    x = make_input(n, c, spatial, layout, dtype, seed)
+    mask = make_mask(n, spatial, mask_mode, seed)
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        # away from 0: a bin of one position with a tiny weight makes the weight gradient a
+        # difference of two huge terms, beyond float32's tolerance
+        weights = 0.1 + 0.9 * make_weights(x, layout, seed)
+        params["weights"] = weights.requires_grad_()
+    if kind == "gem":
+        x = x.abs() + 0.05
+        params["p"] = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    x_in = poison_padded(x, mask, layout).requires_grad_()
+    y = gp.adaptive_pool(x_in, out, kind, layout=layout, mask=mask, **params)
+    assert y.dtype == dtype
+    expected = _reference(x, out, kind, layout, mask, params)
+    assert_close(y, expected, dtype, f"forward {kind}")
+    with torch.no_grad():  # inference may take torch's own adaptive ops
+        y_inference = gp.adaptive_pool(x_in, out, kind, layout=layout, mask=mask, **params)
+    assert_close(y_inference, expected, dtype, f"forward {kind} under no_grad")
+    gen = torch.Generator().manual_seed(seed + 7)
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
     y.backward(grad_out)
-    expected_grad = reference.adaptive_backward(to_np(x), to_np(grad_out), out, kind,
-                                                layout=layout)
-    assert_close(x.grad, expected_grad, torch.float64, "adaptive backward")
+    grads = _reference(x, out, kind, layout, mask, params, grad_out)
+    assert torch.isfinite(x_in.grad).all(), "gradient holds NaN/inf"
+    assert_close(x_in.grad, grads["x"], dtype, f"grad x {kind}")
+    if kind == "attention":
+        assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
+    if kind == "gem" and dtype == torch.float64:
+        np.testing.assert_allclose(params["p"].grad.item(), grads["p"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_mode", MASKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_matches_reference(kind, rank, case, layout, mask_mode):
+    spatial, out = CASES[rank][case]
+    _check(kind, spatial, out, layout, torch.float64, mask_mode, seed=10 * rank + case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_matches_reference_in_each_dtype(kind, dtype):
+    _check(kind, (7, 5), (3, 2), "channels_last", dtype, "random", seed=3)
+
+
+@given(
+    kind=st.sampled_from(gp.KINDS),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    mask_mode=st.sampled_from(MASKS),
+    n=st.integers(1, 3),
+    c=st.integers(1, 4),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    outs=st.lists(st.one_of(st.none(), st.integers(1, 10)), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=120, deadline=None)
+def test_property_random_sizes(kind, layout, dtype, mask_mode, n, c, sizes, outs, seed):
+    out = tuple(outs[: len(sizes)])
+    _check(kind, tuple(sizes), out, layout, dtype, mask_mode, seed, n=n, c=c)
+
+
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_gradcheck_float64(kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 2, 5, 4, generator=gen, dtype=torch.float64) + 0.1
+    mask = make_mask(2, (5, 4), "random", 0)
+    inputs = [x.requires_grad_()]
+    if kind == "attention":
+        inputs.append(torch.rand(2, 5, 4, generator=gen, dtype=torch.float64).requires_grad_())
+    if kind == "gem":
+        inputs.append(torch.tensor(2.5, dtype=torch.float64, requires_grad=True))
+
+    def fn(x, *extra):
+        params = dict(KIND_PARAMS.get(kind, {}))
+        if extra:
+            params["weights" if kind == "attention" else "p"] = extra[0]
+        return gp.adaptive_pool(x, (3, 3), kind, mask=mask, **params)
+
+    if kind in ("max", "avgmax", "catavgmax"):  # the max is not differentiable at a tie
+        x.data += torch.arange(x.numel(), dtype=torch.float64).view_as(x) * 1e-3
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_output_one_is_global_pooling(kind):
+    x = make_input(3, 4, (5, 6), "channels_last", torch.float64, 1).abs() + 0.1
+    mask = make_mask(3, (5, 6), "empty", 1)
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        params["weights"] = make_weights(x, "channels_last", 1)
+    got = gp.adaptive_pool(x, 1, kind, layout="channels_last", mask=mask, **params)
+    want = gp.pool(x, kind, layout="channels_last", mask=mask, keepdim=True, backend="torch",
+                   **params)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_empty_bin_is_zero_with_zero_gradient(kind):
+    x = torch.randn(1, 2, 6, dtype=torch.float64) + 2.0
+    mask = torch.tensor([[True, True, False, False, True, True]])
+    x_in = poison_padded(x, mask, "channels_first").requires_grad_()
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        params["weights"] = torch.ones(1, 6, dtype=torch.float64)
+    y = gp.adaptive_pool(x_in, 3, kind, mask=mask, **params)  # bins [0,2) [2,4) [4,6)
+    assert (y[..., 1] == 0).all() and (y[..., [0, 2]] != 0).all()
+    (y[..., 1].sum() * 1.0 + 0.0).backward()
+    assert (x_in.grad == 0).all()
+
+
+def test_ties_share_the_gradient_as_in_global_pooling():
+    x = torch.tensor([[[5.0, 5.0, 1.0, 2.0, 2.0]]], requires_grad=True)
+    gp.adaptive_pool(x, 2, "max").sum().backward()  # bins [0, 3) and [2, 5)
+    torch.testing.assert_close(x.grad, torch.tensor([[[0.5, 0.5, 0.0, 0.5, 0.5]]]))
+
+
+def test_output_width_and_layouts():
+    x = torch.randn(2, 7, 5, 8)
+    y = gp.adaptive_pool(x, (3, None), "catavgmax", layout="channels_last")
+    assert y.shape == (2, 3, 5, 16)
+    torch.testing.assert_close(y[..., :8], gp.adaptive_pool(x, (3, None), layout="channels_last"))
+    assert gp.AdaptivePool((3, None), "catavgmax", layout="channels_last").output_width(8) == 16
+
+
+def test_module_takes_mask_and_parameters():
+    layer = gp.AdaptivePool((2, 3), "gem", p=4.0)
+    x = torch.rand(2, 3, 7, 7) + 0.1
+    mask = torch.rand(2, 7, 7) > 0.3
+    torch.testing.assert_close(layer(x, mask), gp.adaptive_pool(x, (2, 3), "gem", mask=mask, p=4.0))
+    assert "p=4.0" in repr(layer)
+    weights = torch.rand(2, 7, 7)
+    got = gp.AdaptivePool(2, "attention")(x, weights=weights)
+    torch.testing.assert_close(got, gp.adaptive_pool(x, 2, "attention", weights=weights))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -56,13 +227,85 @@ def test_half_inputs_keep_dtype(dtype):
                                rtol=1e-2, atol=1e-2)
 
 
-def test_output_one_equals_global_pool():
-    x = torch.randn(2, 4, 5, 6)
-    torch.testing.assert_close(gp.adaptive_pool(x, 1).flatten(1), gp.pool(x, "avg"))
-    torch.testing.assert_close(gp.adaptive_pool(x, 1, "max").flatten(1), gp.pool(x, "max"))
+@pytest.mark.parametrize(
+    "output_size",
+    [0, -2, (3,), (3, 2, 1), (3, 0), 2.5, True, "3", (2, 2.0)],
+    ids=repr,
+)
+def test_bad_output_size(output_size):
+    with pytest.raises(ValueError, match=r"output_size must be .* got "):
+        gp.adaptive_pool(torch.randn(1, 2, 7, 5), output_size)
 
 
-def test_gradcheck_float64():
-    x = torch.randn(1, 2, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: gp.adaptive_pool(t, (3, 4), "avg"), (x,))
-    assert torch.autograd.gradcheck(lambda t: gp.adaptive_pool(t, (2, 3), "max"), (x,))
+def test_bad_arguments_name_themselves():
+    x = torch.randn(2, 3, 7, 5)
+    with pytest.raises(ValueError, match=r"mask must have shape \(N, \*S\) = \(2, 7, 5\)"):
+        gp.adaptive_pool(x, (3, 2), mask=torch.ones(2, 3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="p for kind 'gem' must be >= 1, got 0.5"):
+        gp.adaptive_pool(x, 2, "gem", p=0.5)
+    with pytest.raises(TypeError, match=r"kind 'avg' got unexpected parameter\(s\) \['p'\]"):
+        gp.adaptive_pool(x, 2, "avg", p=2.0)
+    with pytest.raises(TypeError, match="kind 'attention' requires weights"):
+        gp.adaptive_pool(x, 2, "attention")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        gp.adaptive_pool(x, 2, "median")
+    with pytest.raises(ValueError, match="r for kind 'lse' must be > 0"):
+        gp.AdaptivePool(2, "lse", r=-1.0)
+    with pytest.raises(ValueError, match="output_size must be"):
+        gp.AdaptivePool(0)
+    with pytest.raises(ValueError, match=r"output_size must be .* tuple of 2"):
+        gp.AdaptivePool((2, 2, 2))(x)
+
+
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_graph_form_equals_eager_form(kind, monkeypatch):
+    """Eager mode views equal, disjoint bins without a gather; graphs always gather windows
+    with padded slots. Both forms give the same numbers and gradients."""
+    x = make_input(2, 3, (8, 6, 4), "channels_first", torch.float64, 5).abs() + 0.1
+    mask = make_mask(2, (8, 6, 4), "random", 5)
+    params = dict(KIND_PARAMS.get(kind, {}))
+    if kind == "attention":
+        params["weights"] = make_weights(x, "channels_first", 5)
+    results = []
+    for graph in (False, True):
+        monkeypatch.setattr("globalpool.adaptive._in_graph", lambda graph=graph: graph)
+        xg = x.clone().requires_grad_()
+        y = gp.adaptive_pool(xg, (4, 3, None), kind, mask=mask, **params)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xg.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,rank", [("avg", 2), ("max", 3), ("gem", 1)])
+def test_onnx_export_with_dynamic_sizes_runs_equal(kind, rank, tmp_path):
+    """torch's adaptive ops cannot export to a non-divisible size with dynamic shapes; these
+    export once and run in onnxruntime at other input sizes."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    out = {1: 3, 2: (3, 2), 3: (2, None, 3)}[rank]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = gp.AdaptivePool(out, kind)
+
+        def forward(self, x, mask):
+            return self.pool(x, mask)
+
+    model = Model().eval()
+    dims = {d: torch.export.Dim(f"S{d}", min=2, max=256) for d in range(rank)}
+    batch = torch.export.Dim("N", min=1, max=64)
+    spatial = (7, 5, 6)[:rank]
+    x = torch.rand(2, 4, *spatial) + 0.1
+    mask = torch.rand(2, *spatial) > 0.2
+    torch.onnx.export(
+        model, (x, mask), str(tmp_path / "m.onnx"), dynamo=True,
+        dynamic_shapes={"x": {0: batch, **{d + 2: v for d, v in dims.items()}},
+                        "mask": {0: batch, **{d + 1: v for d, v in dims.items()}}},
+    )
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for n, sizes in [(3, (10, 9, 4)), (1, (2, 17, 3))]:
+        x = torch.rand(n, 4, *sizes[:rank]) + 0.1
+        mask = torch.rand(n, *sizes[:rank]) > 0.2
+        (got,) = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x, mask), rtol=1e-5, atol=1e-6)

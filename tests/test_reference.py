@@ -8,6 +8,7 @@ from properties (cropping, permutation, shift, homogeneity) that the definitions
 from __future__ import annotations
 
 import doctest
+import itertools
 import math
 from fractions import Fraction
 
@@ -298,7 +299,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="grad_out"):
         pool_backward(x, np.ones((2, 4)), "avg")
     with pytest.raises(ValueError, match="kind"):
-        adaptive_forward(x, 2, "gem")
+        adaptive_forward(x, 2, "median")
     with pytest.raises(ValueError, match="output_size"):
         adaptive_forward(x, (2, 2))
     with pytest.raises(ValueError, match="layout"):
@@ -661,7 +662,7 @@ def test_adaptive_hand_example_with_overlapping_bins():
     np.testing.assert_allclose(adaptive_forward(x, 3), [[[0.5, 2.0, 3.5]]])
     np.testing.assert_allclose(adaptive_forward(x, 3, "max"), [[[1.0, 3.0, 4.0]]])
     # index 1 lies in bins 0 and 1, index 3 in bins 1 and 2
-    g = adaptive_backward(x, np.ones((1, 1, 3)), 3, "avg")
+    g = adaptive_backward(x, np.ones((1, 1, 3)), 3, "avg")["x"]
     np.testing.assert_allclose(g, [[[0.5, 0.5 + 1 / 3, 1 / 3, 1 / 3 + 0.5, 0.5]]])
     x2 = np.arange(6.0).reshape(1, 1, 2, 3)
     np.testing.assert_allclose(adaptive_forward(x2, (1, 2)), [[[[2.0, 3.0]]]])
@@ -677,7 +678,7 @@ def test_adaptive_identity_and_global(kind):
             adaptive_forward(x, 1, kind), pool_forward(x, kind, keepdim=True), rtol=1e-12
         )
         g = rng.normal(size=x.shape)
-        np.testing.assert_array_equal(adaptive_backward(x, g, shape[2:], kind), g)
+        np.testing.assert_array_equal(adaptive_backward(x, g, shape[2:], kind)["x"], g)
 
 
 def test_adaptive_output_larger_than_input():
@@ -687,7 +688,7 @@ def test_adaptive_output_larger_than_input():
     assert y.shape == (1, 2, 5, 4)
     # every output picks an input value; every input is reached
     assert np.all(np.isin(y, x))
-    g = adaptive_backward(x, np.ones_like(y), (5, 4), "avg")
+    g = adaptive_backward(x, np.ones_like(y), (5, 4), "avg")["x"]
     assert np.all(g > 0)
 
 
@@ -699,22 +700,35 @@ ADAPTIVE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["avg", "max"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("shape", "out"), ADAPTIVE_CASES)
-def test_adaptive_backward_matches_finite_differences(shape, out, kind, layout):
+def test_adaptive_backward_matches_finite_differences(shape, out, kind, layout, masked):
     rng = np.random.default_rng(sum(shape) + sum(out))
-    x = distinct_x(rng, shape)
+    x = distinct_x(rng, shape) + (3.0 if kind == "gem" else 0.0)
+    mask = rng.random((shape[0], *shape[2:])) > 0.3 if masked else None
+    params = {"p": 2.5} if kind == "gem" else {"r": 1.5} if kind == "lse" else {}
+    if kind == "attention":
+        params["weights"] = rng.random((shape[0], *shape[2:])) + 0.1
     if layout == "channels_last":
         x = to_last(x)
-    y = adaptive_forward(x, out, kind, layout=layout)
+    y = adaptive_forward(x, out, kind, layout=layout, mask=mask, **params)
     g = rng.normal(size=y.shape)
 
     def loss(a):
-        return float(np.sum(g * adaptive_forward(a, out, kind, layout=layout)))
+        return float(np.sum(g * adaptive_forward(a, out, kind, layout=layout, mask=mask, **params)))
 
-    got = adaptive_backward(x, g, out, kind, layout=layout)
-    np.testing.assert_allclose(got, fd(loss, x), rtol=1e-6, atol=1e-8)
+    got = adaptive_backward(x, g, out, kind, layout=layout, mask=mask, **params)
+    np.testing.assert_allclose(got["x"], fd(loss, x), rtol=1e-6, atol=1e-8)
+    if kind == "attention":
+
+        def loss_w(w):
+            return float(np.sum(g * adaptive_forward(x, out, kind, layout=layout, mask=mask,
+                                                     weights=w)))
+
+        np.testing.assert_allclose(got["weights"], fd(loss_w, params["weights"]), rtol=1e-6,
+                                   atol=1e-8)
 
 
 @settings(max_examples=60, deadline=None)
@@ -725,7 +739,7 @@ def test_adaptive_backward_matches_finite_differences(shape, out, kind, layout):
     st.sampled_from(LAYOUTS),
     st.booleans(),
 )
-def test_adaptive_max_routes_each_bin_to_its_first_argmax(spatial, out, seed, layout, ties):
+def test_adaptive_max_shares_each_bin_among_its_maxima(spatial, out, seed, layout, ties):
     rng = np.random.default_rng(seed)
     rank = len(spatial)
     out = tuple(out[:rank])
@@ -734,37 +748,44 @@ def test_adaptive_max_routes_each_bin_to_its_first_argmax(spatial, out, seed, la
         x = np.round(x)
     g = rng.normal(size=(2, 2, *out))
     xin, gin = (to_last(x), to_last(g)) if layout == "channels_last" else (x, g)
-    got = adaptive_backward(xin, gin, out, "max", layout=layout)
+    got = adaptive_backward(xin, gin, out, "max", layout=layout)["x"]
     if layout == "channels_last":
         got = np.moveaxis(got, -1, 1)
-    # independent routing with explicit loops over bins in row-major scan order
+    # independent routing with explicit loops over every position of every bin
     expected = np.zeros_like(x)
     per_dim = [bins(s, o) for s, o in zip(spatial, out, strict=True)]
     for n in range(2):
         for c in range(2):
             for index in np.ndindex(*out):
                 ranges = [range(*per_dim[d][j]) for d, j in enumerate(index)]
-                best, where = -np.inf, None
-                for pos in np.ndindex(*(len(r) for r in ranges)):
-                    src = tuple(r[i] for r, i in zip(ranges, pos, strict=True))
-                    if where is None or x[(n, c, *src)] > best:
-                        best, where = x[(n, c, *src)], src
-                expected[(n, c, *where)] += g[(n, c, *index)]
+                box = [tuple(p) for p in itertools.product(*ranges)]
+                best = max(x[(n, c, *src)] for src in box)
+                winners = [src for src in box if x[(n, c, *src)] == best]
+                for src in winners:
+                    expected[(n, c, *src)] += g[(n, c, *index)] / len(winners)
     np.testing.assert_allclose(got, expected, atol=1e-12)
     np.testing.assert_allclose(
         got.sum(axis=tuple(range(2, x.ndim))), g.sum(axis=tuple(range(2, g.ndim))), atol=1e-10
     )
 
 
-def test_adaptive_max_ties_go_to_the_first_in_row_major_order():
+def test_adaptive_max_ties_share_equally():
     x = np.array([[[[1.0, 5.0], [5.0, 1.0]]]])
     np.testing.assert_array_equal(
-        adaptive_backward(x, np.ones((1, 1, 1, 1)), 1, "max"), [[[[0.0, 1.0], [0.0, 0.0]]]]
+        adaptive_backward(x, np.ones((1, 1, 1, 1)), 1, "max")["x"], [[[[0.0, 0.5], [0.5, 0.0]]]]
     )
-    x = np.array([[[[1.0, 1.0], [5.0, 5.0]]]])
-    np.testing.assert_array_equal(
-        adaptive_backward(x, np.full((1, 1, 1, 1), 2.0), 1, "max"), [[[[0.0, 0.0], [2.0, 0.0]]]]
-    )
+
+
+def test_adaptive_empty_bin_and_kind_parameters():
+    x = np.array([[[1.0, 2.0, np.nan, np.inf, 4.0, 8.0]]])
+    mask = np.array([[True, True, False, False, True, True]])
+    y = adaptive_forward(x, 3, "gem", mask=mask, p=1.0)
+    np.testing.assert_allclose(y, [[[1.5, 0.0, 6.0]]])
+    g = adaptive_backward(x, np.ones((1, 1, 3)), 3, "gem", mask=mask, p=1.0)
+    np.testing.assert_allclose(g["x"], [[[0.5, 0.5, 0.0, 0.0, 0.5, 0.5]]])
+    w = np.array([[1.0, 3.0, 5.0, 5.0, 0.0, 0.0]])
+    y = adaptive_forward(x, 3, "attention", mask=mask, weights=w)
+    np.testing.assert_allclose(y, [[[1.75, 0.0, 0.0]]])  # the third bin's weights sum to 0
 
 
 def test_docstring_examples_run():

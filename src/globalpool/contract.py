@@ -190,7 +190,8 @@ def check_param_value(kind: str, name: str, value: Any) -> None:
         )
         return
     v = _as_float(value)
-    if not math.isfinite(v):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces v as a symbolic float
+    if not -math.inf < v < math.inf:  # false for inf and NaN
         raise ValueError(f"{name} for kind {kind!r} must be finite, got {v}")
     if not in_range(v):
         raise ValueError(f"{name} for kind {kind!r} must be {expected}, got {v}")
@@ -300,21 +301,46 @@ def pool_spec(
     return PoolSpec(kind, layout, channel_dim, spatial_dims, full)
 
 
-def adaptive_spec(x: Any, output_size: Any, kind: Any, layout: Any) -> tuple[int, ...]:
-    """Check the arguments of ``adaptive_pool`` and return the per-dim output size."""
-    check_kind(kind, ("avg", "max"))
+def adaptive_spec(
+    x: Any, output_size: Any, kind: Any, layout: Any, mask: Any, params: dict[str, Any]
+) -> tuple[tuple[int | None, ...], dict[str, Any]]:
+    """Check every argument of ``adaptive_pool``; return the per-dim output sizes (``None`` keeps
+    a dim) and the kind's full parameters.
+
+    >>> adaptive_spec(torch.zeros(1, 2, 7, 5), (3, None), "gem", "channels_first", None, {})
+    ((3, None), {'p': 3.0, 'eps': 1e-06})
+    """
+    check_kind(kind)
     check_layout(layout)
     check_input(x)
     _check_spatial_nonempty(x, layout)
-    rank = x.ndim - 2
-    sizes = (output_size,) * rank if isinstance(output_size, int) else output_size
-    if (
-        not isinstance(sizes, (tuple, list))
-        or len(sizes) != rank
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
-    ):
+    check_mask(mask, x, layout)
+    full = check_params(kind, params, x, layout, mask)
+    return check_output_size(output_size, x.ndim - 2), full
+
+
+def _is_size(s: Any) -> bool:
+    return s is None or (isinstance(s, int) and not isinstance(s, bool) and s > 0)
+
+
+def check_output_size(output_size: Any, rank: int | None) -> tuple[int | None, ...]:
+    """``output_size``: a positive int, ``None``, or one positive int or ``None`` per spatial dim
+    (``rank=None``, before the input is known: a tuple of 1 to 3).
+
+    >>> check_output_size((7, None), 2)
+    (7, None)
+    >>> check_output_size((7, 0), 2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: output_size must be a positive int, None, or a tuple of 2 ... got (7, 0)
+    """
+    single = output_size is None or isinstance(output_size, int)
+    sizes = (output_size,) * (rank or 1) if single else output_size
+    ranks = (rank,) if rank is not None else (1, 2, 3)
+    if not (isinstance(sizes, (tuple, list)) and len(sizes) in ranks and all(map(_is_size, sizes))):
+        count = rank if rank is not None else "1 to 3"
         raise ValueError(
-            f"output_size must be a positive int or a tuple of {rank} positive ints "
-            f"(one per spatial dim), got {output_size!r}"
+            f"output_size must be a positive int, None, or a tuple of {count} positive ints or "
+            f"None (one per spatial dim), got {output_size!r}"
         )
     return tuple(sizes)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from globalpool.adaptive import adaptive_compose, torch_adaptive, torch_adaptive_applies
 from globalpool.contract import adaptive_spec, check_keepdim, pool_spec
 from globalpool.kinds import KIND_DEFS
 
@@ -142,41 +142,41 @@ def _compose(x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: boo
     return y if keepdim else y.flatten(1)
 
 
-_ADAPTIVE = {
-    ("avg", 1): F.adaptive_avg_pool1d,
-    ("avg", 2): F.adaptive_avg_pool2d,
-    ("avg", 3): F.adaptive_avg_pool3d,
-    ("max", 1): F.adaptive_max_pool1d,
-    ("max", 2): F.adaptive_max_pool2d,
-    ("max", 3): F.adaptive_max_pool3d,
-}
-
-
 def adaptive_pool(
     x: torch.Tensor,
-    output_size: int | tuple[int, ...],
+    output_size: int | None | tuple[int | None, ...],
     kind: str = "avg",
     *,
     layout: str = "channels_first",
+    mask: torch.Tensor | None = None,
+    **params: Any,
 ) -> torch.Tensor:
-    """Adaptive ``avg`` or ``max`` pooling to ``output_size`` with PyTorch's exact bins.
+    """Adaptive pooling to ``output_size`` bins per spatial dim, with any of :data:`KINDS`.
 
-    Bin ``i`` of a dim of size ``In`` covers ``[floor(i*In/Out), ceil((i+1)*In/Out))``, so bins may
-    overlap and ``Out`` may exceed ``In``. Works for 1 to 3 spatial dims in both layouts; halves
-    accumulate in float32.
+    Bin ``i`` of a dim of size ``In`` covers ``[floor(i*In/Out), ceil((i+1)*In/Out))``, exactly
+    PyTorch's bins, so bins may overlap and ``Out`` may exceed ``In``; ``None`` keeps a dim.
+    Each bin is pooled as :func:`pool` pools a whole input: ``mask`` (``(N, *S)`` at the input's
+    resolution, True = real) and the kind's parameters (``p``, ``eps``, ``r``, ``weights`` of
+    shape ``(N, *S)``) mean the same, an empty bin gives 0 with zero gradient, padding never
+    reaches the output. Tied maxima share a bin's gradient, as in :func:`pool`. One graph
+    serves every input size, so it exports with dynamic shapes (ONNX, ``torch.export``).
+
+    Returns ``(N, C', *output_size)`` or ``(N, *output_size, C')`` for ``channels_last``, where
+    ``C'`` is :func:`output_width` (``2C`` for ``catavgmax``); in ``x``'s dtype.
 
     >>> import torch, globalpool as gp
     >>> x = torch.arange(5.0).reshape(1, 1, 5)
     >>> gp.adaptive_pool(x, 2, "avg")
     tensor([[[1., 3.]]])
-    >>> gp.adaptive_pool(x.movedim(1, -1), 3, "max", layout="channels_last").shape
-    torch.Size([1, 3, 1])
+    >>> gp.adaptive_pool(x, 2, "avg", mask=torch.tensor([[True, False, False, True, True]]))
+    tensor([[[0.0000, 3.5000]]])
+    >>> gp.adaptive_pool(torch.rand(2, 7, 5, 8), (3, None), "gem", layout="channels_last").shape
+    torch.Size([2, 3, 5, 8])
     """
-    sizes = adaptive_spec(x, output_size, kind, layout)
-    acc = x.to(_accumulation_dtype(x.dtype))
-    if layout == "channels_last":
-        acc = acc.movedim(-1, 1)
-    y = _ADAPTIVE[(kind, x.ndim - 2)](acc, sizes)
-    if layout == "channels_last":
-        y = y.movedim(1, -1)
+    sizes, full = adaptive_spec(x, output_size, kind, layout, mask, params)
+    if all(s == 1 for s in sizes):  # one bin: global pooling, with its fused kernels
+        return pool(x, kind, layout=layout, keepdim=True, mask=mask, **full)
+    if mask is None and torch_adaptive_applies(x, kind):
+        return torch_adaptive(x, sizes, kind, layout)
+    y = adaptive_compose(x.to(_accumulation_dtype(x.dtype)), sizes, kind, layout, mask, full)
     return y.to(x.dtype)

@@ -16,6 +16,7 @@ from globalpool.contract import (
     check_kind,
     check_layout,
     check_mask,
+    check_output_size,
     check_param_value,
     layout_dims,
 )
@@ -277,32 +278,47 @@ class AttentionPool(nn.Module):
 
 
 class AdaptivePool(nn.Module):
-    """Adaptive ``avg``/``max`` pooling to a fixed output size, PyTorch's exact bins.
+    """Adaptive pooling of one kind to a fixed output size, PyTorch's exact bins (see
+    :func:`globalpool.adaptive_pool`); ``weights`` for ``attention`` are given at the call.
 
     >>> import torch, globalpool as gp
     >>> gp.AdaptivePool((2, 3), "max")(torch.randn(1, 4, 7, 7)).shape
     torch.Size([1, 4, 2, 3])
+    >>> layer = gp.AdaptivePool(3, "catavgmax")
+    >>> layer(torch.randn(2, 4, 10), mask=torch.rand(2, 10) > 0.5).shape, layer.output_width(4)
+    (torch.Size([2, 8, 3]), 8)
     """
 
     def __init__(
         self,
-        output_size: int | tuple[int, ...],
+        output_size: int | None | tuple[int | None, ...],
         kind: str = "avg",
         *,
         layout: str = "channels_first",
+        **params: Any,
     ) -> None:
         super().__init__()
-        check_kind(kind, ("avg", "max"))
+        check_kind(kind)
         check_layout(layout)
+        check_output_size(output_size, None)
+        check_fixed_params(kind, params)
         self.output_size, self.kind, self.layout = output_size, kind, layout
+        self.params = params
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            raise ValueError("mask is not supported by AdaptivePool; got a mask, expected None")
-        return adaptive_pool(x, self.output_size, self.kind, layout=self.layout)
+    def output_width(self, channels: int) -> int:
+        return output_width(self.kind, channels)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, **params: Any
+    ) -> torch.Tensor:
+        return adaptive_pool(
+            x, self.output_size, self.kind, layout=self.layout, mask=mask,
+            **{**self.params, **params},
+        )
 
     def extra_repr(self) -> str:
-        return f"output_size={self.output_size}, kind={self.kind!r}, layout={self.layout!r}"
+        extras = "".join(f", {k}={v}" for k, v in self.params.items())
+        return f"output_size={self.output_size}, kind={self.kind!r}, layout={self.layout!r}{extras}"
 
 
 def make_pool(

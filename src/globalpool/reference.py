@@ -21,8 +21,6 @@ array([[[0., 0., 1.]]])
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,6 @@ __all__ = [
 
 KINDS: tuple[str, ...] = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
 LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
-ADAPTIVE_KINDS: tuple[str, ...] = ("avg", "max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,17 +373,19 @@ def bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
     return [(i * in_size // out_size, -(-(i + 1) * in_size // out_size)) for i in range(out_size)]
 
 
-def _output_size(output_size: int | Sequence[int], rank: int) -> tuple[int, ...]:
-    if isinstance(output_size, (int, np.integer)):
-        sizes = (int(output_size),) * rank
+def _output_size(output_size: Any, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-dim output sizes; ``None`` keeps that dim's input size."""
+    rank = len(spatial)
+    if output_size is None or isinstance(output_size, (int, np.integer)):
+        sizes = (output_size,) * rank
     else:
-        sizes = tuple(int(s) for s in output_size)
-    if len(sizes) != rank or any(s < 1 for s in sizes):
+        sizes = tuple(output_size)
+    if len(sizes) != rank or any(s is not None and int(s) < 1 for s in sizes):
         raise ValueError(
-            f"output_size must be a positive int or a tuple of {rank} positive ints, "
+            f"output_size must be a positive int or a tuple of {rank} positive ints or None, "
             f"got {output_size!r}"
         )
-    return sizes
+    return tuple(i if s is None else int(s) for s, i in zip(sizes, spatial, strict=True))
 
 
 def _boxes(spatial: tuple[int, ...], out: tuple[int, ...]):
@@ -397,16 +396,29 @@ def _boxes(spatial: tuple[int, ...], out: tuple[int, ...]):
         yield index, box
 
 
+def _box_args(box: tuple[slice, ...], mask: Any, weights: Any) -> dict[str, Any]:
+    """The bin's slice of the per-position arrays (``(N, *S)``)."""
+    sel = (slice(None), *box)
+    return {
+        "mask": None if mask is None else np.asarray(mask)[sel],
+        "weights": None if weights is None else np.asarray(weights, dtype=np.float64)[sel],
+    }
+
+
 def adaptive_forward(
     x: Any,
-    output_size: int | Sequence[int],
+    output_size: Any,
     kind: str = "avg",
     *,
     layout: str = "channels_first",
+    mask: Any = None,
+    **params: Any,
 ) -> np.ndarray:
-    """Adaptive avg or max pooling with PyTorch's bins, in float64.
+    """Adaptive pooling with PyTorch's bins, in float64: each bin is pooled with
+    :func:`pool_forward` over its real positions (an empty bin gives 0).
 
-    Output ``(N, C, *output_size)`` or ``(N, *output_size, C)``.
+    Output ``(N, C', *out)`` or ``(N, *out, C')`` with ``C'`` the kind's output width;
+    ``None`` in ``output_size`` keeps that dim.
 
     >>> import numpy as np
     >>> x = np.arange(5.0).reshape(1, 1, 5)
@@ -414,17 +426,20 @@ def adaptive_forward(
     array([[[0.5, 2. , 3.5]]])
     >>> adaptive_forward(x, 3, "max")
     array([[[1., 3., 4.]]])
+    >>> adaptive_forward(x, 2, "avg", mask=np.array([[True, False, False, True, True]]))
+    array([[[0. , 3.5]]])
     """
-    _check_kind(kind, ADAPTIVE_KINDS)
+    _check_kind(kind)
     xc = _to_channels_first(x, layout)
     n, c, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
-    out = _output_size(output_size, len(spatial))
-    axes = tuple(range(2, xc.ndim))
-    y = np.zeros((n, c, *out))
+    out = _output_size(output_size, spatial)
+    weights = params.get("weights")
+    scalars = {k: v for k, v in params.items() if k != "weights"}
+    y = np.zeros((n, _out_channels(kind, c), *out))
     for index, box in _boxes(spatial, out):
         region = xc[(slice(None), slice(None), *box)]
-        y[(slice(None), slice(None), *index)] = (
-            region.mean(axis=axes) if kind == "avg" else region.max(axis=axes)
+        y[(slice(None), slice(None), *index)] = pool_forward(
+            region, kind, **_box_args(box, mask, weights), **scalars
         )
     return _from_channels_first(y, layout)
 
@@ -432,43 +447,54 @@ def adaptive_forward(
 def adaptive_backward(
     x: Any,
     grad_out: Any,
-    output_size: int | Sequence[int],
+    output_size: Any,
     kind: str = "avg",
     *,
     layout: str = "channels_first",
-) -> np.ndarray:
-    """Gradient wrt ``x`` of ``sum(grad_out * adaptive_forward(x, ...))``.
+    mask: Any = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Gradients of ``sum(grad_out * adaptive_forward(x, ...))``: each bin's
+    :func:`pool_backward`, summed where bins overlap.
 
-    ``avg`` spreads each bin's gradient evenly over the bin (overlapping bins add up). ``max``
-    sends it to the first arg-max of the bin in row-major order, as PyTorch does, ties are
-    not shared.
+    Returns ``{"x": ..., "p": ..., "weights": ...}`` as :func:`pool_backward`. Tied maxima in a
+    bin share its gradient equally, as in global pooling (``F.adaptive_max_pool*d`` gives it all
+    to the first).
 
     >>> import numpy as np
     >>> x = np.array([[[5.0, 5.0, 1.0, 2.0]]])
-    >>> adaptive_backward(x, np.ones((1, 1, 1)), 1, "max")
-    array([[[1., 0., 0., 0.]]])
-    >>> adaptive_backward(x, np.ones((1, 1, 2)), 2, "avg")
+    >>> adaptive_backward(x, np.ones((1, 1, 1)), 1, "max")["x"]
+    array([[[0.5, 0.5, 0. , 0. ]]])
+    >>> adaptive_backward(x, np.ones((1, 1, 2)), 2, "avg")["x"]
     array([[[0.5, 0.5, 0.5, 0.5]]])
     """
-    _check_kind(kind, ADAPTIVE_KINDS)
+    _check_kind(kind)
     xc = _to_channels_first(x, layout)
     n, c, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
-    out = _output_size(output_size, len(spatial))
+    out = _output_size(output_size, spatial)
     g = _to_channels_first(grad_out, layout)
-    if g.shape != (n, c, *out):
-        expected = (n, c, *out) if layout == "channels_first" else (n, *out, c)
-        raise ValueError(f"grad_out must have shape {expected}, got {np.shape(grad_out)}")
+    expected = (n, _out_channels(kind, c), *out)
+    if g.shape != expected:
+        shown = expected if layout == "channels_first" else (n, *out, expected[1])
+        raise ValueError(f"grad_out must have shape {shown}, got {np.shape(grad_out)}")
+    weights = params.get("weights")
+    scalars = {k: v for k, v in params.items() if k != "weights"}
     gx = np.zeros_like(xc)
-    n_idx, c_idx = np.meshgrid(np.arange(n), np.arange(c), indexing="ij")
+    gw = np.zeros((n, *spatial))
+    gp = 0.0
     for index, box in _boxes(spatial, out):
-        gbin = g[(slice(None), slice(None), *index)]  # (N, C)
-        if kind == "avg":
-            size = math.prod(s.stop - s.start for s in box)
-            gx[(slice(None), slice(None), *box)] += gbin[(...,) + (None,) * len(box)] / size
-        else:
-            region = xc[(slice(None), slice(None), *box)]
-            first = np.argmax(region.reshape(n, c, -1), axis=2)  # first occurrence, row-major
-            offsets = np.unravel_index(first, region.shape[2:])
-            target = tuple(s.start + o for s, o in zip(box, offsets, strict=True))
-            np.add.at(gx, (n_idx, c_idx, *target), gbin)
-    return _from_channels_first(gx, layout)
+        region = xc[(slice(None), slice(None), *box)]
+        grads = pool_backward(
+            region, g[(slice(None), slice(None), *index)], kind,
+            **_box_args(box, mask, weights), **scalars,
+        )
+        gx[(slice(None), slice(None), *box)] += grads["x"]
+        if grads["weights"] is not None:
+            gw[(slice(None), *box)] += grads["weights"]
+        if grads["p"] is not None:
+            gp += grads["p"]
+    return {
+        "x": _from_channels_first(gx, layout),
+        "p": gp if kind == "gem" else None,
+        "weights": gw if kind == "attention" else None,
+    }
