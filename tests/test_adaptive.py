@@ -309,3 +309,24 @@ def test_onnx_export_with_dynamic_sizes_runs_equal(kind, rank, tmp_path):
         mask = torch.rand(n, *sizes[:rank]) > 0.2
         (got,) = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), model(x, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["avg", "max", "gem"])
+def test_cuda_backward_is_deterministic_on_overlapping_bins(kind):
+    """Overlapping bins (7 -> 3, 5 -> 4) add into shared positions: run the backward twice under
+    torch's deterministic mode and compare bit for bit."""
+    x = torch.rand(8, 64, 7, 5, device="cuda") + 0.1
+    mask = torch.rand(8, 7, 5, device="cuda") > 0.2
+    grads = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            xg = x.clone().requires_grad_()
+            gp.adaptive_pool(xg, (3, 4), kind, mask=mask).square().sum().backward()
+            grads.append(xg.grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(grads[0], grads[1])

@@ -23,6 +23,7 @@ ONNX exporter and ``torch.jit.trace``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -50,12 +51,11 @@ def window_length(in_size: Any, out_size: int) -> Any:
 
 
 def _in_graph() -> bool:
-    return (
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
+    """torch.compile, torch.export, jit.trace or the TorchScript ONNX exporter is recording."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    onnx = sys.modules.get("torch.onnx")  # no ONNX export runs before torch.onnx is imported
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def bin_windows(
