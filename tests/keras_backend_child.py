@@ -1,5 +1,6 @@
 """Run globalpool.keras layers on the Keras backend named by KERAS_BACKEND (a child process of
-tests/test_keras_backends.py): read the cases, write each output and input gradient.
+tests/test_keras_backends.py): read the cases, write each output and input gradient; then train, save and reload a small
+masked model.
 
     KERAS_BACKEND=jax python tests/keras_backend_child.py cases.json inputs.npz out.npz
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -59,6 +61,24 @@ def _run_torch(layers, xs, masks, gs):
     return ys, gxs
 
 
+def fit_and_reload(folder: str) -> None:
+    """Train a small masked model with every layer class for two epochs, save it to a .keras
+    file and load it back: the predictions must be the same."""
+    tokens = np.random.default_rng(0).integers(0, 5, size=(16, 6))
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.ReLU()(keras.layers.Embedding(5, 4, mask_zero=True)(inputs))
+    pooled = [gpk.GeMPooling1D()(h), gpk.AttentionPooling1D()(h), gpk.GlobalPooling1D("lse")(h)]
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Concatenate()(pooled)))
+    model.compile("sgd", "mse")
+    model.fit(tokens, np.ones((16, 1)), batch_size=8, epochs=2, verbose=0)
+    model.save(f"{folder}/model.keras")
+    again = keras.saving.load_model(f"{folder}/model.keras")
+    expected = model.predict(tokens, verbose=0)
+    np.testing.assert_allclose(again.predict(tokens, verbose=0), expected, rtol=1e-5)
+    assert np.isfinite(expected).all()
+    print("fit and reload: ok")
+
+
 RUN = {"jax": _run_jax, "tensorflow": _run_tensorflow, "torch": _run_torch}
 
 
@@ -89,6 +109,7 @@ def main(cases_path: str, inputs_path: str, out_path: str) -> None:
     np.savez(out_path, **out)
     print(f"{keras.backend.backend()}: {len(cases)} cases")
     print(f"{time.perf_counter() - start:.1f} s for the cases", file=sys.stderr)
+    fit_and_reload(str(Path(out_path).parent))
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def _run_backend(backend: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"{backend}: {len(cases)} cases" in proc.stdout
+    assert "fit and reload: ok" in proc.stdout
     out = np.load(tmp_path / "out.npz")
     for case in cases:
         key, tol = case["id"], TOLERANCE[case["dtype"]]
