@@ -40,9 +40,8 @@ _RANGES = {
 def check_kind(kind: Any) -> None:
     if kind == "attention":
         raise ValueError(
-            "kind must be one of "
-            f"{KINDS}, got 'attention': its weights are learned, use "
-            "AttentionPooling1D/2D/3D"
+            f"kind must be one of {KINDS}, got 'attention' (its weights are learned: use "
+            "AttentionPooling1D/2D/3D)"
         )
     if not isinstance(kind, str) or kind not in KIND_PARAMS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
