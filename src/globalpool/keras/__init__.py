@@ -1,8 +1,8 @@
-"""Keras 3 layers for globalpool's kinds, written in ``keras.ops``: they run on every Keras
-backend (JAX, TensorFlow, PyTorch) with globalpool's numbers and mask rules. On the torch backend
-they call :func:`globalpool.pool` itself, so its fused kernels are used.
+"""Keras 3 layers for globalpool's kinds, written in ``keras.ops`` only: globalpool's numbers and
+mask rules on any Keras backend (tested on PyTorch and JAX, and TensorFlow where installed). On
+the torch backend they call :func:`globalpool.pool` itself, so its fused kernels are used.
 
-Install with ``pip install "globalpool[keras]"``; the core package never imports Keras.
+Install the ``keras`` extra (``pip install ".[keras]"``); the core package never imports Keras.
 
 >>> import numpy as np
 >>> from globalpool.keras import GlobalPooling2D
@@ -14,7 +14,7 @@ try:
     import keras  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without keras
     raise ImportError(
-        "globalpool.keras needs Keras 3: pip install 'globalpool[keras]' (or pip install keras)"
+        "globalpool.keras needs Keras 3: pip install keras (the 'keras' extra of globalpool)"
     ) from exc
 
 from globalpool.keras._checks import KINDS
