@@ -1,13 +1,14 @@
 """What a globalpool Keras layer costs over calling ``gp.pool`` directly, on the torch backend.
 
-    python benchmarks/keras_overhead.py [OUT_DIR] [--repeats 25] [--shape 32,7,7,2048]
+    python benchmarks/keras_overhead.py [OUT_DIR] [--repeats 25] [--shapes 32,7,7,2048;2,7,7,8]
 
-For each kind (avg, gem, catavgmax) on a channels-last float32 input (Keras' default layout) it
-times three ways of pooling the same torch tensor, forward only: ``gp.pool`` itself, the Keras
-layer (which hands torch tensors to ``gp.pool``), and the layer's ``keras.ops`` composition (what
-the other backends run, here on torch ops). The repeats are interleaved (every repeat times every
-kind and method once, in a rotating order), each sample is the median of a few calls, and the
-table gives medians with min-max and each method's ratio to ``gp.pool`` from the medians. Writes
+For each kind (avg, gem, catavgmax) on channels-last float32 inputs (Keras' default layout; a
+ResNet50 feature map, and a tiny one that shows the fixed cost of a call) it times three ways of
+pooling the same torch tensor, forward only: ``gp.pool`` itself, the Keras layer (which hands
+torch tensors to ``gp.pool``), and the layer's ``keras.ops`` composition (what the other backends
+run, here on torch ops). The repeats are interleaved (every repeat times every case and method
+once, in a rotating order), each sample is the median of a few calls, and the table gives
+medians with min-max and each method's ratio to ``gp.pool`` from the medians. Writes
 ``overhead.json`` and ``overhead.md`` to OUT_DIR (default ``benchmarks/results/keras``) with the
 machine (``lscpu`` model name) and the load average before and after.
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?", default=OUT)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--calls", type=int, default=5, help="calls per sample")
-    parser.add_argument("--shape", default="32,7,7,2048", help="N,H,W,C")
+    parser.add_argument("--shapes", default="32,7,7,2048;2,7,7,8", help="N,H,W,C;N,H,W,C")
     args = parser.parse_args()
     load_start = os.getloadavg()
     import keras
@@ -84,31 +85,35 @@ def main() -> None:
 
     import globalpool
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    x = torch.rand(shape) + 0.1  # positive, as after a ReLU (GeM's domain)
-    callers = {kind: _callers(kind, params, x) for kind, params in KINDS.items()}
-    for kind in KINDS:  # warm up: the fused kernels compile (or load) on their first call
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    xs = {shape: torch.rand(shape) + 0.1 for shape in shapes}  # positive, as after a ReLU
+    callers = {
+        (shape, kind): _callers(kind, params, xs[shape])
+        for shape in shapes
+        for kind, params in KINDS.items()
+    }
+    for calls in callers.values():  # warm up: the fused kernels compile (or load) on first use
+        expected = calls["gp.pool"]()
         for method in METHODS:
-            y = callers[kind][method]()
-            expected = callers[kind]["gp.pool"]()
-            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-            _sample(callers[kind][method], 3)
-    samples = {(k, m): [] for k in KINDS for m in METHODS}
+            torch.testing.assert_close(calls[method](), expected, rtol=1e-5, atol=1e-5)
+            _sample(calls[method], 3)
+    samples = {(case, m): [] for case in callers for m in METHODS}
     pairs = list(samples)
     total = time.perf_counter()
     for r in range(args.repeats):
         shift = r % len(pairs)
-        for kind, method in pairs[shift:] + pairs[:shift]:
-            samples[(kind, method)].append(_sample(callers[kind][method], args.calls))
+        for case, method in pairs[shift:] + pairs[:shift]:
+            samples[(case, method)].append(_sample(callers[case][method], args.calls))
     rows = []
-    for kind in KINDS:
-        base = statistics.median(samples[(kind, "gp.pool")])
+    for case in callers:
+        base = statistics.median(samples[(case, "gp.pool")])
         for method in METHODS:
-            s = samples[(kind, method)]
+            s = samples[(case, method)]
             median = statistics.median(s)
             rows.append(
                 {
-                    "kind": kind,
+                    "shape": case[0],
+                    "kind": case[1],
                     "method": method,
                     "median_ms": 1e3 * median,
                     "min_ms": 1e3 * min(s),
@@ -130,7 +135,7 @@ def main() -> None:
         "timed_s": time.perf_counter() - total,
     }
     setup = {
-        "shape": shape,
+        "shapes": shapes,
         "layout": "channels_last",
         "dtype": "float32",
         "repeats": args.repeats,
@@ -145,16 +150,17 @@ def main() -> None:
     lines = [
         "# Keras layer vs gp.pool (torch backend, forward)",
         "",
-        f"Input {shape} float32, channels_last; {args.repeats} interleaved repeats, each the "
+        f"Inputs {' and '.join(map(str, shapes))} (N, H, W, C) float32, channels_last; "
+        f"{args.repeats} interleaved repeats, each the "
         f"median of {args.calls} calls. Machine: {machine['cpu']}, {machine['cores']} cores, "
         f"torch {machine['torch']}, keras {machine['keras']}; load average {load} at the start.",
         "",
-        "| kind | method | median | min - max | ratio to gp.pool |",
-        "|---|---|---|---|---|",
+        "| shape | kind | method | median | min - max | ratio to gp.pool |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['kind']} | {r['method']} | {r['median_ms']:.3f} ms | {r['min_ms']:.3f} - "
-        f"{r['max_ms']:.3f} ms | {r['ratio_to_gp_pool']:.2f} |"
+        f"| {r['shape']} | {r['kind']} | {r['method']} | {r['median_ms']:.3f} ms | "
+        f"{r['min_ms']:.3f} - {r['max_ms']:.3f} ms | {r['ratio_to_gp_pool']:.2f} |"
         for r in rows
     ]
     (args.out / "overhead.md").write_text("\n".join(lines) + "\n")
