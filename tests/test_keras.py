@@ -287,6 +287,17 @@ def test_a_functional_model_carries_the_mask_to_the_layer(tmp_path):
     torch.testing.assert_close(again(tokens).detach(), expected)
 
 
+def test_attention_scores_build_the_layer_and_leave_padding_out_of_the_scorer():
+    x = torch.rand(2, 5, 3)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    poisoned = x.clone()
+    poisoned[1, 2:] = float("nan")
+    layer = gpk.AttentionPooling1D()
+    scores = layer.scores(poisoned, mask=mask)  # builds the layer
+    assert scores.shape == (2, 5) and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, layer.scores(torch.where(mask[..., None], x, 0.0)))
+
+
 def test_the_layer_consumes_the_mask():
     x, mask = torch.rand(2, 5, 3), torch.ones(2, 5, dtype=torch.bool)
     for layer in (gpk.GlobalPooling1D("max"), gpk.GeMPooling1D(), gpk.AttentionPooling1D()):

@@ -31,8 +31,10 @@ class _AttentionPooling(Pooling):
         """The non-negative weights ``sigmoid(x_s . kernel + bias)`` of shape ``(N, *S)``;
         padded positions are scored as zeros, so what they hold never reaches the scorer."""
         x = ops.convert_to_tensor(inputs)
-        mask = self._mask(x, mask)
-        return self._scores(x, mask)
+        self._check_shape(x.shape)
+        if not self.built:
+            self.build(tuple(x.shape))
+        return self._scores(x, self._mask(x, mask))
 
     def _scores(self, x: Any, mask: Any) -> Any:
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
