@@ -77,6 +77,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?", default=OUT)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--calls", type=int, default=5, help="calls per sample")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and numba threads (1: on a shared 2-core machine two threads get preempted "
+        "and the samples split into fast and 8 ms slow ones)",
+    )
     parser.add_argument("--shapes", default="32,7,7,2048;2,7,7,8", help="N,H,W,C;N,H,W,C")
     args = parser.parse_args()
     load_start = os.getloadavg()
@@ -85,6 +92,13 @@ def main() -> None:
 
     import globalpool
 
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(args.threads)
+    except ImportError:  # pragma: no cover
+        pass
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
     xs = {shape: torch.rand(shape) + 0.1 for shape in shapes}  # positive, as after a ReLU
     callers = {
@@ -147,13 +161,15 @@ def main() -> None:
         json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=1)
     )
     load = ", ".join(f"{v:.2f}" for v in machine["load_average_start"])
+    load_end = ", ".join(f"{v:.2f}" for v in machine["load_average_end"])
     lines = [
         "# Keras layer vs gp.pool (torch backend, forward)",
         "",
         f"Inputs {' and '.join(map(str, shapes))} (N, H, W, C) float32, channels_last; "
         f"{args.repeats} interleaved repeats, each the "
         f"median of {args.calls} calls. Machine: {machine['cpu']}, {machine['cores']} cores, "
-        f"torch {machine['torch']}, keras {machine['keras']}; load average {load} at the start.",
+        f"torch {machine['torch']}, keras {machine['keras']}, {args.threads} thread(s); load "
+        f"average {load} at the start, {load_end} at the end.",
         "",
         "| shape | kind | method | median | min - max | ratio to gp.pool |",
         "|---|---|---|---|---|---|",
