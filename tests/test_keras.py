@@ -432,7 +432,7 @@ def _doc_block(marker: str) -> str:
     return found[0]
 
 
-# about 15 s on 2 busy CPU cores (a full ResNet50, two steps, a 95 MB file): not marked slow
+# 7 s on 2 quiet CPU cores, 15-27 s on busy ones (a full ResNet50, two steps, a 95 MB file)
 def test_resnet50_transfer_example_of_the_docs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__main__"}
