@@ -64,7 +64,7 @@ FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M
 )
 # optional packages a block may need; only these make a block skip when they are not installed
-OPTIONAL_MODULES = ("onnx", "onnxruntime", "onnxscript", "triton")
+OPTIONAL_MODULES = ("onnx", "onnxruntime", "onnxscript", "triton", "keras")
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:

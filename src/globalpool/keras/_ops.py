@@ -1,0 +1,134 @@
+"""Every pooling kind in ``keras.ops``: the same numerics as ``globalpool.compose``, any backend.
+
+Padded positions are replaced before any non-linear op and empty samples go through a "double
+where", so a NaN or inf held at a padded position never reaches the output or the gradient, and a
+sample with no real position pools to 0 with zero gradient. Half inputs accumulate in float32.
+
+>>> import keras, numpy as np
+>>> x = np.arange(8.0, dtype="float32").reshape(1, 4, 2)        # (N, S, C), channels_last
+>>> keras.ops.convert_to_numpy(pool(x, "catavgmax", axes=(1,), channel_axis=2)).tolist()
+[[3.0, 4.0, 6.0, 7.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import backend, ops
+
+_HALF = ("float16", "bfloat16")
+
+
+def _count(mask: Any, axes: tuple[int, ...], dtype: str) -> Any:
+    return ops.maximum(ops.sum(ops.cast(mask, dtype), axis=axes, keepdims=True), 1.0)
+
+
+def _mean_of(values: Any, mask: Any, axes: tuple[int, ...]) -> Any:
+    """Mean over real positions of values already zeroed where padded; empty samples give 0."""
+    if mask is None:
+        return ops.mean(values, axis=axes, keepdims=True)
+    return ops.sum(values, axis=axes, keepdims=True) / _count(mask, axes, values.dtype)
+
+
+def _nonempty(mask: Any, axes: tuple[int, ...]) -> Any:
+    return None if mask is None else ops.any(mask, axis=axes, keepdims=True)
+
+
+def _where_nonempty(nonempty: Any, y: Any, fill: float = 0.0) -> Any:
+    return y if nonempty is None else ops.where(nonempty, y, fill)
+
+
+def avg(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
+    if mask is not None:
+        x = ops.where(mask, x, 0.0)
+    return _mean_of(x, mask, axes)
+
+
+def max_(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
+    if mask is None:
+        return ops.max(x, axis=axes, keepdims=True)
+    y = ops.max(ops.where(mask, x, -float("inf")), axis=axes, keepdims=True)
+    return _where_nonempty(_nonempty(mask, axes), y)
+
+
+def gem(x: Any, mask: Any, axes: tuple[int, ...], p: Any, eps: float) -> Any:
+    if mask is not None:
+        x = ops.where(mask, x, 1.0)
+    clamped = ops.where(x < eps, eps, x)  # torch's clamp(min=eps): gradient 1 where x >= eps
+    # 1-homogeneous: scaling by the (constant) max keeps clamp(x)^p from underflowing to 0
+    top = ops.stop_gradient(ops.max(clamped, axis=axes, keepdims=True))
+    powered = ops.power(clamped / top, p)
+    if mask is not None:
+        powered = ops.where(mask, powered, 0.0)
+    mean = _mean_of(powered, mask, axes)
+    nonempty = _nonempty(mask, axes)
+    if nonempty is not None:
+        mean = ops.where(nonempty, mean, 1.0)
+    return _where_nonempty(nonempty, top * ops.power(mean, 1.0 / p))
+
+
+def lse(x: Any, mask: Any, axes: tuple[int, ...], r: float) -> Any:
+    if mask is not None:
+        x = ops.where(mask, x, -float("inf"))
+    top = ops.stop_gradient(ops.max(x, axis=axes, keepdims=True))
+    top = ops.where(ops.isfinite(top), top, 0.0)
+    mean = _mean_of(ops.exp(r * (x - top)), mask, axes)
+    nonempty = _nonempty(mask, axes)
+    if nonempty is not None:
+        mean = ops.where(nonempty, mean, 1.0)
+    return _where_nonempty(nonempty, top + ops.log(mean) / r)
+
+
+def attention(x: Any, mask: Any, axes: tuple[int, ...], weights: Any) -> Any:
+    """``weights`` is already broadcastable to ``x`` (channel axis of size 1), non-negative."""
+    weights = ops.cast(weights, x.dtype)
+    if mask is not None:
+        x = ops.where(mask, x, 0.0)
+        weights = ops.where(mask, weights, 0.0)
+    total = ops.sum(weights, axis=axes, keepdims=True)
+    positive = total > 0
+    y = ops.sum(x * weights, axis=axes, keepdims=True) / ops.where(positive, total, 1.0)
+    return ops.where(positive, y, 0.0)
+
+
+def pool(
+    x: Any,
+    kind: str,
+    *,
+    axes: tuple[int, ...],
+    channel_axis: int,
+    keepdims: bool = False,
+    mask: Any = None,
+    **params: Any,
+) -> Any:
+    """Pool ``x`` over ``axes``; ``mask`` is ``(N, *S)`` bool (or None), ``params`` the kind's
+    (already checked: ``p``, ``eps``, ``r`` or ``weights`` of shape ``(N, *S)``)."""
+    x = ops.convert_to_tensor(x)
+    dtype = backend.standardize_dtype(x.dtype)
+    acc = ops.cast(x, "float32") if dtype in _HALF else x
+    if mask is not None:
+        mask = ops.expand_dims(ops.cast(mask, "bool"), channel_axis)
+    if kind == "avg":
+        y = avg(acc, mask, axes)
+    elif kind == "max":
+        y = max_(acc, mask, axes)
+    elif kind == "avgmax":
+        y = (avg(acc, mask, axes) + max_(acc, mask, axes)) / 2
+    elif kind == "catavgmax":
+        y = ops.concatenate([avg(acc, mask, axes), max_(acc, mask, axes)], axis=channel_axis)
+    elif kind == "gem":
+        y = gem(acc, mask, axes, _as(params["p"], acc), params["eps"])
+    elif kind == "lse":
+        y = lse(acc, mask, axes, params["r"])
+    elif kind == "attention":
+        y = attention(acc, mask, axes, ops.expand_dims(params["weights"], channel_axis))
+    else:  # the layers check the kind first
+        raise ValueError(f"kind {kind!r} has no keras.ops composition")
+    y = ops.cast(y, dtype)
+    return y if keepdims else ops.squeeze(y, axis=axes)
+
+
+def _as(value: Any, like: Any) -> Any:
+    """``p`` (a number or GeM's learned 0-dim tensor) as a tensor of the accumulation dtype:
+    ``ops.power`` would otherwise take a number as float32, and ``1 / p`` with it."""
+    return ops.cast(ops.convert_to_tensor(value), like.dtype)
