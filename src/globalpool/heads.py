@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from globalpool.class_map_norm import ClassMapNorm
 from globalpool.contract import check_input, check_kind, check_layout, check_mask, spatial_shape
 from globalpool.functional import pool
 from globalpool.kinds import KINDS
@@ -119,18 +120,31 @@ class FlattenFCHead(nn.Module):
 
 
 class NiNHead(nn.Module):
-    """Network-in-Network head: a 1x1 convolution to class maps, ReLU, then global average.
+    """Network-in-Network head: a 1x1 convolution to class maps, batch norm, ReLU, global average.
 
     There is no fully connected layer; the class maps double as class activation maps. ``x`` is
     ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"`` (where the 1x1 convolution
     is a ``Linear`` on the last dim). With a mask, padded positions are replaced by 0 before the
     convolution, so what they hold never reaches the logits or a gradient.
 
+    ``norm=True`` (the default) batch-normalises each class map (over the batch and the real
+    positions, :class:`~globalpool.class_map_norm.ClassMapNorm`) before the ReLU. The original
+    NiN head (Lin et al., 2014; ``norm=False``) puts the ReLU straight on the convolution's
+    output: a class whose map turns negative everywhere gets no gradient again and is never
+    predicted, which on the MNIST-1D CNN left some seeds near 20% accuracy. The normalisation
+    keeps every class map partly positive, so every class keeps learning; in eval mode it uses
+    running statistics, so each sample's logits depend on that sample only.
+
     >>> import torch, globalpool as gp
     >>> gp.NiNHead(16, 10)(torch.randn(2, 16, 6)).shape
     torch.Size([2, 10])
     >>> gp.NiNHead(16, 10, layout="channels_last")(torch.randn(2, 6, 16)).shape
     torch.Size([2, 10])
+    >>> gp.NiNHead(16, 10, norm=False)
+    NiNHead(
+      layout='channels_first', norm=False
+      (conv): Linear(in_features=16, out_features=10, bias=True)
+    )
     """
 
     def __init__(
@@ -140,15 +154,19 @@ class NiNHead(nn.Module):
         *,
         layout: str = "channels_first",
         backend: str = "auto",
+        norm: bool = True,
     ) -> None:
         super().__init__()
         check_channels(in_channels, "in_channels")
         check_channels(num_classes, "num_classes")
         check_layout(layout)
         check_backend(backend)
+        if not isinstance(norm, bool):
+            raise TypeError(f"norm must be a bool (True or False), got {norm!r}")
         self.feature_width = in_channels
         self.layout, self.backend = layout, backend
         self.conv = nn.Linear(in_channels, num_classes)  # a 1x1 conv of any spatial rank
+        self.norm = ClassMapNorm(num_classes) if norm else None
 
     def class_maps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class maps before the global average, in the head's layout: ``(N, num_classes, *S)``
@@ -165,9 +183,11 @@ class NiNHead(nn.Module):
         first = self.layout == "channels_first"
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
             x = torch.where(mask.unsqueeze(1 if first else -1), x, 0.0)
-        if not first:
-            return torch.relu(self.conv(x))
-        return torch.relu(self.conv(x.movedim(1, -1))).movedim(-1, 1)
+        z = self.conv(x.movedim(1, -1) if first else x)  # (N, *S, num_classes)
+        if self.norm is not None:
+            z = self.norm(z, mask)
+        maps = torch.relu(z)
+        return maps.movedim(-1, 1) if first else maps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
@@ -175,7 +195,7 @@ class NiNHead(nn.Module):
         return pool(maps, "avg", layout=self.layout, mask=mask, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout!r}"
+        return f"layout={self.layout!r}, norm={self.norm is not None}"
 
 
 def make_head(
