@@ -363,6 +363,17 @@ def test_bad_input_is_refused_clearly():
     assert no_hooks(net)
 
 
+def test_inference_mode_allows_exact_maps_and_explains_gradient_ones():
+    net = Net("avg").eval()
+    x = torch.randn(2, 2, 6, 6)
+    want = cam(net, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(cam(net, x), want)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            cam(net, x, method="gradcam")
+    assert no_hooks(net)
+
+
 def test_normalize_maps_ignores_padded_positions():
     maps = torch.tensor([[2.0, 4.0, 100.0], [1.0, 1.0, 1.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])

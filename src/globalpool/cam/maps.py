@@ -86,6 +86,11 @@ def class_activation_maps(
         raise ValueError(_not_exact(site))
     layout = _layout(site, layout)
     no_grad = method == "cam" or (method == "auto" and exact and site.pre)
+    if not no_grad and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"method={method!r} needs gradients, which torch.inference_mode() forbids; call it "
+            "outside inference_mode (torch.no_grad() is fine)"
+        )
     call_mask = mask if model is site.head else None
     with torch.no_grad() if no_grad else torch.enable_grad():
         with capture(model, site) as seen:
