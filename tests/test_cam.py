@@ -363,6 +363,16 @@ def test_bad_input_is_refused_clearly():
     assert no_hooks(net)
 
 
+def test_explicit_layer_feeding_a_channels_last_head_takes_its_layout():
+    torch.manual_seed(0)
+    head = gp.ClassifierHead(4, 3, pool="avg", layout="channels_last").double().eval()
+    net = nn.Sequential(nn.Identity(), head).eval()
+    x = torch.randn(2, 5, 6, 4, dtype=torch.float64)  # (N, H, W, C)
+    torch.testing.assert_close(cam(net, x, 1, layer="0", method="cam"), cam(net, x, 1))
+    with pytest.raises(ValueError, match="contradicts the head's layout"):
+        cam(net, x, 1, layer="0", layout="channels_first")
+
+
 def test_inference_mode_allows_exact_maps_and_explains_gradient_ones():
     net = Net("avg").eval()
     x = torch.randn(2, 2, 6, 6)

@@ -41,7 +41,7 @@ def class_activation_maps(
     the model's last globalpool head or pool (a :class:`~globalpool.ClassifierHead`, a
     :class:`~globalpool.NiNHead`, or a ``GlobalPool``/``GeM``/``AttentionPool`` as
     :func:`~globalpool.swap_pool` puts in). ``layout`` declares where that map keeps its channels
-    (default: the head's layout, ``"channels_first"`` for a ``layer`` of your choosing).
+    (default: the head's layout where the map is the head's input, else ``"channels_first"``).
 
     ``targets``: None (each sample's predicted class), an int, or an ``(N,)`` integer tensor.
 
@@ -84,7 +84,6 @@ def class_activation_maps(
     exact = is_exact(site.head)
     if method == "cam" and not exact:
         raise ValueError(_not_exact(site))
-    layout = _layout(site, layout)
     no_grad = method == "cam" or (method == "auto" and exact and site.pre)
     if not no_grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -95,10 +94,13 @@ def class_activation_maps(
     with torch.no_grad() if no_grad else torch.enable_grad():
         with capture(model, site) as seen:
             out = model(x) if call_mask is None else model(x, mask=call_mask)
+        reads_head_input = site.pre or (
+            seen.feature is not None and seen.head_input is seen.feature
+        )
+        layout = _layout(site, layout, reads_head_input)
         feature = _checked_feature(seen, site, out, layout)
         mask = _checked_mask(mask, seen, feature, layout)
         targets = _targets(targets, out)
-        reads_head_input = site.pre or seen.head_input is seen.feature
         if method == "auto":
             method = "cam" if exact and reads_head_input else "gradcam"
         if method == "cam":
@@ -141,9 +143,11 @@ def _not_exact(site: Site) -> str:
     )
 
 
-def _layout(site: Site, layout: str | None) -> str:
+def _layout(site: Site, layout: str | None, reads_head_input: bool) -> str:
+    """The feature map's layout: the head's when the map is the head's input (a contradicting
+    ``layout`` is refused), else ``layout`` or channels-first."""
     head_layout = getattr(site.head, "layout", None)
-    if site.pre:
+    if reads_head_input:
         if layout is not None and head_layout is not None and layout != head_layout:
             raise ValueError(
                 f"layout={layout!r} contradicts the head's layout {head_layout!r}, whose input "
