@@ -43,8 +43,9 @@ def no_hooks(model: nn.Module) -> bool:
 
 def make_head(kind: str, c: int, k: int, layout: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if kind == "nin":
-        head = gp.NiNHead(c, k, layout=layout, backend="torch")
+    if kind.startswith("nin"):  # nin: softplus maps; nin-relu-bn: batch norm, then ReLU
+        options = dict(activation="relu", norm=True) if kind == "nin-relu-bn" else {}
+        head = gp.NiNHead(c, k, layout=layout, backend="torch", **options)
     else:
         head = gp.ClassifierHead(c, k, pool=kind, layout=layout, backend="torch")
     return head.double().eval()
@@ -69,7 +70,7 @@ def real_mean(maps, mask):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    kind=st.sampled_from((*EXACT, "nin")),
+    kind=st.sampled_from((*EXACT, "nin", "nin-relu-bn")),
     rank=st.integers(1, 3),
     layout=st.sampled_from(("channels_first", "channels_last")),
     masked=st.booleans(),
@@ -91,7 +92,7 @@ def test_exact_map_mean_is_logit_minus_bias(kind, rank, layout, masked, integer,
     maps = cam(head, x, targets, method="cam", mask=mask)
     assert maps.shape == (n, *spatial) and maps.dtype == torch.float64
     logits = head(x, mask=mask)[torch.arange(n), targets]
-    bias = 0.0 if kind == "nin" else head.fc.bias[targets]
+    bias = 0.0 if kind.startswith("nin") else head.fc.bias[targets]
     torch.testing.assert_close(real_mean(maps, mask), logits - bias, rtol=1e-10, atol=1e-10)
     if mask is not None:
         assert (maps[~mask] == 0).all()  # padded positions exactly 0 (no NaN leaks)

@@ -1,5 +1,6 @@
-"""The NiN head's class-map batch norm: BatchNorm1d without a mask, statistics of the real
-positions only with one; ``norm=False`` is the original NiN head."""
+"""The NiN head: softplus class maps by default, ``activation="relu"`` the original head, and the
+optional class-map batch norm (BatchNorm1d without a mask, statistics of the real positions only
+with one)."""
 
 from __future__ import annotations
 
@@ -37,28 +38,34 @@ def test_masked_statistics_are_those_of_the_real_positions():
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
 
 
-def test_nin_without_norm_is_the_original_head():
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_nin_class_maps_formula(activation):
     torch.manual_seed(0)
-    head = gp.NiNHead(4, 3, norm=False)
+    head = gp.NiNHead(4, 3, activation=activation)
     x = torch.randn(2, 4, 5, 6)
-    want = torch.relu(torch.einsum("kc,nchw->nkhw", head.conv.weight, x)
-                      + head.conv.bias[:, None, None]).mean((2, 3))
-    torch.testing.assert_close(head(x), want)
+    z = torch.einsum("kc,nchw->nkhw", head.conv.weight, x) + head.conv.bias[:, None, None]
+    act = torch.relu if activation == "relu" else torch.nn.functional.softplus
+    torch.testing.assert_close(head(x), act(z).mean((2, 3)))
     assert "norm" not in dict(head.named_modules())
 
 
-def test_nin_norm_keeps_every_class_map_alive():
+@pytest.mark.parametrize(("options", "alive"), [
+    (dict(activation="relu"), False),  # the original head: the dead map gets no gradient
+    (dict(), True),  # softplus
+    (dict(activation="relu", norm=True), True),
+])
+def test_a_negative_class_map_still_learns(options, alive):
     torch.manual_seed(0)
     x = torch.rand(8, 4, 7)  # non-negative features, as after a ReLU backbone
-    for norm in (False, True):
-        head = gp.NiNHead(4, 3, norm=norm, backend="torch")
-        with torch.no_grad():
-            head.conv.bias[0] = -100.0  # class 0's map negative everywhere
-        head(x)[:, 0].sum().backward()
-        alive = head.conv.weight.grad[0].abs().sum() > 0
-        assert bool(alive) == norm  # dead (no gradient) without the norm, learning with it
+    head = gp.NiNHead(4, 3, backend="torch", **options)
+    with torch.no_grad():
+        head.conv.bias[0] = -20.0  # class 0's map negative everywhere
+    head(x)[:, 0].sum().backward()
+    assert bool(head.conv.weight.grad[0].abs().sum() > 0) == alive
 
 
-def test_nin_norm_must_be_a_bool():
+def test_nin_options_are_checked():
     with pytest.raises(TypeError, match="norm must be a bool"):
         gp.NiNHead(4, 3, norm="yes")
+    with pytest.raises(ValueError, match=r"activation must be one of \('softplus', 'relu'\), got 'tanh'"):
+        gp.NiNHead(4, 3, activation="tanh")
