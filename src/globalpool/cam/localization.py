@@ -110,9 +110,9 @@ def evaluate(
     methods: tuple[str, ...] = ("cam", "gradcam", "gradcam++", "layercam"),
     sets: tuple[str, ...] = ("test", "everywhere"),
 ) -> list[dict[str, Any]]:
-    """One row per (run, method, set) of every digits-shifted run with kept weights under
-    ``results``; ``cam`` only where it is exact. Maps of the true class, upsampled to the
-    canvas."""
+    """One row per (run, method, set) of the digits-shifted runs with kept weights under
+    ``results`` (per head and seed the run of the largest training set, the newest of equals);
+    ``cam`` only where it is exact. Maps of the true class, upsampled to the canvas."""
     from globalpool.cam.capture import find_site
     from globalpool.cam.exact import is_exact
     from globalpool.cam.maps import class_activation_maps
@@ -122,11 +122,19 @@ def evaluate(
     data = load_dataset("digits-shifted")
     boxes = digit_boxes(data)
     tests = data.test_sets()
-    rows: list[dict[str, Any]] = []
+    chosen: dict[tuple[str, int], tuple[tuple[float, str], Path]] = {}
     for path in find_runs(results):
         record = read_record(path)
-        if record["spec"]["dataset"] != "digits-shifted" or not record.get("model_file"):
+        spec = record["spec"]
+        if spec["dataset"] != "digits-shifted" or not record.get("model_file"):
             continue
+        size = spec.get("train_size")
+        rank = (float("inf") if size is None else size, record.get("finished_at", ""))
+        key = (spec["head"], spec["seed"])
+        if key not in chosen or rank > chosen[key][0]:
+            chosen[key] = (rank, path)
+    rows: list[dict[str, Any]] = []
+    for _, path in sorted(chosen.values(), key=lambda item: str(item[1])):
         model, record = load_run(path)
         try:
             exact, layer = is_exact(find_site(model, None).head), None
