@@ -58,6 +58,9 @@ def test_no_save_models_and_broken_weights(tmp_path):
     with pytest.raises(ValueError, match="weights_digest"):
         load_run(saved)
     assert "model_file" not in record
+    torch.save({"conv.weight": torch.zeros(1)}, saved.with_suffix(".pt"))  # another model's
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_run(saved)
     with pytest.raises(ValueError, match="cannot be read"):
         load_run(tmp_path / "missing.json")
 

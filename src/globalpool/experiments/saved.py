@@ -98,7 +98,14 @@ def load_run(
     except (OSError, RuntimeError) as err:
         raise ValueError(f"weights {weights} cannot be read ({type(err).__name__})") from None
     model = build_from_record(record)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # e.g. a head whose layers changed since the run was trained
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"weights {weights} do not fit the model this globalpool builds for run "
+            f"{record.get('label')} ({first}); re-run compare to retrain it"
+        ) from None
     digest = record.get("weights_digest")
     if digest is not None and weights_digest(model) != digest:
         raise ValueError(f"weights {weights} do not match the record's weights_digest {digest}")
