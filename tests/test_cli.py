@@ -122,14 +122,15 @@ def test_unexpected_exception_is_one_line_unless_debugging(tmp_path, monkeypatch
 # --- help ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["compare", "bench", "bench-memory", "warmup"])
+@pytest.mark.parametrize("command", ["compare", "cam", "bench", "bench-memory", "warmup"])
 def test_help_is_plain_and_flags_take_no_value(command):
     result = invoke(command, "--help", terminal_width=120)
     assert result.exit_code == 0
     assert "<" not in result.output and "╭" not in result.output, result.output
     options = re.findall(r"^  (--[\w-]+(?: / --[\w-]+)?)( [A-Z_]+)?", result.output, flags=re.M)
     assert options, result.output
-    flags = {"--help", "--quick", "--memory", "--download", "--compile / --no-compile"}
+    flags = {"--help", "--quick", "--memory", "--download", "--compile / --no-compile",
+             "--save-models / --no-save-models"}
     for name, metavar in options:
         assert (name in flags) == (metavar == ""), (name, metavar)
 

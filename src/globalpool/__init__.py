@@ -8,6 +8,8 @@ torch.Size([8, 64])
 ('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention')
 """
 
+from globalpool import cam
+from globalpool.cam import class_activation_maps
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -33,6 +35,8 @@ __all__ = [
     "GlobalPool",
     "NiNHead",
     "adaptive_pool",
+    "cam",
+    "class_activation_maps",
     "make_head",
     "make_pool",
     "output_width",

@@ -1,4 +1,4 @@
-"""The ``globalpool`` command line: ``compare``, ``bench``, ``bench-memory``, ``warmup``.
+"""The ``globalpool`` command line: ``compare``, ``cam``, ``bench``, ``bench-memory``, ``warmup``.
 
 Each subcommand lives in its own module; this file only registers them and adds
 ``--version``. Errors are one ``Error: ...`` line, exit 2 for a bad option value and 1 for a
@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from globalpool.bench.command import bench, bench_memory
+from globalpool.cam.command import cam
 from globalpool.cli_group import GlobalpoolGroup
 from globalpool.experiments.command import compare
 from globalpool.kernels.warmup import warmup
@@ -64,6 +65,7 @@ def _main(
 
 
 app.command("compare")(compare)
+app.command("cam")(cam)
 app.command("bench")(bench)
 app.command("bench-memory")(bench_memory)
 app.command("warmup")(warmup)

@@ -15,8 +15,10 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from globalpool.class_map_norm import ClassMapNorm
 from globalpool.contract import check_input, check_kind, check_layout, check_mask, spatial_shape
 from globalpool.functional import pool
 from globalpool.kinds import KINDS
@@ -29,6 +31,9 @@ from globalpool.layers import (
 )
 
 HEADS: tuple[str, ...] = ("fc", *KINDS, "nin")
+
+#: Activations of the :class:`NiNHead` class maps.
+NIN_ACTIVATIONS: tuple[str, ...] = ("softplus", "relu")
 
 
 class ClassifierHead(nn.Module):
@@ -119,18 +124,32 @@ class FlattenFCHead(nn.Module):
 
 
 class NiNHead(nn.Module):
-    """Network-in-Network head: a 1x1 convolution to class maps, ReLU, then global average.
+    """Network-in-Network head: a 1x1 convolution to class maps, softplus, then global average.
 
     There is no fully connected layer; the class maps double as class activation maps. ``x`` is
     ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"`` (where the 1x1 convolution
     is a ``Linear`` on the last dim). With a mask, padded positions are replaced by 0 before the
     convolution, so what they hold never reaches the logits or a gradient.
 
+    The original NiN head (Lin et al., 2014) puts a ReLU on the class maps
+    (``activation="relu"``): a class whose map turns negative everywhere gets no gradient again
+    and is never predicted, which left some MNIST-1D seeds near 20% accuracy. The default
+    ``activation="softplus"`` (a smooth ReLU, ``log(1 + e^z)``) keeps the maps non-negative
+    but never stops their gradient, so every class keeps learning. ``norm=True`` adds a batch
+    norm of each class map (over the batch and the real positions,
+    :class:`~globalpool.class_map_norm.ClassMapNorm`) before the activation: more accurate on
+    MNIST-1D, but its maps spread far beyond the object.
+
     >>> import torch, globalpool as gp
     >>> gp.NiNHead(16, 10)(torch.randn(2, 16, 6)).shape
     torch.Size([2, 10])
     >>> gp.NiNHead(16, 10, layout="channels_last")(torch.randn(2, 6, 16)).shape
     torch.Size([2, 10])
+    >>> gp.NiNHead(16, 10, activation="relu")
+    NiNHead(
+      layout='channels_first', activation='relu', norm=False
+      (conv): Linear(in_features=16, out_features=10, bias=True)
+    )
     """
 
     def __init__(
@@ -140,15 +159,21 @@ class NiNHead(nn.Module):
         *,
         layout: str = "channels_first",
         backend: str = "auto",
+        activation: str = "softplus",
+        norm: bool = False,
     ) -> None:
         super().__init__()
         check_channels(in_channels, "in_channels")
         check_channels(num_classes, "num_classes")
         check_layout(layout)
         check_backend(backend)
+        check_kind(activation, NIN_ACTIVATIONS, name="activation")
+        if not isinstance(norm, bool):
+            raise TypeError(f"norm must be a bool (True or False), got {norm!r}")
         self.feature_width = in_channels
-        self.layout, self.backend = layout, backend
+        self.layout, self.backend, self.activation = layout, backend, activation
         self.conv = nn.Linear(in_channels, num_classes)  # a 1x1 conv of any spatial rank
+        self.norm = ClassMapNorm(num_classes) if norm else None
 
     def class_maps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class maps before the global average, in the head's layout: ``(N, num_classes, *S)``
@@ -165,9 +190,11 @@ class NiNHead(nn.Module):
         first = self.layout == "channels_first"
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
             x = torch.where(mask.unsqueeze(1 if first else -1), x, 0.0)
-        if not first:
-            return torch.relu(self.conv(x))
-        return torch.relu(self.conv(x.movedim(1, -1))).movedim(-1, 1)
+        z = self.conv(x.movedim(1, -1) if first else x)  # (N, *S, num_classes)
+        if self.norm is not None:
+            z = self.norm(z, mask)
+        maps = F.softplus(z) if self.activation == "softplus" else torch.relu(z)
+        return maps.movedim(-1, 1) if first else maps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
@@ -175,7 +202,10 @@ class NiNHead(nn.Module):
         return pool(maps, "avg", layout=self.layout, mask=mask, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout!r}"
+        return (
+            f"layout={self.layout!r}, activation={self.activation!r}, "
+            f"norm={self.norm is not None}"
+        )
 
 
 def make_head(

@@ -7,7 +7,17 @@
 
 from globalpool.experiments.results import ResultStore
 from globalpool.experiments.runner import train_and_evaluate
+from globalpool.experiments.saved import find_runs, load_run
 from globalpool.experiments.spec import DEFAULTS, RunSpec, TrainConfig
 from globalpool.experiments.stats import mean_ci
 
-__all__ = ["DEFAULTS", "ResultStore", "RunSpec", "TrainConfig", "mean_ci", "train_and_evaluate"]
+__all__ = [
+    "DEFAULTS",
+    "ResultStore",
+    "RunSpec",
+    "TrainConfig",
+    "find_runs",
+    "load_run",
+    "mean_ci",
+    "train_and_evaluate",
+]

@@ -196,6 +196,13 @@ def compare(
     backend: Annotated[
         str, typer.Option(help="Pooling backend of the heads: torch, auto or fused.")
     ] = "torch",
+    save_models: Annotated[
+        bool,
+        typer.Option(
+            "--save-models/--no-save-models",
+            help="Keep each run's trained weights (state_dict) beside its JSON record as .pt.",
+        ),
+    ] = True,
 ) -> None:
     """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
     parameters, training time, peak memory and throughput as Markdown, JSON and PNG.
@@ -223,6 +230,7 @@ def compare(
                     workers=workers,
                     threads=threads,
                     backend=backend,
+                    save_models=save_models,
                 )
             except KeyboardInterrupt as err:  # still inside: a second signal exits at once
                 raise _interrupted(err, interrupt.received(), out) from None
@@ -274,6 +282,7 @@ def _compare(
     workers: int | None,
     threads: int | None,
     backend: str,
+    save_models: bool = True,
 ) -> None:
     started = time.perf_counter()
     # 1. Arguments: cheap checks, identical on every rank, before anything is created.
@@ -321,6 +330,7 @@ def _compare(
             workers=workers,
             threads=threads,
             started=started,
+            save_models=save_models,
         )
     finally:
         distributed.shutdown(ctx)
@@ -342,6 +352,7 @@ def _run(
     workers: int | None,
     threads: int | None,
     started: float,
+    save_models: bool = True,
 ) -> None:
     import torch
 
@@ -405,7 +416,7 @@ def _run(
     #    key; each run trains on one thread by default, so the worker count cannot change it.
     threads = threads or 1
     env = current_env(torch_device, threads, ctx.world_size, data)
-    store = ResultStore(out)
+    store = ResultStore(out, save_models=save_models)
     # Seed-major order: each head's runs are spread over the whole call, so a busy spell on a
     # shared machine slows every head a little rather than one head a lot.
     plan = [

@@ -14,11 +14,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
 import torch
+from torch import nn
 
 from globalpool.data import Dataset, load_dataset
 from globalpool.experiments.distributed import DistContext
@@ -66,6 +67,7 @@ def run_one(
     device: torch.device,
     ctx: DistContext | None = None,
     progress: ProgressFn | None = None,
+    on_model: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`train_and_evaluate` on ``spec.env.threads`` torch threads (restored afterwards)."""
     ctx = ctx or DistContext()
@@ -75,7 +77,9 @@ def run_one(
     if spec.env is not None:
         torch.set_num_threads(spec.env.threads)
     try:
-        return train_and_evaluate(spec, data, device=device, ctx=ctx, progress=progress)
+        return train_and_evaluate(
+            spec, data, device=device, ctx=ctx, progress=progress, on_model=on_model
+        )
     finally:
         torch.set_num_threads(before)
 
@@ -96,12 +100,14 @@ def run_sequential(
         def report(done: int, steps: int, label: str = spec.label) -> None:
             sink.update(label, done, steps)
 
+        kept: list[nn.Module] = []
+        keep = kept.append if store.save_models and ctx.is_main else None
         try:
-            record = run_one(spec, data, device=device, ctx=ctx, progress=report)
+            record = run_one(spec, data, device=device, ctx=ctx, progress=report, on_model=keep)
         except Exception as err:
             raise RunError(f"run {spec.label} failed: {one_line(err)}") from err
         if ctx.is_main:
-            store.save(spec, record)
+            store.save(spec, record, model=kept[0] if kept else None)
         sink.finish(spec.label, record)
 
 

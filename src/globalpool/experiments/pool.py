@@ -68,9 +68,13 @@ def _worker_main(conn: Connection, parent: int, source: Any, store: Any, device:
         def report(done: int, steps: int, label: str = spec.label) -> None:
             conn.send(("progress", label, done, steps))
 
+        kept: list[Any] = []
+        keep = kept.append if store.save_models else None
         try:
-            record = run_one(spec, data, device=torch.device(device), progress=report)
-            store.save(spec, record)
+            record = run_one(
+                spec, data, device=torch.device(device), progress=report, on_model=keep
+            )
+            store.save(spec, record, model=kept[0] if kept else None)
         except Exception as err:
             conn.send(("error", spec.label, one_line(err)))
             continue

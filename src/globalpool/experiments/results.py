@@ -3,12 +3,16 @@
 Layout under ``root``::
 
     runs/<dataset>/<model>-<fingerprint>/<head>-seed<S>-n<train_size|full>.json
+    runs/<dataset>/<model>-<fingerprint>/<head>-seed<S>-n<train_size|full>.pt    (weights)
 
 ``<fingerprint>`` hashes the model name, the training settings and how the run is made
 (:class:`~globalpool.experiments.provenance.RunEnv`: torch threads, processes, device, torch and
 globalpool versions, dataset digest), so changing ``--epochs``, ``--threads`` or the torch
 version starts a fresh set of runs beside the old ones instead of mixing or overwriting them.
-A run whose file exists (and parses) is finished and is skipped on re-run. Files get the mode
+A run whose file exists (and parses) is finished and is skipped on re-run. With
+``save_models`` (the default) the trained weights (``state_dict``, ``torch.save``) are written
+beside the record, before it, so a record that names a ``model_file`` always has it;
+:func:`globalpool.experiments.saved.load_run` rebuilds the model. Files get the mode
 ``0o666`` less the umask, as any plainly created file would.
 
 >>> import tempfile
@@ -117,8 +121,9 @@ def check_writable(root: str | os.PathLike[str]) -> Path:
 class ResultStore:
     """Finished runs under ``root``; see the module docstring for the layout."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, save_models: bool = True) -> None:
         self.root = Path(root).expanduser()
+        self.save_models = save_models
 
     def path(self, spec: RunSpec) -> Path:
         size = "full" if spec.train_size is None else str(spec.train_size)
@@ -138,14 +143,31 @@ class ResultStore:
             return None
         return record if isinstance(record, dict) and "accuracy" in record else None
 
-    def save(self, spec: RunSpec, record: dict[str, Any]) -> Path:
-        """Write ``record`` for ``spec`` atomically and return its path."""
+    def model_path(self, spec: RunSpec) -> Path:
+        """Where the trained weights of ``spec`` go: the record's path with ``.pt``."""
+        return self.path(spec).with_suffix(".pt")
+
+    def save(self, spec: RunSpec, record: dict[str, Any], model: Any = None) -> Path:
+        """Write ``record`` for ``spec`` atomically and return its path; with a ``model``
+        (and ``save_models``) its ``state_dict`` goes first to :meth:`model_path`, and the record
+        names it as ``model_file``."""
         path = self.path(spec)
+        if model is not None and self.save_models:
+            import io
+
+            import torch
+
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            atomic_write(self.model_path(spec), buffer.getvalue())
+            record = {**record, "model_file": self.model_path(spec).name}
         atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return path
 
     def discard_partial(self, spec: RunSpec) -> None:
         """Remove temporary files a writer of ``spec`` killed mid-:func:`atomic_write` left."""
         path = self.path(spec)
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for name in (path.name, self.model_path(spec).name):
+            for tmp in path.parent.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)

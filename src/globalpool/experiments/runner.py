@@ -169,6 +169,7 @@ def train_and_evaluate(
     ctx: DistContext | None = None,
     progress: ProgressFn | None = None,
     eval_batch_size: int = 1000,
+    on_model: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec.model`` with ``spec.head`` on ``data`` and return the run's record.
 
@@ -176,7 +177,9 @@ def train_and_evaluate(
     the same seed sets the initial weights and the batch order. Under ``torchrun`` each global
     batch is split across the ranks. The record holds the accuracies on every test set (``None``
     where a fixed-size head cannot take that input size), the parameter counts, training wall
-    time, peak memory and throughput.
+    time, peak memory and throughput, and what rebuilding the model needs (``num_classes``,
+    ``in_channels``, ``input_shape``). ``on_model`` is called with the trained model (in eval
+    mode) before the record is returned, e.g. to save its weights.
     """
     ctx = ctx or DistContext()
     cfg = spec.config
@@ -281,6 +284,8 @@ def train_and_evaluate(
             eval_time = time.perf_counter() - t1
         correct, count = all_sum([float(correct), float(len(xs))], ctx, device)
         accuracies[name] = correct / count
+    if on_model is not None:
+        on_model(model)
 
     return {
         "label": spec.label,
@@ -290,6 +295,9 @@ def train_and_evaluate(
         "accuracies": accuracies,
         "params_total": params_total,
         "params_head": params_head,
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "input_shape": list(data.input_shape[1:]),
         "train_size": n,
         "steps": step,
         "samples_seen": samples,
