@@ -1,8 +1,10 @@
 """Adaptive pooling speed: ``gp.adaptive_pool`` against ``F.adaptive_avg/max_pool2d``, eager CPU.
 
-Each case times both, interleaved in one run from the same cache state (a fresh copy of x is not
-made: both read the same tensor), forward and forward + backward, and reports the median with the
-min-max over the repeats and the ratio of medians (ours / torch; < 1 is faster).
+Three methods per case, interleaved in one run on the same tensor: ``gp.adaptive_pool`` as a user
+calls it (it takes torch's op where that is the same function: unmasked avg, and the max kinds
+without a gradient), globalpool's composition alone (what masked inputs, the other kinds and a
+max with a gradient run), and torch's op. Forward (no grad) and forward + backward; the median
+with the min-max over the repeats and ratios of medians to torch (< 1 is faster).
 
     python benchmarks/adaptive_speed.py benchmarks/results/adaptive
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import globalpool as gp
+from globalpool.adaptive import adaptive_compose
 
 CASES = [  # (shape, output size): common head and pyramid sizes, divisible and not
     ((32, 2048, 7, 7), 1),
@@ -55,6 +58,12 @@ def _step(pool, x, out, backward: bool):
     return run
 
 
+def _composition(x, out, kind):
+    """globalpool's own composition, as masked inputs and the other kinds run it."""
+    sizes = (out,) * (x.ndim - 2) if isinstance(out, int) else out
+    return adaptive_compose(x, sizes, kind, "channels_first", None, {})
+
+
 def _machine() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -72,24 +81,29 @@ def main(out_dir: str, repeats: int = 15) -> None:
         x = torch.randn(shape)
         for kind in ("avg", "max"):
             for backward in (False, True):
-                ours = _step(lambda t, o, k=kind: gp.adaptive_pool(t, o, k), x, out, backward)
-                theirs = _step(TORCH[kind], x, out, backward)
-                ours(), theirs()  # warm up
-                t_ours, t_theirs = [], []
+                methods = {
+                    "ours": _step(lambda t, o, k=kind: gp.adaptive_pool(t, o, k), x, out, backward),
+                    "composition": _step(lambda t, o, k=kind: _composition(t, o, k), x, out,
+                                         backward),
+                    "torch": _step(TORCH[kind], x, out, backward),
+                }
+                times = {name: [] for name in methods}
+                for fn in methods.values():  # warm up
+                    fn()
                 for _ in range(repeats):  # interleaved: the same cache state and machine load
-                    t_ours += _time(ours, 1)
-                    t_theirs += _time(theirs, 1)
-                med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
-                rows.append({
-                    "shape": list(shape), "output_size": out, "kind": kind,
-                    "pass": "forward+backward" if backward else "forward",
-                    "ours_ms": [1e3 * med_o, 1e3 * min(t_ours), 1e3 * max(t_ours)],
-                    "torch_ms": [1e3 * med_t, 1e3 * min(t_theirs), 1e3 * max(t_theirs)],
-                    "ratio": med_o / med_t,
-                })
-                print(f"{shape} -> {out} {kind} {rows[-1]['pass']}: "
-                      f"{1e3 * med_o:.2f} ms vs {1e3 * med_t:.2f} ms, ratio {med_o / med_t:.2f}",
-                      flush=True)
+                    for name, fn in methods.items():
+                        times[name] += _time(fn, 1)
+                med = {name: statistics.median(t) for name, t in times.items()}
+                row = {"shape": list(shape), "output_size": out, "kind": kind,
+                       "pass": "forward+backward" if backward else "forward"}
+                for name, t in times.items():
+                    row[f"{name}_ms"] = [1e3 * med[name], 1e3 * min(t), 1e3 * max(t)]
+                row["ratio"] = med["ours"] / med["torch"]
+                row["composition_ratio"] = med["composition"] / med["torch"]
+                rows.append(row)
+                print(f"{shape} -> {out} {kind} {row['pass']}: ours {row['ratio']:.2f}, "
+                      f"composition {row['composition_ratio']:.2f} x torch "
+                      f"({1e3 * med['torch']:.2f} ms)", flush=True)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     meta = {"machine": _machine(), "torch": torch.__version__, "repeats": repeats,
@@ -101,15 +115,19 @@ def main(out_dir: str, repeats: int = 15) -> None:
         "# Adaptive pooling vs torch's adaptive ops (eager CPU)", "",
         f"{meta['machine']}; torch {meta['torch']}; median (min-max) of {repeats} interleaved "
         f"repeats; load average {load} at the end. Ratio = ours / torch (< 1 is faster).", "",
-        "| input | output | kind | pass | globalpool ms | torch ms | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| input | output | kind | pass | gp.adaptive_pool ms | composition ms | torch ms "
+        "| gp / torch | composition / torch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(t):
+        return f"{t[0]:.2f} ({t[1]:.2f}-{t[2]:.2f})"
+
     for r in rows:
-        o, t = r["ours_ms"], r["torch_ms"]
         lines.append(
             f"| {tuple(r['shape'])} | {r['output_size']} | {r['kind']} | {r['pass']} | "
-            f"{o[0]:.2f} ({o[1]:.2f}-{o[2]:.2f}) | {t[0]:.2f} ({t[1]:.2f}-{t[2]:.2f}) | "
-            f"{r['ratio']:.2f} |"
+            f"{cell(r['ours_ms'])} | {cell(r['composition_ms'])} | {cell(r['torch_ms'])} | "
+            f"{r['ratio']:.2f} | {r['composition_ratio']:.2f} |"
         )
     (path / "speed.md").write_text("\n".join(lines) + "\n")
 
