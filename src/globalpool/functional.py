@@ -40,16 +40,36 @@ def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> boo
     return _kernels is not None and _kernels.supports(x, kind, mask, **params)
 
 
+def deploying() -> bool:
+    """Whether an exporter or tracer is recording the call: ``torch.export`` (and the ONNX dynamo
+    exporter built on it), the TorchScript ONNX exporter, or ``torch.jit.trace``.
+
+    ``pool`` then takes the torch composition whatever the backend, so that the recorded graph
+    holds standard ops only and runs where globalpool is not installed; ``torch.compile`` (not
+    exporting) keeps the fused kernel.
+
+    >>> deploying()
+    False
+    """
+    return (
+        torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+    )
+
+
 def _choose_backend(
     backend: str, x: torch.Tensor, kind: str, mask: Any, params: dict, layout: str
 ) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or deploying():
+        # the fused kernel is an optimisation of the composition, never a different function:
+        # an exported or traced graph gets the composition, in standard ops only
         return "torch"
     available = _fused_available(x, kind, mask, params)
     if available:
-        graph = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        graph = torch.compiler.is_compiling()
         # the kernels give no gradient for eps or r: eager calls take it from the composition
         # inside their backward, a graph cannot
         graph_grad = graph and any(
@@ -66,17 +86,16 @@ def _choose_backend(
         if graph_grad:
             raise ValueError(
                 "backend='fused' cannot give a gradient for a tensor eps or r inside "
-                "torch.compile / torch.export; use backend='auto' or 'torch'"
+                "torch.compile; use backend='auto' or 'torch'"
             )
-        if mode is not None and mode != "torch.jit.trace":  # a trace records the custom op
+        if mode is not None:
             raise ValueError(
                 f"backend='fused' cannot run under {mode}; use backend='auto' (which takes the "
                 "torch composition there) or 'torch'"
             )
         return "fused"
-    # auto: exporters (ONNX, torch.export) and tracers get the plain composition, which maps to
-    # standard ops; so do the autograd modes the kernels cannot serve
-    if not available or torch.compiler.is_exporting() or mode is not None or graph_grad:
+    # auto: the autograd modes the kernels cannot serve get the composition
+    if not available or mode is not None or graph_grad:
         return "torch"
     if not x.is_cpu:
         return "fused"
@@ -112,9 +131,10 @@ def pool(
         mask: bool ``(N, *S)``, True at real positions. Padded positions never reach the output
             or the gradient; a sample with no real position pools to 0.
         backend: ``auto`` (fused kernel where one exists and the input has >= 64K elements; the
-            torch composition otherwise, while exporting, and for an unmasked ``avg`` on the CPU
-            that needs no gradient and whose spatial dims are innermost in memory, where
-            ``x.mean`` is as fast), ``fused`` or ``torch``.
+            torch composition otherwise and for an unmasked ``avg`` on the CPU that needs no
+            gradient and whose spatial dims are innermost in memory, where ``x.mean`` is as
+            fast), ``fused`` or ``torch``. Whatever the backend, ``torch.export``, ONNX export
+            and ``torch.jit.trace`` record the torch composition (standard ops only).
 
     Returns:
         ``(N, C)`` (``(N, 2C)`` for ``catavgmax``), or with singleton spatial dims if ``keepdim``;
