@@ -181,12 +181,16 @@ def render(record: dict) -> str:
         "",
         "- **ONNX**: `torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`, run in "
         f"onnxruntime (CPUExecutionProvider); opset {opsets}, read from the exported models. "
-        "The model must hold no globalpool operator.",
+        "The model must hold no globalpool operator. The TorchScript-based exporter "
+        "(`dynamo=False`, `dynamic_axes=`) records standard operators too (tested on "
+        "`GlobalPool(\"gem\")`, not in the matrix).",
         "- **torch.export**: `torch.export.export` with `Dim` dynamic shapes, run through "
         "`program.module()`; no globalpool operator in the graph.",
         "- **torch.compile**: `fullgraph=True, dynamic=True`, with the `aot_eager` backend in "
-        "every cell of the main table; the `inductor` backend (which compiles C++ and takes "
-        "about 30 s a cell on this machine) in the cells listed below it.",
+        "every cell of the main table; the `inductor` backend, which compiles C++ (about 30 s a "
+        "cell with an empty compile cache on this machine, the times below with a filled one), "
+        "in the cells listed below it. Under `torch.compile` a `fused` module keeps the fused "
+        "kernel, as one custom operator.",
         "- **torch.jit.trace**: traced once, re-run at the new sizes; no globalpool operator.",
         "- **auto** and **fused** are the `backend` argument. Eager `fused` runs the fused kernel, "
         "so these cells also compare the exported composition with the kernel.",
@@ -224,10 +228,12 @@ def render(record: dict) -> str:
         "",
         *_accuracy(cells),
         "",
-        f"Measured on {machine['cpu']} ({machine['cores']} cores), {versions}; the whole "
-        f"{record['matrix']} matrix took {record['wall_s']:.0f} s (load average {load:.1f} at "
+        f"Measured on {machine['cpu']} ({machine['cores']} cores), {versions}; the "
+        f"{len(cells)} cells took {record['wall_s']:.0f} s (load average {load:.1f} at "
         "the start, shared with other work). Raw record: "
-        "[benchmarks/results/export/matrix.json](../benchmarks/results/export/matrix.json).",
+        "[benchmarks/results/export/matrix.json](../benchmarks/results/export/matrix.json). "
+        "Speed of exported heads in onnxruntime against eager torch: "
+        "[benchmarks/results/export/speed.md](../benchmarks/results/export/speed.md).",
         "",
     ]
     return "\n".join(parts)
