@@ -67,6 +67,9 @@ def _session(module: torch.nn.Module, x: torch.Tensor, path: Path, dynamic: bool
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
+    # no spin-waiting after a run: spinning threads would take the cores from the eager call
+    # that follows in the interleaved loop
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda a: session.run(None, {"x": a})[0]
 
@@ -138,7 +141,7 @@ def run(repeats: int, calls: int) -> dict:
     return {
         "shape": list(SHAPE), "dtype": "float32", "repeats": repeats, "calls_per_repeat": calls,
         "machine": _machine(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "ort_threads": {"intra_op": 2, "inter_op": 1},
+        "ort_threads": {"intra_op": 2, "inter_op": 1, "allow_spinning": 0},
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "rows": rows, "not_measured": failed,
     }
@@ -151,7 +154,8 @@ def markdown(record: dict) -> str:
         "",
         f"Input {tuple(record['shape'])} {record['dtype']}; {record['repeats']} interleaved "
         f"repeats of {record['calls_per_repeat']} calls; median (min-max) per call. "
-        f"onnxruntime {record['onnxruntime']} CPUExecutionProvider, 2 intra-op threads; eager "
+        f"onnxruntime {record['onnxruntime']} CPUExecutionProvider, 2 intra-op threads (no "
+        "spin-waiting); eager "
         f"torch {record['torch']} with {m['torch_threads']} threads, `backend=\"auto\"`. "
         f"Machine: {m['cpu']}, {m['cores']} cores; load average "
         f"{record['load_average_start'][0]:.2f} before, {record['load_average_end'][0]:.2f} "
