@@ -190,8 +190,7 @@ def check_param_value(kind: str, name: str, value: Any) -> None:
         )
         return
     v = _as_float(value)
-    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces v as a symbolic float
-    if not -math.inf < v < math.inf:  # false for inf and NaN
+    if not abs(v) < math.inf:  # not math.isfinite: torch.compile(dynamic=True) makes v symbolic
         raise ValueError(f"{name} for kind {kind!r} must be finite, got {v}")
     if not in_range(v):
         raise ValueError(f"{name} for kind {kind!r} must be {expected}, got {v}")

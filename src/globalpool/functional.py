@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from globalpool.adaptive import adaptive_compose, torch_adaptive, torch_adaptive_applies
+from globalpool.adaptive import adaptive_compose, deploying, torch_adaptive, torch_adaptive_applies
 from globalpool.contract import adaptive_spec, check_keepdim, pool_spec
 from globalpool.kinds import KIND_DEFS
 
@@ -45,11 +45,13 @@ def _choose_backend(
 ) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or deploying():
+        # the fused kernel is an optimisation of the composition, never a different function:
+        # an exported or traced graph gets the composition, in standard ops only
         return "torch"
     available = _fused_available(x, kind, mask, params)
     if available:
-        graph = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        graph = torch.compiler.is_compiling()
         # the kernels give no gradient for eps or r: eager calls take it from the composition
         # inside their backward, a graph cannot
         graph_grad = graph and any(
@@ -66,17 +68,16 @@ def _choose_backend(
         if graph_grad:
             raise ValueError(
                 "backend='fused' cannot give a gradient for a tensor eps or r inside "
-                "torch.compile / torch.export; use backend='auto' or 'torch'"
+                "torch.compile; use backend='auto' or 'torch'"
             )
-        if mode is not None and mode != "torch.jit.trace":  # a trace records the custom op
+        if mode is not None:
             raise ValueError(
                 f"backend='fused' cannot run under {mode}; use backend='auto' (which takes the "
                 "torch composition there) or 'torch'"
             )
         return "fused"
-    # auto: exporters (ONNX, torch.export) and tracers get the plain composition, which maps to
-    # standard ops; so do the autograd modes the kernels cannot serve
-    if not available or torch.compiler.is_exporting() or mode is not None or graph_grad:
+    # auto: the autograd modes the kernels cannot serve get the composition
+    if not available or mode is not None or graph_grad:
         return "torch"
     if not x.is_cpu:
         return "fused"
@@ -112,9 +113,10 @@ def pool(
         mask: bool ``(N, *S)``, True at real positions. Padded positions never reach the output
             or the gradient; a sample with no real position pools to 0.
         backend: ``auto`` (fused kernel where one exists and the input has >= 64K elements; the
-            torch composition otherwise, while exporting, and for an unmasked ``avg`` on the CPU
-            that needs no gradient and whose spatial dims are innermost in memory, where
-            ``x.mean`` is as fast), ``fused`` or ``torch``.
+            torch composition otherwise and for an unmasked ``avg`` on the CPU that needs no
+            gradient and whose spatial dims are innermost in memory, where ``x.mean`` is as
+            fast), ``fused`` or ``torch``. Whatever the backend, ``torch.export``, ONNX export
+            and ``torch.jit.trace`` record the torch composition (standard ops only).
 
     Returns:
         ``(N, C)`` (``(N, 2C)`` for ``catavgmax``), or with singleton spatial dims if ``keepdim``;

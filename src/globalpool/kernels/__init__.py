@@ -1,8 +1,10 @@
 """Fused single-pass global-pooling kernels: numba on CPU, Triton on CUDA.
 
 :func:`supports` tells whether a fused kernel exists for a tensor's device and dtype;
-:func:`fused_pool` runs it (differentiable; while tracing, through the ``globalpool::pool_forward``
-custom op, which ``torch.compile`` and ``torch.export`` keep as one node).
+:func:`fused_pool` runs it (differentiable; inside a graph, through the ``globalpool::pool_forward``
+custom op, which ``torch.compile`` keeps as one node). ``globalpool.pool`` never calls it while
+exporting or tracing (``torch.export``, ONNX, ``torch.jit.trace``): deployed graphs get the torch
+composition, in standard ops.
 Both expect arguments already checked by :mod:`globalpool.contract`; ``globalpool.pool(...,
 backend="auto"|"fused")`` is the public way in.
 

@@ -23,9 +23,10 @@ and the weights; a tensor ``eps`` or ``r`` that requires grad gets its gradient 
 composition (:mod:`globalpool.compose`) run again inside the backward; and a backward that is
 itself recorded (``create_graph=True``: double backward, gradient penalties) is taken entirely
 through that composition (or, where x was not kept, through the same formulas in torch ops), so
-that it is differentiable again. Forward-mode AD, ``torch.func`` transforms and
-``torch.jit.trace`` are routed to the composition by ``globalpool.pool`` (see
-:func:`unsupported_mode`).
+that it is differentiable again. Forward-mode AD and ``torch.func`` transforms are routed to the
+composition by ``globalpool.pool`` (see :func:`unsupported_mode`), and so are ``torch.export``,
+ONNX export and ``torch.jit.trace``, so that no deployed graph holds these ops
+(``globalpool.functional.deploying``); ``torch.compile`` keeps them.
 
 >>> import torch
 >>> from globalpool.kernels import ops
@@ -397,7 +398,8 @@ def unsupported_mode(*tensors: Tensor | float | None) -> str | None:
     The kernels read memory through NumPy, which functorch's wrapped tensors (``torch.func.grad``,
     ``vmap``, ``jvp``) and forward-mode dual tensors do not have, and a ``torch.jit.trace`` would
     record their result as a constant. ``globalpool.pool(backend="auto")`` takes the torch
-    composition there.
+    composition there (under a trace whatever the backend: see
+    ``globalpool.functional.deploying``); ``backend="fused"`` refuses the other modes.
 
     >>> import torch
     >>> unsupported_mode(torch.ones(2)) is None
