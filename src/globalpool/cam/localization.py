@@ -16,7 +16,9 @@ checks that pasting the digits there rebuilds every image exactly.
 >>> pointing_game(maps, boxes).tolist(), energy_in_box(maps, boxes).tolist()
 ([True, False], [1.0, 0.0])
 
-Run ``python -m globalpool.cam.localization RESULTS`` for the table (Markdown and JSON in
+Run ``python -m globalpool.cam.localization RESULTS [OUT]`` for the table: ``localization.json``
+(one row per head, method and test set, scores in %, mean ± 95% CI over the seeds and the
+per-seed values), ``localization.md`` and ``localization.png`` in OUT (default
 ``RESULTS/localization``).
 """
 
@@ -31,6 +33,9 @@ import numpy as np
 import torch
 
 DIGIT = 8
+#: The map methods scored, and the order of the test sets in the table.
+METHODS = ("cam", "gradcam", "gradcam++", "layercam")
+SETS = ("test", "everywhere", "right", "larger-canvas")
 
 
 def digit_boxes(data: Any) -> dict[str, torch.Tensor]:
@@ -107,8 +112,8 @@ def energy_in_box(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 def evaluate(
     results: str | Path,
     *,
-    methods: tuple[str, ...] = ("cam", "gradcam", "gradcam++", "layercam"),
-    sets: tuple[str, ...] = ("test", "everywhere"),
+    methods: tuple[str, ...] = METHODS,
+    sets: tuple[str, ...] = ("test", "everywhere", "right"),
 ) -> list[dict[str, Any]]:
     """One row per (run, method, set) of the digits-shifted runs with kept weights under
     ``results`` (per head and seed the run of the largest training set, the newest of equals);
@@ -169,31 +174,72 @@ def evaluate(
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per head, method and set, mean ± 95% CI over seeds of both scores."""
+def _order(head: str, method: str, name: str) -> tuple:
+    """Sort key: heads in :data:`globalpool.HEADS` order (others after, by name), then
+    :data:`METHODS`, then :data:`SETS`."""
+    from globalpool.heads import HEADS
+
+    def rank(value: str, known: tuple[str, ...]) -> tuple[int, str]:
+        return (known.index(value), "") if value in known else (len(known), value)
+
+    return rank(head, HEADS), rank(method, METHODS), rank(name, SETS)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per head, method and set (in the order of ``rows``): the seeds' scores in %, as
+    ``{"head", "method", "set", "seeds", "pointing_game": {"mean", "ci95", "values"},
+    "energy_in_box": {...}}``; ``values`` in seed order, ``ci95`` the half width (None for one
+    seed).
+
+    >>> rows = [{"head": "avg", "method": "cam", "set": "right", "seed": s, "pointing": p,
+    ...          "energy": 0.5} for s, p in ((1, 0.75), (0, 0.25))]
+    >>> out = summarize(rows)[0]
+    >>> out["seeds"], out["pointing_game"]["values"], out["energy_in_box"]["mean"]
+    (2, [25.0, 75.0], 50.0)
+    """
     from globalpool.experiments.stats import mean_ci
 
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["head"], r["method"], r["set"]), []).append(r)
+    out = []
+    for (head, method, name), group in sorted(groups.items(), key=lambda kv: _order(*kv[0])):
+        group = sorted(group, key=lambda g: g["seed"])
+        row: dict[str, Any] = {"head": head, "method": method, "set": name, "seeds": len(group)}
+        for key, field in (("pointing_game", "pointing"), ("energy_in_box", "energy")):
+            values = [100 * g[field] for g in group]
+            mean, half = mean_ci(values)
+            row[key] = {"mean": mean, "ci95": half, "values": values}
+        out.append(row)
+    return out
+
+
+def _cell(score: dict[str, Any]) -> str:
+    half = score["ci95"]
+    return f"{score['mean']:.1f}" if half is None else f"{score['mean']:.1f} ± {half:.1f}"
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    """Markdown of :func:`summarize`'s rows: mean ± 95% CI over seeds of both scores (%)."""
     lines = [
         "| head | method | set | seeds | pointing game % | energy in box % |",
         "|---|---|---|---|---|---|",
     ]
-    for (head, method, name), group in groups.items():
-        cells = []
-        for key in ("pointing", "energy"):
-            mean, half = mean_ci([100 * g[key] for g in group])
-            cells.append(f"{mean:.1f}" if half is None else f"{mean:.1f} ± {half:.1f}")
-        lines.append(f"| `{head}` | {method} | {name} | {len(group)} | {cells[0]} | {cells[1]} |")
+    for r in summary:
+        lines.append(
+            f"| `{r['head']}` | {r['method']} | {r['set']} | {r['seeds']} "
+            f"| {_cell(r['pointing_game'])} | {_cell(r['energy_in_box'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m globalpool.cam.localization RESULTS``: write and print the table."""
+    """``python -m globalpool.cam.localization RESULTS [OUT]``: write and print the table."""
+    from globalpool.cam.localization_plot import plot_localization
+
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m globalpool.cam.localization RESULTS", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print("usage: python -m globalpool.cam.localization RESULTS [OUT]", file=sys.stderr)
         return 2
     root = Path(args[0])
     torch.set_num_threads(1)
@@ -201,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no digits-shifted runs with kept weights under {root}", file=sys.stderr)
         return 1
-    out = root / "localization"
+    out = Path(args[1]) if len(args) == 2 else root / "localization"
     out.mkdir(parents=True, exist_ok=True)
-    text = table(rows)
-    (out / "localization.json").write_text(json.dumps(rows, indent=1) + "\n")
+    summary = summarize(rows)
+    text = table(summary)
+    (out / "localization.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "localization.md").write_text(text)
+    plot_localization(summary, out / "localization.png")
     print(text, end="")
     return 0
 
