@@ -41,7 +41,8 @@ ADAPTIVE_OUTPUT = {1: (3,), 2: (3, 2), 3: (3, 2, 2)}
 
 
 class _WeightsAsInput(nn.Module):
-    """``GlobalPool("attention")`` with its ``weights`` as a positional input."""
+    """``GlobalPool("attention")`` / ``AdaptivePool(..., "attention")`` with its ``weights`` as
+    a positional input."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -134,7 +135,10 @@ def _adaptive(kind: str) -> Callable[[str, int], Built]:
     def make(backend: str, rank: int) -> Built:
         if backend != "auto":
             raise NotBuiltError("n.a.: AdaptivePool takes no backend argument")
-        return Built(gp.AdaptivePool(ADAPTIVE_OUTPUT[rank], kind), ("x", "mask"))
+        layer = gp.AdaptivePool(ADAPTIVE_OUTPUT[rank], kind)
+        if kind == "attention":
+            return Built(_WeightsAsInput(layer), ("x", "mask", "weights"))
+        return Built(layer, ("x", "mask"))
 
     return make
 
