@@ -28,7 +28,8 @@ DATA_FORMATS = ("channels_first", "channels_last")
 
 
 def _env(backend: str | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    paths = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     if backend is not None:
         env["KERAS_BACKEND"] = backend
     if backend == "jax":  # tiny graphs: XLA's optimisations cost more than they save
