@@ -12,9 +12,7 @@ with the min-max over the repeats and ratios of medians to torch (< 1 is faster)
 from __future__ import annotations
 
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 import globalpool as gp
 from globalpool.adaptive import adaptive_compose
+from globalpool.bench.report import machine_info
 
 CASES = [  # (shape, output size): common head and pyramid sizes, divisible and not
     ((32, 2048, 7, 7), 1),
@@ -65,13 +64,7 @@ def _composition(x, out, kind):
 
 
 def _machine() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.CalledProcessError):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{machine_info()['name']}, {torch.get_num_threads()} threads"
 
 
 def main(out_dir: str, repeats: int = 15) -> None:

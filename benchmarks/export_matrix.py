@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,14 +44,11 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "system": platform.system()}
+    from globalpool.bench.report import machine_info
+
+    info = machine_info()
+    cpu = f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
+    return {"cpu": cpu, "cores": info["logical_cores"], "system": platform.system()}
 
 
 def run(quick: bool) -> dict[str, object]:

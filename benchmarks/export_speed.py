@@ -23,9 +23,7 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,17 +41,18 @@ import globalpool as gp  # noqa: E402
 SHAPE = (32, 2048, 7, 7)
 
 
+
 def _ratio(a: float, b: float) -> float:
     return a / b
 
 
 def _machine() -> dict[str, object]:
-    model = platform.processor() or platform.machine()
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    from globalpool.bench.report import machine_info
+
+    info = machine_info()
+    cpu = f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
+    return {"cpu": cpu, "cores": info["logical_cores"],
+            "torch_threads": info["torch_threads"]}
 
 
 def _session(module: torch.nn.Module, x: torch.Tensor, path: Path, dynamic: bool):

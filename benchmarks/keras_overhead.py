@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,19 +33,15 @@ METHODS = ("gp.pool", "keras layer", "keras.ops composition")
 OUT = Path(__file__).resolve().parent / "results" / "keras"
 
 
+
 def _ratio(a: float, b: float) -> float:
     return a / b
 
 
 def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    from globalpool.bench.report import machine_info
+
+    return machine_info()["name"]
 
 
 def _callers(kind: str, params: dict, x):
