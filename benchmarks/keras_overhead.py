@@ -41,7 +41,8 @@ def _ratio(a: float, b: float) -> float:
 def _cpu_model() -> str:
     from globalpool.bench.report import machine_info
 
-    return machine_info()["name"]
+    info = machine_info()
+    return f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
 
 
 def _callers(kind: str, params: dict, x):
