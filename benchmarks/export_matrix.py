@@ -44,10 +44,10 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, object]:
-    from globalpool.bench.report import machine_info
+    from globalpool.bench.report import cpu_name, machine_info
 
     info = machine_info()
-    cpu = f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
+    cpu = cpu_name(info)
     return {"cpu": cpu, "cores": info["logical_cores"], "system": platform.system()}
 
 

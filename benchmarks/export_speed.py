@@ -47,10 +47,10 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _machine() -> dict[str, object]:
-    from globalpool.bench.report import machine_info
+    from globalpool.bench.report import cpu_name, machine_info
 
     info = machine_info()
-    cpu = f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
+    cpu = cpu_name(info)
     return {"cpu": cpu, "cores": info["logical_cores"],
             "torch_threads": info["torch_threads"]}
 

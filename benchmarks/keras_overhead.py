@@ -39,10 +39,10 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _cpu_model() -> str:
-    from globalpool.bench.report import machine_info
+    from globalpool.bench.report import cpu_name, machine_info
 
     info = machine_info()
-    return f"{info['cpu_model']} (family {info['cpu_family']} model {info['cpu_model_number']})"
+    return cpu_name(info)
 
 
 def _callers(kind: str, params: dict, x):

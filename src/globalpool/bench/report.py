@@ -78,16 +78,25 @@ def machine_info() -> dict[str, Any]:
         "triton": _version("triton"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    name = f"{info['cpu_model']}"
-    if info["cpu_family"]:
-        name += f" (family {info['cpu_family']} model {info['cpu_model_number']})"
-    name += f", {info['logical_cores']} cores"
+    name = cpu_name(info) + f", {info['logical_cores']} cores"
     if info["l3_bytes"]:
         name += f", L3 {info['l3_bytes'] // 2**20} MiB"
     if info["gpu"]:
         name += f"; GPU {info['gpu']}"
     info["name"] = name
     return info
+
+
+def cpu_name(info: dict[str, Any]) -> str:
+    """The CPU of a :func:`machine_info` record, with its family and model where known.
+
+    >>> cpu_name({"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "17"})
+    'AMD EPYC (family 25 model 17)'
+    """
+    name = f"{info['cpu_model']}"
+    if info.get("cpu_family"):
+        name += f" (family {info['cpu_family']} model {info['cpu_model_number']})"
+    return name
 
 
 def write_report(data: dict[str, Any], out_dir: Path, stem: str = "bench") -> dict[str, Any]:
