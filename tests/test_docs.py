@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover
 
 MODULES = [
     "globalpool",
+    "globalpool.adaptive",
+    "globalpool.bench.report",
     "globalpool.compose",
     "globalpool.contract",
     "globalpool.functional",
