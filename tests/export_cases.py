@@ -121,10 +121,10 @@ class Case:
         return built
 
 
-def _global_pool(kind: str) -> Callable[[str, int], Built]:
+def _global_pool(kind: str | tuple[str, ...]) -> Callable[[str, int], Built]:
     def make(backend: str, rank: int) -> Built:
         layer = gp.GlobalPool(kind, backend=backend)
-        if kind == "attention":
+        if "attention" in ((kind,) if isinstance(kind, str) else kind):
             return Built(_WeightsAsInput(layer), ("x", "mask", "weights"))
         return Built(layer, ("x", "mask"))
 
@@ -169,6 +169,9 @@ def _multiscale(backend: str, rank: int) -> Built:
 
 CASES: tuple[Case, ...] = (
     *(Case(f"GlobalPool[{k}]", "GlobalPool", _global_pool(k)) for k in gp.KINDS),
+    Case("GlobalPool[avg+max+last]", "GlobalPool", _global_pool(("avg", "max", "last"))),
+    Case("GlobalPool[sum+gem+attention]", "GlobalPool",
+         _global_pool(("sum", "gem", "attention"))),
     Case("GeM", "GeM", lambda b, r: Built(gp.GeM(backend=b), ("x", "mask"))),
     Case("AttentionPool", "AttentionPool",
          lambda b, r: Built(gp.AttentionPool(CHANNELS, backend=b), ("x", "mask"))),

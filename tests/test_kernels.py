@@ -30,7 +30,7 @@ from helpers import (
     reference_backward,
 )
 
-KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
+KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention", "sum")
 LAYOUTS = ("channels_first", "channels_last")
 
 

@@ -47,3 +47,26 @@ def test_classifier_head_onnx(tmp_path):
     x = torch.rand(4, 8, 6, 10)
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _MaskedTokens(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return gp.pool(x, ("first", "last", "sum", "max"), layout="channels_last", mask=mask)
+
+
+def test_token_kinds_with_a_mask_onnx_dynamic_shapes(tmp_path):
+    """first / last find the real token inside the graph (left and right padding, any length)."""
+    model = _MaskedTokens().eval()
+    path = tmp_path / "tokens.onnx"
+    batch, length = torch.export.Dim("N", min=1, max=4096), torch.export.Dim("L", min=2, max=4096)
+    mask = torch.tensor([[True, True, True, False, False], [False, True, True, True, True]])
+    torch.onnx.export(model, (torch.randn(2, 5, 8), mask), str(path), dynamo=True,
+                      dynamic_shapes={"x": {0: batch, 1: length}, "mask": {0: batch, 1: length}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for n, length_ in ((3, 9), (1, 4)):
+        x = torch.randn(n, length_, 8)
+        m = torch.rand(n, length_) > 0.5
+        m[0] = False  # an empty sample gives 0
+        (got,) = session.run(None, {names[0]: x.numpy(), names[1]: m.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x, m), rtol=1e-5, atol=1e-5)

@@ -164,7 +164,7 @@ def test_float64_keeps_float64_parameters():
 
 
 SIDES = [("auto", SMALL), ("auto", LARGE), ("fused", SMALL)]
-KINDS_UNDER_TEST = ("avg", "max", "catavgmax", "gem", "lse", "attention")
+KINDS_UNDER_TEST = ("avg", "max", "catavgmax", "gem", "lse", "attention", "sum", "last")
 
 
 def _same_as_torch(fn, backend, shape, kind, layout="channels_first", rtol=1e-4):

@@ -31,7 +31,10 @@ from globalpool.reference import (
 LAYOUTS = ("channels_first", "channels_last")
 PARAMS = {"p": 2.5, "eps": 1e-6, "r": 1.7}
 SHAPES = {1: (3, 2, 5), 2: (3, 2, 3, 4), 3: (3, 2, 2, 3, 3)}  # channels_first, N = 3
-HOMOGENEOUS = ("avg", "max", "avgmax", "catavgmax", "attention")  # f(a x) = a f(x), a > 0
+HOMOGENEOUS = (  # f(a x) = a f(x), a > 0
+    "avg", "max", "avgmax", "catavgmax", "attention", "sum", "first", "last",
+)
+ORDER_FREE = tuple(k for k in KINDS if k not in ("first", "last"))  # symmetric in positions
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,6 +235,9 @@ def test_unmasked_forward_matches_plain_numpy():
         "gem": np.mean(x**p, axis=ax) ** (1 / p),
         "lse": np.log(np.mean(np.exp(r * x), axis=ax)) / r,
         "attention": np.einsum("ncij,nij->nc", x, w) / w.sum((1, 2))[:, None],
+        "sum": x.sum(ax),
+        "first": x[:, :, 0, 0],
+        "last": x[:, :, -1, -1],
     }
     for kind in KINDS:
         out = pool_forward(x, kind, p=p, r=r, weights=w)
@@ -477,7 +483,7 @@ def test_masked_prefix_equals_cropped_input(case, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(cases())
+@given(cases(kinds=ORDER_FREE))
 def test_permuting_positions_permutes_nothing_but_the_gradient(case):
     kind, layout, x, mask, w, rng = case
     xc = cf(x, layout)
@@ -518,11 +524,11 @@ def test_shift_scale_and_gradient_identities(case, shift, scale):
     lo, hi = np.nanmin(big, axis=2, initial=np.inf), np.nanmax(big, axis=2, initial=-np.inf)
     ys = [y[:, :c], y[:, c:]] if kind == "catavgmax" else [y]
     for part in ys:
-        if kind != "gem":  # gem clamps negatives up to eps
+        if kind not in ("gem", "sum"):  # gem clamps negatives up to eps; a sum is not a mean
             assert np.all(part[nonempty] >= lo[nonempty] - 1e-12)
             assert np.all(part[nonempty] <= hi[nonempty] + 1e-12)
 
-    if kind != "gem":
+    if kind not in ("gem", "sum"):
         # shift equivariance f(x + a) = f(x) + a, so the gradient sums to grad_out
         shifted = pool_forward(x + shift, kind, **kw)
         np.testing.assert_allclose(shifted[nonempty], (y + shift)[nonempty], atol=1e-10)
@@ -542,6 +548,25 @@ def _euler_rhs(kind: str, g: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
     if kind == "catavgmax":
         return g[:, :c] * y[:, :c] + g[:, c:] * y[:, c:]
     return g * y
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(kinds=("sum",)))
+def test_sum_is_avg_times_the_count_and_first_last_are_real_values(case):
+    _, layout, x, mask, _, _ = case
+    kw = {"layout": layout, "mask": mask}
+    n, c = x.shape[0], (x.shape[1] if layout == "channels_first" else x.shape[-1])
+    count = mask.reshape(n, -1).sum(1)[:, None]
+    np.testing.assert_allclose(
+        pool_forward(x, "sum", **kw), pool_forward(x, "avg", **kw) * count, atol=1e-12
+    )
+    flat = cf(x, layout).reshape(n, c, -1)
+    real = mask.reshape(n, -1)
+    for kind, pick in (("first", 0), ("last", -1)):
+        y = pool_forward(x, kind, **kw)
+        for i in range(n):
+            expected = flat[i][:, real[i]][:, pick] if real[i].any() else np.zeros(c)
+            np.testing.assert_array_equal(y[i], expected)
 
 
 @settings(max_examples=40, deadline=None)

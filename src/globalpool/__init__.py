@@ -5,7 +5,7 @@
 >>> gp.pool(x, "gem", p=3.0).shape
 torch.Size([8, 64])
 >>> gp.KINDS
-('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention')
+('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention', 'sum', 'first', 'last')
 """
 
 from globalpool import cam

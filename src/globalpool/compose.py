@@ -119,3 +119,46 @@ def attention(
     positive = total > 0
     y = (x * weights).sum(dims, keepdim=True) / torch.where(positive, total, 1.0)
     return torch.where(positive, y, 0.0)
+
+
+def sum_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    if mask is not None:
+        x = torch.where(mask, x, 0.0)
+    return x.sum(dims, keepdim=True)
+
+
+def first(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    """The value at each row's first real position, in row-major order over ``dims``."""
+    return _at_end(x, mask, dims, last=False)
+
+
+def last(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    """The value at each row's last real position, in row-major order over ``dims``."""
+    return _at_end(x, mask, dims, last=True)
+
+
+def _positions_last(t: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """``t`` with ``dims`` moved to the end (in ascending order) and flattened into one."""
+    dims = tuple(sorted(d % t.ndim for d in dims))
+    k = len(dims)
+    return t.movedim(dims, tuple(range(t.ndim - k, t.ndim))).flatten(t.ndim - k)
+
+
+def _at_end(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, last: bool) -> torch.Tensor:
+    """One gather: the selected value's gradient is 1, every other position's exactly 0; a row
+    with no real position gives 0 (its index points at a padded slot whose value is discarded by
+    a where, so even NaN there reaches neither the output nor the gradient)."""
+    kept = [1 if d in {e % x.ndim for e in dims} else s for d, s in enumerate(x.shape)]
+    flat = _positions_last(x, dims)
+    if mask is None:
+        return (flat[..., -1:] if last else flat[..., :1]).reshape(kept)
+    real = _positions_last(mask, dims)
+    length = flat.shape[-1]
+    pos = torch.arange(length, device=x.device)
+    if last:
+        index = torch.where(real, pos, 0).amax(-1, keepdim=True)
+    else:
+        index = torch.where(real, pos, length - 1).amin(-1, keepdim=True)
+    picked = flat.gather(-1, index.expand(*flat.shape[:-1], 1))
+    y = torch.where(real.any(-1, keepdim=True), picked, 0.0)
+    return y.reshape(kept)

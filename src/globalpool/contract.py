@@ -25,9 +25,10 @@ LAYOUTS = ("channels_first", "channels_last")
 
 class PoolSpec(NamedTuple):
     """Validated, normalised arguments of one pooling call (a named tuple: every eager call
-    builds one, and a tuple is several times cheaper to build than a frozen dataclass)."""
+    builds one, and a tuple is several times cheaper to build than a frozen dataclass).
+    ``kind`` is a name, or a tuple of names pooled side by side."""
 
-    kind: str
+    kind: str | tuple[str, ...]
     layout: str
     channel_dim: int
     spatial_dims: tuple[int, ...]
@@ -224,13 +225,33 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str, mask: Any = None)
         raise ValueError(f"weights must be non-negative, got a minimum of {low}{where}")
 
 
-def check_param_names(kind: str, params: dict[str, Any]) -> None:
-    """Every parameter name must be one of ``kind``'s (``KIND_DEFS[kind].defaults``)."""
-    kdef = KIND_DEFS[kind]
-    unknown = sorted(set(params) - set(kdef.defaults)) if params else None
+def kinds_of(kind: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The kinds of a checked ``kind`` (a name or a tuple of names), as a tuple."""
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def kind_defaults(kind: str | tuple[str, ...]) -> dict[str, Any]:
+    """The parameters (with their defaults) that a checked ``kind`` or tuple of kinds takes.
+
+    >>> kind_defaults(("avg", "gem", "lse"))
+    {'p': 3.0, 'eps': 1e-06, 'r': 1.0}
+    """
+    if not isinstance(kind, tuple):
+        return KIND_DEFS[kind].defaults
+    return {name: v for k in kind for name, v in KIND_DEFS[k].defaults.items()}
+
+
+def check_param_names(kind: str | tuple[str, ...], params: dict[str, Any]) -> None:
+    """Every parameter name must be one of ``kind``'s (``KIND_DEFS[kind].defaults``; for a
+    tuple of kinds, one of theirs)."""
+    if not params:
+        return
+    defaults = kind_defaults(kind)
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        takes = ", ".join(kdef.defaults) or "no parameters"
-        raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; it takes {takes}")
+        takes = ", ".join(defaults) or "no parameters"
+        who = "it takes" if isinstance(kind, str) else "they take"
+        raise TypeError(f"kind {kind!r} got unexpected parameter(s) {unknown}; {who} {takes}")
 
 
 def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
@@ -244,9 +265,10 @@ def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
     TypeError: kind 'gem' got unexpected parameter(s) ['P']; it takes p, eps
     """
     check_param_names(kind, params)
-    for name, value in params.items():
-        if (kind, name) in _RANGES:
-            check_param_value(kind, name, value)
+    for k in kinds_of(kind):
+        for name, value in params.items():
+            if (k, name) in _RANGES:
+                check_param_value(k, name, value)
 
 
 def check_params(
@@ -255,14 +277,15 @@ def check_params(
     """Fill defaults for ``kind`` and check each parameter's type and range (``weights`` only at
     the real positions of ``mask``)."""
     check_param_names(kind, params)
-    full = {**KIND_DEFS[kind].defaults, **params}
-    if kind == "gem":
-        check_param_value(kind, "p", full["p"])
-        check_param_value(kind, "eps", full["eps"])
-    elif kind == "lse":
-        check_param_value(kind, "r", full["r"])
-    elif kind == "attention":
-        _check_weights(full["weights"], x, layout, mask)
+    full = {**kind_defaults(kind), **params}
+    for k in kinds_of(kind):
+        if k == "gem":
+            check_param_value(k, "p", full["p"])
+            check_param_value(k, "eps", full["eps"])
+        elif k == "lse":
+            check_param_value(k, "r", full["r"])
+        elif k == "attention":
+            _check_weights(full["weights"], x, layout, mask)
     return full
 
 
@@ -282,15 +305,49 @@ def check_keepdim(keepdim: Any) -> None:
 
 
 def check_kind(kind: Any, allowed: tuple[str, ...] = KINDS, name: str = "kind") -> None:
-    if kind not in allowed:
+    if not isinstance(kind, str) or kind not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {kind!r}")
+
+
+def check_kinds(kind: Any, name: str = "kind") -> str | tuple[str, ...]:
+    """A kind name, or a non-empty tuple (or list) of distinct kind names, pooled side by side
+    (their outputs concatenated along channels, in that order). Returns the name, or the kinds
+    as a tuple (a one-kind tuple gives its name).
+
+    >>> check_kinds(["avg", "max"]), check_kinds(("gem",))
+    (('avg', 'max'), 'gem')
+    >>> check_kinds(("avg", "avg"))
+    Traceback (most recent call last):
+    ...
+    ValueError: kind must not repeat a kind, got ('avg', 'avg'): 'avg' is given twice
+    """
+    if isinstance(kind, str):
+        check_kind(kind, KINDS, name)
+        return kind
+    if not isinstance(kind, (tuple, list)) or not kind:
+        raise ValueError(
+            f"{name} must be one of {KINDS} or a non-empty tuple of them, got {kind!r}"
+        )
+    kinds = tuple(kind)
+    for k in kinds:
+        if not isinstance(k, str) or k not in KINDS:
+            raise ValueError(
+                f"{name} must be one of {KINDS} or a tuple of them, got {kinds!r}: {k!r} is not "
+                "a kind"
+            )
+    repeated = [k for i, k in enumerate(kinds) if k in kinds[:i]]
+    if repeated:
+        raise ValueError(
+            f"{name} must not repeat a kind, got {kinds!r}: {repeated[0]!r} is given twice"
+        )
+    return kinds if len(kinds) > 1 else kinds[0]
 
 
 def pool_spec(
     x: Any, kind: Any, layout: Any, mask: Any, params: dict[str, Any]
 ) -> PoolSpec:
     """Check every argument of ``pool`` and return the normalised spec."""
-    check_kind(kind)
+    kind = check_kinds(kind)
     check_layout(layout)
     check_input(x)
     _check_spatial_nonempty(x, layout)
@@ -309,7 +366,7 @@ def adaptive_spec(
     >>> adaptive_spec(torch.zeros(1, 2, 7, 5), (3, None), "gem", "channels_first", None, {})
     ((3, None), {'p': 3.0, 'eps': 1e-06})
     """
-    check_kind(kind)
+    kind = check_kinds(kind)
     check_layout(layout)
     check_input(x)
     _check_spatial_nonempty(x, layout)

@@ -7,8 +7,14 @@ from typing import Any
 import torch
 
 from globalpool.adaptive import adaptive_compose, deploying, torch_adaptive, torch_adaptive_applies
-from globalpool.contract import adaptive_spec, check_keepdim, pool_spec
-from globalpool.kinds import KIND_DEFS
+from globalpool.contract import (
+    adaptive_spec,
+    check_keepdim,
+    check_kinds,
+    kinds_of,
+    pool_spec,
+)
+from globalpool.kinds import GATHER_KINDS, KIND_DEFS
 
 BACKENDS = ("auto", "fused", "torch")
 
@@ -27,13 +33,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def output_width(kind: str, channels: int) -> int:
-    """Number of output features of ``kind`` on ``channels`` input channels.
+def output_width(kind: str | tuple[str, ...], channels: int) -> int:
+    """Number of output features of ``kind`` (or a tuple of kinds) on ``channels`` channels.
 
-    >>> output_width("catavgmax", 512)
-    1024
+    >>> output_width("catavgmax", 512), output_width(("avg", "max", "last"), 512)
+    (1024, 1536)
     """
-    return KIND_DEFS[kind].width * channels
+    return sum(KIND_DEFS[k].width for k in kinds_of(check_kinds(kind))) * channels
 
 
 def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> bool:
@@ -45,9 +51,10 @@ def _choose_backend(
 ) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or deploying():
+    if backend == "torch" or deploying() or kind in GATHER_KINDS:
         # the fused kernel is an optimisation of the composition, never a different function:
-        # an exported or traced graph gets the composition, in standard ops only
+        # an exported or traced graph gets the composition, in standard ops only. first / last
+        # read one position per row: their one gather is what a kernel would do, on every backend
         return "torch"
     available = _fused_available(x, kind, mask, params)
     if available:
@@ -83,7 +90,8 @@ def _choose_backend(
         return "fused"
     if x.numel() < FUSED_MIN_ELEMENTS:
         return "torch"
-    if kind == "avg" and mask is None and not (torch.is_grad_enabled() and x.requires_grad):
+    inference = not (torch.is_grad_enabled() and x.requires_grad)
+    if kind in ("avg", "sum") and mask is None and inference:
         # inference average on CPU: where the spatial dims are innermost in memory torch's mean
         # is one native pass as fast as the kernel (benchmarks/results/cpu: 0.94-0.98 of x.sum()
         # vs 0.90-0.98); stored channels-last it reads 0.39-0.98 against the kernel's 0.81-0.92
@@ -107,7 +115,12 @@ def pool(
         x: ``(N, C, *S)`` for ``layout="channels_first"`` or ``(N, *S, C)`` for
             ``"channels_last"``, with 1 to 3 spatial dims and a floating dtype.
         kind: ``avg``, ``max``, ``avgmax``, ``catavgmax``, ``gem`` (``p``, ``eps``),
-            ``lse`` (``r``) or ``attention`` (``weights`` of shape ``(N, *S)``, non-negative).
+            ``lse`` (``r``), ``attention`` (``weights`` of shape ``(N, *S)``, non-negative),
+            ``sum``, ``first`` or ``last`` (the value at the first / last real position in
+            row-major order over the spatial dims: a CLS or last token, right for left and
+            right padding alike); or a tuple of distinct kinds, whose outputs are concatenated
+            along channels in that order (each takes the parameters it uses; on the fused path
+            ``avg``, ``sum``, ``max``, ``avgmax`` and ``catavgmax`` share one read of x).
         layout: declared layout; never guessed from shape or memory format.
         keepdim: keep singleton spatial dims in the layout's own positions.
         mask: bool ``(N, *S)``, True at real positions. Padded positions never reach the output
@@ -116,11 +129,14 @@ def pool(
             torch composition otherwise and for an unmasked ``avg`` on the CPU that needs no
             gradient and whose spatial dims are innermost in memory, where ``x.mean`` is as
             fast), ``fused`` or ``torch``. Whatever the backend, ``torch.export``, ONNX export
-            and ``torch.jit.trace`` record the torch composition (standard ops only).
+            and ``torch.jit.trace`` record the torch composition (standard ops only); ``first``
+            and ``last`` are one gather on every backend; ``sum`` has a fused kernel on the CPU
+            only (CUDA takes ``x.sum``).
 
     Returns:
-        ``(N, C)`` (``(N, 2C)`` for ``catavgmax``), or with singleton spatial dims if ``keepdim``;
-        in ``x``'s dtype (half inputs accumulate in float32).
+        ``(N, C)`` (``(N, 2C)`` for ``catavgmax``; :func:`output_width` for a tuple), or with
+        singleton spatial dims if ``keepdim``; in ``x``'s dtype (half inputs accumulate in
+        float32).
 
     >>> import torch, globalpool as gp
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
@@ -128,12 +144,79 @@ def pool(
     (tensor([[7.5000]]), tensor([[15.]]))
     >>> gp.pool(x, "catavgmax", keepdim=True).shape
     torch.Size([1, 2, 1, 1])
+    >>> tokens = torch.tensor([[[0.0], [1.0], [3.0], [5.0]]])  # (N, L, C), left-padded
+    >>> real = torch.tensor([[False, True, True, True]])
+    >>> gp.pool(tokens, ("avg", "first", "last"), layout="channels_last", mask=real)
+    tensor([[3., 1., 5.]])
     """
     spec = pool_spec(x, kind, layout, mask, params)
     check_keepdim(keepdim)
-    if _choose_backend(backend, x, kind, mask, spec.params, layout) == "fused":
-        return _kernels.fused_pool(x, kind, layout, mask, keepdim, **spec.params)
+    if isinstance(spec.kind, tuple):
+        return _with_keepdim(_pool_many(x, spec, mask, backend), spec, keepdim)
+    return _pool_one(x, spec, mask, keepdim, backend)
+
+
+def _pool_one(
+    x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: bool, backend: str
+) -> torch.Tensor:
+    if _choose_backend(backend, x, spec.kind, mask, spec.params, spec.layout) == "fused":
+        return _kernels.fused_pool(x, spec.kind, spec.layout, mask, keepdim, **spec.params)
     return _compose(x, spec, mask, keepdim)
+
+
+# kinds that one fused avg + max pass gives (catavgmax's kernel: the sum and the running max)
+_ONE_PASS = frozenset({"avg", "max", "avgmax", "catavgmax", "sum"})
+
+
+def _pool_many(
+    x: torch.Tensor, spec: Any, mask: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    """Several kinds side by side, ``(N, sum of widths)``. On the fused path the kinds of
+    :data:`_ONE_PASS` share one read of x; the others take their own call."""
+    shared = [k for k in spec.kind if k in _ONE_PASS]
+    done: dict[str, torch.Tensor] = {}
+    if len(shared) > 1 and _choose_backend(backend, x, "catavgmax", mask, {}, spec.layout) == (
+        "fused"
+    ):
+        done = _from_avg_max(x, spec, mask, shared)
+    parts = []
+    for k in spec.kind:
+        if k not in done:
+            own = {name: spec.params[name] for name in KIND_DEFS[k].defaults}
+            done[k] = _pool_one(x, spec._replace(kind=k, params=own), mask, False, backend)
+        parts.append(done[k])
+    return torch.cat(parts, dim=1)
+
+
+def _from_avg_max(
+    x: torch.Tensor, spec: Any, mask: torch.Tensor | None, kinds: list[str]
+) -> dict[str, torch.Tensor]:
+    """avg, max, avgmax, catavgmax and sum from one fused catavgmax pass (differentiable: the
+    kernel's backward gets the gradients of both halves)."""
+    both = _kernels.fused_pool(x, "catavgmax", spec.layout, mask, False)
+    c = both.shape[1] // 2
+    avg, top = both[:, :c], both[:, c:]
+    out = {"avg": avg, "max": top, "catavgmax": both}
+    acc = _accumulation_dtype(x.dtype)
+    if "avgmax" in kinds:
+        out["avgmax"] = ((avg.to(acc) + top.to(acc)) / 2).to(x.dtype)
+    if "sum" in kinds:
+        if mask is None:
+            count = float(x[0, 0].numel() if spec.channel_dim == 1 else x[0, ..., 0].numel())
+        else:
+            count = mask.flatten(1).sum(1, keepdim=True, dtype=acc)
+        out["sum"] = (avg.to(acc) * count).to(x.dtype)
+    return out
+
+
+def _with_keepdim(y: torch.Tensor, spec: Any, keepdim: bool) -> torch.Tensor:
+    """``(N, W)`` with the spatial dims kept as singletons in the layout's positions."""
+    if not keepdim:
+        return y
+    ones = [1] * spec.spatial_rank
+    if spec.channel_dim == 1:
+        return y.reshape(y.shape[0], y.shape[1], *ones)
+    return y.reshape(y.shape[0], *ones, y.shape[1])
 
 
 def _compose(x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: bool) -> torch.Tensor:
@@ -176,6 +259,14 @@ def adaptive_pool(
     torch.Size([2, 3, 5, 8])
     """
     sizes, full = adaptive_spec(x, output_size, kind, layout, mask, params)
+    kind = check_kinds(kind)
+    if isinstance(kind, tuple):  # side by side along channels
+        parts = [
+            adaptive_pool(x, output_size, k, layout=layout, mask=mask,
+                          **{name: full[name] for name in KIND_DEFS[k].defaults})
+            for k in kind
+        ]
+        return torch.cat(parts, dim=1 if layout == "channels_first" else -1)
     if all(s == 1 for s in sizes):  # one bin: global pooling, with its fused kernels
         return pool(x, kind, layout=layout, keepdim=True, mask=mask, **full)
     if mask is None and torch_adaptive_applies(x, kind):

@@ -21,7 +21,7 @@ from torch import nn
 from globalpool.class_map_norm import ClassMapNorm
 from globalpool.contract import check_input, check_kind, check_layout, check_mask, spatial_shape
 from globalpool.functional import pool
-from globalpool.kinds import KINDS
+from globalpool.kinds import KINDS, TOKEN_KINDS
 from globalpool.layers import (
     GlobalPool,
     check_backend,
@@ -30,7 +30,9 @@ from globalpool.layers import (
     make_pool,
 )
 
-HEADS: tuple[str, ...] = ("fc", *KINDS, "nin")
+#: The image / signal heads (``globalpool compare`` compares them). :func:`make_head` also builds
+#: a head of a token kind (``sum``, ``first``, ``last``) or of a tuple of kinds.
+HEADS: tuple[str, ...] = ("fc", *(k for k in KINDS if k not in TOKEN_KINDS), "nin")
 
 #: Activations of the :class:`NiNHead` class maps.
 NIN_ACTIVATIONS: tuple[str, ...] = ("softplus", "relu")
@@ -209,7 +211,7 @@ class NiNHead(nn.Module):
 
 
 def make_head(
-    name: str,
+    name: str | tuple[str, ...],
     in_channels: int,
     num_classes: int,
     *,
@@ -220,7 +222,8 @@ def make_head(
     backend: str = "auto",
     **pool_params: Any,
 ) -> nn.Module:
-    """Build the head called ``name`` (one of :data:`HEADS`).
+    """Build the head called ``name`` (one of :data:`HEADS`, a token kind ``sum``/``first``/
+    ``last``, or a tuple of kinds: a :class:`ClassifierHead` pooling with them).
 
     Every head takes ``layout`` and ``backend`` (``fc`` does no pooling and only checks it).
     ``fc`` needs ``spatial_size`` and uses ``hidden``; pooling heads accept any spatial size, so
@@ -240,7 +243,8 @@ def make_head(
     ...
     TypeError: head 'nin' got unexpected argument(s) ['p']; it takes layout, backend
     """
-    check_kind(name, HEADS, name="head")
+    if not isinstance(name, (tuple, list)):
+        check_kind(name, (*HEADS, *TOKEN_KINDS), name="head")
     check_layout(layout)
     check_backend(backend)
     if name in ("fc", "nin"):

@@ -6,6 +6,8 @@ Adding a kind means adding one entry here, its composition in ``compose.py`` and
 >>> from globalpool.kinds import KIND_DEFS
 >>> KIND_DEFS["catavgmax"].width, KIND_DEFS["gem"].defaults
 (2, {'p': 3.0, 'eps': 1e-06})
+>>> TOKEN_KINDS
+('sum', 'first', 'last')
 """
 
 from __future__ import annotations
@@ -80,7 +82,32 @@ KIND_DEFS: dict[str, KindDef] = {
             ),
             "weighted mean sum(w x) / sum(w)",
         ),
+        KindDef("sum", {}, 1, _no_params(compose.sum_), "sum over positions"),
+        KindDef(
+            "first",
+            {},
+            1,
+            _no_params(compose.first),
+            "the value at the first real position (row-major order)",
+        ),
+        KindDef(
+            "last",
+            {},
+            1,
+            _no_params(compose.last),
+            "the value at the last real position (row-major order)",
+        ),
     )
 }
 
 KINDS: tuple[str, ...] = tuple(KIND_DEFS)
+
+#: Kinds made for token sequences (a CLS / last token, a sum): not among the CNN heads of
+#: ``globalpool compare``, but pooling like every other kind.
+TOKEN_KINDS: tuple[str, ...] = ("sum", "first", "last")
+
+#: Kinds that read one position per (sample, channel): every backend runs the same gather.
+GATHER_KINDS: frozenset[str] = frozenset({"first", "last"})
+
+#: Kinds with a fused CPU kernel (all but the gathers).
+FUSED_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in GATHER_KINDS)

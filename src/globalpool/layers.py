@@ -13,7 +13,7 @@ from globalpool.contract import (
     check_fixed_params,
     check_input,
     check_keepdim,
-    check_kind,
+    check_kinds,
     check_layout,
     check_mask,
     check_output_size,
@@ -21,7 +21,6 @@ from globalpool.contract import (
     layout_dims,
 )
 from globalpool.functional import BACKENDS, adaptive_pool, output_width, pool
-from globalpool.kinds import KINDS
 
 
 def check_backend(backend: Any) -> None:
@@ -85,7 +84,7 @@ def _check_bool(value: Any, name: str) -> None:
 
 
 class GlobalPool(nn.Module):
-    """Global pooling of one kind with fixed parameters.
+    """Global pooling of one kind (or a tuple of kinds, side by side) with fixed parameters.
 
     Every argument is checked here (kind, layout, keepdim, backend, the kind's parameter names
     and scalar values); ``weights`` for ``attention`` are given at the call.
@@ -94,6 +93,8 @@ class GlobalPool(nn.Module):
     >>> layer = gp.GlobalPool("catavgmax")
     >>> layer(torch.randn(2, 8, 5, 5)).shape, layer.output_width(8)
     (torch.Size([2, 16]), 16)
+    >>> gp.GlobalPool(("avg", "max", "last"), layout="channels_last").output_width(8)
+    24
     """
 
     def __init__(
@@ -106,7 +107,7 @@ class GlobalPool(nn.Module):
         **params: Any,
     ) -> None:
         super().__init__()
-        check_kind(kind)
+        kind = check_kinds(kind)
         check_layout(layout)
         check_keepdim(keepdim)
         check_backend(backend)
@@ -298,7 +299,7 @@ class AdaptivePool(nn.Module):
         **params: Any,
     ) -> None:
         super().__init__()
-        check_kind(kind)
+        kind = check_kinds(kind)
         check_layout(layout)
         check_output_size(output_size, None)
         check_fixed_params(kind, params)
@@ -322,12 +323,18 @@ class AdaptivePool(nn.Module):
 
 
 def make_pool(
-    kind: str, channels: int, *, layout: str = "channels_first", **params: Any
+    kind: str | tuple[str, ...],
+    channels: int,
+    *,
+    layout: str = "channels_first",
+    **params: Any,
 ) -> nn.Module:
     """The pooling module for ``kind``: learnable GeM, learned attention, else :class:`GlobalPool`.
 
     ``params`` go to that module: ``keepdim`` and ``backend`` for every kind, ``p``, ``eps`` and
     ``learnable`` for ``gem``, the kind's parameters for the others; anything else is refused.
+    A tuple of kinds gives a :class:`GlobalPool` with fixed parameters (a ``gem`` in it has a
+    fixed ``p``; ``attention``, whose weights are learned, is refused in a tuple).
 
     >>> make_pool("gem", 16)
     GeM(p=3.0000, eps=1e-06, learnable=True, layout='channels_first')
@@ -336,7 +343,12 @@ def make_pool(
     ...
     TypeError: pool 'attention' got unexpected argument(s) ['p']; it takes keepdim, backend
     """
-    check_kind(kind, KINDS)
+    kind = check_kinds(kind)
+    if isinstance(kind, tuple) and "attention" in kind:
+        raise ValueError(
+            f"pool {kind!r}: a tuple of kinds pools with fixed parameters and cannot learn "
+            "attention weights; pool attention with its own AttentionPool (kind 'attention')"
+        )
     takes = _MAKE_POOL_ARGS.get(kind)
     unknown = sorted(set(params) - set(takes)) if takes is not None else None
     if unknown:

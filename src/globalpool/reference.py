@@ -36,7 +36,9 @@ __all__ = [
     "pool_forward",
 ]
 
-KINDS: tuple[str, ...] = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
+KINDS: tuple[str, ...] = (
+    "avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention", "sum", "first", "last",
+)
 LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
 
 
@@ -44,9 +46,19 @@ LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
 # argument handling: everything is brought to channels_first, spatial dims flattened to one
 
 
-def _check_kind(kind: str, allowed: tuple[str, ...] = KINDS) -> None:
+def _check_kind(kind: Any, allowed: tuple[str, ...] = KINDS) -> None:
+    if isinstance(kind, (tuple, list)):
+        if not kind or len(set(kind)) != len(kind):
+            raise ValueError(f"a tuple of kinds must be non-empty without repeats, got {kind!r}")
+        for k in kind:
+            _check_kind(k, allowed)
+        return
     if kind not in allowed:
         raise ValueError(f"kind must be one of {allowed}, got {kind!r}")
+
+
+def _kinds(kind: Any) -> tuple[str, ...]:
+    return tuple(kind) if isinstance(kind, (tuple, list)) else (kind,)
 
 
 def _check_layout(layout: str) -> None:
@@ -78,8 +90,8 @@ def _per_position(arr: Any, name: str, n: int, spatial: tuple[int, ...], dtype: 
     return arr.reshape(n, -1)
 
 
-def _out_channels(kind: str, c: int) -> int:
-    return 2 * c if kind == "catavgmax" else c
+def _out_channels(kind: Any, c: int) -> int:
+    return sum(2 * c if k == "catavgmax" else c for k in _kinds(kind))
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +118,12 @@ def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: n
         top = xs.max(axis=1)
         top = np.where(np.isfinite(top), top, 0.0)
         return top + np.log(np.mean(np.exp(r * (xs - top[:, None])), axis=1)) / r
+    if kind == "sum":
+        return xs.sum(axis=1)
+    if kind == "first":  # the real positions are in row-major order
+        return xs[:, 0].copy()
+    if kind == "last":
+        return xs[:, -1].copy()
     # attention
     total = w.sum()
     if total == 0:
@@ -159,6 +177,10 @@ def _backward_one(
     elif kind == "lse":
         e = np.exp(r * (xs - xs.max(axis=1, keepdims=True)))
         gx = g[:, None] * e / e.sum(axis=1, keepdims=True)
+    elif kind == "sum":
+        gx = np.repeat(g[:, None], k, axis=1)
+    elif kind in ("first", "last"):
+        gx[:, 0 if kind == "first" else k - 1] = g
     else:  # attention
         total = w.sum()
         if total == 0:
@@ -179,16 +201,16 @@ def _prepare(x, kind, layout, mask, weights, p, eps, r):
     else:
         m = _per_position(mask, "mask", n, spatial, bool)
     w = None
-    if kind == "attention":
+    if "attention" in _kinds(kind):
         if weights is None:
             raise ValueError("weights must be given for kind='attention', got None")
         w = _per_position(weights, "weights", n, spatial, np.float64)
         if np.any(w[m] < 0):
             raise ValueError("weights must be >= 0 at every real position, got a negative value")
     p = float(np.asarray(p))
-    if kind == "gem" and not p > 0:
+    if "gem" in _kinds(kind) and not p > 0:
         raise ValueError(f"p must be > 0 for kind='gem', got {p}")
-    if kind == "lse" and not float(r) > 0:
+    if "lse" in _kinds(kind) and not float(r) > 0:
         raise ValueError(f"r must be > 0 for kind='lse', got {r}")
     return xc, flat, m, w, p, float(eps), float(r)
 
@@ -211,6 +233,10 @@ def pool_forward(
 ) -> np.ndarray:
     """Global pooling of ``x`` over its spatial dims, in float64.
 
+    ``kind`` may be a tuple of kinds: their outputs concatenated along channels, in that order
+    (each takes the parameters it uses). ``first`` / ``last`` take the value at a sample's
+    first / last real position in row-major order.
+
     Returns ``(N, C)`` (``(N, 2C)`` for ``"catavgmax"``, avg block first). With ``keepdim=True``
     the singleton spatial dims sit in the layout's positions: ``(N, C, 1, 1)`` or
     ``(N, 1, 1, C)``. A sample whose mask has no real position pools to 0.
@@ -223,6 +249,8 @@ def pool_forward(
     array([[2.]])
     >>> pool_forward(x, "attention", weights=np.array([[[1.0, 0.0], [0.0, 0.0]]]))
     array([[1.]])
+    >>> pool_forward(x, ("sum", "first", "last"), mask=np.array([[[False, True], [True, False]]]))
+    array([[6., 3., 3.]])
     """
     xc, flat, m, w, p, eps, r = _prepare(x, kind, layout, mask, weights, p, eps, r)
     n, c = flat.shape[:2]
@@ -230,7 +258,9 @@ def pool_forward(
     for i in range(n):
         real = m[i]
         wi = None if w is None else w[i, real]
-        out[i] = _forward_one(flat[i][:, real], kind, p, eps, r, wi)
+        out[i] = np.concatenate(
+            [_forward_one(flat[i][:, real], k, p, eps, r, wi) for k in _kinds(kind)]
+        )
     if keepdim:
         out = _from_channels_first(out.reshape(out.shape + (1,) * (xc.ndim - 2)), layout)
     return out
@@ -279,15 +309,21 @@ def pool_backward(
     for i in range(n):
         real = m[i]
         wi = None if w is None else w[i, real]
-        gxi, gpi, gwi = _backward_one(flat[i][:, real], g[i], kind, p, eps, r, wi)
-        gx[i][:, real] = gxi
-        gw[i, real] = gwi
-        gp += gpi
+        start = 0
+        for k in _kinds(kind):  # a tuple of kinds: each its block of grad_out, summed
+            width = _out_channels(k, c)
+            gxi, gpi, gwi = _backward_one(
+                flat[i][:, real], g[i, start : start + width], k, p, eps, r, wi
+            )
+            start += width
+            gx[i][:, real] += gxi
+            gw[i, real] += gwi
+            gp += gpi
     grad_x = _from_channels_first(gx.reshape(xc.shape), layout)
     return {
         "x": grad_x,
-        "p": gp if kind == "gem" else None,
-        "weights": gw.reshape((n, *xc.shape[2:])) if kind == "attention" else None,
+        "p": gp if "gem" in _kinds(kind) else None,
+        "weights": gw.reshape((n, *xc.shape[2:])) if "attention" in _kinds(kind) else None,
     }
 
 
@@ -495,6 +531,6 @@ def adaptive_backward(
             gp += grads["p"]
     return {
         "x": _from_channels_first(gx, layout),
-        "p": gp if kind == "gem" else None,
-        "weights": gw if kind == "attention" else None,
+        "p": gp if "gem" in _kinds(kind) else None,
+        "weights": gw if "attention" in _kinds(kind) else None,
     }

@@ -34,11 +34,13 @@ from typing import Any
 import torch
 
 from globalpool.kernels import ops
+from globalpool.kinds import FUSED_KINDS
 
 __all__ = ["fused_pool", "stored_channels_last", "supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention")
+_KINDS = FUSED_KINDS
+_CPU_ONLY = ("sum",)  # the Triton kernels have no sum mode: CUDA takes x.sum
 
 
 def _has(module: str) -> bool:
@@ -57,7 +59,8 @@ _HAS_TRITON = _has("triton")
 def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **params: Any) -> bool:
     """True when a fused kernel exists for ``x``'s device and dtype and for ``kind``.
 
-    CPU needs numba; CUDA needs triton. float16, bfloat16, float32 and float64 are supported.
+    CPU needs numba; CUDA needs triton (no ``sum`` there). float16, bfloat16, float32 and
+    float64 are supported. ``first`` / ``last`` have no kernel: they are one gather.
 
     >>> import torch
     >>> supports(torch.ones(2, 3, 4), "lse"), supports(torch.ones(2, 3, 4).int(), "avg")
@@ -70,7 +73,7 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
         return _HAS_NUMBA
     if x.is_cuda:
-        return _HAS_TRITON
+        return _HAS_TRITON and kind not in _CPU_ONLY
     return False
 
 

@@ -44,7 +44,8 @@ __all__ = ["DTYPES", "MAX_KINDS", "backward", "forward"]
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
 _MAX_MODE = {"max": K.MAX_ONLY, "avgmax": K.MAX_AVGMAX, "catavgmax": K.MAX_CAT}
-_SUM_MODE = {"avg": K.SUM_AVG, "gem": K.SUM_GEM, "attention": K.SUM_WEIGHTED}
+# sum is the mean kernel with every count 1 (an empty sample's sum is 0 either way)
+_SUM_MODE = {"avg": K.SUM_AVG, "sum": K.SUM_AVG, "gem": K.SUM_GEM, "attention": K.SUM_WEIGHTED}
 _TASKS_PER_THREAD = 4
 _MIN_CHUNK = 256  # positions per chunk of L when the channels-last forward splits L
 _MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
@@ -123,6 +124,11 @@ def _counts(mask: np.ndarray, ms: int, n: int, length: int) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _full_counts(n: int, length: int) -> np.ndarray:
     return np.full(n, float(length))  # shared: callers derive new arrays from it, never write it
+
+
+def _unit_counts(n: int) -> np.ndarray:
+    """The counts that turn the mean kernels into sums."""
+    return _full_counts(n, 1)
 
 
 # NumPy type codes of the arrays :func:`_np` makes, per torch dtype, and back
@@ -356,6 +362,8 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
         den = _weight_sums(wa, m, ms)
     else:
         wa, ws = _NO_WEIGHTS[xa.dtype.char], 0
+    if kind == "sum":
+        den = _unit_counts(n)
     ip = _p_int(p) if kind == "gem" else 0
     args = (xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
     if channels_last:
@@ -446,8 +454,8 @@ def _backward_linear(
     acc = _acc(x)
     zeros = np.zeros((n, c), dtype=acc)
     a_coef, g_max = zeros, zeros
-    inv = _inverse(den)[:, None]
-    if kind in ("avg", "avgmax", "catavgmax"):
+    inv = 1.0 if kind == "sum" else _inverse(den)[:, None]
+    if kind in ("avg", "sum", "avgmax", "catavgmax"):
         scale = 0.5 if kind == "avgmax" else 1.0
         a_coef = (g[:, :c] * (scale * inv)).astype(acc)
     if kind in MAX_KINDS:

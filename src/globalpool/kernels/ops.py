@@ -222,7 +222,7 @@ def _setup_context(ctx, inputs, output, *, eager: bool = False) -> None:
     ctx.x_meta = (tuple(x.shape), x.dtype)
     # Python numbers are kept as they are (a float64 GeM exponent stays exact); tensors are saved
     ctx.values = tuple(None if isinstance(v, Tensor) else float(v) for v in (p, eps, r))
-    keep_x = kind != "avg"
+    keep_x = kind not in ("avg", "sum")
     rows = x_rows = None
     if eager and kind in MAX_KINDS and x.is_cpu:
         # the max scatter reads x only at tied maxima: keep just those rows (usually none)
@@ -325,9 +325,9 @@ def _linear_grad(ctx, g: Tensor) -> Tensor:
     g = g.reshape(n, -1).to(_grad_p_dtype(g))
     real = torch.ones(n, length, dtype=torch.bool, device=g.device) if mask is None else mask
     count = real.sum(1, keepdim=True).to(g.dtype)
-    inv = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
+    inv = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0) if kind != "sum" else 1.0
     grad = torch.zeros(n, c, length, dtype=g.dtype, device=g.device)
-    if kind in ("avg", "avgmax", "catavgmax"):
+    if kind in ("avg", "sum", "avgmax", "catavgmax"):
         scale = 0.5 if kind == "avgmax" else 1.0
         coef = g[:, :c] * inv * scale
         grad = grad + torch.where(real.unsqueeze(1), coef.unsqueeze(2), 0.0)
