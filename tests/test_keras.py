@@ -38,7 +38,7 @@ from helpers import (  # noqa: E402
     poison_padded,
 )
 
-POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse")
+POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "sum", "first", "last")
 GLOBAL = {1: gpk.GlobalPooling1D, 2: gpk.GlobalPooling2D, 3: gpk.GlobalPooling3D}
 GEM = {1: gpk.GeMPooling1D, 2: gpk.GeMPooling2D, 3: gpk.GeMPooling3D}
 ATTENTION = {1: gpk.AttentionPooling1D, 2: gpk.AttentionPooling2D, 3: gpk.AttentionPooling3D}

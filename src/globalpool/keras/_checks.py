@@ -26,6 +26,9 @@ KIND_PARAMS: dict[str, dict[str, float]] = {
     "catavgmax": {},
     "gem": {"p": 3.0, "eps": 1e-6},
     "lse": {"r": 1.0},
+    "sum": {},
+    "first": {},
+    "last": {},
 }
 KINDS: tuple[str, ...] = tuple(KIND_PARAMS)
 

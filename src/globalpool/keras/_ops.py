@@ -91,6 +91,41 @@ def attention(x: Any, mask: Any, axes: tuple[int, ...], weights: Any) -> Any:
     return ops.where(positive, y, 0.0)
 
 
+def sum_(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
+    if mask is not None:
+        x = ops.where(mask, x, 0.0)
+    return ops.sum(x, axis=axes, keepdims=True)
+
+
+def _row_major_positions(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """Each position's index in row-major order over ``axes`` (broadcastable to x), and the
+    number of positions."""
+    shape = ops.shape(x)
+    pos, stride = None, 1
+    for a in sorted(axes, reverse=True):
+        size = shape[a]
+        index = ops.reshape(ops.arange(size, dtype="int32"),
+                            [size if i == a else 1 for i in range(len(shape))])
+        pos = index * stride if pos is None else pos + index * stride
+        stride = stride * size
+    return pos, stride
+
+
+def at_end(x: Any, mask: Any, axes: tuple[int, ...], last: bool) -> Any:
+    """The value at the first (``last=False``) or last real position in row-major order: a
+    one-hot selection, so the gradient is 1 there and exactly 0 elsewhere (padding included)."""
+    pos, length = _row_major_positions(x, axes)
+    if mask is None:
+        selected = pos == (length - 1 if last else 0)
+    else:
+        if last:
+            target = ops.max(ops.where(mask, pos, -1), axis=axes, keepdims=True)
+        else:
+            target = ops.min(ops.where(mask, pos, length), axis=axes, keepdims=True)
+        selected = ops.logical_and(mask, pos == target)
+    return ops.sum(ops.where(selected, x, 0.0), axis=axes, keepdims=True)
+
+
 def pool(
     x: Any,
     kind: str,
@@ -122,6 +157,10 @@ def pool(
         y = lse(acc, mask, axes, params["r"])
     elif kind == "attention":
         y = attention(acc, mask, axes, ops.expand_dims(params["weights"], channel_axis))
+    elif kind == "sum":
+        y = sum_(acc, mask, axes)
+    elif kind in ("first", "last"):
+        y = at_end(acc, mask, axes, last=kind == "last")
     else:  # the layers check the kind first
         raise ValueError(f"kind {kind!r} has no keras.ops composition")
     y = ops.cast(y, dtype)
