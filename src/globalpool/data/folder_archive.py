@@ -1,0 +1,136 @@
+"""An image folder inside a tar archive: list its members, then stream the chosen ones' bytes.
+
+Nothing is extracted to disk. The compression (gzip, xz, bzip2 or none) is recognised by the
+file's first bytes, not by its name, and the archive is read as one forward stream through the
+decompressor. The listing pass reads that stream to its very end, so a truncated or corrupt
+archive fails the decompressor's own end-of-stream check (gzip's CRC and length, xz's and
+bzip2's checksums) before a single image is decoded. Only regular members are listed: links,
+devices, absolute or ``..`` names are skipped (their bytes are never read).
+
+>>> import io, tarfile, tempfile
+>>> path = Path(tempfile.mkdtemp()) / "tiny.tar.gz"
+>>> with tarfile.open(path, "w:gz") as tar:
+...     info = tarfile.TarInfo("top/cat/a.png"); info.size = 3
+...     tar.addfile(info, io.BytesIO(b"abc"))
+>>> listing = list_archive(path)
+>>> sorted(listing.files), sorted(listing.dirs)
+([('top', 'cat', 'a.png')], [('top',), ('top', 'cat')])
+>>> [(parts, data) for parts, data in stream_members(path, {("top", "cat", "a.png")})]
+[(('top', 'cat', 'a.png'), b'abc')]
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import dataclasses
+import gzip
+import lzma
+import os
+import tarfile
+import zlib
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import DatasetError
+
+Parts = tuple[str, ...]
+
+# First bytes of each compressed format that tarfile's own "r:*" mode also understands.
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"))
+# What a damaged archive raises, depending on where the damage is and how it is compressed.
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveListing:
+    """The regular members (``files``) and directories (``dirs``, listed or implied by a member's
+    path) of an archive, as tuples of path components without ``.`` or empty parts."""
+
+    path: Path
+    files: frozenset[Parts]
+    dirs: frozenset[Parts]
+
+
+def member_parts(name: str) -> Parts | None:
+    """A member name as path components; ``None`` for names that leave the archive root.
+
+    >>> member_parts("./train//cat/1.png"), member_parts("../etc/passwd"), member_parts("/")
+    (('train', 'cat', '1.png'), None, None)
+    """
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    return None if not parts or ".." in parts else parts
+
+
+@contextlib.contextmanager
+def _members(path: Path, action: str) -> Iterator[tuple[Any, IO[bytes], list[str]]]:
+    """Open ``path`` as a forward tar stream; any read failure becomes one :class:`DatasetError`.
+
+    Yields the tarfile, the decompressed stream under it and a one-item list the caller keeps
+    the name of the member being read in (the error says where the damage was found).
+    """
+    current: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(open(path, "rb"))
+            head = raw.read(6)
+            raw.seek(0)
+            kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+            stream: IO[bytes] = raw
+            if kind == "gzip":
+                stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+            elif kind == "xz":
+                stream = stack.enter_context(lzma.LZMAFile(raw, mode="rb"))
+            elif kind == "bzip2":
+                stream = stack.enter_context(bz2.BZ2File(raw, mode="rb"))
+            archive = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+            yield archive, stream, current
+    except DatasetError:
+        raise
+    except _READ_ERRORS as err:
+        reason = f"{type(err).__name__}: {err}"
+        if not current and isinstance(err, tarfile.ReadError):
+            raise DatasetError(f"folder: {path} is not a tar archive ({reason})") from err
+        near = f" near member {current[0]}" if current else ""
+        raise DatasetError(
+            f"folder: cannot {action} archive {path}: truncated or corrupt{near} ({reason})"
+        ) from err
+
+
+def list_archive(path: str | os.PathLike[str]) -> ArchiveListing:
+    """Every regular member and directory of the tar archive at ``path``, read to its end."""
+    path = Path(path)
+    files: set[Parts] = set()
+    dirs: set[Parts] = set()
+    with _members(path, "list") as (archive, stream, current):
+        for member in archive:
+            current[:] = [member.name]
+            parts = member_parts(member.name)
+            if parts is None or not (member.isfile() or member.isdir()):
+                continue
+            (files if member.isfile() else dirs).add(parts)
+            dirs.update(parts[:i] for i in range(1, len(parts)))
+        # Past the tar end marker: read the rest so the decompressor checks its trailer.
+        while stream.read(1 << 20):
+            pass
+    return ArchiveListing(path, frozenset(files), frozenset(dirs))
+
+
+def stream_members(
+    path: str | os.PathLike[str], wanted: Collection[Parts]
+) -> Iterator[tuple[Parts, bytes]]:
+    """Yield ``(parts, bytes)`` of each regular member in ``wanted``, in archive order.
+
+    A name stored twice is yielded twice (the later copy wins, as when extracting).
+    """
+    path = Path(path)
+    wanted = set(wanted)
+    with _members(path, "read") as (archive, _, current):
+        for member in archive:
+            current[:] = [member.name]
+            parts = member_parts(member.name)
+            if parts in wanted and member.isfile():
+                stream = archive.extractfile(member)
+                if stream is not None:
+                    yield parts, stream.read()
