@@ -580,6 +580,10 @@ def test_folder_archive_cache_hit_decodes_nothing(
         other.x_test, first.x_test
     )
     assert sorted(other.y_test.tolist()) == sorted(first.y_test.tolist())
+    # ... and are standardised by their own training set, not by the cached statistics.
+    with np.load(entry) as f:
+        assert str(f["stats_for"]) == "0.2 0" and f["stats"].tolist()[0] == first.info["mean"]
+    assert other.info["mean"] != first.info["mean"]
     # Another image size is another entry (and is decoded).
     with pytest.raises(AssertionError, match="decoded although cached"):
         load_folder(archive, image_size=4, cache_dir=cache / "folder")
@@ -612,7 +616,7 @@ def test_folder_archive_cache_follows_the_content(
     entry = cache / Path(second.info["cache_file"]).name
     entry.write_bytes(b"not an npz")
     _assert_same(load_folder(archive, image_size=8, cache_dir=cache), second)
-    assert len(decoded) == 36 and np.load(entry)["images"].shape == (18, 8, 8, 3)
+    assert len(decoded) == 36 and np.load(entry)["images"].shape == (18, 3, 8, 8)
 
 
 def test_folder_directory_cache_follows_its_files(

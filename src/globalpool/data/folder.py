@@ -25,6 +25,7 @@ a new key, so a stale entry is never used; an unwritable cache only warns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -161,14 +162,14 @@ def _decode(source: Path | IO[bytes], size: int, where: str) -> np.ndarray:
     try:
         with Image.open(source) as img:
             rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         reason = f"{type(err).__name__}: {err}"
         raise DatasetError(f"folder: cannot read image {where} ({reason})") from err
 
 
 def _decode_dir(tree: _DirTree, entries: list[Entry], size: int) -> np.ndarray:
-    images = np.empty((len(entries), size, size, 3), dtype=np.uint8)
+    images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     for i, (parts, _, _) in enumerate(entries):
         path = tree.root.joinpath(*parts)
         images[i] = _decode(path, size, str(path))
@@ -176,7 +177,7 @@ def _decode_dir(tree: _DirTree, entries: list[Entry], size: int) -> np.ndarray:
 
 
 def _decode_archive(tree: _ArchiveTree, entries: list[Entry], size: int) -> np.ndarray:
-    images = np.empty((len(entries), size, size, 3), dtype=np.uint8)
+    images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     index = {tree.member(parts): i for i, (parts, _, _) in enumerate(entries)}
     seen = np.zeros(len(entries), dtype=bool)
     for member, data in stream_members(tree.path, index):
@@ -229,8 +230,11 @@ def _split(entry: Decoded, test_fraction: float, split_seed: int) -> tuple[np.nd
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.float32) / 255.0
+def _to_float(images: np.ndarray, index: np.ndarray) -> torch.Tensor:
+    """``images[index]`` on the [0, 1] scale; a run of consecutive indices is read as a view."""
+    run = len(index) > 0 and index[-1] - index[0] == len(index) - 1
+    chosen = images[index[0] : index[-1] + 1] if run else images[index]
+    return torch.from_numpy(chosen).to(torch.float32).div_(255.0)
 
 
 def load_folder(
@@ -286,18 +290,23 @@ def load_folder(
         else:
             images = _decode_dir(dir_tree, entries, image_size)
         entry = _decoded(names, entries, layout, images)
-        if where is not None:
-            write_cache(where, entry, key=key)
 
     train, test = _split(entry, test_fraction, split_seed)
-    x_train = _to_float(entry.images[train])
-    x_test = _to_float(entry.images[test])
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = (
-        x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-        if len(train) > 1
-        else torch.ones_like(mean)
-    )
+    x_train = _to_float(entry.images, train)
+    x_test = _to_float(entry.images, test)
+    split_name = entry.layout if entry.layout == "train/test" else f"{test_fraction!r} {split_seed}"
+    if entry.stats is not None and entry.stats_for == split_name:
+        mean, std = (torch.from_numpy(s.copy()).view(1, 3, 1, 1) for s in entry.stats)
+    else:
+        mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+        std = (
+            x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+            if len(train) > 1
+            else torch.ones_like(mean)
+        )
+    if not hit and where is not None:
+        stats = torch.cat([mean, std]).view(2, 3).numpy()
+        write_cache(where, dataclasses.replace(entry, stats=stats, stats_for=split_name), key=key)
     info = {
         "root": str(root),
         "source": source,
@@ -312,9 +321,9 @@ def load_folder(
         info["sha256"] = key
     return Dataset(
         name=f"folder:{root}",
-        x_train=(x_train - mean) / std,
+        x_train=x_train.sub_(mean).div_(std),
         y_train=torch.from_numpy(entry.labels[train]),
-        x_test=(x_test - mean) / std,
+        x_test=x_test.sub_(mean).div_(std),
         y_test=torch.from_numpy(entry.labels[test]),
         num_classes=len(entry.class_names),
         spatial_rank=2,

@@ -1,16 +1,18 @@
 """The decoded images of a ``folder:`` dataset, cached as one ``.npz`` so later loads skip Pillow.
 
-A cache file holds the uint8 pixels ``(N, S, S, 3)`` of every image the layout uses, their
+A cache file holds the uint8 pixels ``(N, 3, S, S)`` of every image the layout uses, their
 labels, which split each belongs to (train, test, or "split later" for a ``PATH/<class>/*``
-folder, whose 80/20 split is drawn after loading), the class names, the layout and the key it
-was made for. The file name names the source (an archive's sha256, a directory's path) and the
-image size; the whole key is checked on reading, and a file that does not fit (other key, shape
-or version, unreadable) is a miss: decoded again and replaced, so one source keeps one file.
-Files are written to a temporary name and renamed, so a reader never sees a partial file; a
-cache that cannot be written is a warning, never a failure.
+folder, whose 80/20 split is drawn after loading), the class names, the layout, the key it
+was made for, and the training set's per-channel mean and std with the split they belong to
+(a std over 150 million floats takes longer than reading the whole file). The file name names
+the source (an archive's sha256, a directory's path) and the image size; the whole key is
+checked on reading, and a file that does not fit (other key, shape or version, unreadable) is
+a miss: decoded again and replaced, so one source keeps one file. Files are written to a
+temporary name and renamed, so a reader never sees a partial file; a cache that cannot be
+written is a warning, never a failure.
 
 >>> import tempfile
->>> images = np.zeros((2, 4, 4, 3), np.uint8)
+>>> images = np.zeros((2, 3, 4, 4), np.uint8)
 >>> entry = Decoded(images, np.array([0, 1]), np.array([TRAIN, TEST], np.int8),
 ...                 ("cat", "dog"), "train/test")
 >>> path = cache_file(Path(tempfile.mkdtemp()), "tar", "ab" * 32, 4)  # ident: hex digest
@@ -43,13 +45,19 @@ LAYOUTS = ("train/test", "split")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decoded:
-    """Decoded images (uint8 ``(N, S, S, 3)``), their labels, splits and the class names."""
+    """Decoded images (uint8 ``(N, 3, S, S)``), their labels, splits and the class names.
+
+    ``stats``: float32 ``(2, 3)``, the per-channel mean and std of the training images on the
+    [0, 1] scale, for the split named ``stats_for`` (``""``: none).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     splits: np.ndarray
     class_names: tuple[str, ...]
     layout: str
+    stats: np.ndarray | None = None
+    stats_for: str = ""
 
 
 def cache_file(cache_dir: Path, kind: str, ident: str, image_size: int) -> Path:
@@ -74,6 +82,8 @@ def read_cache(path: Path, *, key: str, image_size: int) -> Decoded | None:
             splits=arrays["splits"],
             class_names=tuple(str(n) for n in arrays["class_names"].tolist()),
             layout=str(arrays["layout"]),
+            stats=arrays["stats"],
+            stats_for=str(arrays["stats_for"]),
         )
         made_for = (str(arrays["key"]), int(arrays["version"]))
     except (KeyError, TypeError, ValueError):
@@ -82,7 +92,7 @@ def read_cache(path: Path, *, key: str, image_size: int) -> Decoded | None:
     fits = (
         made_for == (key, FORMAT_VERSION)
         and entry.images.dtype == np.uint8
-        and entry.images.shape == (n, image_size, image_size, 3)
+        and entry.images.shape == (n, 3, image_size, image_size)
         and entry.labels.shape == (n,)
         and entry.splits.shape == (n,)
         and n > 0
@@ -90,6 +100,9 @@ def read_cache(path: Path, *, key: str, image_size: int) -> Decoded | None:
         and int(entry.labels.min()) >= 0
         and int(entry.labels.max()) < len(entry.class_names)
         and set(np.unique(entry.splits).tolist()) <= {TRAIN, TEST, UNSPLIT}
+        and entry.stats is not None
+        and entry.stats.dtype == np.float32
+        and entry.stats.shape == (2, 3)
     )
     return entry if fits else None
 
@@ -108,6 +121,8 @@ def write_cache(path: Path, entry: Decoded, *, key: str) -> bool:
                 splits=entry.splits.astype(np.int8),
                 class_names=np.array(entry.class_names, dtype=str),
                 layout=np.array(entry.layout),
+                stats=np.zeros((2, 3), np.float32) if entry.stats is None else entry.stats,
+                stats_for=np.array(entry.stats_for if entry.stats is not None else ""),
                 key=np.array(key),
                 version=np.array(FORMAT_VERSION),
             )
