@@ -28,6 +28,8 @@ MODULES = [
     "globalpool.bench.report",
     "globalpool.compose",
     "globalpool.contract",
+    "globalpool.data.folder_archive",
+    "globalpool.data.folder_cache",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",
