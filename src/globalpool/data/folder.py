@@ -64,12 +64,12 @@ class _DirTree:
         self.root = root
 
     def subdirs(self, at: Parts) -> list[str]:
-        base = self.root.joinpath(*at)
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with os.scandir(self.root.joinpath(*at)) as found:
+            return sorted(e.name for e in found if e.is_dir() and not e.name.startswith("."))
 
     def images(self, at: Parts) -> list[str]:
-        base = self.root.joinpath(*at)
-        return sorted(p.name for p in base.iterdir() if p.is_file() and _is_image(p.name))
+        with os.scandir(self.root.joinpath(*at)) as found:
+            return sorted(e.name for e in found if _is_image(e.name) and e.is_file())
 
     def where(self, at: Parts) -> str:
         return str(self.root.joinpath(*at))
@@ -204,8 +204,9 @@ def _sha256_file(path: Path) -> str:
 def _dir_key(root: Path, entries: list[Entry]) -> str:
     """Hash of the directory and the name, size, mtime and ctime of each image used."""
     digest = hashlib.sha256(f"{root.resolve()}\0".encode())
+    base = str(root)
     for parts, _, _ in entries:
-        st = os.stat(root.joinpath(*parts))
+        st = os.stat(os.path.join(base, *parts))
         digest.update(
             f"{'/'.join(parts)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode()
         )
@@ -268,8 +269,12 @@ def load_folder(
     if root.is_dir():
         source = "directory"
         dir_tree = _DirTree(root)
-        names, entries, layout = _plan(dir_tree, test_fraction)
-        key = _dir_key(root, entries)
+        try:
+            names, entries, layout = _plan(dir_tree, test_fraction)
+            key = _dir_key(root, entries)
+        except OSError as err:
+            reason = f"{type(err).__name__}: {err}"
+            raise DatasetError(f"folder: cannot list the images in {root} ({reason})") from err
         ident = hashlib.sha256(str(root.resolve()).encode()).hexdigest()
     elif root.is_file():
         source = "archive"

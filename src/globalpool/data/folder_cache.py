@@ -72,8 +72,11 @@ def read_cache(path: Path, *, key: str, image_size: int) -> Decoded | None:
     """The entry at ``path`` if it exists, is readable and was made for ``key``; else ``None``."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            # The key first: a stale entry is rejected without reading its pixels.
+            if (str(f["key"]), int(f["version"])) != (key, FORMAT_VERSION):
+                return None
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile):
         return None
     try:
         entry = Decoded(
@@ -85,13 +88,11 @@ def read_cache(path: Path, *, key: str, image_size: int) -> Decoded | None:
             stats=arrays["stats"],
             stats_for=str(arrays["stats_for"]),
         )
-        made_for = (str(arrays["key"]), int(arrays["version"]))
     except (KeyError, TypeError, ValueError):
         return None
     n = len(entry.images)
     fits = (
-        made_for == (key, FORMAT_VERSION)
-        and entry.images.dtype == np.uint8
+        entry.images.dtype == np.uint8
         and entry.images.shape == (n, 3, image_size, image_size)
         and entry.labels.shape == (n,)
         and entry.splits.shape == (n,)
