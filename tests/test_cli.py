@@ -225,6 +225,12 @@ def test_compare_reads_a_folder_archive_and_caches_it(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     (entry,) = (tmp_path / "cache" / "folder").iterdir()
     assert entry.name.startswith("tar-") and entry.suffix == ".npz"
+    # A cache dir that cannot be made is a warning; the run goes on.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="could not cache the decoded images"):
+        result = invoke(*args[:-1], str(tmp_path / "out2"))
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt-member"])
