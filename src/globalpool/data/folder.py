@@ -18,9 +18,11 @@ channel with the training set's mean and std.
 The decoded uint8 pixels are cached (:mod:`globalpool.data.folder_cache`) in ``cache_dir``
 (default ``default_cache_dir() / "folder"``), one ``.npz`` per source and image size. An archive
 is keyed by the sha256 of its bytes, a directory by its path and the relative name, size, mtime
-and ctime of every image it uses (a rewritten file always gets a new ctime), both also by the
-image size and the cache format version. Any other change, even one that keeps the layout, is
-a new key, so a stale entry is never used; an unwritable cache only warns.
+and ctime of every image it uses (a rewritten file always gets a new ctime, even when its size
+and mtime are kept), both also by the image size and the cache format version. Any change to
+the archive's bytes or to the images is a new key, so a stale entry is never used; the new one
+replaces it. The training set's mean and std are cached with the pixels. An unwritable cache
+only warns.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import IO, Protocol
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from .dataset import Dataset, check_seed, default_cache_dir, subsample_indices
 from .errors import DatasetError
@@ -238,6 +241,17 @@ def _to_float(images: np.ndarray, index: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(chosen).to(torch.float32).div_(255.0)
 
 
+def _train_stats(entry: Decoded, split_name: str, x_train: torch.Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std ``(1, 3, 1, 1)`` of ``x_train``; cached ones if for this split."""
+    if entry.stats is not None and entry.stats_for == split_name:
+        mean, std = (torch.from_numpy(row.copy()).view(1, 3, 1, 1) for row in entry.stats)
+        return mean, std
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    if len(x_train) < 2:
+        return mean, torch.ones_like(mean)
+    return mean, x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def load_folder(
     path: str | os.PathLike[str],
     *,
@@ -280,9 +294,7 @@ def load_folder(
         source = "archive"
         key = ident = _sha256_file(root)
     else:
-        raise DatasetError(
-            f"folder: {root} is not a directory or a tar archive (.tar, .tar.gz, .tgz, .tar.xz)"
-        )
+        raise DatasetError(f"folder: {root} is not a directory or a tar archive file")
     kind = "tar" if source == "archive" else "dir"
     where = cache_file(cache_root.expanduser(), kind, ident, image_size) if cache else None
     entry = read_cache(where, key=key, image_size=image_size) if where else None
@@ -300,15 +312,7 @@ def load_folder(
     x_train = _to_float(entry.images, train)
     x_test = _to_float(entry.images, test)
     split_name = entry.layout if entry.layout == "train/test" else f"{test_fraction!r} {split_seed}"
-    if entry.stats is not None and entry.stats_for == split_name:
-        mean, std = (torch.from_numpy(s.copy()).view(1, 3, 1, 1) for s in entry.stats)
-    else:
-        mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-        std = (
-            x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-            if len(train) > 1
-            else torch.ones_like(mean)
-        )
+    mean, std = _train_stats(entry, split_name, x_train)
     if not hit and where is not None:
         stats = torch.cat([mean, std]).view(2, 3).numpy()
         write_cache(where, dataclasses.replace(entry, stats=stats, stats_for=split_name), key=key)
