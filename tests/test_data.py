@@ -668,11 +668,18 @@ def _damaged_archives(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     plain = _tar(tmp_path / "src", tmp_path / "good.tar", mode="w:").read_bytes()
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        header = [m.offset for m in tar.getmembers()][len(tar.getmembers()) // 2]
+    bad_header = bytearray(plain)
+    bad_header[header + 3] ^= 0x55  # in the member's name: the header checksum fails
     cases = {
         "truncated": (good[: len(good) // 2], "truncated or corrupt near member"),
         "trailer-cut": (good[:-3], "truncated or corrupt .*EOFError"),
         "bit-flip": (bytes(flipped), "truncated or corrupt"),
         "tar-truncated": (plain[: len(plain) // 2 + 100], "truncated or corrupt"),
+        "tar-cut-between-members": (plain[:header], "truncated or corrupt after member"),
+        "tar-bad-header": (bytes(bad_header), "truncated or corrupt after member"),
+        "tar-trailing-data": (plain + b"more" * 200, "something other than padding"),
         "not-a-tar": (b"just some text\n" * 100, "is not a tar archive"),
         "empty": (b"", "is not a tar archive"),
     }

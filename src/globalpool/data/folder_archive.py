@@ -4,7 +4,9 @@ Nothing is extracted to disk. The compression (gzip, xz, bzip2 or none) is recog
 file's first bytes, not by its name, and the archive is read as one forward stream through the
 decompressor. The listing pass reads that stream to its very end, so a truncated or corrupt
 archive fails the decompressor's own end-of-stream check (gzip's CRC and length, xz's and
-bzip2's checksums) before a single image is decoded. Only regular members are listed: links,
+bzip2's checksums) before a single image is decoded; the members must also end at the tar
+end-of-archive block (a plain ``.tar`` cut between members or with a damaged header would
+otherwise just look shorter). Only regular members are listed: links,
 devices, absolute or ``..`` names are skipped (their bytes are never read).
 
 >>> import io, tarfile, tempfile
@@ -103,7 +105,7 @@ def list_archive(path: str | os.PathLike[str]) -> ArchiveListing:
     path = Path(path)
     files: set[Parts] = set()
     dirs: set[Parts] = set()
-    with _members(path, "list") as (archive, stream, current):
+    with _members(path, "list") as (archive, _, current):
         for member in archive:
             current[:] = [member.name]
             parts = member_parts(member.name)
@@ -111,9 +113,20 @@ def list_archive(path: str | os.PathLike[str]) -> ArchiveListing:
                 continue
             (files if member.isfile() else dirs).add(parts)
             dirs.update(parts[:i] for i in range(1, len(parts)))
-        # Past the tar end marker: read the rest so the decompressor checks its trailer.
-        while stream.read(1 << 20):
-            pass
+        # tarfile also stops, silently, at a cut or a damaged header: make sure it stopped at
+        # the end-of-archive block, with only zero padding after it. Reading that tail to its
+        # end also makes the decompressor check its trailer.
+        tail = archive.fileobj
+        at_marker = tail.tell() - archive.offset == tarfile.BLOCKSIZE
+        padding_only = True
+        while block := tail.read(1 << 20):
+            padding_only = padding_only and not block.strip(b"\0")
+        if not (at_marker and padding_only):
+            where = f" after member {current[0]}" if current else ""
+            raise DatasetError(
+                f"folder: cannot list archive {path}: truncated or corrupt{where} (the members "
+                "end without the end-of-archive block, or something other than padding follows)"
+            )
     return ArchiveListing(path, frozenset(files), frozenset(dirs))
 
 
