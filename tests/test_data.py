@@ -521,7 +521,7 @@ def test_folder_archive_gives_the_arrays_of_the_extracted_directory(
     torch.testing.assert_close(from_tar.x_train[0] * std + mean, expected)
 
 
-def test_folder_archive_skips_links_and_names_outside_it(tmp_path: Path) -> None:
+def test_folder_archive_skips_links_and_outside_names_and_reads_the_later_duplicate(tmp_path: Path) -> None:
     _write_tree(tmp_path / "src", "train/test")
     archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz")
     with tarfile.open(archive, "r:gz") as tar:
@@ -534,6 +534,12 @@ def test_folder_archive_skips_links_and_names_outside_it(tmp_path: Path) -> None
         else:
             info.type, info.linkname = kind, "0.png"
         extra.append((info, b"junk" if kind is None else None))
+    # A name stored twice: the later copy is the one extracting would leave.
+    again = (tmp_path / "src" / "train" / "dog" / "0.png").read_bytes()
+    info = tarfile.TarInfo("./train/cat/0.png")
+    info.size = len(again)
+    extra.append((info, again))
+    (tmp_path / "src" / "train" / "cat" / "0.png").write_bytes(again)
     with tarfile.open(archive, "w:gz") as tar:
         for member, data in [*members, *extra]:
             tar.addfile(member, io.BytesIO(data) if data is not None else None)

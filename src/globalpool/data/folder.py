@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .dataset import Dataset, check_seed, default_cache_dir, subsample_indices
 from .errors import DatasetError
-from .folder_archive import ArchiveListing, Parts, list_archive, stream_members
+from .folder_archive import ArchiveListing, Parts, list_archive, read_members
 from .folder_cache import TEST, TRAIN, UNSPLIT, Decoded, cache_file, read_cache, write_cache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -80,6 +80,7 @@ class _DirTree:
 
 class _ArchiveTree:
     def __init__(self, listing: ArchiveListing) -> None:
+        self.listing = listing
         self.path = listing.path
         self._dirs: dict[Parts, set[str]] = defaultdict(set)
         self._files: dict[Parts, set[str]] = defaultdict(set)
@@ -182,14 +183,9 @@ def _decode_dir(tree: _DirTree, entries: list[Entry], size: int) -> np.ndarray:
 def _decode_archive(tree: _ArchiveTree, entries: list[Entry], size: int) -> np.ndarray:
     images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     index = {tree.member(parts): i for i, (parts, _, _) in enumerate(entries)}
-    seen = np.zeros(len(entries), dtype=bool)
-    for member, data in stream_members(tree.path, index):
+    for member, data in read_members(tree.listing, index):
         where = f"{'/'.join(member)} in {tree.path}"
         images[index[member]] = _decode(io.BytesIO(data), size, where)
-        seen[index[member]] = True
-    if not seen.all():
-        lost = "/".join(tree.member(entries[int(np.argmin(seen))][0]))
-        raise DatasetError(f"folder: {lost} vanished from {tree.path} while it was being read")
     return images
 
 
