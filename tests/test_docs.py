@@ -30,6 +30,7 @@ MODULES = [
     "globalpool.contract",
     "globalpool.data.folder_archive",
     "globalpool.data.folder_cache",
+    "globalpool.data.folder_layout",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",

@@ -1,6 +1,7 @@
 """folder:PATH — an ImageFolder-style directory of images, or a tar archive of one, via Pillow.
 
-Accepted layouts (class = sub-directory name, classes sorted by name):
+Accepted layouts (class = sub-directory name, classes sorted by name; the rules are in
+:mod:`globalpool.data.folder_layout`):
 
 - ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (``val/`` is accepted for ``test/``);
 - ``PATH/<class>/*``: split per class, deterministically, 80/20 into train and test.
@@ -31,9 +32,8 @@ import dataclasses
 import hashlib
 import io
 import os
-from collections import defaultdict
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 import numpy as np
 import torch
@@ -42,124 +42,11 @@ from torch import Tensor
 
 from .dataset import Dataset, check_seed, default_cache_dir, subsample_indices
 from .errors import DatasetError
-from .folder_archive import ArchiveListing, Parts, list_archive, read_members
-from .folder_cache import TEST, TRAIN, UNSPLIT, Decoded, cache_file, read_cache, write_cache
+from .folder_archive import list_archive, read_members
+from .folder_cache import TEST, Decoded, cache_file, read_cache, write_cache
+from .folder_layout import IMAGE_EXTENSIONS, ArchiveTree, DirTree, Entry, plan_layout
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-TEST_DIR_NAMES = ("test", "val")
-Entry = tuple[Parts, int, int]  # (path below the root, label, TRAIN / TEST / UNSPLIT)
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-class _Tree(Protocol):
-    """What the layout rules look at: sub-directories and images below the root, by parts."""
-
-    def subdirs(self, at: Parts) -> list[str]: ...
-    def images(self, at: Parts) -> list[str]: ...
-    def where(self, at: Parts) -> str: ...
-
-
-class _DirTree:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def subdirs(self, at: Parts) -> list[str]:
-        with os.scandir(self.root.joinpath(*at)) as found:
-            return sorted(e.name for e in found if e.is_dir() and not e.name.startswith("."))
-
-    def images(self, at: Parts) -> list[str]:
-        with os.scandir(self.root.joinpath(*at)) as found:
-            return sorted(e.name for e in found if _is_image(e.name) and e.is_file())
-
-    def where(self, at: Parts) -> str:
-        return str(self.root.joinpath(*at))
-
-
-class _ArchiveTree:
-    def __init__(self, listing: ArchiveListing) -> None:
-        self.listing = listing
-        self.path = listing.path
-        self._dirs: dict[Parts, set[str]] = defaultdict(set)
-        self._files: dict[Parts, set[str]] = defaultdict(set)
-        for parts in listing.dirs:
-            self._dirs[parts[:-1]].add(parts[-1])
-        for parts in listing.files:
-            self._files[parts[:-1]].add(parts[-1])
-        self.prefix: Parts = ()
-        top = self.subdirs(())
-        if len(top) == 1 and top[0] not in ("train", *TEST_DIR_NAMES):
-            self.prefix = (top[0],)  # one wrapper directory: the layout is inside it
-
-    def member(self, at: Parts) -> Parts:
-        return self.prefix + at
-
-    def subdirs(self, at: Parts) -> list[str]:
-        return sorted(n for n in self._dirs.get(self.member(at), ()) if not n.startswith("."))
-
-    def images(self, at: Parts) -> list[str]:
-        return sorted(n for n in self._files.get(self.member(at), ()) if _is_image(n))
-
-    def where(self, at: Parts) -> str:
-        inner = "/".join(self.member(at))
-        return f"{self.path}:{inner}" if inner else str(self.path)
-
-
-def _scan(tree: _Tree, at: Parts) -> dict[str, list[str]]:
-    classes = {name: tree.images((*at, name)) for name in tree.subdirs(at)}
-    if not classes:
-        raise DatasetError(f"folder: no class sub-directories in {tree.where(at)}")
-    for name, files in classes.items():
-        if not files:
-            raise DatasetError(
-                f"folder: class directory {tree.where((*at, name))} has no images "
-                f"({', '.join(IMAGE_EXTENSIONS)})"
-            )
-    return classes
-
-
-def _plan(tree: _Tree, test_fraction: float) -> tuple[list[str], list[Entry], str]:
-    """Class names, every image the layout uses (in load order) and the layout's name."""
-    top = tree.subdirs(())
-    test_name = next((n for n in TEST_DIR_NAMES if n in top), None)
-    if "train" in top or test_name is not None:
-        if "train" not in top or test_name is None:
-            raise DatasetError(
-                f"folder: {tree.where(())} needs both train/ and test/ (or val/) "
-                f"sub-directories, or neither (then it is split "
-                f"{1 - test_fraction:.0%}/{test_fraction:.0%})"
-            )
-        train_classes = _scan(tree, ("train",))
-        test_classes = _scan(tree, (test_name,))
-        unknown = sorted(set(test_classes) - set(train_classes))
-        if unknown:
-            raise DatasetError(
-                f"folder: classes {unknown} in {tree.where((test_name,))} are not in "
-                f"{tree.where(('train',))}"
-            )
-        names = sorted(train_classes)
-        index = {n: i for i, n in enumerate(names)}
-        entries = [(("train", c, f), index[c], TRAIN) for c in names for f in train_classes[c]]
-        entries += [
-            ((test_name, c, f), index[c], TEST)
-            for c in sorted(test_classes)
-            for f in test_classes[c]
-        ]
-        layout = "train/test"
-    else:
-        classes = _scan(tree, ())
-        names = sorted(classes)
-        entries = [((c, f), i, UNSPLIT) for i, c in enumerate(names) for f in classes[c]]
-        if len(entries) < 2:
-            raise DatasetError(
-                f"folder: {tree.where(())} needs at least 2 images to split, got {len(entries)}"
-            )
-        layout = "split"
-    if len(names) < 2:
-        raise DatasetError(f"folder: {tree.where(())} has {len(names)} class; need at least 2")
-    return names, entries, layout
+__all__ = ["IMAGE_EXTENSIONS", "load_folder"]
 
 
 def _decode(source: Path | IO[bytes], size: int, where: str) -> np.ndarray:
@@ -172,7 +59,7 @@ def _decode(source: Path | IO[bytes], size: int, where: str) -> np.ndarray:
         raise DatasetError(f"folder: cannot read image {where} ({reason})") from err
 
 
-def _decode_dir(tree: _DirTree, entries: list[Entry], size: int) -> np.ndarray:
+def _decode_dir(tree: DirTree, entries: list[Entry], size: int) -> np.ndarray:
     images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     for i, (parts, _, _) in enumerate(entries):
         path = tree.root.joinpath(*parts)
@@ -180,7 +67,7 @@ def _decode_dir(tree: _DirTree, entries: list[Entry], size: int) -> np.ndarray:
     return images
 
 
-def _decode_archive(tree: _ArchiveTree, entries: list[Entry], size: int) -> np.ndarray:
+def _decode_archive(tree: ArchiveTree, entries: list[Entry], size: int) -> np.ndarray:
     images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     index = {tree.member(parts): i for i, (parts, _, _) in enumerate(entries)}
     for member, data in read_members(tree.listing, index):
@@ -278,9 +165,9 @@ def load_folder(
 
     if root.is_dir():
         source = "directory"
-        dir_tree = _DirTree(root)
+        dir_tree = DirTree(root)
         try:
-            names, entries, layout = _plan(dir_tree, test_fraction)
+            names, entries, layout = plan_layout(dir_tree, test_fraction)
             key = _dir_key(root, entries)
         except OSError as err:
             reason = f"{type(err).__name__}: {err}"
@@ -297,8 +184,8 @@ def load_folder(
     hit = entry is not None
     if entry is None:
         if source == "archive":
-            tree = _ArchiveTree(list_archive(root))
-            names, entries, layout = _plan(tree, test_fraction)
+            tree = ArchiveTree(list_archive(root))
+            names, entries, layout = plan_layout(tree, test_fraction)
             images = _decode_archive(tree, entries, image_size)
         else:
             images = _decode_dir(dir_tree, entries, image_size)
