@@ -12,7 +12,9 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from globalpool.bench import command as bench_command
@@ -186,3 +188,62 @@ def test_download_fetches_into_the_cache_or_data_dir(tmp_path, monkeypatch, expl
     assert (root / "cifar-10-batches-py" / "test_batch").is_file()
     again = invoke(*TINY_CIFAR, *where, "--out", str(tmp_path / "out"))  # found, no download
     assert again.exit_code == 0, again.output
+
+
+# --- compare --dataset folder:ARCHIVE ----------------------------------------------------------
+
+
+def _image_archive(tmp_path: Path, broken: bool = False) -> Path:
+    """A tar.gz of PATH/train|test/<class>/*.png inside a wrapper directory, as CIFAR-10 JPEGs."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src" / "tiny"
+    for split, n in [("train", 6), ("test", 2)]:
+        for name in ("cat", "dog"):
+            (src / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(src / split / name / f"{i}.png")
+    if broken:
+        (src / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="tiny")
+    return archive
+
+
+TINY_FOLDER = [
+    "compare", "--model", "cnn2d", "--heads", "avg", "--seeds", "1", "--epochs", "1",
+    "--batch-size", "8", "--workers", "1", "--threads", "1",
+]  # fmt: skip
+
+
+def test_compare_reads_a_folder_archive_and_caches_it(tmp_path, monkeypatch):
+    archive = _image_archive(tmp_path)
+    monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*TINY_FOLDER, "--dataset", f"folder:{archive}", "--out", str(tmp_path / "out")]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    (entry,) = (tmp_path / "cache" / "folder").iterdir()
+    assert entry.name.startswith("tar-") and entry.suffix == ".npz"
+    # A cache dir that cannot be made is a warning; the run goes on.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="could not cache the decoded images"):
+        result = invoke(*args[:-1], str(tmp_path / "out2"))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt-member"])
+def test_compare_damaged_folder_archive_is_one_error_line(tmp_path, monkeypatch, damage):
+    archive = _image_archive(tmp_path, broken=damage == "corrupt-member")
+    if damage == "truncated":
+        archive.write_bytes(archive.read_bytes()[:-200])
+        expected = f"Error: folder: cannot list archive {archive}: truncated or corrupt"
+    else:
+        expected = f"Error: folder: cannot read image tiny/train/dog/bad.png in {archive} ("
+    monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*TINY_FOLDER, "--dataset", f"folder:{archive}", "--out", str(tmp_path / "out")]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert _one_error_line(result).startswith(expected)
+    assert not (tmp_path / "cache" / "folder").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import pickle
 import random
 import tarfile
@@ -27,6 +29,7 @@ from globalpool.data import (
     write_cifar10_fixture,
 )
 from globalpool.data import cifar10 as cifar10_module
+from globalpool.data import folder as folder_module
 from globalpool.data.digits_shifted import split_indices
 
 
@@ -443,3 +446,270 @@ def test_bad_load_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(DatasetError, match=message) as err:
         load_dataset("digits-shifted", **kwargs)
     _one_line(err)
+
+
+# ---------------------------------------------------------------- folder: tar archives, cache
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No test here writes to the user's cache: ``default_cache_dir()`` is a fresh directory."""
+    monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def _write_tree(root: Path, layout: str, seed: int = 0) -> None:
+    """A few noisy 9x7 JPEGs and PNGs per class, plus files every loader must skip."""
+    rng = np.random.default_rng(seed)
+    splits = [("train", 4), ("test", 2)] if layout == "train/test" else [("", 5)]
+    for split, n in splits:
+        for c, name in enumerate(["cat", "dog", "emu"]):
+            for i in range(n):
+                pixels = rng.integers(0, 64, (7, 9, 3), dtype=np.uint8) + np.uint8(60 * c)
+                path = root / split / name / f"{i}.{'jpg' if i % 2 else 'png'}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+            (root / split / name / "notes.txt").write_text("not an image")
+            (root / split / name / "._0.png").write_bytes(b"AppleDouble, hidden")
+    (root / "README.md").write_text("top-level files are ignored")
+
+
+def _tar(src: Path, target: Path, *, wrapper: str | None = None, mode: str = "w:gz") -> Path:
+    with tarfile.open(target, mode) as archive:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src).as_posix()
+            archive.add(path, arcname=f"{wrapper}/{rel}" if wrapper else rel, recursive=False)
+    return target
+
+
+def _assert_same(a: Dataset, b: Dataset) -> None:
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.class_names == b.class_names and a.info["layout"] == b.info["layout"]
+    assert a.info["mean"] == b.info["mean"] and a.info["std"] == b.info["std"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "wrapper", "mode", "name"),
+    [
+        ("train/test", None, "w:gz", "data.tar.gz"),
+        ("train/test", "cifar-ish", "w:gz", "data.tgz"),
+        ("split", None, "w:", "data.tar"),
+        ("split", "wrap", "w:xz", "data.tar.xz"),
+        ("train/test", "wrap", "w:bz2", "data.bin"),  # compression is read from the bytes
+    ],
+)
+def test_folder_archive_gives_the_arrays_of_the_extracted_directory(
+    tmp_path: Path, layout: str, wrapper: str | None, mode: str, name: str
+) -> None:
+    _write_tree(tmp_path / "src", layout)
+    archive = _tar(tmp_path / "src", tmp_path / name, wrapper=wrapper, mode=mode)
+    from_dir = load_folder(tmp_path / "src", image_size=8, cache=False)
+    from_tar = load_dataset(f"folder:{archive}", image_size=8)
+    _assert_same(from_tar, from_dir)
+    assert from_tar.class_names == ("cat", "dog", "emu") and from_tar.info["layout"] == layout
+    sizes = (12, 6) if layout == "train/test" else (12, 3)
+    assert (from_tar.train_size, from_tar.x_test.shape[0]) == sizes
+    assert from_tar.info["source"] == "archive" and not from_tar.info["from_cache"]
+    assert from_tar.info["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # The pixels are the decoded images themselves: undo the standardisation.
+    mean = torch.tensor(from_tar.info["mean"]).view(3, 1, 1)
+    std = torch.tensor(from_tar.info["std"]).view(3, 1, 1)
+    first = "train/cat/0.png" if layout == "train/test" else "cat/0.png"
+    with Image.open(tmp_path / "src" / first) as img:
+        pixels = np.array(img.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR))
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(from_tar.x_train[0] * std + mean, expected)
+
+
+def test_folder_archive_skips_links_and_outside_names_and_reads_the_later_duplicate(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "src", "train/test")
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz")
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar]
+    extra = []
+    for name, kind in [("train/cat/link.png", tarfile.SYMTYPE), ("../train/cat/up.png", None)]:
+        info = tarfile.TarInfo(name)
+        if kind is None:
+            info.size = 4
+        else:
+            info.type, info.linkname = kind, "0.png"
+        extra.append((info, b"junk" if kind is None else None))
+    # A name stored twice: the later copy is the one extracting would leave.
+    again = (tmp_path / "src" / "train" / "dog" / "0.png").read_bytes()
+    info = tarfile.TarInfo("./train/cat/0.png")
+    info.size = len(again)
+    extra.append((info, again))
+    (tmp_path / "src" / "train" / "cat" / "0.png").write_bytes(again)
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, data in [*members, *extra]:
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    _assert_same(load_folder(archive), load_folder(tmp_path / "src", cache=False))
+
+
+def test_folder_archive_layout_errors(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "src", "train/test")
+    (tmp_path / "src" / "test" / "emu").rename(tmp_path / "src" / "test" / "yak")
+    with pytest.raises(DatasetError, match=r"classes \['yak'\] in .*data.tar.gz:w/test") as err:
+        load_folder(_tar(tmp_path / "src", tmp_path / "data.tar.gz", wrapper="w"))
+    _one_line(err)
+    # A lone train/ at the top is a train/ without its test/, not a wrapper directory.
+    only_train = _tar(tmp_path / "src" / "train", tmp_path / "train.tar", wrapper="train")
+    with pytest.raises(DatasetError, match="needs both train/ and test/"):
+        load_folder(only_train)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class sub-directories in .*empty.tar"):
+        load_folder(_tar(tmp_path / "empty", tmp_path / "empty.tar", mode="w"))
+
+
+def test_folder_archive_cache_hit_decodes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_tree(tmp_path / "src", "split")
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz", wrapper="w")
+    cache = tmp_path / "cache"
+    first = load_dataset(f"folder:{archive}", data_dir=tmp_path / "cache", image_size=8)
+    (entry,) = (cache / "folder").iterdir()
+    assert first.info["cache_file"] == str(entry) and not first.info["from_cache"]
+    assert entry.name.startswith(f"tar-{first.info['sha256'][:16]}-8px-v")
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(folder_module, "_decode", no_decoding)
+    monkeypatch.setattr(folder_module, "list_archive", no_decoding)
+    again = load_dataset(f"folder:{archive}", data_dir=tmp_path / "cache", image_size=8)
+    _assert_same(again, first)
+    assert again.info["from_cache"]
+    # The split of a PATH/<class>/* folder is drawn after the cache: other seeds still work.
+    other = load_folder(archive, image_size=8, split_seed=1, cache_dir=cache / "folder")
+    assert not torch.equal(other.y_test, first.y_test) or not torch.equal(
+        other.x_test, first.x_test
+    )
+    assert sorted(other.y_test.tolist()) == sorted(first.y_test.tolist())
+    # ... and are standardised by their own training set, not by the cached statistics.
+    with np.load(entry) as f:
+        assert str(f["stats_for"]) == "0.2 0" and f["stats"].tolist()[0] == first.info["mean"]
+    assert other.info["mean"] != first.info["mean"]
+    # Another image size is another entry (and is decoded).
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        load_folder(archive, image_size=4, cache_dir=cache / "folder")
+
+
+def test_folder_archive_cache_follows_the_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_tree(tmp_path / "src", "train/test", seed=0)
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz")
+    cache = tmp_path / "cache"
+    first = load_folder(archive, image_size=8, cache_dir=cache)
+    _write_tree(tmp_path / "src", "train/test", seed=1)  # same names, other pixels
+    _tar(tmp_path / "src", archive)
+    reference = load_folder(tmp_path / "src", image_size=8, cache=False)
+    decoded: list[str] = []
+    real_decode = folder_module._decode
+
+    def counting(source: object, size: int, where: str) -> np.ndarray:
+        decoded.append(where)
+        return real_decode(source, size, where)
+
+    monkeypatch.setattr(folder_module, "_decode", counting)
+    second = load_folder(archive, image_size=8, cache_dir=cache)
+    assert len(decoded) == 18 and not second.info["from_cache"]
+    assert not torch.equal(second.x_train, first.x_train)
+    _assert_same(second, reference)
+    assert len(list(cache.iterdir())) == 2  # one entry per archive content
+    # A damaged cache file is a miss: decoded again and rewritten.
+    entry = cache / Path(second.info["cache_file"]).name
+    entry.write_bytes(b"not an npz")
+    _assert_same(load_folder(archive, image_size=8, cache_dir=cache), second)
+    assert len(decoded) == 36 and np.load(entry)["images"].shape == (18, 3, 8, 8)
+
+
+def test_folder_directory_cache_follows_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_tree(tmp_path / "src", "split")
+    image = tmp_path / "src" / "dog" / "extra.bmp"  # uncompressed: new pixels, same size
+    Image.new("RGB", (9, 7), (0, 0, 0)).save(image)
+    cache = tmp_path / "cache"
+    first = load_folder(tmp_path / "src", image_size=8, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    assert entry.name.startswith("dir-") and not first.info["from_cache"]
+    real_decode = folder_module._decode
+    monkeypatch.setattr(folder_module, "_decode", lambda *a: pytest.fail("decoded"))
+    again = load_folder(tmp_path / "src", image_size=8, cache_dir=cache)
+    _assert_same(again, first)
+    assert again.info["from_cache"]
+    monkeypatch.setattr(folder_module, "_decode", real_decode)
+    # Rewrite one image with other pixels, its size and its old mtime: the ctime gives it away.
+    stat = image.stat()
+    Image.new("RGB", (9, 7), (255, 255, 255)).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    changed = load_folder(tmp_path / "src", image_size=8, cache_dir=cache)
+    assert not changed.info["from_cache"]
+    _assert_same(changed, load_folder(tmp_path / "src", image_size=8, cache=False))
+    every = [torch.cat([d.x_train, d.x_test]) for d in (changed, first)]
+    assert not torch.equal(*every)
+    assert list(cache.iterdir()) == [entry]  # the directory's entry was replaced
+
+
+def test_folder_unwritable_cache_warns_and_loads(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "src", "train/test")
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache dir's parent should be")
+    for source in (archive, tmp_path / "src"):
+        for _ in range(2):
+            with pytest.warns(UserWarning, match="could not cache the decoded images") as record:
+                ds = load_folder(source, image_size=8, cache_dir=blocker / "cache")
+            assert len(record) == 1 and "\n" not in str(record[0].message)
+            assert not ds.info["from_cache"] and ds.train_size == 12
+    assert blocker.read_text().startswith("a file")
+
+
+def _damaged_archives(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    _write_tree(tmp_path / "src", "train/test")
+    good = _tar(tmp_path / "src", tmp_path / "good.tar.gz").read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    plain = _tar(tmp_path / "src", tmp_path / "good.tar", mode="w:").read_bytes()
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        header = [m.offset for m in tar.getmembers()][len(tar.getmembers()) // 2]
+    bad_header = bytearray(plain)
+    bad_header[header + 3] ^= 0x55  # in the member's name: the header checksum fails
+    cases = {
+        "truncated": (good[: len(good) // 2], "truncated or corrupt near member"),
+        "trailer-cut": (good[:-3], "truncated or corrupt .*EOFError"),
+        "bit-flip": (bytes(flipped), "truncated or corrupt"),
+        "tar-truncated": (plain[: len(plain) // 2 + 100], "truncated or corrupt"),
+        "tar-cut-between-members": (plain[:header], "truncated or corrupt after member"),
+        "tar-bad-header": (bytes(bad_header), "truncated or corrupt after member"),
+        "tar-trailing-data": (plain + b"more" * 200, "something other than padding"),
+        "not-a-tar": (b"just some text\n" * 100, "is not a tar archive"),
+        "empty": (b"", "is not a tar archive"),
+    }
+    paths = {}
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(data)
+        paths[name] = (path, message)
+    return paths
+
+
+def test_folder_damaged_archives_are_one_line_errors(tmp_path: Path) -> None:
+    for name, (path, message) in _damaged_archives(tmp_path).items():
+        with pytest.raises(DatasetError, match=message) as err:
+            load_folder(path, cache_dir=tmp_path / "cache")
+        assert str(path) in _one_line(err), name
+    assert not (tmp_path / "cache").exists()
+
+
+def test_folder_corrupt_image_member(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "src", "train/test")
+    (tmp_path / "src" / "test" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz", wrapper="w")
+    with pytest.raises(DatasetError, match="cannot read image w/test/dog/broken.jpg in ") as err:
+        load_folder(archive, cache_dir=tmp_path / "cache")
+    assert str(archive) in _one_line(err)
+    assert not list((tmp_path / "cache").glob("*"))

@@ -29,10 +29,12 @@ def load_dataset(
 
     ``spec``: ``mnist1d``, ``digits-shifted``, ``cifar10`` or ``folder:PATH`` (names are
     case-insensitive; ``_`` may stand for ``-``). ``data_dir``: where CIFAR-10 lives or is
-    downloaded to, and where MNIST-1D's generated arrays are cached (default
-    ``default_cache_dir()``). ``train_size``: keep a stratified, nested subset of this many
-    training samples, chosen by ``seed`` (see ``subsample_indices``). ``seed`` also draws the
-    digit placements of digits-shifted; MNIST-1D itself is always the published default data.
+    downloaded to, and where MNIST-1D's generated arrays and the decoded images of ``folder:``
+    are cached (default ``default_cache_dir()``). ``folder:PATH`` reads a directory or a tar
+    archive of one (see :mod:`globalpool.data.folder`). ``train_size``: keep a stratified,
+    nested subset of this many training samples, chosen by ``seed`` (see
+    ``subsample_indices``). ``seed`` also draws the digit placements of digits-shifted;
+    MNIST-1D itself is always the published default data.
     ``image_size`` applies to ``folder:`` only; ``download`` to ``cifar10`` only.
 
     >>> ds = load_dataset("digits-shifted", train_size=100, seed=1)
@@ -51,7 +53,8 @@ def load_dataset(
             raise DatasetError("folder: spec needs a path, as in folder:PATH")
         from .folder import load_folder
 
-        dataset = load_folder(rest.strip(), image_size=image_size)
+        cache_dir = (root or default_cache_dir()) / "folder"
+        dataset = load_folder(rest.strip(), image_size=image_size, cache_dir=cache_dir)
     elif sep:
         raise _unknown(spec)
     elif name == "mnist1d":

@@ -137,7 +137,11 @@ def _message(err: BaseException) -> str:
 
 def compare(
     dataset: Annotated[
-        str, typer.Option(help="mnist1d, digits-shifted, cifar10 or folder:PATH.")
+        str,
+        typer.Option(
+            help="mnist1d, digits-shifted, cifar10 or folder:PATH (an image folder or a tar "
+            "archive of one)."
+        ),
     ] = "mnist1d",
     heads: Annotated[
         str, typer.Option(help="Comma list of heads (fc, avg, max, ..., nin) or 'all'.")
