@@ -197,11 +197,13 @@ def test_pre_logits_goes_through_dropout():
 
 def test_norm_head_without_hidden_layer_and_make_head_options():
     head = gp.make_head("gem", 8, 3, norm="layer", dropout=0.1)
-    assert isinstance(head.norm, nn.LayerNorm) and isinstance(head.hidden, nn.Identity)
+    assert isinstance(head.norm, nn.LayerNorm) and head.hidden is None
     assert head.feature_width == 8 and head.fc.in_features == 8
     head = gp.make_head("avgmax", 8, 3, hidden=999, mlp_hidden=12, act="relu")  # hidden: fc's
     assert head.feature_width == 12 and isinstance(head.hidden[1], nn.ReLU)
-    assert isinstance(gp.make_head("avg", 8, 3, hidden=16).hidden, nn.Identity)
+    plain = gp.make_head("avg", 8, 3, hidden=16)
+    assert plain.norm is None and plain.hidden is None
+    assert [n for n, _ in plain.named_children()] == ["pool", "dropout", "fc"]
 
 
 @pytest.mark.parametrize(

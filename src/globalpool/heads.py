@@ -57,8 +57,9 @@ class ClassifierHead(nn.Module):
     sized to the features it receives.
 
     ``x`` (``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"``) goes through
-    ``pool -> norm -> Linear(hidden) + act -> dropout -> fc``, each optional step an identity
-    when not asked for (timm's "NormMlp" head with ``norm="layer"`` and ``hidden`` set):
+    ``pool -> norm -> Linear(hidden) + act -> dropout -> fc``, the optional steps skipped when
+    not asked for (timm's "NormMlp" head with ``norm="layer"`` and ``hidden`` set; the modules
+    ``norm`` and ``hidden`` are None then):
 
     - ``norm``: None, ``"layer"`` (``LayerNorm``) or ``"batch"`` (``BatchNorm1d``) of the pooled
       features;
@@ -149,13 +150,15 @@ class ClassifierHead(nn.Module):
         return module
 
     def _build_neck(self) -> None:
+        """``norm`` and ``hidden`` for the pooled width; None when not asked for (a plain head
+        keeps its modules: pool, dropout, fc)."""
         width = self.pooled_width
-        norms = {None: nn.Identity, "layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
-        self.norm = norms[self.norm_kind](width) if self.norm_kind else nn.Identity()
+        norms = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
+        self.norm = norms[self.norm_kind](width) if self.norm_kind is not None else None
         self.hidden = (
             nn.Sequential(nn.Linear(width, self.hidden_size), _ACTIVATIONS[self.act]())
             if self.hidden_size is not None
-            else nn.Identity()
+            else None
         )
 
     def _classifier(self, num_classes: int) -> nn.Module:
@@ -202,8 +205,9 @@ class ClassifierHead(nn.Module):
             self.pool, self.pool_kind = new, pool
             if self.pooled_width != width:
                 self._build_neck()
-                self.norm.to(**factory)
-                self.hidden.to(**factory)
+                for module in (self.norm, self.hidden):
+                    if module is not None:
+                        module.to(**factory)
         self.fc = self._classifier(num_classes).to(**factory)
 
     def forward(
@@ -215,7 +219,12 @@ class ClassifierHead(nn.Module):
         check_channel_count(x, self.layout, self.in_channels, "ClassifierHead")
         if not isinstance(pre_logits, bool):
             raise TypeError(f"pre_logits must be a bool (True or False), got {pre_logits!r}")
-        features = self.dropout(self.hidden(self.norm(self.pool(x, mask=mask))))
+        features = self.pool(x, mask=mask)
+        if self.norm is not None:
+            features = self.norm(features)
+        if self.hidden is not None:
+            features = self.hidden(features)
+        features = self.dropout(features)
         return features if pre_logits else self.fc(features)
 
     def extra_repr(self) -> str:
