@@ -217,6 +217,8 @@ def test_norm_head_without_hidden_layer_and_make_head_options():
          r"keepdim must be False for a ClassifierHead with norm='layer'"),
         (lambda: gp.ClassifierHead(8, 3, pool="avg", layout="NHWC"), ValueError,
          r"layout must be one of"),
+        (lambda: gp.ClassifierHead(8, 3, pool="gem", channels=8), TypeError,
+         r"ClassifierHead got channels=8 for its pool, .* pass per_channel=True"),
         (lambda: gp.make_head("nin", 8, 3, norm="layer"), TypeError,
          r"head 'nin' got unexpected argument\(s\) \['norm'\]"),
         (lambda: gp.make_head("fc", 8, 3, spatial_size=(4,), mlp_hidden=4, act="tanh"), TypeError,

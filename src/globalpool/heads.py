@@ -140,6 +140,12 @@ class ClassifierHead(nn.Module):
         )
 
     def _make_pool(self, pool: str, pool_params: dict[str, Any]) -> nn.Module:
+        if "channels" in pool_params:
+            raise TypeError(
+                f"ClassifierHead got channels={pool_params['channels']!r} for its pool, whose "
+                f"channels are in_channels={self.in_channels}; pass per_channel=True for one p "
+                "(gem) or r (lse) per channel"
+            )
         module = make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
         neck = self.norm_kind is not None or self.hidden_size is not None
         if neck and getattr(module, "keepdim", False):
