@@ -1,5 +1,6 @@
-"""Every head refuses a wrong channel count with a ValueError naming both counts, and the check
-(shape only) survives torch.compile(fullgraph=True) and torch.export."""
+"""Heads: every head refuses a wrong channel count with a ValueError naming both counts (a check,
+shape only, that survives torch.compile(fullgraph=True) and torch.export); ClassifierHead's reset,
+pre_logits and norm / hidden layer; swap_pool on timm-like models."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import globalpool as gp
+from globalpool import reference
 
 OWNERS = {"fc": "FlattenFCHead", "nin": "NiNHead"}
 LAYOUTS = ("channels_first", "channels_last")
@@ -72,3 +76,326 @@ def test_compiled_head_still_names_the_channel_counts():
         torch.compile(head, backend="aot_eager")(torch.randn(2, 5, 4, 4))
     with pytest.raises(Exception, match=expected):  # fullgraph: dynamo reports the same error
         torch.compile(head, fullgraph=True, backend="aot_eager")(torch.randn(2, 5, 4, 4))
+
+
+# --- ClassifierHead.reset: the right width, the head's device and dtype ------------------------
+
+def test_reset_keeps_dtype_and_rebuilds_for_the_new_pool_width():
+    head = gp.ClassifierHead(8, 10).double()
+    head.reset(3, pool="catavgmax")
+    assert head.pooled_width == head.feature_width == 16
+    assert (head.fc.in_features, head.fc.out_features) == (16, 3)
+    assert head.fc.weight.dtype == torch.float64
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    features = head(x, pre_logits=True)
+    expected = reference.pool_forward(x.numpy(), "catavgmax")
+    torch.testing.assert_close(features, torch.from_numpy(expected))
+    torch.testing.assert_close(head(x), features @ head.fc.weight.T + head.fc.bias)
+
+
+def test_reset_builds_on_the_heads_device_meta():
+    head = gp.ClassifierHead(8, 10, pool="gem", norm="layer", hidden=6).to("meta")
+    head.reset(4, pool="attention")  # same width: the norm and hidden layer are kept
+    assert {t.device.type for t in head.parameters()} == {"meta"}
+    head.reset(5, pool="catavgmax")  # width 16: the norm and hidden layer are rebuilt there
+    assert {t.device.type for t in head.parameters()} == {"meta"}
+    assert head.norm.normalized_shape == (16,) and head.hidden[0].in_features == 16
+
+
+def test_reset_keeps_a_trained_norm_and_hidden_layer_when_the_width_is_unchanged():
+    head = gp.ClassifierHead(8, 10, pool="avg", norm="batch", hidden=6, act="tanh")
+    norm, hidden, fc = head.norm, head.hidden, head.fc
+    head.reset(7, pool="max")
+    assert head.norm is norm and head.hidden is hidden and head.fc is not fc
+    assert head.fc.in_features == 6 and head.fc.out_features == 7
+    assert isinstance(head.pool, gp.GlobalPool) and head.pool.kind == "max"
+    head.reset(7, pool="catavgmax")  # width 16 now: both rebuilt
+    assert head.norm is not norm and head.norm.num_features == 16
+    assert head.hidden[0].in_features == 16 and isinstance(head.hidden[1], nn.Tanh)
+
+
+def test_reset_to_zero_classes_returns_features_and_back():
+    head = gp.ClassifierHead(8, 10, pool="lse", r=2.0).half()
+    head.reset(0)
+    assert isinstance(head.fc, nn.Identity) and head.num_classes == 0
+    x = torch.randn(2, 8, 6)
+    out = head(x.half())
+    expected = reference.pool_forward(x.half().double().numpy(), "lse", r=2.0)
+    assert out.shape == (2, 8) and out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), torch.from_numpy(expected), rtol=4e-3, atol=4e-3)
+    head.reset(3)
+    assert head.fc.weight.dtype == torch.float16 and head.num_classes == 3
+
+
+def test_reset_on_a_head_without_parameters_takes_the_dtype_it_was_moved_to():
+    head = gp.ClassifierHead(4, 0, pool="avg")  # num_classes=0 at construction: no parameter
+    assert list(head.parameters()) == [] and head(torch.randn(2, 4, 3)).shape == (2, 4)
+    head.to(torch.float64)
+    head.reset(2)
+    assert head.fc.weight.dtype == torch.float64
+    assert "_like" not in head.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((-1,), {}, ValueError, r"num_classes must be an int >= 0 .*got -1"),
+        ((2.0,), {}, ValueError, r"num_classes must be an int >= 0 .*got 2.0"),
+        ((True,), {}, ValueError, r"num_classes must be an int >= 0 .*got True"),
+        ((3,), {"pool": "median"}, ValueError, r"kind must be one of .*'median'"),
+        ((3,), {"p": 2.0}, TypeError, r"reset got pool parameter\(s\) \['p'\] without pool="),
+        ((3,), {"pool": "avg", "p": 2.0}, TypeError, r"unexpected parameter"),
+    ],
+)
+def test_reset_refuses_bad_arguments_and_changes_nothing(args, kwargs, error, match):
+    head = gp.ClassifierHead(8, 10, pool="gem")
+    pool, fc = head.pool, head.fc
+    with pytest.raises(error, match=match):
+        head.reset(*args, **kwargs)
+    assert head.pool is pool and head.fc is fc
+
+
+# --- pre_logits, norm and hidden layer (timm's NormMlp head) ----------------------------------
+
+
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+@pytest.mark.parametrize("act", ["gelu", "tanh", "relu"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_norm_hidden_head_is_pool_norm_linear_act_dropout_fc(norm, act, layout):
+    torch.manual_seed(0)
+    head = gp.ClassifierHead(
+        6, 4, pool="catavgmax", norm=norm, hidden=5, act=act, dropout=0.5, layout=layout
+    )
+    head.train()  # batch norm uses the batch's statistics; dropout below is checked in eval
+    x = torch.randn(3, 6, 7) if layout == "channels_first" else torch.randn(3, 7, 6)
+    pooled = torch.from_numpy(reference.pool_forward(x.double().numpy(), "catavgmax", layout=layout))
+    pooled = pooled.float()
+    if norm == "layer":
+        pooled = F.layer_norm(pooled, (12,), head.norm.weight, head.norm.bias)
+    elif norm == "batch":
+        pooled = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)
+        pooled = pooled * head.norm.weight + head.norm.bias
+    activation = {"gelu": F.gelu, "tanh": torch.tanh, "relu": torch.relu}[act]
+    hidden = activation(pooled @ head.hidden[0].weight.T + head.hidden[0].bias)
+    with torch.no_grad():
+        head.dropout.eval()  # no dropout: deterministic
+        features = head(x, pre_logits=True)
+        logits = head(x)
+    assert head.pooled_width == 12 and head.feature_width == 5 and features.shape == (3, 5)
+    torch.testing.assert_close(features, hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, hidden @ head.fc.weight.T + head.fc.bias, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_pre_logits_goes_through_dropout():
+    head = gp.ClassifierHead(64, 3, dropout=0.5).train()
+    features = head(torch.rand(4, 64, 5) + 1, pre_logits=True)
+    assert (features == 0).any() and features.shape == (4, 64)
+    head.eval()
+    torch.testing.assert_close(head(torch.ones(1, 64, 5), pre_logits=True), torch.ones(1, 64))
+
+
+def test_norm_head_without_hidden_layer_and_make_head_options():
+    head = gp.make_head("gem", 8, 3, norm="layer", dropout=0.1)
+    assert isinstance(head.norm, nn.LayerNorm) and head.hidden is None
+    assert head.feature_width == 8 and head.fc.in_features == 8
+    head = gp.make_head("avgmax", 8, 3, hidden=999, mlp_hidden=12, act="relu")  # hidden: fc's
+    assert head.feature_width == 12 and isinstance(head.hidden[1], nn.ReLU)
+    plain = gp.make_head("avg", 8, 3, hidden=16)
+    assert plain.norm is None and plain.hidden is None
+    assert [n for n, _ in plain.named_children()] == ["pool", "dropout", "fc"]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: gp.ClassifierHead(8, 3, norm="group"), ValueError, r"norm must be one of .*'group'"),
+        (lambda: gp.ClassifierHead(8, 3, hidden=0), ValueError, r"hidden must be a positive int"),
+        (lambda: gp.ClassifierHead(8, 3, act="swish"), ValueError, r"act must be one of .*'swish'"),
+        (lambda: gp.ClassifierHead(8, -1), ValueError, r"num_classes must be an int >= 0"),
+        (lambda: gp.ClassifierHead(8, 3, norm="layer", keepdim=True), ValueError,
+         r"keepdim must be False for a ClassifierHead with norm='layer'"),
+        (lambda: gp.ClassifierHead(8, 3, pool="avg", layout="NHWC"), ValueError,
+         r"layout must be one of"),
+        (lambda: gp.ClassifierHead(8, 3, pool="gem", channels=8), TypeError,
+         r"ClassifierHead got channels=8 for its pool, .* pass per_channel=True"),
+        (lambda: gp.make_head("nin", 8, 3, norm="layer"), TypeError,
+         r"head 'nin' got unexpected argument\(s\) \['norm'\]"),
+        (lambda: gp.make_head("fc", 8, 3, spatial_size=(4,), mlp_hidden=4, act="tanh"), TypeError,
+         r"head 'fc' got unexpected argument\(s\) \['mlp_hidden', 'act'\]"),
+    ],
+)
+def test_bad_head_option_refused(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_pre_logits_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"pre_logits must be a bool .*got 1"):
+        gp.ClassifierHead(4, 2)(torch.randn(2, 4, 3), pre_logits=1)
+
+
+def test_norm_hidden_head_compiles_and_exports():
+    head = gp.ClassifierHead(6, 3, pool="gem", norm="layer", hidden=8, backend="torch").eval()
+    x = torch.randn(2, 6, 5, 5)
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), head(x))
+    exported = torch.export.export(head, (x,), kwargs={"pre_logits": True})
+    torch.testing.assert_close(exported.module()(x, pre_logits=True), head(x, pre_logits=True))
+
+
+def test_cam_is_exact_only_for_a_head_that_is_one_linear_of_the_pool():
+    from globalpool.cam.exact import is_exact
+
+    assert is_exact(gp.ClassifierHead(4, 3))
+    for head in (gp.ClassifierHead(4, 3, norm="layer"), gp.ClassifierHead(4, 3, hidden=5),
+                 gp.ClassifierHead(4, 0)):
+        assert not is_exact(head)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), gp.ClassifierHead(4, 3, norm="layer"))
+    with pytest.raises(ValueError, match=r"with a norm, a hidden layer or no classifier"):
+        gp.class_activation_maps(net, torch.randn(2, 1, 8, 8), method="cam")
+    maps = gp.class_activation_maps(net, torch.randn(2, 1, 8, 8))  # auto: gradient maps
+    assert maps.shape == (2, 6, 6)
+
+
+# --- swap_pool on timm-like models (fakes: timm itself is not installed here) -----------------
+
+
+class _SelectPool(nn.Module):
+    """Like timm's SelectAdaptivePool2d: an adaptive pool, then an optional flatten."""
+
+    def __init__(self, pool: nn.Module | None = None, flatten: bool = True) -> None:
+        super().__init__()
+        self.pool = pool if pool is not None else nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1) if flatten else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.pool(x))
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)  # not the global pool: must be left alone
+        self.scale = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.scale(self.pool(x)))
+
+
+class _TimmLike(nn.Module):
+    """conv -> squeeze-excite -> global_pool -> fc (timm's ResNet names), or a ``head``."""
+
+    def __init__(self, classifier: str = "fc", global_pool: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.se = _SqueezeExcite(8)
+        self.global_pool = global_pool if global_pool is not None else _SelectPool()
+        self.name = classifier
+        setattr(self, classifier, nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(self.global_pool(self.se(self.conv(x))).flatten(1))
+
+
+class _HeadFc(nn.Module):
+    """timm's ConvNeXt names: head.global_pool and head.fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Module()
+        self.head.global_pool = _SelectPool(flatten=False)
+        self.head.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.fc(self.head.global_pool(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("classifier", ["fc", "head", "classifier"])
+def test_swap_pool_finds_timm_global_pool_and_classifier(classifier):
+    torch.manual_seed(0)
+    net = _TimmLike(classifier).double()
+    se_pool = net.se.pool
+    gp.swap_pool(net, "catavgmax")
+    assert net.se.pool is se_pool  # the squeeze-excitation pool is not the global pool
+    assert isinstance(net.global_pool.pool, gp.GlobalPool)  # the wrapper (and flatten) stay
+    fc = getattr(net, classifier)
+    assert fc.in_features == 16 and fc.weight.dtype == torch.float64
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    features = net.se(net.conv(x))
+    expected = reference.pool_forward(features.detach().numpy(), "catavgmax")
+    torch.testing.assert_close(net.global_pool(features).detach(), torch.from_numpy(expected))
+    assert net(x).shape == (2, 5)
+
+
+def test_swap_pool_finds_head_fc_and_keeps_device_and_dtype_of_new_pools():
+    net = _HeadFc().to(torch.float64)
+    gp.swap_pool(net, "gem", per_channel=True)  # per-channel p needs the channel count: head.fc
+    pool = net.head.global_pool.pool
+    assert isinstance(pool, gp.GeM) and pool.p.shape == (8,) and pool.raw_p.dtype == torch.float64
+    assert net(torch.randn(2, 3, 7, 7, dtype=torch.float64)).shape == (2, 5)
+    net = _HeadFc().to("meta")
+    gp.swap_pool(net, "attention")
+    assert {t.device.type for t in net.parameters()} == {"meta"}
+
+
+def test_swap_pool_kinds_of_the_same_width_need_no_classifier():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    gp.swap_pool(net, "lse", learnable=True)
+    assert isinstance(net[1], gp.LSEPool) and net[3].in_features == 4
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(8, 2)),
+         r"needs classifier= .*got None, and the model has no nn.Linear under the names "
+         r"\['fc', 'head', 'classifier', 'head.fc'\]; pass classifier="),
+        (lambda: _with(_TimmLike("fc"), head=nn.Linear(8, 5)),
+         r"the model has several: \['fc', 'head'\] under the names"),
+    ],
+)
+def test_swap_pool_asks_for_classifier_when_none_or_several_are_found(build, match):
+    net = build()
+    with pytest.raises(ValueError, match=match):
+        gp.swap_pool(net, "catavgmax")
+    assert not any(isinstance(m, gp.GlobalPool) for m in net.modules())  # nothing swapped
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    gp.swap_pool(net, "catavgmax", classifier=names[-1])  # naming it resolves it
+    assert net.get_submodule(names[-1]).in_features == 16
+
+
+def _with(net: nn.Module, **modules: nn.Module) -> nn.Module:
+    for name, module in modules.items():
+        setattr(net, name, module)
+    return net
+
+
+class _MeanPool(nn.Module):  # timm's 'fast' pool: a function, no adaptive pool module
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class _CatPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.avg, self.max = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.avg(x), self.max(x)], 1)
+
+
+@pytest.mark.parametrize(
+    ("global_pool", "match"),
+    [
+        (_MeanPool(), r"global_pool \(global_pool: _MeanPool\) holds no AdaptiveAvgPool"),
+        (_CatPool(), r"holds 2 \(\['global_pool.avg', 'global_pool.max'\]\) AdaptiveAvgPool"),
+    ],
+)
+def test_swap_pool_refuses_a_global_pool_without_exactly_one_adaptive_pool(global_pool, match):
+    net = _TimmLike("fc", global_pool=global_pool)
+    with pytest.raises(ValueError, match=match):
+        gp.swap_pool(net, "avg")
+    assert isinstance(net.se.pool, nn.AdaptiveAvgPool2d)  # the other pools are not touched

@@ -18,6 +18,12 @@ def _layers() -> dict[str, nn.Module]:
         "AttentionPool": gp.AttentionPool(6),
         "AdaptivePool": gp.AdaptivePool((2, 3), "max"),
         "ClassifierHead": gp.ClassifierHead(6, 4, pool="gem", dropout=0.0),
+        "GeM-per-channel": gp.GeM(p=2.5, channels=6),
+        "LSEPool": gp.LSEPool(r=2.0),
+        "LSEPool-per-channel": gp.LSEPool(r=1.5, channels=6),
+        "ClassifierHead-norm-hidden": gp.ClassifierHead(
+            6, 4, pool="lse", learnable=True, norm="layer", hidden=5
+        ),
     }
 
 
@@ -86,6 +92,8 @@ def test_extra_repr_names_kind_and_params(name):
         assert "kind=" in text
     if name == "GeM":
         assert "p=3.0000" in text
+    if name.endswith("per-channel"):
+        assert "x 6" in text  # the range of its 6 values
 
 
 @pytest.mark.parametrize("kind", gp.KINDS)
@@ -161,6 +169,11 @@ def _leak_cases():
         "ClassifierHead-gem": lambda layout: gp.ClassifierHead(6, 3, pool="gem", layout=layout),
         "NiNHead": lambda layout: gp.NiNHead(6, 3, layout=layout),
         "FlattenFCHead": lambda layout: gp.FlattenFCHead(6, (4, 5), 3, hidden=8, layout=layout),
+        "ClassifierHead-lse-learnable": lambda layout: gp.ClassifierHead(
+            6, 3, pool="lse", learnable=True, norm="layer", hidden=4, layout=layout
+        ),
+        "GeM-per-channel": lambda layout: gp.GeM(channels=6, layout=layout),
+        "LSEPool-per-channel": lambda layout: gp.LSEPool(channels=6, layout=layout),
     }
 
 
@@ -168,6 +181,8 @@ def _leak_cases():
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("name", list(_leak_cases()))
 def test_nan_at_padded_positions_leaves_output_and_every_gradient_finite(name, layout, backend):
+    if backend == "fused" and name.endswith("per-channel"):
+        pytest.skip("no kernel for a per-channel p or r (backend='fused' refuses it)")
     torch.manual_seed(0)
     module = _leak_cases()[name](layout)
     if hasattr(module, "backend"):
@@ -343,3 +358,308 @@ def test_swap_pool_replaces_a_shared_pool_under_every_name(kind):
     assert not isinstance(net.pool_again, nn.AdaptiveAvgPool2d)
     assert net.pool is net.pool_again  # still one shared module
     assert net(torch.randn(2, 3, 5, 5)).shape == (2, 2)
+
+
+# --- per-channel p (gem) and r (lse): gp.pool against the NumPy reference ---------------------
+
+
+def _channels_input(layout: str, spatial: tuple[int, ...], c: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (3, c, *spatial) if layout == "channels_first" else (3, *spatial, c)
+    x = torch.rand(shape, generator=gen, dtype=torch.float64) * 3 + 0.05
+    mask = torch.rand((3, *spatial), generator=gen) > 0.4
+    mask.view(3, -1)[:, 0] = True
+    mask.view(3, -1)[2] = False  # an empty sample: 0 out, 0 gradient
+    return x, mask
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("spatial", [(7,), (3, 4), (2, 3, 2)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_per_channel_gem_p_matches_reference_value_grad_x_and_grad_p(layout, spatial, masked):
+    from globalpool import reference
+
+    x, mask = _channels_input(layout, spatial)
+    mask = mask if masked else None
+    p = torch.tensor([1.0, 1.7, 3.0, 9.5], dtype=torch.float64, requires_grad=True)
+    x.requires_grad_(True)
+    y = gp.pool(x, "gem", p=p, layout=layout, mask=mask)
+    ref_mask = None if mask is None else mask.numpy()
+    expected = reference.pool_forward(
+        x.detach().numpy(), "gem", p=p.detach().numpy(), layout=layout, mask=ref_mask
+    )
+    torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y.backward(g)
+    grads = reference.pool_backward(
+        x.detach().numpy(), g.numpy(), "gem", p=p.detach().numpy(), layout=layout, mask=ref_mask
+    )
+    assert grads["p"].shape == (4,)
+    torch.testing.assert_close(x.grad, torch.from_numpy(grads["x"]), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p.grad, torch.from_numpy(grads["p"]), rtol=1e-9, atol=1e-12)
+    # per channel means: channel i pools exactly as a scalar p[i] would
+    for i in range(4):
+        one = x.detach().select(1 if layout == "channels_first" else -1, i).unsqueeze(
+            1 if layout == "channels_first" else -1
+        )
+        scalar = gp.pool(one, "gem", p=float(p[i]), layout=layout, mask=mask)
+        torch.testing.assert_close(y.detach()[:, i], scalar[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_per_channel_lse_r_matches_reference_and_finite_differences(layout):
+    from globalpool import reference
+
+    x, mask = _channels_input(layout, (3, 5))
+    r = torch.tensor([0.01, 0.5, 2.0, 8.0], dtype=torch.float64, requires_grad=True)
+    x.requires_grad_(True)
+    y = gp.pool(x, "lse", r=r, layout=layout, mask=mask)
+    xn, mn, rn = x.detach().numpy(), mask.numpy(), r.detach().numpy()
+    expected = reference.pool_forward(xn, "lse", r=rn, layout=layout, mask=mn)
+    torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-9, atol=1e-12)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y.backward(g)
+    grads = reference.pool_backward(xn, g.numpy(), "lse", r=rn, layout=layout, mask=mn)
+    torch.testing.assert_close(x.grad, torch.from_numpy(grads["x"]), rtol=1e-9, atol=1e-12)
+    # the reference has no grad r: central differences of its forward, one channel at a time
+    h = 1e-6
+    for i in range(4):
+        up, down = rn.copy(), rn.copy()
+        up[i] += h
+        down[i] -= h
+        diff = (
+            reference.pool_forward(xn, "lse", r=up, layout=layout, mask=mn)
+            - reference.pool_forward(xn, "lse", r=down, layout=layout, mask=mn)
+        ) / (2 * h)
+        assert abs(float((g.numpy() * diff).sum()) - float(r.grad[i])) < 1e-6
+
+
+def test_per_channel_p_gradcheck():
+    x, mask = _channels_input("channels_first", (3, 3), c=3)
+    x.requires_grad_(True)
+    p = torch.tensor([1.3, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p: gp.pool(x, "gem", p=p, mask=mask), (x, p))
+    assert torch.autograd.gradcheck(lambda x, r: gp.pool(x, "lse", r=r, mask=mask), (x, r))
+
+
+def test_per_channel_p_in_adaptive_pool_matches_reference():
+    from globalpool import reference
+
+    x, mask = _channels_input("channels_last", (5, 7))
+    x.requires_grad_(True)
+    p = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64, requires_grad=True)
+    y = gp.adaptive_pool(x, (2, 3), "gem", p=p, layout="channels_last", mask=mask)
+    xn, pn, mn = x.detach().numpy(), p.detach().numpy(), mask.numpy()
+    expected = reference.adaptive_forward(xn, (2, 3), "gem", p=pn, layout="channels_last", mask=mn)
+    torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+    g = torch.ones_like(y)
+    y.backward(g)
+    grads = reference.adaptive_backward(
+        xn, g.numpy(), (2, 3), "gem", p=pn, layout="channels_last", mask=mn
+    )
+    torch.testing.assert_close(x.grad, torch.from_numpy(grads["x"]), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p.grad, torch.from_numpy(grads["p"]), rtol=1e-9, atol=1e-12)
+
+
+def test_per_channel_p_has_no_kernel_auto_composes_and_fused_refuses():
+    from globalpool import kernels, reference
+
+    x = torch.rand(2, 64, 32, 32) + 0.1  # 131072 elements: auto would take the kernel for one p
+    p = torch.linspace(1.0, 5.0, 64)
+    assert kernels.supports(x, "gem", p=torch.tensor(3.0))
+    assert not kernels.supports(x, "gem", p=p) and not kernels.supports(x, "lse", r=p)
+    expected = reference.pool_forward(x.numpy(), "gem", p=p.numpy())
+    torch.testing.assert_close(gp.pool(x, "gem", p=p), torch.from_numpy(expected).float())
+    message = r"backend='fused' has no kernel for a per-channel p \(shape \(64,\)\).*backend='auto'"
+    with pytest.raises(ValueError, match=message):
+        gp.pool(x, "gem", p=p, backend="fused")
+    with pytest.raises(ValueError, match=r"per-channel r .*'torch'"):
+        gp.pool(x, "lse", r=p, backend="fused")
+
+
+@pytest.mark.parametrize(
+    ("p", "error", "match"),
+    [
+        (torch.full((5,), 3.0), ValueError,
+         r"p for kind 'gem' must have shape \(C,\) = \(4,\) \(one value per channel of x, dim 1 "
+         r"for layout='channels_first'\), got shape \(5,\)"),
+        (torch.tensor([3.0, 0.5, 2.0, 2.0]), ValueError,
+         r"p for kind 'gem' must be finite and >= 1 in every channel, got 0.5 at channel 1"),
+        (torch.tensor([3.0, 2.0, float("inf"), 2.0]), ValueError, r"got inf at channel 2"),
+        (torch.tensor([3.0, 2.0, 2.0, float("nan")]), ValueError, r"got nan at channel 3"),
+        (torch.tensor([3, 2, 2, 2]), TypeError, r"p for kind 'gem' must be a floating tensor"),
+        (torch.full((4, 1), 3.0), TypeError, r"or a \(C,\) tensor, one per channel"),
+        (torch.full((4,), 3.0, device="meta"), ValueError, r"p for kind 'gem' must be on x's device"),
+    ],
+)
+def test_per_channel_p_refused_clearly(p, error, match):
+    with pytest.raises(error, match=match):
+        gp.pool(torch.rand(2, 4, 3, 3), "gem", p=p)
+
+
+def test_per_channel_r_refused_clearly_and_fixed_layers_check_values():
+    with pytest.raises(ValueError, match=r"r for kind 'lse' must be finite and > 0 in every channel"):
+        gp.pool(torch.rand(2, 3, 5), "lse", r=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"must have shape \(C,\) = \(3,\) .* dim 2 .*got shape \(2,\)"):
+        gp.pool(torch.rand(2, 5, 3), "lse", r=torch.ones(2), layout="channels_last")
+    with pytest.raises(ValueError, match=r"p for kind 'gem' must be finite and >= 1 in every"):
+        gp.GlobalPool("gem", p=torch.tensor([2.0, 0.9]))
+    layer = gp.GlobalPool("gem", p=torch.tensor([1.0, 4.0]))  # its size is checked at the call
+    assert layer(torch.rand(3, 2, 6)).shape == (3, 2)
+    with pytest.raises(ValueError, match=r"must have shape \(C,\) = \(3,\)"):
+        layer(torch.rand(3, 3, 6))
+
+
+# --- GeM(channels=C) and LSEPool: learnable, in range by construction, no NaN in half ---------
+
+
+def test_per_channel_gem_learns_one_p_per_channel_and_stays_at_least_one():
+    gem = gp.GeM(p=3.0, channels=4)
+    assert gem.p.shape == (4,) and torch.allclose(gem.p, torch.full((4,), 3.0))
+    opt = torch.optim.SGD(gem.parameters(), lr=50.0)
+    x = torch.rand(8, 4, 5, 5) + 0.1
+    for _ in range(200):  # push every p down as hard as possible
+        opt.zero_grad()
+        gem.p.sum().mul(100.0).backward()
+        opt.step()
+    assert torch.isfinite(gem.p).all() and (gem.p >= 1.0).all()
+    assert torch.isfinite(gem(x)).all()
+    gem = gp.GeM(p=3.0, channels=4)
+    weights = torch.tensor([1.0, -1.0, 2.0, 0.0])  # each channel's p gets its own gradient
+    (gem(x) * weights).sum().backward()
+    grad = gem.raw_p.grad
+    assert grad.shape == (4,) and grad[3] == 0 and grad[0] * grad[1] < 0
+    with pytest.raises(ValueError, match=r"GeM\(channels=4\) got input with 3 channels"):
+        gem(torch.rand(2, 3, 5))
+
+
+def test_per_channel_gem_raw_p_is_in_the_state_dict_and_loads():
+    gem = gp.GeM(p=2.0, channels=3)
+    with torch.no_grad():
+        gem.raw_p.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+    other = gp.GeM(channels=3)
+    other.load_state_dict(gem.state_dict())
+    torch.testing.assert_close(other.p, gem.p)
+    assert list(gem.state_dict()) == ["raw_p"]
+
+
+@pytest.mark.parametrize("channels", [None, 4])
+def test_gem_no_nan_under_bfloat16_autocast_with_a_float16_input(channels):
+    gem = gp.GeM(p=3.0, channels=channels)
+    x = (torch.rand(2, 4, 6, 6) * 2).half().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gem(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(gem.raw_p.grad).all()
+    expected = gp.pool(x.detach().double(), "gem", p=gem.p.detach().double())
+    torch.testing.assert_close(y.double(), expected, rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("channels", [None, 4])
+def test_gem_float16_near_its_largest_value_keeps_value_and_gradients_finite(channels):
+    gem = gp.GeM(p=6.0, channels=channels).half()  # p and its parameter in float16 as well
+    x = torch.full((2, 4, 3, 3), 6.0e4, dtype=torch.float16)
+    x[:, :, 0, 0] = 6.5e4
+    x.requires_grad_(True)
+    y = gem(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and (y > 5.9e4).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(gem.raw_p.grad).all()
+
+
+def test_lse_pool_r_stays_positive_when_pushed_down():
+    for channels in (None, 3):
+        lse = gp.LSEPool(r=1.0, channels=channels)
+        opt = torch.optim.SGD(lse.parameters(), lr=100.0)
+        for _ in range(200):
+            opt.zero_grad()
+            lse.r.sum().mul(100.0).backward()
+            opt.step()
+        assert torch.isfinite(lse.r).all() and (lse.r > 0).all() and (lse.r >= lse.r_min).all()
+        y = lse(torch.randn(2, 3, 9) * 10)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_lse_pool_gradient_matches_finite_differences_of_the_reference(channels):
+    from globalpool import reference
+
+    lse = gp.LSEPool(r=1.5, channels=channels).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen)
+    mask = torch.rand(2, 4, 5, generator=gen) > 0.5
+    mask[:, 0, 0] = True
+    y = lse(x, mask=mask)
+    r = lse.r.detach().numpy()
+    expected = reference.pool_forward(x.numpy(), "lse", r=r, mask=mask.numpy())
+    torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+    y.sum().backward()
+    dr_draw = torch.sigmoid(lse.raw_r.detach()).numpy()  # r = r_min + softplus(raw)
+    h = 1e-6
+    for i in range(r.size):
+        up, down = r.copy(), r.copy()
+        if r.ndim:
+            up[i] += h
+            down[i] -= h
+        else:
+            up, down = r + h, r - h
+        diff = (
+            reference.pool_forward(x.numpy(), "lse", r=up, mask=mask.numpy()).sum()
+            - reference.pool_forward(x.numpy(), "lse", r=down, mask=mask.numpy()).sum()
+        ) / (2 * h)
+        got = lse.raw_r.grad.reshape(-1)[i].item()
+        assert abs(got - diff * dr_draw.reshape(-1)[i]) < 1e-6
+
+
+def test_fixed_lse_r_with_a_mask_gets_a_finite_gradient_on_every_backend():
+    """exp(r * -inf) at a padded position must not turn d/dr into -inf * 0 = NaN."""
+    x = torch.rand(2, 64, 32, 32)
+    mask = torch.rand(2, 32, 32) > 0.5
+    mask[1] = False  # and an empty sample
+    grads = []
+    for backend in ("torch", "fused"):
+        r = torch.tensor(1.5, requires_grad=True)
+        gp.pool(x, "lse", r=r, mask=mask, backend=backend).sum().backward()
+        grads.append(r.grad)
+    assert torch.isfinite(grads[0]) and grads[0] != 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_lse_pool_not_learnable_and_make_pool_routes():
+    fixed = gp.LSEPool(r=2.0, learnable=False, channels=3)
+    assert list(fixed.parameters()) == [] and fixed.r.shape == (3,)
+    assert type(gp.make_pool("lse", 8, r=2.0)) is gp.GlobalPool  # as before: a fixed r
+    learned = gp.make_pool("lse", 8, r=2.0, learnable=True)
+    assert isinstance(learned, gp.LSEPool) and learned.r.shape == ()
+    assert gp.make_pool("lse", 8, per_channel=True).r.shape == (8,)
+    assert gp.make_pool("gem", 8, per_channel=True).p.shape == (8,)
+    head = gp.make_head("lse", 8, 3, learnable=True, per_channel=True)
+    assert isinstance(head.pool, gp.LSEPool) and head.pool.r.shape == (8,)
+    assert head(torch.randn(2, 8, 5)).shape == (2, 3)
+    assert "r=2.0000, learnable=True" in repr(learned)
+    assert "p=[3.0000..3.0000] x 8" in repr(gp.GeM(channels=8))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: gp.LSEPool(r=0.0), ValueError, r"r must be a number >= 0.001, got 0.0"),
+        (lambda: gp.LSEPool(r=1e-3), ValueError, r"r must be > 0.001 for a learnable LSEPool"),
+        (lambda: gp.LSEPool(r=float("inf")), ValueError, r"r must be a finite number"),
+        (lambda: gp.LSEPool(r="1"), TypeError, r"r must be a real number"),
+        (lambda: gp.LSEPool(r_min=0.0), ValueError, r"r_min must be a number > 0, got 0.0"),
+        (lambda: gp.LSEPool(channels=0), ValueError, r"channels must be a positive int, got 0"),
+        (lambda: gp.LSEPool(learnable=1), TypeError, r"learnable must be a bool"),
+        (lambda: gp.GeM(channels=2.0), ValueError, r"channels must be a positive int, got 2.0"),
+        (lambda: gp.GeM(p=1.0), ValueError, r"p must be > 1 for a learnable GeM"),
+        (lambda: gp.make_pool("lse", 4, p=3.0), TypeError,
+         r"pool 'lse' got unexpected argument\(s\) \['p'\]; it takes r, learnable, per_channel"),
+        (lambda: gp.make_pool("gem", 4, per_channel=1), TypeError, r"per_channel must be a bool"),
+        (lambda: gp.make_pool("lse", 4, learnable="yes"), TypeError, r"learnable must be a bool"),
+    ],
+)
+def test_bad_lse_pool_or_per_channel_argument_refused(build, error, match):
+    with pytest.raises(error, match=match):
+        build()

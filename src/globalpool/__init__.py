@@ -20,7 +20,14 @@ from globalpool.heads import (
     swap_pool,
 )
 from globalpool.kinds import KINDS
-from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, make_pool
+from globalpool.layers import (
+    AdaptivePool,
+    AttentionPool,
+    GeM,
+    GlobalPool,
+    LSEPool,
+    make_pool,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +40,7 @@ __all__ = [
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
+    "LSEPool",
     "NiNHead",
     "adaptive_pool",
     "cam",

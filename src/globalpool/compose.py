@@ -40,6 +40,22 @@ def _where_nonempty(
     return y if nonempty is None else torch.where(nonempty, y, fill)
 
 
+def along_channels(
+    value: float | torch.Tensor, ndim: int, channel_dim: int
+) -> float | torch.Tensor:
+    """A per-channel parameter (a ``(C,)`` tensor) shaped to broadcast along ``channel_dim`` of a
+    rank-``ndim`` tensor; a number or a 0-dim tensor as it is.
+
+    >>> along_channels(torch.ones(3), 4, 3).shape, along_channels(2.0, 4, 1)
+    (torch.Size([1, 1, 1, 3]), 2.0)
+    """
+    if isinstance(value, torch.Tensor) and value.ndim == 1:
+        shape = [1] * ndim
+        shape[channel_dim] = value.shape[0]
+        return value.reshape(shape)
+    return value
+
+
 def avg(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
     if mask is not None:
         x = torch.where(mask, x, 0.0)
@@ -93,11 +109,16 @@ def lse(
 ) -> torch.Tensor:
     if isinstance(r, torch.Tensor):
         r = r.to(x.dtype)
-    if mask is not None:
-        x = torch.where(mask, x, -torch.inf)
-    top = x.detach().amax(dims, keepdim=True)
+    held = x if mask is None else torch.where(mask, x, -torch.inf)
+    top = held.detach().amax(dims, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
-    mean = _mean_of(torch.exp(r * (x - top)), mask, dims)
+    # padded positions are shifted to 0 (not -inf) before the product with r: d/dr of
+    # exp(r * -inf) would be -inf * 0 = NaN, a NaN gradient for a learnable r
+    shifted = x - top if mask is None else torch.where(mask, x - top, 0.0)
+    powered = torch.exp(r * shifted)
+    if mask is not None:
+        powered = torch.where(mask, powered, 0.0)
+    mean = _mean_of(powered, mask, dims)
     nonempty = _nonempty(mask, dims)
     if nonempty is not None:
         mean = torch.where(nonempty, mean, 1.0)

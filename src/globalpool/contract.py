@@ -127,8 +127,9 @@ def _check_real(name: str, value: Any, kind: str) -> None:
     else:
         ok = isinstance(value, Real) and not isinstance(value, bool)
     if not ok:
+        also = " (or a (C,) tensor, one per channel)" if (kind, name) in PER_CHANNEL else ""
         raise TypeError(
-            f"{name} for kind {kind!r} must be a real number or a 0-dim floating tensor, "
+            f"{name} for kind {kind!r} must be a real number or a 0-dim floating tensor{also}, "
             f"got {value!r}"
         )
 
@@ -267,23 +268,99 @@ def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
     check_param_names(kind, params)
     for k in kinds_of(kind):
         for name, value in params.items():
-            if (k, name) in _RANGES:
+            if (k, name) in PER_CHANNEL and is_per_channel(value):
+                _check_channel_values(k, name, value)  # its size is checked against x's channels
+            elif (k, name) in _RANGES:
                 check_param_value(k, name, value)
+
+
+#: Parameters that may also be one value per channel: a 1-D tensor of shape (C,).
+PER_CHANNEL = (("gem", "p"), ("lse", "r"))
+
+
+def is_per_channel(value: Any) -> bool:
+    """Whether ``value`` is a per-channel parameter (a tensor with one dim), not a scalar."""
+    return isinstance(value, torch.Tensor) and value.ndim == 1
+
+
+def check_channel_param(
+    kind: str, name: str, value: torch.Tensor, x: torch.Tensor, layout: str
+) -> None:
+    """Check a per-channel parameter (``p`` of gem, ``r`` of lse): a floating 1-D tensor of
+    shape ``(C,)`` with ``C`` x's channel count, on x's device, every value finite and in the
+    scalar's range (inside a graph, checked when the graph runs).
+
+    >>> x = torch.zeros(2, 3, 5)
+    >>> check_channel_param("gem", "p", torch.full((4,), 3.0), x, "channels_first")
+    Traceback (most recent call last):
+    ...
+    ValueError: p for kind 'gem' must have shape (C,) = (3,) (one value per channel ...), got ...
+    """
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} for kind {kind!r} must be a floating tensor, got dtype {value.dtype}"
+        )
+    channel_dim, _ = layout_dims(x.ndim, layout)
+    channels = x.shape[channel_dim]
+    if value.shape[0] != channels:
+        raise ValueError(
+            f"{name} for kind {kind!r} must have shape (C,) = ({channels},) (one value per "
+            f"channel of x, dim {channel_dim} for layout={layout!r}), got shape "
+            f"{tuple(value.shape)}"
+        )
+    if value.device != x.device:
+        raise ValueError(
+            f"{name} for kind {kind!r} must be on x's device {x.device}, got {value.device}"
+        )
+    _check_channel_values(kind, name, value)
+
+
+def _check_channel_values(kind: str, name: str, value: torch.Tensor) -> None:
+    """A per-channel tensor's dtype, and (eager) every value finite and in range."""
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} for kind {kind!r} must be a floating tensor, got dtype {value.dtype}"
+        )
+    _, tensor_in_range, expected = _RANGES[(kind, name)]
+    v = value.detach()
+    if _tracing():
+        _check_traced(
+            (torch.isfinite(v) & tensor_in_range(v)).all(),
+            f"{name} for kind {kind!r} must be finite and {expected} (checked in the graph)",
+        )
+        return
+    bad = ~(torch.isfinite(v) & tensor_in_range(v))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} for kind {kind!r} must be finite and {expected} in every channel, got "
+            f"{float(v[i])} at channel {i}"
+        )
+
+
+def _check_scalar_or_channels(
+    kind: str, name: str, value: Any, x: torch.Tensor, layout: str
+) -> None:
+    if (kind, name) in PER_CHANNEL and is_per_channel(value):
+        check_channel_param(kind, name, value, x, layout)
+    else:
+        check_param_value(kind, name, value)
 
 
 def check_params(
     kind: str, params: dict[str, Any], x: torch.Tensor, layout: str, mask: Any = None
 ) -> dict:
     """Fill defaults for ``kind`` and check each parameter's type and range (``weights`` only at
-    the real positions of ``mask``)."""
+    the real positions of ``mask``; ``p`` of gem and ``r`` of lse may be a number, a 0-dim
+    tensor or a ``(C,)`` tensor, one value per channel)."""
     check_param_names(kind, params)
     full = {**kind_defaults(kind), **params}
     for k in kinds_of(kind):
         if k == "gem":
-            check_param_value(k, "p", full["p"])
+            _check_scalar_or_channels(k, "p", full["p"], x, layout)
             check_param_value(k, "eps", full["eps"])
         elif k == "lse":
-            check_param_value(k, "r", full["r"])
+            _check_scalar_or_channels(k, "r", full["r"], x, layout)
         elif k == "attention":
             _check_weights(full["weights"], x, layout, mask)
     return full
@@ -305,7 +382,7 @@ def check_keepdim(keepdim: Any) -> None:
 
 
 def check_kind(kind: Any, allowed: tuple[str, ...] = KINDS, name: str = "kind") -> None:
-    if not isinstance(kind, str) or kind not in allowed:
+    if kind not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {kind!r}")
 
 

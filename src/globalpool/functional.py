@@ -67,6 +67,14 @@ def _choose_backend(
         )
         mode = None if graph else _kernels.ops.unsupported_mode(x, mask, *params.values())
     if backend == "fused":
+        per_channel = None if _kernels is None else _kernels.per_channel_param(params)
+        if per_channel is not None:
+            raise ValueError(
+                f"backend='fused' has no kernel for a per-channel {per_channel} (shape "
+                f"{tuple(params[per_channel].shape)}) of kind {kind!r}; use backend='auto' (which "
+                f"takes the torch composition there) or 'torch', or one {per_channel} for every "
+                "channel"
+            )
         if not available:
             raise ValueError(
                 f"backend='fused' has no kernel for kind {kind!r} on device {x.device} with "

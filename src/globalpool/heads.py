@@ -19,11 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from globalpool.class_map_norm import ClassMapNorm
-from globalpool.contract import check_input, check_kind, check_layout, check_mask, spatial_shape
-from globalpool.functional import pool
+from globalpool.contract import (
+    check_input,
+    check_kind,
+    check_kinds,
+    check_layout,
+    check_mask,
+    spatial_shape,
+)
+from globalpool.functional import output_width, pool
 from globalpool.kinds import KINDS, TOKEN_KINDS
 from globalpool.layers import (
-    GlobalPool,
     check_backend,
     check_channel_count,
     check_channels,
@@ -38,13 +44,52 @@ HEADS: tuple[str, ...] = ("fc", *(k for k in KINDS if k not in TOKEN_KINDS), "ni
 NIN_ACTIVATIONS: tuple[str, ...] = ("softplus", "relu")
 
 
+#: Normalisations of a :class:`ClassifierHead`'s pooled features (None: none).
+HEAD_NORMS: tuple[str | None, ...] = (None, "layer", "batch")
+
+#: Activations of a :class:`ClassifierHead`'s hidden layer.
+HEAD_ACTIVATIONS: tuple[str, ...] = ("gelu", "tanh", "relu")
+
+_ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _check_class_count(num_classes: Any) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(
+            f"num_classes must be an int >= 0 (0: no classifier, the head returns its features), "
+            f"got {num_classes!r}"
+        )
+
+
 class ClassifierHead(nn.Module):
-    """Global pooling, optional dropout, then one ``Linear`` sized to the pool's feature width.
+    """Global pooling, then optionally a norm and a hidden layer, dropout, and one ``Linear``
+    sized to the features it receives.
+
+    ``x`` (``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"``) goes through
+    ``pool -> norm -> Linear(hidden) + act -> dropout -> fc``, the optional steps skipped when
+    not asked for (timm's "NormMlp" head with ``norm="layer"`` and ``hidden`` set; the modules
+    ``norm`` and ``hidden`` are None then):
+
+    - ``norm``: None, ``"layer"`` (``LayerNorm``) or ``"batch"`` (``BatchNorm1d``) of the pooled
+      features;
+    - ``hidden``: None or the width of a hidden ``Linear``, followed by ``act`` (``"gelu"``,
+      ``"tanh"`` or ``"relu"``);
+    - ``num_classes=0``: no classifier (``fc`` is an ``Identity``); the head returns the
+      features, as timm's ``reset_classifier(0)``.
+
+    Widths: ``pooled_width`` is the pool's output (``2 * in_channels`` for ``catavgmax``),
+    ``feature_width`` what ``fc`` receives (``hidden`` when set, else ``pooled_width``).
+    ``forward(x, pre_logits=True)`` returns those features ``(N, feature_width)``;
+    :meth:`reset` swaps the classifier (and the pool) in place. ``pool_params`` go to the pool
+    (:func:`~globalpool.make_pool`).
 
     >>> import torch, globalpool as gp
     >>> head = gp.ClassifierHead(32, 5, pool="gem", dropout=0.1)
     >>> head(torch.randn(3, 32, 4, 4)).shape, head.feature_width
     (torch.Size([3, 5]), 32)
+    >>> head = gp.ClassifierHead(32, 5, pool="catavgmax", norm="layer", hidden=16, act="tanh")
+    >>> head.pooled_width, head.feature_width, head(torch.randn(3, 32, 4, 4), pre_logits=True).shape
+    (64, 16, torch.Size([3, 16]))
     """
 
     def __init__(
@@ -55,21 +100,150 @@ class ClassifierHead(nn.Module):
         *,
         dropout: float = 0.0,
         layout: str = "channels_first",
+        norm: str | None = None,
+        hidden: int | None = None,
+        act: str = "gelu",
         **pool_params: Any,
     ) -> None:
         super().__init__()
         check_channels(in_channels, "in_channels")
-        check_channels(num_classes, "num_classes")
+        _check_class_count(num_classes)
+        check_layout(layout)
+        check_kind(norm, HEAD_NORMS, name="norm")
+        if hidden is not None:
+            check_channels(hidden, "hidden")
+        check_kind(act, HEAD_ACTIVATIONS, name="act")
         self.in_channels, self.layout = in_channels, layout
-        self.pool = make_pool(pool, in_channels, layout=layout, **pool_params)
-        self.feature_width = self.pool.output_width(in_channels)
+        self.norm_kind, self.hidden_size, self.act = norm, hidden, act
+        # moves with the head: new modules of reset() take its device and dtype even when the
+        # head holds no parameter (an avg pool and num_classes=0); not saved in the state dict
+        self.register_buffer("_like", torch.empty(0), persistent=False)
+        self.pool = self._make_pool(pool, pool_params)
+        self.pool_kind = pool
+        self._build_neck()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(self.feature_width, num_classes)
+        self.fc = self._classifier(num_classes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def pooled_width(self) -> int:
+        """Width of the pool's output (``2 * in_channels`` for ``catavgmax``)."""
+        return self.pool.output_width(self.in_channels)
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the features ``fc`` receives (and ``pre_logits=True`` returns): ``hidden``
+        when set, else :attr:`pooled_width`."""
+        return self.hidden_size if self.hidden_size is not None else self.pooled_width
+
+    @property
+    def num_classes(self) -> int:
+        """Number of logits; 0 when there is no classifier (the head returns its features)."""
+        return self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the logits are one ``Linear`` of the pooled features (no norm, no hidden
+        layer, a classifier): what exact class activation maps need."""
+        return (
+            self.norm_kind is None and self.hidden_size is None and isinstance(self.fc, nn.Linear)
+        )
+
+    def _make_pool(self, pool: str, pool_params: dict[str, Any]) -> nn.Module:
+        if "channels" in pool_params:
+            raise TypeError(
+                f"ClassifierHead got channels={pool_params['channels']!r} for its pool, whose "
+                f"channels are in_channels={self.in_channels}; pass per_channel=True for one p "
+                "(gem) or r (lse) per channel"
+            )
+        module = make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
+        neck = self.norm_kind is not None or self.hidden_size is not None
+        if neck and getattr(module, "keepdim", False):
+            raise ValueError(
+                f"keepdim must be False for a ClassifierHead with norm={self.norm_kind!r} or "
+                f"hidden={self.hidden_size!r} (they take (N, features)), got True"
+            )
+        return module
+
+    def _build_neck(self) -> None:
+        """``norm`` and ``hidden`` for the pooled width; None when not asked for (a plain head
+        keeps its modules: pool, dropout, fc)."""
+        width = self.pooled_width
+        norms = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
+        self.norm = norms[self.norm_kind](width) if self.norm_kind is not None else None
+        self.hidden = (
+            nn.Sequential(nn.Linear(width, self.hidden_size), _ACTIVATIONS[self.act]())
+            if self.hidden_size is not None
+            else None
+        )
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.feature_width, num_classes) if num_classes else nn.Identity()
+
+    def _factory(self) -> dict[str, Any]:
+        """Device and dtype of the head's parameters (of ``fc`` first), else of its buffer."""
+        like = next(
+            (t for t in (*self.fc.parameters(), *self.parameters()) if t.is_floating_point()),
+            self._like,
+        )
+        return {"device": like.device, "dtype": like.dtype}
+
+    def reset(self, num_classes: int, pool: str | None = None, **pool_params: Any) -> None:
+        """Replace the classifier by a new (newly initialised) one with ``num_classes`` outputs,
+        and, with ``pool`` (a kind; ``pool_params`` as in the constructor), the pool too.
+
+        The new modules are on the device and in the dtype of the head's parameters. The
+        classifier always gets the right input width: when the new pool's width differs
+        (``"avg"`` to ``"catavgmax"``), the norm and hidden layer are rebuilt too (newly
+        initialised); when it is the same they are kept, trained. ``num_classes=0`` leaves no
+        classifier (``fc`` an ``Identity``: the head returns its features). Every argument is
+        checked before anything changes.
+
+        >>> import torch, globalpool as gp
+        >>> head = gp.ClassifierHead(8, 10).double()
+        >>> head.reset(3, pool="catavgmax")
+        >>> head.fc, head.fc.weight.dtype
+        (Linear(in_features=16, out_features=3, bias=True), torch.float64)
+        >>> head.reset(0)
+        >>> head(torch.randn(2, 8, 5, dtype=torch.float64)).shape
+        torch.Size([2, 16])
+        """
+        _check_class_count(num_classes)
+        if pool is None and pool_params:
+            raise TypeError(
+                f"reset got pool parameter(s) {sorted(pool_params)} without pool=; pass the "
+                "kind as pool= with them"
+            )
+        factory = self._factory()
+        if pool is not None:
+            new = self._make_pool(pool, pool_params).to(**factory)
+            width = self.pooled_width
+            self.pool, self.pool_kind = new, pool
+            if self.pooled_width != width:
+                self._build_neck()
+                for module in (self.norm, self.hidden):
+                    if module is not None:
+                        module.to(**factory)
+        self.fc = self._classifier(num_classes).to(**factory)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, pre_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits ``(N, num_classes)``; with ``pre_logits=True`` the features ``fc`` would
+        receive, ``(N, feature_width)`` (pooled, normalised, hidden layer, dropout)."""
         check_input(x)
         check_channel_count(x, self.layout, self.in_channels, "ClassifierHead")
-        return self.fc(self.dropout(self.pool(x, mask=mask)))
+        if not isinstance(pre_logits, bool):
+            raise TypeError(f"pre_logits must be a bool (True or False), got {pre_logits!r}")
+        features = self.pool(x, mask=mask)
+        if self.norm is not None:
+            features = self.norm(features)
+        if self.hidden is not None:
+            features = self.hidden(features)
+        features = self.dropout(features)
+        return features if pre_logits else self.fc(features)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, layout={self.layout!r}"
 
 
 class FlattenFCHead(nn.Module):
@@ -220,6 +394,9 @@ def make_head(
     hidden: int = 256,
     layout: str = "channels_first",
     backend: str = "auto",
+    norm: str | None = None,
+    mlp_hidden: int | None = None,
+    act: str = "gelu",
     **pool_params: Any,
 ) -> nn.Module:
     """Build the head called ``name`` (one of :data:`HEADS`, a token kind ``sum``/``first``/
@@ -230,14 +407,20 @@ def make_head(
     one call can build any head and ``spatial_size``/``hidden`` are ignored by the others.
     ``dropout`` (before the last layer) is for ``fc`` and the pooling heads; ``nin`` has no layer
     to drop out before and refuses a non-zero one. ``pool_params`` (``p``, ``eps``,
-    ``learnable``, ``r``, ``keepdim`` ...) go to the pool of a pooling head; ``fc`` and ``nin``
-    refuse them.
+    ``learnable``, ``per_channel``, ``r``, ``keepdim`` ...) go to the pool of a pooling head;
+    ``fc`` and ``nin`` refuse them.
+
+    ``norm``, ``mlp_hidden`` and ``act`` build a pooling head's norm and hidden layer
+    (:class:`ClassifierHead`'s ``norm``, ``hidden`` and ``act``: ``hidden`` here stays the
+    flatten-FC width, which every model passes to every head); ``fc`` and ``nin`` refuse them.
 
     >>> import globalpool as gp
     >>> sorted(gp.HEADS)[:3]
     ['attention', 'avg', 'avgmax']
     >>> gp.make_head("fc", 8, 10, spatial_size=(5,), hidden=16).feature_width
     40
+    >>> gp.make_head("lse", 8, 10, norm="layer", mlp_hidden=32, learnable=True).feature_width
+    32
     >>> gp.make_head("nin", 8, 10, p=3.0)
     Traceback (most recent call last):
     ...
@@ -249,6 +432,8 @@ def make_head(
     check_backend(backend)
     if name in ("fc", "nin"):
         extra = sorted(pool_params)
+        neck = {"norm": norm is not None, "mlp_hidden": mlp_hidden is not None}
+        extra = [k for k, given in {**neck, "act": act != "gelu"}.items() if given] + extra
         if name == "nin" and dropout != 0:
             extra = ["dropout", *extra]
         if extra:
@@ -270,6 +455,9 @@ def make_head(
         name,
         dropout=dropout,
         layout=layout,
+        norm=norm,
+        hidden=mlp_hidden,
+        act=act,
         backend=backend,
         **pool_params,
     )
@@ -293,18 +481,93 @@ def _is_global(module: nn.Module) -> bool:
     return all(s == 1 for s in sizes)
 
 
+#: Names swap_pool looks for the classifier under when ``classifier=`` is not given (timm's and
+#: torchvision's conventions).
+CLASSIFIER_NAMES: tuple[str, ...] = ("fc", "head", "classifier", "head.fc")
+
+
+def _pools_to_swap(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every registration (name, module) of the global adaptive pools to replace: those inside
+    the modules named ``global_pool`` when the model has one (timm's convention; a pool
+    elsewhere, such as a squeeze-excitation's, is left alone), else every one."""
+    # every registration: a module shared by two attributes is listed under both paths
+    every = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_global(m)]
+    roots = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "global_pool"]
+    if not roots:
+        if not every:
+            raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
+        return every
+    inside = [(n, m) for n, m in every if any(n == r or n.startswith(r + ".") for r in roots)]
+    distinct = {id(m): n for n, m in inside}
+    if len(distinct) != 1:
+        what = type(model.get_submodule(roots[0])).__name__
+        found = "no" if not distinct else f"{len(distinct)} ({sorted(distinct.values())})"
+        raise ValueError(
+            f"model's global_pool ({', '.join(roots)}: {what}) holds {found} "
+            "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1); swap_pool replaces exactly one such "
+            "module there (a pool computed by a function, such as timm's 'fast', 'avgmax' or "
+            "'catavgmax', has none): build the model with an 'avg' or 'max' global pool"
+        )
+    return inside
+
+
+def _find_classifier(model: nn.Module, kind: str) -> str:
+    """The one ``nn.Linear`` among :data:`CLASSIFIER_NAMES`, or a ValueError saying to pass
+    ``classifier=``."""
+    found: dict[int, str] = {}
+    for name in CLASSIFIER_NAMES:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            found.setdefault(id(module), name)
+    if len(found) == 1:
+        return next(iter(found.values()))
+    what = "no nn.Linear" if not found else f"several: {sorted(found.values())}"
+    raise ValueError(
+        f"kind {kind!r} needs classifier= (the dotted name of the nn.Linear after the pool), got "
+        f"None, and the model has {what} under the names {list(CLASSIFIER_NAMES)}; pass "
+        "classifier="
+    )
+
+
+def _needs_classifier(kind: str, params: dict[str, Any]) -> bool:
+    """Whether the new pool needs the classifier: its width differs, or it learns per-channel
+    weights (attention, per-channel GeM / lse)."""
+    return output_width(kind, 1) != 1 or kind == "attention" or params.get("per_channel") is True
+
+
+def _like(model: nn.Module, fc: nn.Module | None) -> dict[str, Any]:
+    """Device and dtype for new modules: the classifier's, else the model's first floating
+    parameter or buffer (default when it has none)."""
+    tensors = (*(fc.parameters() if fc is not None else ()), *model.parameters(), *model.buffers())
+    like = next((t for t in tensors if t.is_floating_point()), None)
+    return {} if like is None else {"device": like.device, "dtype": like.dtype}
+
+
 def swap_pool(
     model: nn.Module, kind: str, *, classifier: str | None = None, **params: Any
 ) -> nn.Module:
-    """Replace every ``AdaptiveAvg/MaxPool*d(1)`` in ``model`` by globalpool's ``kind``, in place.
+    """Replace the ``AdaptiveAvg/MaxPool*d(1)`` global pool(s) of ``model`` by globalpool's
+    ``kind``, in place; the new modules get the model's device and dtype.
 
-    The new pool keeps singleton spatial dims, so whatever flattening the model does still works.
-    A pool registered under several names (one module shared by several attributes) is replaced
-    under every name by one new module, so they stay shared. ``AdaptiveMaxPool*d(1,
-    return_indices=True)`` is refused: its (values, indices) output has no globalpool equivalent.
-    Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``)
-    need ``classifier``: the dotted name of the ``nn.Linear`` that follows, which is rebuilt (newly
-    initialised) with the right input width.
+    Which pools: in a model with a module named ``global_pool`` (timm's convention, possibly a
+    wrapper such as ``SelectAdaptivePool2d`` holding the ``AdaptiveAvgPool2d(1)``), the one such
+    pool inside it, so that pools elsewhere (squeeze-excitation blocks) are left alone; a
+    ``global_pool`` holding none or several is refused. In any other model, every one. The new
+    pool keeps singleton spatial dims, so whatever flattening the model does still works. A pool
+    registered under several names (one module shared by several attributes) is replaced under
+    every name by one new module, so they stay shared. ``AdaptiveMaxPool*d(1,
+    return_indices=True)`` is refused: its (values, indices) output has no globalpool
+    equivalent. ``params`` go to :func:`~globalpool.make_pool` (``p``, ``learnable``,
+    ``per_channel`` ...).
+
+    Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``,
+    ``per_channel=True``) need the ``nn.Linear`` that follows: ``classifier`` (its dotted name),
+    else the one ``nn.Linear`` named ``fc``, ``head``, ``classifier`` or ``head.fc``
+    (:data:`CLASSIFIER_NAMES`; none or several is an error asking for ``classifier=``). It is
+    rebuilt (newly initialised) with the right input width.
 
     >>> import torch, globalpool as gp
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
@@ -312,12 +575,19 @@ def swap_pool(
     >>> net = gp.swap_pool(net, "catavgmax", classifier="3")
     >>> net(torch.randn(1, 3, 9, 9)).shape, net[3].in_features
     (torch.Size([1, 2]), 16)
+    >>> class Net(torch.nn.Module):  # timm's names: global_pool, fc
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv = torch.nn.Conv2d(3, 8, 3)
+    ...         self.global_pool = torch.nn.AdaptiveAvgPool2d(1)
+    ...         self.fc = torch.nn.Linear(8, 2)
+    ...     def forward(self, x):
+    ...         return self.fc(self.global_pool(self.conv(x)).flatten(1))
+    >>> gp.swap_pool(Net(), "catavgmax").fc.in_features
+    16
     """
-    check_kind(kind)
-    # every registration: a module shared by two attributes is listed under both paths
-    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_global(m)]
-    if not found:
-        raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
+    kind = check_kinds(kind)
+    found = _pools_to_swap(model)
     for name, module in found:
         if getattr(module, "return_indices", False):
             raise ValueError(
@@ -325,20 +595,18 @@ def swap_pool(
                 f"(values, indices) and globalpool's pools return values only; expected "
                 f"return_indices=False"
             )
+    if classifier is None and _needs_classifier(kind, params):
+        classifier = _find_classifier(model, kind)
     fc = model.get_submodule(classifier) if classifier is not None else None
     if fc is not None and not isinstance(fc, nn.Linear):
         raise TypeError(f"classifier must name an nn.Linear, got {type(fc).__name__}")
-    if kind in ("catavgmax", "attention") and fc is None:
-        raise ValueError(f"kind {kind!r} needs classifier= (the Linear after the pool), got None")
     channels = fc.in_features if fc is not None else 0
+    like = _like(model, fc)
     replacements: dict[int, nn.Module] = {}  # id(old module) -> its one replacement
     for name, module in found:
         new = replacements.get(id(module))
         if new is None:
-            if kind == "attention" or kind == "gem":
-                new = make_pool(kind, channels, keepdim=True, **params)
-            else:
-                new = GlobalPool(kind, keepdim=True, **params)
+            new = make_pool(kind, channels, keepdim=True, **params).to(**like)
             replacements[id(module)] = new
         _set_submodule(model, name, new)
     if fc is not None and new.output_width(channels) != fc.in_features:

@@ -62,7 +62,11 @@ KIND_DEFS: dict[str, KindDef] = {
             {"p": 3.0, "eps": 1e-6},
             1,
             lambda x, mask, dims, channel_dim, params: compose.gem(
-                x, mask, dims, params["p"], params["eps"]
+                x,
+                mask,
+                dims,
+                compose.along_channels(params["p"], x.ndim, channel_dim),
+                params["eps"],
             ),
             "generalised mean (mean clamp(x, eps)^p)^(1/p)",
         ),
@@ -70,7 +74,9 @@ KIND_DEFS: dict[str, KindDef] = {
             "lse",
             {"r": 1.0},
             1,
-            lambda x, mask, dims, channel_dim, params: compose.lse(x, mask, dims, params["r"]),
+            lambda x, mask, dims, channel_dim, params: compose.lse(
+                x, mask, dims, compose.along_channels(params["r"], x.ndim, channel_dim)
+            ),
             "log-sum-exp (1/r) log mean exp(r x)",
         ),
         KindDef(

@@ -140,16 +140,66 @@ def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent ``p = 1 + softplus(raw)`` (always >= 1).
+def _check_learnable_start(
+    name: str, value: Any, low: float, strict: bool, learnable: bool, what: str
+) -> float:
+    """The starting value of a learnable parameter (GeM's ``p``, LSEPool's ``r``): a finite real
+    number above ``low`` (or equal to it when not ``strict``); a learnable one strictly above
+    (the softplus parametrisation reaches ``low`` only in the limit)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number (int or float), got {value!r}")
+    op = ">" if strict else ">="
+    if not _finite(value):
+        raise ValueError(f"{name} must be a finite number {op} {low:g}, got {value!r}")
+    if value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a number {op} {low:g}, got {value!r}")
+    _check_bool(learnable, "learnable")
+    if learnable and value == low:
+        raise ValueError(
+            f"{name} must be > {low:g} for a learnable {what} ({name} = {low:g} + softplus(raw)), "
+            f"got {float(value)}"
+        )
+    return float(value)
 
-    Computed in float32 for half inputs, so float16 activations up to 65504 do not overflow.
+
+def _raw_parameter(
+    module: nn.Module, name: str, value: float, low: float, learnable: bool, channels: int | None
+) -> None:
+    """Register ``name`` with ``low + softplus(raw) == value`` (a parameter, or a buffer when not
+    ``learnable``): one scalar, or ``(channels,)``."""
+    raw = _softplus_inverse(value - low) if value > low else -30.0
+    raw = torch.tensor(raw) if channels is None else torch.full((channels,), raw)
+    if learnable:
+        setattr(module, name, nn.Parameter(raw))
+    else:
+        module.register_buffer(name, raw)
+
+
+def _show(value: torch.Tensor) -> str:
+    """A scalar parameter as one number, a per-channel one as its range."""
+    v = value.detach().float()
+    if v.ndim == 0:
+        return f"{float(v):.4f}"
+    return f"[{float(v.min()):.4f}..{float(v.max()):.4f}] x {v.numel()}"
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent ``p = 1 + softplus(raw_p)`` (always >= 1).
+
+    ``channels=C`` learns one ``p`` per channel (``p`` of shape ``(C,)``, every one >= 1; the
+    fused kernels take one ``p``, so this pools with the torch composition). Computed in float32
+    for half inputs, so float16 activations up to 65504 do not overflow.
 
     >>> import torch, globalpool as gp
     >>> gem = gp.GeM(p=3.0)
     >>> round(float(gem.p.detach()), 4), gem(torch.rand(2, 4, 7, 7)).shape
     (3.0, torch.Size([2, 4]))
+    >>> per_channel = gp.GeM(p=2.0, channels=4)
+    >>> per_channel.p.shape, per_channel(torch.rand(2, 4, 7, 7)).shape
+    (torch.Size([4]), torch.Size([2, 4]))
     """
+
+    kind = "gem"
 
     def __init__(
         self,
@@ -157,31 +207,22 @@ class GeM(nn.Module):
         *,
         eps: float = 1e-6,
         learnable: bool = True,
+        channels: int | None = None,
         layout: str = "channels_first",
         keepdim: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(p, (int, float)) or isinstance(p, bool):
-            raise TypeError(f"p must be a real number (int or float), got {p!r}")
-        if not _finite(p):
-            raise ValueError(f"p must be a finite number >= 1, got {p!r}")
-        if p < 1.0:
-            raise ValueError(f"p must be a number >= 1, got {p!r}")
-        _check_bool(learnable, "learnable")
-        if learnable and p == 1.0:
-            raise ValueError("p must be > 1 for a learnable GeM (p = 1 + softplus(raw)), got 1.0")
+        p = _check_learnable_start("p", p, 1.0, False, learnable, "GeM")
+        if channels is not None:
+            check_channels(channels)
         check_param_value("gem", "eps", eps)
         check_layout(layout)
         check_keepdim(keepdim)
         check_backend(backend)
-        raw = torch.tensor(_softplus_inverse(p - 1.0) if p > 1.0 else -30.0)
-        if learnable:
-            self.raw_p = nn.Parameter(raw)
-        else:
-            self.register_buffer("raw_p", raw)
+        _raw_parameter(self, "raw_p", p, 1.0, learnable, channels)
         self.eps, self.layout, self.keepdim, self.backend = eps, layout, keepdim, backend
-        self.learnable = learnable
+        self.learnable, self.channels = learnable, channels
 
     @property
     def p(self) -> torch.Tensor:
@@ -191,6 +232,8 @@ class GeM(nn.Module):
         return channels
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels is not None:
+            check_channel_count(x, self.layout, self.channels, "GeM", "channels")
         return pool(
             x,
             "gem",
@@ -204,9 +247,74 @@ class GeM(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"p={float(self.p.detach()):.4f}, eps={self.eps}, learnable={self.learnable}, "
+            f"p={_show(self.p)}, eps={self.eps}, learnable={self.learnable}, "
             f"layout={self.layout!r}"
         )
+
+
+class LSEPool(nn.Module):
+    """Log-sum-exp pooling ``(1/r) log mean exp(r x)`` with a learnable temperature
+    ``r = r_min + softplus(raw)``, always > 0 (``r -> 0`` is the average, large ``r`` the max).
+
+    ``channels=C`` learns one ``r`` per channel (``r`` of shape ``(C,)``; the fused kernels take
+    one ``r``, so this pools with the torch composition); ``learnable=False`` keeps ``r`` fixed
+    (a buffer). ``r_min`` (default 1e-3) keeps ``1/r`` finite.
+
+    >>> import torch, globalpool as gp
+    >>> lse = gp.LSEPool(r=2.0)
+    >>> round(float(lse.r.detach()), 4), lse(torch.rand(2, 4, 7, 7)).shape
+    (2.0, torch.Size([2, 4]))
+    >>> gp.LSEPool(r=0.5, channels=4).r.shape
+    torch.Size([4])
+    """
+
+    kind = "lse"
+
+    def __init__(
+        self,
+        r: float = 1.0,
+        *,
+        learnable: bool = True,
+        channels: int | None = None,
+        r_min: float = 1e-3,
+        layout: str = "channels_first",
+        keepdim: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        r_min = _check_learnable_start("r_min", r_min, 0.0, True, False, "LSEPool")
+        r = _check_learnable_start("r", r, r_min, False, learnable, "LSEPool")
+        if channels is not None:
+            check_channels(channels)
+        check_layout(layout)
+        check_keepdim(keepdim)
+        check_backend(backend)
+        _raw_parameter(self, "raw_r", r, r_min, learnable, channels)
+        self.r_min, self.layout, self.keepdim, self.backend = r_min, layout, keepdim, backend
+        self.learnable, self.channels = learnable, channels
+
+    @property
+    def r(self) -> torch.Tensor:
+        return self.r_min + F.softplus(self.raw_r)
+
+    def output_width(self, channels: int) -> int:
+        return channels
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels is not None:
+            check_channel_count(x, self.layout, self.channels, "LSEPool", "channels")
+        return pool(
+            x,
+            "lse",
+            layout=self.layout,
+            keepdim=self.keepdim,
+            mask=mask,
+            backend=self.backend,
+            r=self.r,
+        )
+
+    def extra_repr(self) -> str:
+        return f"r={_show(self.r)}, learnable={self.learnable}, layout={self.layout!r}"
 
 
 class AttentionPool(nn.Module):
@@ -329,15 +437,20 @@ def make_pool(
     layout: str = "channels_first",
     **params: Any,
 ) -> nn.Module:
-    """The pooling module for ``kind``: learnable GeM, learned attention, else :class:`GlobalPool`.
+    """The pooling module for ``kind``: learnable GeM, learned attention, a learnable-temperature
+    :class:`LSEPool` for ``lse`` with ``learnable=True``, else :class:`GlobalPool`.
 
-    ``params`` go to that module: ``keepdim`` and ``backend`` for every kind, ``p``, ``eps`` and
-    ``learnable`` for ``gem``, the kind's parameters for the others; anything else is refused.
-    A tuple of kinds gives a :class:`GlobalPool` with fixed parameters (a ``gem`` in it has a
-    fixed ``p``; ``attention``, whose weights are learned, is refused in a tuple).
+    ``params`` go to that module: ``keepdim`` and ``backend`` for every kind, ``p``, ``eps``,
+    ``learnable`` (default True) and ``per_channel`` (one ``p`` per channel) for ``gem``, ``r``,
+    ``learnable`` (default False: a fixed ``r``) and ``per_channel`` for ``lse``, the kind's
+    parameters for the others; anything else is refused. A tuple of kinds gives a
+    :class:`GlobalPool` with fixed parameters (a ``gem`` in it has a fixed ``p``; ``attention``,
+    whose weights are learned, is refused in a tuple).
 
     >>> make_pool("gem", 16)
     GeM(p=3.0000, eps=1e-06, learnable=True, layout='channels_first')
+    >>> make_pool("lse", 16, r=2.0, learnable=True, per_channel=True)
+    LSEPool(r=[2.0000..2.0000] x 16, learnable=True, layout='channels_first')
     >>> make_pool("attention", 16, p=3.0)
     Traceback (most recent call last):
     ...
@@ -355,14 +468,24 @@ def make_pool(
         raise TypeError(
             f"pool {kind!r} got unexpected argument(s) {unknown}; it takes {', '.join(takes)}"
         )
+    per_channel = params.pop("per_channel", False)
+    _check_bool(per_channel, "per_channel")
+    if per_channel:
+        params["channels"] = channels
     if kind == "gem":
         return GeM(layout=layout, **params)
     if kind == "attention":
         return AttentionPool(channels, layout=layout, **params)
+    if kind == "lse":
+        learnable = params.pop("learnable", False)
+        _check_bool(learnable, "learnable")
+        if learnable or per_channel:
+            return LSEPool(layout=layout, learnable=learnable, **params)
     return GlobalPool(kind, layout=layout, **params)
 
 
 _MAKE_POOL_ARGS = {  # GlobalPool checks its own (keepdim, backend and the kind's parameters)
-    "gem": ("p", "eps", "learnable", "keepdim", "backend"),
+    "gem": ("p", "eps", "learnable", "per_channel", "keepdim", "backend"),
+    "lse": ("r", "learnable", "per_channel", "keepdim", "backend"),
     "attention": ("keepdim", "backend"),
 }

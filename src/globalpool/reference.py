@@ -113,11 +113,11 @@ def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: n
     if kind == "gem":  # scaled by the row maximum: no power over- or underflows float64
         clamped = np.maximum(xs, eps)
         top = clamped.max(axis=1)
-        return top * np.mean((clamped / top[:, None]) ** p, axis=1) ** (1.0 / p)
+        return top * np.mean((clamped / top[:, None]) ** _col(p), axis=1) ** (1.0 / p)
     if kind == "lse":  # shifted by the maximum where it is finite (a row with +inf is +inf)
         top = xs.max(axis=1)
         top = np.where(np.isfinite(top), top, 0.0)
-        return top + np.log(np.mean(np.exp(r * (xs - top[:, None])), axis=1)) / r
+        return top + np.log(np.mean(np.exp(_col(r) * (xs - top[:, None])), axis=1)) / r
     if kind == "sum":
         return xs.sum(axis=1)
     if kind == "first":  # the real positions are in row-major order
@@ -129,6 +129,12 @@ def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: n
     if total == 0:
         return np.zeros(c)
     return xs @ w / total
+
+
+def _col(v: float | np.ndarray) -> float | np.ndarray:
+    """A per-channel parameter ``(C,)`` as a column ``(C, 1)`` against ``(C, k)``; a float as
+    it is."""
+    return v[:, None] if np.ndim(v) else v
 
 
 def _max_share(xs: np.ndarray) -> np.ndarray:
@@ -146,7 +152,8 @@ def _backward_one(
     r: float,
     w: np.ndarray | None,
 ):
-    """Return (grad xs (C, k), grad p (float), grad w (k,)) for one sample."""
+    """Return (grad xs (C, k), grad p (a float, or (C,) for a per-channel p), grad w (k,)) for
+    one sample."""
     c, k = xs.shape
     gx = np.zeros((c, k))
     gp = 0.0
@@ -168,14 +175,15 @@ def _backward_one(
         # dy/dp = y * (-log(mean u^p) / p^2 + mean(u^p log u) / (p mean u^p))
         z = np.maximum(xs, eps)
         top = z.max(axis=1, keepdims=True)
-        y = top[:, 0] * np.mean((z / top) ** p, axis=1) ** (1.0 / p)
+        pc = _col(p)
+        y = top[:, 0] * np.mean((z / top) ** pc, axis=1) ** (1.0 / p)
         u = z / y[:, None]
-        mu = np.mean(u**p, axis=1)
-        gx = g[:, None] * u ** (p - 1.0) / k * (xs >= eps)
-        dy_dp = y * (-np.log(mu) / p**2 + np.mean(u**p * np.log(u), axis=1) / (p * mu))
-        gp = float(np.sum(g * dy_dp))
+        mu = np.mean(u**pc, axis=1)
+        gx = g[:, None] * u ** (pc - 1.0) / k * (xs >= eps)
+        dy_dp = y * (-np.log(mu) / p**2 + np.mean(u**pc * np.log(u), axis=1) / (p * mu))
+        gp = g * dy_dp if np.ndim(p) else float(np.sum(g * dy_dp))
     elif kind == "lse":
-        e = np.exp(r * (xs - xs.max(axis=1, keepdims=True)))
+        e = np.exp(_col(r) * (xs - xs.max(axis=1, keepdims=True)))
         gx = g[:, None] * e / e.sum(axis=1, keepdims=True)
     elif kind == "sum":
         gx = np.repeat(g[:, None], k, axis=1)
@@ -207,12 +215,22 @@ def _prepare(x, kind, layout, mask, weights, p, eps, r):
         w = _per_position(weights, "weights", n, spatial, np.float64)
         if np.any(w[m] < 0):
             raise ValueError("weights must be >= 0 at every real position, got a negative value")
-    p = float(np.asarray(p))
-    if "gem" in _kinds(kind) and not p > 0:
+    p, r = _scalar_or_channels(p, "p", c), _scalar_or_channels(r, "r", c)
+    if "gem" in _kinds(kind) and not np.all(p > 0):
         raise ValueError(f"p must be > 0 for kind='gem', got {p}")
-    if "lse" in _kinds(kind) and not float(r) > 0:
+    if "lse" in _kinds(kind) and not np.all(r > 0):
         raise ValueError(f"r must be > 0 for kind='lse', got {r}")
-    return xc, flat, m, w, p, float(eps), float(r)
+    return xc, flat, m, w, p, float(eps), r
+
+
+def _scalar_or_channels(v: Any, name: str, c: int) -> float | np.ndarray:
+    """A float, or a float64 ``(C,)`` array for a per-channel parameter."""
+    a = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64)
+    if a.ndim == 0:
+        return float(a)
+    if a.shape != (c,):
+        raise ValueError(f"{name} must be a number or of shape (C,) = ({c},), got {a.shape}")
+    return a
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +257,8 @@ def pool_forward(
 
     Returns ``(N, C)`` (``(N, 2C)`` for ``"catavgmax"``, avg block first). With ``keepdim=True``
     the singleton spatial dims sit in the layout's positions: ``(N, C, 1, 1)`` or
-    ``(N, 1, 1, C)``. A sample whose mask has no real position pools to 0.
+    ``(N, 1, 1, C)``. A sample whose mask has no real position pools to 0. ``p`` (gem) and
+    ``r`` (lse) are numbers, or arrays of shape ``(C,)``: one value per channel.
 
     >>> import numpy as np
     >>> x = np.array([[[[1.0, 3.0], [3.0, 1.0]]]])            # (1, 1, 2, 2)
@@ -251,6 +270,8 @@ def pool_forward(
     array([[1.]])
     >>> pool_forward(x, ("sum", "first", "last"), mask=np.array([[[False, True], [True, False]]]))
     array([[6., 3., 3.]])
+    >>> pool_forward(np.concatenate([x, x], axis=1), "gem", p=np.array([1.0, 2.0]))  # per channel
+    array([[2.        , 2.23606798]])
     """
     xc, flat, m, w, p, eps, r = _prepare(x, kind, layout, mask, weights, p, eps, r)
     n, c = flat.shape[:2]
@@ -282,9 +303,10 @@ def pool_backward(
 
     ``grad_out`` may have the ``keepdim=False`` or the ``keepdim=True`` output shape (only its
     size is checked). Returns ``{"x": grad_x, "p": grad_p, "weights": grad_weights}`` where
-    ``grad_x`` has the shape and layout of ``x``, ``grad_p`` is a float for ``"gem"`` (else
-    ``None``) and ``grad_weights`` is ``(N, *S)`` for ``"attention"`` (else ``None``). Padded
-    positions and empty samples get exactly zero gradient; tied maxima share it equally.
+    ``grad_x`` has the shape and layout of ``x``, ``grad_p`` is a float for ``"gem"`` (a
+    ``(C,)`` array for a per-channel ``p``; else ``None``) and ``grad_weights`` is ``(N, *S)``
+    for ``"attention"`` (else ``None``). Padded positions and empty samples get exactly zero
+    gradient; tied maxima share it equally.
 
     >>> import numpy as np
     >>> x = np.array([[[1.0, 3.0, 3.0, 2.0]]])
@@ -305,7 +327,7 @@ def pool_backward(
     g = g.reshape(n, c_out)
     gx = np.zeros((n, c, length))
     gw = np.zeros((n, length))
-    gp = 0.0
+    gp = np.zeros(c) if np.ndim(p) else 0.0
     for i in range(n):
         real = m[i]
         wi = None if w is None else w[i, real]

@@ -44,13 +44,16 @@ def head_kind(head: nn.Module | None) -> str | None:
             return "attention"
         if isinstance(pool, GlobalPool):
             return pool.kind
-        return "gem"
+        return getattr(pool, "kind", "gem")
     return None
 
 
 def is_exact(head: nn.Module | None) -> bool:
-    """True when :func:`exact_maps` applies to ``head``."""
+    """True when :func:`exact_maps` applies to ``head`` (a ClassifierHead whose logits are one
+    Linear of the pooled features, :attr:`~globalpool.ClassifierHead.is_linear`)."""
     kind = head_kind(head)
+    if isinstance(head, ClassifierHead) and not head.is_linear:
+        return False
     return kind == "nin" or kind in EXACT_KINDS
 
 
@@ -83,8 +86,11 @@ def exact_maps(
         maps = maps if first else maps.movedim(-1, 1)
         out = maps[rows, targets]
         return out if mask is None else torch.where(mask, out, 0.0)
-    if kind not in EXACT_KINDS:
-        raise ValueError(f"no exact map for a head pooling with {kind!r}")
+    if kind not in EXACT_KINDS or not head.is_linear:
+        raise ValueError(
+            f"no exact map for a head pooling with {kind!r}"
+            + ("" if head.is_linear else " and a norm, a hidden layer or no classifier")
+        )
     xf = x if first else x.movedim(-1, 1)  # (N, C, *S)
     real = (
         torch.ones((1, 1, *xf.shape[2:]), dtype=torch.bool, device=x.device)

@@ -131,8 +131,10 @@ def class_activation_maps(
 
 def _not_exact(site: Site) -> str:
     kind = head_kind(site.head)
+    plain = getattr(site.head, "is_linear", True)
     what = (
         f"a ClassifierHead pooling with {kind!r}"
+        + ("" if plain else " with a norm, a hidden layer or no classifier (num_classes=0)")
         if kind is not None
         else f"{type(site.head).__name__ if site.head is not None else 'a model'} without a "
         "ClassifierHead or NiNHead"

@@ -60,21 +60,36 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     """True when a fused kernel exists for ``x``'s device and dtype and for ``kind``.
 
     CPU needs numba; CUDA needs triton (no ``sum`` there). float16, bfloat16, float32 and
-    float64 are supported. ``first`` / ``last`` have no kernel: they are one gather.
+    float64 are supported. ``first`` / ``last`` have no kernel: they are one gather. The kernels
+    take ``p`` and ``r`` as one number: a per-channel one (a ``(C,)`` tensor) has no kernel.
 
     >>> import torch
     >>> supports(torch.ones(2, 3, 4), "lse"), supports(torch.ones(2, 3, 4).int(), "avg")
     (True, False)
+    >>> supports(torch.ones(2, 3, 4), "gem", p=torch.full((3,), 3.0))
+    False
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES or kind not in _KINDS:
         return False
     if x.ndim not in (3, 4, 5):
+        return False
+    if per_channel_param(params) is not None:
         return False
     if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
         return _HAS_NUMBA
     if x.is_cuda:
         return _HAS_TRITON and kind not in _CPU_ONLY
     return False
+
+
+def per_channel_param(params: dict[str, Any]) -> str | None:
+    """The name of the first per-channel parameter (``p`` or ``r`` given as a 1-D tensor) in
+    ``params``, or None."""
+    for name in ("p", "r"):
+        value = params.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return name
+    return None
 
 
 def _packed(sizes: list[int], strides: list[int]) -> bool:
