@@ -21,6 +21,7 @@ from globalpool.heads import (
 )
 from globalpool.kinds import KINDS
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, make_pool
+from globalpool.packed import pool_nested, pool_packed
 
 __version__ = "0.1.0"
 
@@ -41,5 +42,7 @@ __all__ = [
     "make_pool",
     "output_width",
     "pool",
+    "pool_nested",
+    "pool_packed",
     "swap_pool",
 ]
