@@ -37,8 +37,8 @@ import torch
 
 from globalpool import contract
 from globalpool.adaptive import deploying
-from globalpool.kinds import KIND_DEFS
 from globalpool.kernels import _HAS_NUMBA, ops
+from globalpool.kinds import KIND_DEFS
 
 __all__ = ["FUSED_KINDS", "pool_nested", "pool_packed"]
 
@@ -93,17 +93,17 @@ def check_cu_seqlens(cu_seqlens: Any, x: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
     if torch.compiler.is_compiling() or deploying():
         return
-    cu = cu_seqlens.detach().cpu().numpy()
-    if cu[0] != 0:
+    cu = cu_seqlens.detach()  # torch ops (not NumPy): torch.func transforms wrap even this
+    if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
-    steps = np.flatnonzero(np.diff(cu) < 0)
+    steps = (cu[1:] < cu[:-1]).nonzero()
     if len(steps):
-        i = int(steps[0]) + 1
+        i = int(steps[0, 0]) + 1
         raise ValueError(
             f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu[i])} < "
             f"cu_seqlens[{i - 1}] = {int(cu[i - 1])}"
         )
-    if cu[-1] != x.shape[0]:
+    if int(cu[-1]) != x.shape[0]:
         raise ValueError(
             f"cu_seqlens must end at T = x.shape[0] = {x.shape[0]}, got cu_seqlens[-1] = "
             f"{int(cu[-1])}"
@@ -391,7 +391,8 @@ def pool_packed(
     >>> gp.pool_packed(x, torch.tensor([0, 2, 3]), "max")
     tensor([[3., 2.],
             [2., 8.]])
-    >>> gp.pool_packed(x, torch.tensor([0, 2, 3]), "attention", weights=torch.tensor([1.0, 3.0, 1.0]))
+    >>> w = torch.tensor([1.0, 3.0, 1.0])
+    >>> gp.pool_packed(x, torch.tensor([0, 2, 3]), "attention", weights=w)
     tensor([[2.5000, 1.5000],
             [2.0000, 8.0000]])
     """

@@ -222,7 +222,7 @@ def forward(x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
             continue
         inv = like(1.0, eps) / like(k, eps)
         if group == LINEAR:
-            if mode == FIRST or mode == LAST:
+            if mode in (FIRST, LAST):
                 row = s if mode == FIRST else e - 1
                 for c in range(C):
                     o[U(c)] = widen(x[row, U(c)])
@@ -347,7 +347,7 @@ def backward(g, x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, 
         inv = like(1.0, eps) / like(k, eps)
         gn = g[n]
         if group == LINEAR:
-            if mode == FIRST or mode == LAST:
+            if mode in (FIRST, LAST):
                 row = s if mode == FIRST else e - 1
                 for t in range(s, e):
                     for c in range(C):
