@@ -282,6 +282,26 @@ def test_gem_large_p_is_scaled(backend):
     _close(xg.grad, gx, torch.float32, "gem p=64 grad", scale=10)
 
 
+@needs_numba
+@pytest.mark.parametrize("kind", gp.KINDS)
+def test_long_sequences_span_kernel_chunks(kind):
+    """gem and lse rescale their running sums when a later chunk of rows (128 KiB) holds a new
+    maximum: sequences of hundreds of rows whose values grow, with a spike in the middle."""
+    lengths = (130, 0, 170)
+    x, w = _inputs(lengths, torch.float32, seed=6, c=512)
+    x = x + torch.linspace(0.0, 4.0, x.shape[0])[:, None]
+    x[200, :7] = 30.0
+    params = _params(kind, x, w, p_grad=False)
+    params.update({"p": 3.0} if kind == "gem" else {"r": 3.0} if kind == "lse" else {})
+    xg = x.clone().requires_grad_()
+    y = gp.pool_packed(xg, _cu(lengths), kind, backend="fused", **params)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    expected, (gx, _, _) = _reference(x, lengths, kind, g, **params)
+    _close(y, expected, torch.float32, f"forward {kind}", scale=5)
+    y.backward(g)
+    _close(xg.grad, gx, torch.float32, f"grad x {kind}", scale=5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_infinities(backend):
     if backend == "fused" and not _HAS_NUMBA:

@@ -175,6 +175,60 @@ def _like(c, v):
     return None
 
 
+# e**y for y <= 0 in float32: 2**(y log2 e) as 2**rint(u) * 2**f, f in [-0.5, 0.5], with a
+# degree-6 polynomial for 2**f (~1e-7 relative error): plain arithmetic and bit casts, so the
+# loops vectorise (numba has no vector exp without SVML). u < -126 gives 2**-126 instead of 0
+# (harmless next to a sum >= 1); NaN stays NaN. float64 calls libm's exp.
+LOG2E = 1.4426950408889634
+_EXP2_POLY = (
+    1.0000000005606806,
+    0.6931472057136645,
+    0.24022646842066023,
+    0.05550328815031586,
+    0.009618494225249088,
+    0.0013399918989378558,
+    0.00015344393100911625,
+)
+_MAGIC = 1.5 * 2**23  # u + _MAGIC holds rint(u) in its low mantissa bits
+
+
+@intrinsic
+def _exp2_scale(typingctx, t):
+    """2**rint(u) from t = u + _MAGIC (float32): the low bits of t, moved into the exponent."""
+    if t != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.bitcast(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+def fexp(y):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(fexp)
+def _fexp(y):
+    if y == types.float64:
+        return lambda y: math.exp(y)
+    if y != types.float32:
+        return None
+    c0, c1, c2, c3, c4, c5, c6 = (np.float32(c) for c in _EXP2_POLY)
+    low, log2e, magic = np.float32(-126.0), np.float32(LOG2E), np.float32(_MAGIC)
+
+    def impl(y):
+        u = y * log2e
+        u = low if u < low else u
+        f = u - np.rint(u)
+        q = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+        return q * _exp2_scale(u + magic)
+
+    return impl
+
+
 @_helper
 def _pow(q, p, ip):
     """q**p for q >= 0: multiplications for an integer p in 0..4 (``ip``), else ``pow``."""
@@ -203,6 +257,7 @@ def _pow(q, p, ip):
 @_kernel
 def forward(x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
     C = x.shape[1]
+    rows = max(1, 32768 // C)  # rows per chunk for gem and lse: 128 KiB of float32 (L2)
     N = cu.shape[0] - 1
     for n in prange(N):
         s = cu[n]
@@ -278,20 +333,26 @@ def forward(x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
         elif group == GEM:
             top = A[n]
             acc = B[n]
+            cm = np.empty(C, A.dtype)
             one = like(1.0, eps)
             for c in range(C):
                 top[U(c)] = zero
                 acc[U(c)] = zero
-            for t in range(s, e):
+            for a in range(s, e, rows):  # chunks of rows, re-read from L1
+                b = min(a + rows, e)
+                for c in range(C):
+                    cm[U(c)] = eps
+                for t in range(a, b):
+                    for c in range(C):
+                        v = widen(x[t, U(c)])
+                        cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]  # NaN: pass B carries it
                 for c in range(C):
                     u = U(c)
-                    v = widen(x[t, u])
-                    z = eps if v < eps else v  # NaN stays NaN
-                    if z > top[u]:
-                        acc[u] = acc[u] * _pow(top[u] / z, p, ip) + one
-                        top[u] = z
-                    else:
-                        acc[u] += _pow(z / top[u], p, ip)
+                    if cm[u] > top[u]:  # rescale the sum to the new maximum (0 the first time)
+                        acc[u] = acc[u] * _pow(top[u] / cm[u], p, ip)
+                        top[u] = cm[u]
+                    cm[u] = one / top[u]
+                _gem_sums(x, a, b, C, eps, p, ip, cm, acc)
             ip_ = one / p
             for c in range(C):
                 u = U(c)
@@ -301,24 +362,57 @@ def forward(x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
         else:  # LSE
             top = A[n]
             acc = B[n]
-            one = like(1.0, eps)
+            cm = np.empty(C, A.dtype)
             for c in range(C):
                 top[U(c)] = like(-np.inf, eps)
                 acc[U(c)] = zero
-            for t in range(s, e):
+            for a in range(s, e, rows):
+                b = min(a + rows, e)
+                for c in range(C):
+                    cm[U(c)] = like(-np.inf, eps)
+                for t in range(a, b):
+                    for c in range(C):
+                        v = widen(x[t, U(c)])
+                        cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]
                 for c in range(C):
                     u = U(c)
-                    v = widen(x[t, u])
-                    if v > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
-                        acc[u] = acc[u] * math.exp(r * (top[u] - v)) + one
-                        top[u] = v
-                    elif v == top[u]:  # also +-inf equal to the maximum
-                        acc[u] += one
-                    else:  # NaN carries on
-                        acc[u] += math.exp(r * (v - top[u]))
+                    if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
+                        acc[u] = acc[u] * math.exp(r * (top[u] - cm[u]))
+                        top[u] = cm[u]
+                for t in range(a, b):
+                    for c in range(C):
+                        u = U(c)
+                        v = widen(x[t, u])
+                        d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
+                        acc[u] += fexp(r * d)  # NaN carries on
             for c in range(C):
                 u = U(c)
                 o[u] = top[u] + math.log(acc[u] * inv) / r
+
+
+@_helper
+def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
+    """acc += (max(x, eps) / top)^p over rows a..b, one loop per integer p (vectorised)."""
+    if ip == 3:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                q = (eps if v < eps else v) * itop[u]
+                acc[u] += q * q * q
+    elif ip == 2:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                q = (eps if v < eps else v) * itop[u]
+                acc[u] += q * q
+    else:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                acc[u] += _pow((eps if v < eps else v) * itop[u], p, ip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,19 +492,16 @@ def backward(g, x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, 
                 u = U(c)
                 q[u] = gn[u] * inv
                 yi[u] = like(1.0, eps) / y[u]
-            pm1 = p - like(1.0, eps)
-            for t in range(s, e):
-                for c in range(C):
-                    u = U(c)
-                    v = widen(x[t, u])
-                    z = eps if v < eps else v
-                    zu = z * yi[u]
-                    h = _pow(zu, pm1, ip - 1) if ip > 0 else zu**pm1
-                    gx[t, u] = narrow(q[u] * h if v >= eps else zero, gx)
-                    if need_p:
-                        zp = h * zu
-                        P0[n, u] += zp
-                        P1[n, u] += zp * math.log(zu) if zp > zero else zero
+            if need_p:
+                _gem_grad_rows(x, gx, s, e, C, eps, p, -1, q, yi, P0[n], P1[n], True)
+            elif ip == 3:  # one loop per integer p: the powers vectorise
+                _gem_grad_rows(x, gx, s, e, C, eps, p, 3, q, yi, P0[0], P1[0], False)
+            elif ip == 2:
+                _gem_grad_rows(x, gx, s, e, C, eps, p, 2, q, yi, P0[0], P1[0], False)
+            elif ip == 1:
+                _gem_grad_rows(x, gx, s, e, C, eps, p, 1, q, yi, P0[0], P1[0], False)
+            else:
+                _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, P0[0], P1[0], False)
         else:  # LSE: g exp(r (x - top)) / sum exp(r (x - top))
             top = A[n]
             coef = np.empty(C, A.dtype)
@@ -419,5 +510,33 @@ def backward(g, x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, 
             for t in range(s, e):
                 for c in range(C):
                     u = U(c)
-                    h = math.exp(r * (widen(x[t, u]) - top[u]))
-                    gx[t, u] = narrow(coef[u] * h, gx)
+                    v = widen(x[t, u])
+                    d = zero if v == top[u] else v - top[u]
+                    gx[t, u] = narrow(coef[u] * fexp(r * d), gx)
+
+
+@_helper
+def _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, s0, s1, need_p):
+    """gx = q (z / y)^(p - 1) where x >= eps (else 0), z = max(x, eps), over rows s..e; with
+    need_p also s0 += (z / y)^p and s1 += (z / y)^p log(z / y). ``ip`` is p when it is an
+    integer in 1..4, else 0 (-1: unknown, take the general power)."""
+    zero = like(0.0, eps)
+    pm1 = p - like(1.0, eps)
+    for t in range(s, e):
+        for c in range(C):
+            u = U(c)
+            v = widen(x[t, u])
+            zu = (eps if v < eps else v) * yi[u]
+            if ip == 3:
+                h = zu * zu
+            elif ip == 2:
+                h = zu
+            elif ip == 1:
+                h = like(1.0, eps)
+            else:
+                h = zu**pm1
+            gx[t, u] = narrow(q[u] * h if v >= eps else zero, gx)
+            if need_p:
+                zp = h * zu
+                s0[u] += zp
+                s1[u] += zp * math.log(zu) if zp > zero else zero
