@@ -184,6 +184,7 @@ class _State:
                  "w", "wsum")
 
 
+@torch.compiler.disable  # NumPy and numba inside: never traced (dynamo would trace the NumPy)
 def _fused_forward(
     x: torch.Tensor, cu: np.ndarray, kind: str, p: float, eps: float, r: float,
     weights: torch.Tensor | None,
@@ -211,6 +212,7 @@ def _fused_forward(
     return (out if out.dtype == x.dtype else out.to(x.dtype)), st
 
 
+@torch.compiler.disable
 def _fused_backward(
     g: torch.Tensor, x: torch.Tensor, st: _State, need_p: bool, need_w: bool
 ) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
@@ -330,10 +332,10 @@ def _choose_backend(backend: Any, x: torch.Tensor, kind: str, params: dict) -> s
     if backend == "torch" or deploying():  # exported / traced graphs record the composition
         return "torch"
     available = _HAS_NUMBA and x.is_cpu and kind in FUSED_KINDS
-    if torch.compiler.is_compiling():
-        mode = "torch.compile"
-    else:
-        mode = ops.unsupported_mode(x, *params.values())
+    compiling = torch.compiler.is_compiling()
+    # under torch.compile the kernel runs outside the graph (torch.compiler.disable: a graph
+    # break), so only backend="fused" takes it there; the autograd modes need eager tensors
+    mode = None if compiling else ops.unsupported_mode(x, *params.values())
     # the kernels give no gradient for eps or r: those calls take the composition
     extra = [k for k in ("eps", "r") if isinstance(params.get(k), torch.Tensor)
              and params[k].requires_grad and torch.is_grad_enabled()]
@@ -354,7 +356,7 @@ def _choose_backend(backend: Any, x: torch.Tensor, kind: str, params: dict) -> s
                 "use backend='auto' or 'torch'"
             )
         return "fused"
-    if not available or mode is not None or extra or x.numel() < _min_elements():
+    if compiling or not available or mode is not None or extra or x.numel() < _min_elements():
         return "torch"
     return "fused"
 
@@ -380,7 +382,11 @@ def pool_packed(
             otherwise), ``fused`` (raises a ValueError where it cannot serve) or ``torch`` (the
             composition: padding to ``(N, Lmax, C)`` + mask through ``gp.pool``). On CUDA, under
             ``torch.compile``, exporters and tracers, ``torch.func`` transforms and forward-mode
-            AD, and when a tensor ``eps`` or ``r`` requires grad, ``auto`` takes the composition.
+            AD, and when a tensor ``eps`` or ``r`` requires grad, ``auto`` takes the composition
+            (``fused`` refuses all but ``torch.compile``, where the kernel runs outside the
+            graph, and exporters, which record the composition whatever the backend). The
+            composition reads ``Lmax`` from ``cu_seqlens`` on the host (one sync on CUDA, a graph
+            break under ``torch.compile``).
 
     Returns:
         ``(N, width * C)`` (width 2 for ``catavgmax``) in x's dtype: exactly what
