@@ -177,11 +177,31 @@ def _p_int(p: float) -> int:
     return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
 
 
+_TASKS_PER_THREAD = 4
+
+
+def _task_bounds(cu: np.ndarray) -> np.ndarray:
+    """Sequence index bounds of about ``4 * threads`` tasks with equal row counts: task ``j``
+    pools the sequences whose first row lies in its share of T (whole sequences each).
+
+    >>> _task_bounds(np.array([0, 5, 5, 6, 100]))[[0, -1]]
+    array([0, 4])
+    """
+    import numba
+
+    n, total = cu.shape[0] - 1, int(cu[-1])
+    tasks = max(1, min(n, _TASKS_PER_THREAD * numba.config.NUMBA_NUM_THREADS))
+    targets = (np.arange(tasks + 1, dtype=np.int64) * total) // tasks
+    bounds = np.searchsorted(cu[:-1], targets, side="left").astype(np.int64)
+    bounds[0], bounds[-1] = 0, n
+    return np.maximum.accumulate(bounds)
+
+
 class _State:
     """What one fused forward leaves for its backward (NumPy arrays in the accumulation type)."""
 
-    __slots__ = ("A", "B", "acc", "cnt", "cu", "eps", "group", "ip", "mode", "out", "p", "r",
-                 "w", "wsum")
+    __slots__ = ("A", "B", "acc", "bounds", "cnt", "cu", "eps", "group", "ip", "mode", "out",
+                 "p", "r", "w", "wsum")
 
 
 @torch.compiler.disable  # NumPy and numba inside: never traced (dynamo would trace the NumPy)
@@ -197,6 +217,7 @@ def _fused_forward(
     n, c = cu.shape[0] - 1, x.shape[1]
     st = _State()
     st.acc, st.cu, st.group, st.mode = acc, cu, group, mode
+    st.bounds = _task_bounds(cu)
     st.p, st.ip, st.eps, st.r = acc(p), _p_int(p), acc(eps), acc(r)
     width = 2 if kind == "catavgmax" else 1
     st.out = np.empty((n, width * c), dtype=acc)
@@ -206,8 +227,8 @@ def _fused_forward(
     st.cnt = np.empty(state if group == K.MAXES else (1, 1), dtype=np.int32)
     st.w = _np_acc(weights, acc) if kind == "attention" else np.zeros(1, dtype=acc)
     st.wsum = np.empty(n if kind == "attention" else 1, dtype=acc)
-    K.forward(xa, cu, st.w, group, mode, st.p, st.ip, st.eps, st.r, st.out, st.A, st.B, st.cnt,
-              st.wsum)
+    K.forward(xa, cu, st.bounds, st.w, group, mode, st.p, st.ip, st.eps, st.r, st.out, st.A,
+              st.B, st.cnt, st.wsum)
     out = torch.from_numpy(st.out)
     return (out if out.dtype == x.dtype else out.to(x.dtype)), st
 
@@ -229,8 +250,8 @@ def _fused_backward(
     gw = np.empty(x.shape[0] if need_w else 1, dtype=acc)
     p0 = np.empty((n, c) if need_p else (1, 1), dtype=acc)
     p1 = np.empty_like(p0)
-    K.backward(ga, xa, st.cu, st.w, st.group, st.mode, st.p, st.ip, st.eps, st.r, st.out, st.A,
-               st.B, st.cnt, st.wsum, _np_raw(gx), gw, p0, p1, need_p, need_w)
+    K.backward(ga, xa, st.cu, st.bounds, st.w, st.group, st.mode, st.p, st.ip, st.eps, st.r,
+               st.out, st.A, st.B, st.cnt, st.wsum, _np_raw(gx), gw, p0, p1, need_p, need_w)
     grad_p = _gem_grad_p(ga, st, p0, p1) if need_p else None
     return gx, grad_p, (gw if need_w else None)
 

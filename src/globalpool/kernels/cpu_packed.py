@@ -6,6 +6,10 @@
 channels; a sequence's running state (sums, maxima, tie counts, gem's and lse's scaled sums) lives
 in its own rows of the output arrays, a few KiB that stay in L1.
 
+Tasks are runs of whole sequences of about equal row counts (``bounds``: task ``j`` pools
+sequences ``bounds[j]:bounds[j + 1]``), so that sequences of very different lengths still share
+the cores evenly.
+
 Self-contained like :mod:`globalpool.kernels.cpu_kernels` (numba caches by source file: every
 helper these kernels inline is in this file) and cached the same way
 (:func:`globalpool.kernels.launch.can_cache`); launched through
@@ -249,145 +253,146 @@ def _pow(q, p, ip):
 # --------------------------------------------------------------------------------------------
 # forward
 #   out (N, width * C): the result in the accumulation type; A, B (N, C): per-group state kept
-#   for the backward (MAXES: A the maximum, cnt its tie count; GEM: A the clamped maximum, B the
+#   for the backward (MAXES: A the maximum, cnt room for the tie counts the backward takes; GEM:
+#   A the clamped maximum, B the
 #   sum of (z / A)^p; LSE: A the maximum, B the sum of exp(r (x - A))); wsum (N,): attention's
 #   weight sums. Arrays a group does not use are (1, 1) / (1,) stand-ins, never indexed.
 
 
 @_kernel
-def forward(x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
+def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
     C = x.shape[1]
     rows = max(1, 32768 // C)  # rows per chunk for gem and lse: 128 KiB of float32 (L2)
-    N = cu.shape[0] - 1
-    for n in prange(N):
-        s = cu[n]
-        e = cu[n + 1]
-        k = e - s
-        o = out[n]
-        zero = like(0.0, eps)
-        if k <= 0:  # an empty sequence pools to 0
-            for j in range(o.shape[0]):
-                o[U(j)] = zero
-            if group == LINEAR and mode == ATTENTION:
-                wsum[n] = zero
-            if group == MAXES:
+    for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        for n in range(bounds[task], bounds[task + 1]):
+            s = cu[n]
+            e = cu[n + 1]
+            k = e - s
+            o = out[n]
+            zero = like(0.0, eps)
+            if k <= 0:  # an empty sequence pools to 0
+                for j in range(o.shape[0]):
+                    o[U(j)] = zero
+                if group == LINEAR and mode == ATTENTION:
+                    wsum[n] = zero
+                if group == MAXES:
+                    for c in range(C):
+                        A[n, U(c)] = zero
+                continue
+            inv = like(1.0, eps) / like(k, eps)
+            if group == LINEAR:
+                if mode in (FIRST, LAST):
+                    row = s if mode == FIRST else e - 1
+                    for c in range(C):
+                        o[U(c)] = widen(x[row, U(c)])
+                elif mode == ATTENTION:
+                    for c in range(C):
+                        o[U(c)] = zero
+                    total = zero
+                    for t in range(s, e):
+                        wt = w[t]
+                        total += wt
+                        for c in range(C):
+                            o[U(c)] += wt * widen(x[t, U(c)])
+                    wsum[n] = total
+                    scale = like(1.0, eps) / total if total > zero else zero
+                    for c in range(C):
+                        o[U(c)] = o[U(c)] * scale if total > zero else zero
+                else:  # avg, sum
+                    for c in range(C):
+                        o[U(c)] = zero
+                    for t in range(s, e):
+                        for c in range(C):
+                            o[U(c)] += widen(x[t, U(c)])
+                    if mode == AVG:
+                        for c in range(C):
+                            o[U(c)] *= inv
+            elif group == MAXES:
+                m = A[n]
                 for c in range(C):
-                    A[n, U(c)] = zero
-                    cnt[n, U(c)] = 0
-            continue
-        inv = like(1.0, eps) / like(k, eps)
-        if group == LINEAR:
-            if mode in (FIRST, LAST):
-                row = s if mode == FIRST else e - 1
-                for c in range(C):
-                    o[U(c)] = widen(x[row, U(c)])
-            elif mode == ATTENTION:
-                for c in range(C):
+                    m[U(c)] = like(-np.inf, eps)
                     o[U(c)] = zero
-                total = zero
-                for t in range(s, e):
-                    wt = w[t]
-                    total += wt
-                    for c in range(C):
-                        o[U(c)] += wt * widen(x[t, U(c)])
-                wsum[n] = total
-                scale = like(1.0, eps) / total if total > zero else zero
-                for c in range(C):
-                    o[U(c)] = o[U(c)] * scale if total > zero else zero
-            else:  # avg, sum
-                for c in range(C):
-                    o[U(c)] = zero
-                for t in range(s, e):
-                    for c in range(C):
-                        o[U(c)] += widen(x[t, U(c)])
-                if mode == AVG:
-                    for c in range(C):
-                        o[U(c)] *= inv
-        elif group == MAXES:
-            m = A[n]
-            ct = cnt[n]
-            for c in range(C):
-                m[U(c)] = like(-np.inf, eps)
-                ct[U(c)] = 0
-                o[U(c)] = zero
-            for t in range(s, e):
-                for c in range(C):
-                    u = U(c)
-                    v = widen(x[t, u])
-                    if mode != MAX:
-                        o[u] += v
-                    if v > m[u] or v != v:  # a NaN stays the maximum, as in torch.amax
-                        m[u] = v
-                        ct[u] = 1
-                    elif v == m[u]:
-                        ct[u] += 1
-            for c in range(C):
-                u = U(c)
-                if mode == MAX:
-                    o[u] = m[u]
-                elif mode == AVGMAX:
-                    o[u] = like(0.5, eps) * (o[u] * inv + m[u])
+                if mode == MAX:  # selects only: the loops vectorise (ties are counted backward)
+                    for t in range(s, e):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            # a NaN becomes the maximum and stays it, as in torch.amax
+                            m[u] = v if (v > m[u]) | (v != v) else m[u]
                 else:
-                    o[u] = o[u] * inv
-                    o[U(C + c)] = m[u]
-        elif group == GEM:
-            top = A[n]
-            acc = B[n]
-            cm = np.empty(C, A.dtype)
-            one = like(1.0, eps)
-            for c in range(C):
-                top[U(c)] = zero
-                acc[U(c)] = zero
-            for a in range(s, e, rows):  # chunks of rows, re-read from L1
-                b = min(a + rows, e)
-                for c in range(C):
-                    cm[U(c)] = eps
-                for t in range(a, b):
-                    for c in range(C):
-                        v = widen(x[t, U(c)])
-                        cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]  # NaN: pass B carries it
+                    for t in range(s, e):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            o[u] += v
+                            m[u] = v if (v > m[u]) | (v != v) else m[u]
                 for c in range(C):
                     u = U(c)
-                    if cm[u] > top[u]:  # rescale the sum to the new maximum (0 the first time)
-                        acc[u] = acc[u] * _pow(top[u] / cm[u], p, ip)
-                        top[u] = cm[u]
-                    cm[u] = one / top[u]
-                _gem_sums(x, a, b, C, eps, p, ip, cm, acc)
-            ip_ = one / p
-            for c in range(C):
-                u = U(c)
-                y = top[u] * (acc[u] * inv) ** ip_
-                # a row holding +inf gives NaN, as the torch composition's inf / inf does
-                o[u] = y if top[u] < np.inf else like(np.nan, eps)
-        else:  # LSE
-            top = A[n]
-            acc = B[n]
-            cm = np.empty(C, A.dtype)
-            for c in range(C):
-                top[U(c)] = like(-np.inf, eps)
-                acc[U(c)] = zero
-            for a in range(s, e, rows):
-                b = min(a + rows, e)
+                    if mode == MAX:
+                        o[u] = m[u]
+                    elif mode == AVGMAX:
+                        o[u] = like(0.5, eps) * (o[u] * inv + m[u])
+                    else:
+                        o[u] = o[u] * inv
+                        o[U(C + c)] = m[u]
+            elif group == GEM:
+                top = A[n]
+                acc = B[n]
+                cm = np.empty(C, A.dtype)
+                one = like(1.0, eps)
                 for c in range(C):
-                    cm[U(c)] = like(-np.inf, eps)
-                for t in range(a, b):
+                    top[U(c)] = zero
+                    acc[U(c)] = zero
+                for a in range(s, e, rows):  # chunks of rows, re-read from L1
+                    b = min(a + rows, e)
                     for c in range(C):
-                        v = widen(x[t, U(c)])
-                        cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]
-                for c in range(C):
-                    u = U(c)
-                    if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
-                        acc[u] = acc[u] * math.exp(r * (top[u] - cm[u]))
-                        top[u] = cm[u]
-                for t in range(a, b):
+                        cm[U(c)] = eps
+                    for t in range(a, b):
+                        for c in range(C):
+                            v = widen(x[t, U(c)])
+                            cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]  # NaN: pass B carries it
                     for c in range(C):
                         u = U(c)
-                        v = widen(x[t, u])
-                        d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
-                        acc[u] += fexp(r * d)  # NaN carries on
-            for c in range(C):
-                u = U(c)
-                o[u] = top[u] + math.log(acc[u] * inv) / r
+                        if cm[u] > top[u]:  # rescale the sum to the new maximum (0 the first time)
+                            acc[u] = acc[u] * _pow(top[u] / cm[u], p, ip)
+                            top[u] = cm[u]
+                        cm[u] = one / top[u]
+                    _gem_sums(x, a, b, C, eps, p, ip, cm, acc)
+                ip_ = one / p
+                for c in range(C):
+                    u = U(c)
+                    y = top[u] * (acc[u] * inv) ** ip_
+                    # a row holding +inf gives NaN, as the torch composition's inf / inf does
+                    o[u] = y if top[u] < np.inf else like(np.nan, eps)
+            else:  # LSE
+                top = A[n]
+                acc = B[n]
+                cm = np.empty(C, A.dtype)
+                for c in range(C):
+                    top[U(c)] = like(-np.inf, eps)
+                    acc[U(c)] = zero
+                for a in range(s, e, rows):
+                    b = min(a + rows, e)
+                    for c in range(C):
+                        cm[U(c)] = like(-np.inf, eps)
+                    for t in range(a, b):
+                        for c in range(C):
+                            v = widen(x[t, U(c)])
+                            cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]
+                    for c in range(C):
+                        u = U(c)
+                        if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
+                            acc[u] = acc[u] * math.exp(r * (top[u] - cm[u]))
+                            top[u] = cm[u]
+                    for t in range(a, b):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
+                            acc[u] += fexp(r * d)  # NaN carries on
+                for c in range(C):
+                    u = U(c)
+                    o[u] = top[u] + math.log(acc[u] * inv) / r
 
 
 @_helper
@@ -423,96 +428,102 @@ def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
 
 
 @_kernel
-def backward(g, x, cu, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, gw, P0, P1,
+def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, gw, P0, P1,
              need_p, need_w):
     C = gx.shape[1]
-    N = cu.shape[0] - 1
-    for n in prange(N):
-        s = cu[n]
-        e = cu[n + 1]
-        k = e - s
-        zero = like(0.0, eps)
-        if group == GEM and need_p:
-            for c in range(C):
-                P0[n, U(c)] = zero
-                P1[n, U(c)] = zero
-        if k <= 0:
-            continue
-        inv = like(1.0, eps) / like(k, eps)
-        gn = g[n]
-        if group == LINEAR:
-            if mode in (FIRST, LAST):
-                row = s if mode == FIRST else e - 1
+    for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        for n in range(bounds[task], bounds[task + 1]):
+            s = cu[n]
+            e = cu[n + 1]
+            k = e - s
+            zero = like(0.0, eps)
+            if group == GEM and need_p:
+                for c in range(C):
+                    P0[n, U(c)] = zero
+                    P1[n, U(c)] = zero
+            if k <= 0:
+                continue
+            inv = like(1.0, eps) / like(k, eps)
+            gn = g[n]
+            if group == LINEAR:
+                if mode in (FIRST, LAST):
+                    row = s if mode == FIRST else e - 1
+                    for t in range(s, e):
+                        for c in range(C):
+                            gx[t, U(c)] = narrow(gn[U(c)] if t == row else zero, gx)
+                elif mode == ATTENTION:
+                    total = wsum[n]
+                    scale = like(1.0, eps) / total if total > zero else zero
+                    y = out[n]
+                    for t in range(s, e):
+                        wt = w[t] * scale
+                        d = zero
+                        for c in range(C):
+                            u = U(c)
+                            gx[t, u] = narrow(gn[u] * wt, gx)
+                            if need_w:
+                                d += gn[u] * (widen(x[t, u]) - y[u])
+                        if need_w:
+                            gw[t] = d * scale
+                else:
+                    f = inv if mode == AVG else like(1.0, eps)
+                    for t in range(s, e):
+                        for c in range(C):
+                            gx[t, U(c)] = narrow(gn[U(c)] * f, gx)
+            elif group == MAXES:
+                m = A[n]
+                ct = cnt[n]  # the tie counts, from a first read of the sequence (then in cache)
+                for c in range(C):
+                    ct[U(c)] = 0
                 for t in range(s, e):
-                    for c in range(C):
-                        gx[t, U(c)] = narrow(gn[U(c)] if t == row else zero, gx)
-            elif mode == ATTENTION:
-                total = wsum[n]
-                scale = like(1.0, eps) / total if total > zero else zero
-                y = out[n]
-                for t in range(s, e):
-                    wt = w[t] * scale
-                    d = zero
                     for c in range(C):
                         u = U(c)
-                        gx[t, u] = narrow(gn[u] * wt, gx)
-                        if need_w:
-                            d += gn[u] * (widen(x[t, u]) - y[u])
-                    if need_w:
-                        gw[t] = d * scale
-            else:
-                f = inv if mode == AVG else like(1.0, eps)
+                        ct[u] += 1 if widen(x[t, u]) == m[u] else 0
+                ga = np.empty(C, A.dtype)  # the avg part's coefficient and the max part's share
+                gm = np.empty(C, A.dtype)
+                for c in range(C):
+                    u = U(c)
+                    share = like(1.0, eps) / like(max(ct[u], 1), eps)
+                    if mode == MAX:
+                        ga[u], gm[u] = zero, gn[u] * share
+                    elif mode == AVGMAX:
+                        ga[u], gm[u] = like(0.5, eps) * gn[u] * inv, like(0.5, eps) * gn[u] * share
+                    else:
+                        ga[u], gm[u] = gn[u] * inv, gn[U(C + c)] * share
                 for t in range(s, e):
                     for c in range(C):
-                        gx[t, U(c)] = narrow(gn[U(c)] * f, gx)
-        elif group == MAXES:
-            m = A[n]
-            ct = cnt[n]
-            ga = np.empty(C, A.dtype)  # the avg part's coefficient and the max part's share
-            gm = np.empty(C, A.dtype)
-            for c in range(C):
-                u = U(c)
-                share = like(1.0, eps) / like(max(ct[u], 1), eps)
-                if mode == MAX:
-                    ga[u], gm[u] = zero, gn[u] * share
-                elif mode == AVGMAX:
-                    ga[u], gm[u] = like(0.5, eps) * gn[u] * inv, like(0.5, eps) * gn[u] * share
+                        u = U(c)
+                        hit = widen(x[t, u]) == m[u]
+                        gx[t, u] = narrow(ga[u] + (gm[u] if hit else zero), gx)
+            elif group == GEM:
+                y = out[n]
+                q = np.empty(C, A.dtype)
+                yi = np.empty(C, A.dtype)
+                for c in range(C):
+                    u = U(c)
+                    q[u] = gn[u] * inv
+                    yi[u] = like(1.0, eps) / y[u]
+                if need_p:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, -1, q, yi, P0[n], P1[n], True)
+                elif ip == 3:  # one loop per integer p: the powers vectorise
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 3, q, yi, P0[0], P1[0], False)
+                elif ip == 2:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 2, q, yi, P0[0], P1[0], False)
+                elif ip == 1:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 1, q, yi, P0[0], P1[0], False)
                 else:
-                    ga[u], gm[u] = gn[u] * inv, gn[U(C + c)] * share
-            for t in range(s, e):
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, P0[0], P1[0], False)
+            else:  # LSE: g exp(r (x - top)) / sum exp(r (x - top))
+                top = A[n]
+                coef = np.empty(C, A.dtype)
                 for c in range(C):
-                    u = U(c)
-                    hit = widen(x[t, u]) == m[u]
-                    gx[t, u] = narrow(ga[u] + (gm[u] if hit else zero), gx)
-        elif group == GEM:
-            y = out[n]
-            q = np.empty(C, A.dtype)
-            yi = np.empty(C, A.dtype)
-            for c in range(C):
-                u = U(c)
-                q[u] = gn[u] * inv
-                yi[u] = like(1.0, eps) / y[u]
-            if need_p:
-                _gem_grad_rows(x, gx, s, e, C, eps, p, -1, q, yi, P0[n], P1[n], True)
-            elif ip == 3:  # one loop per integer p: the powers vectorise
-                _gem_grad_rows(x, gx, s, e, C, eps, p, 3, q, yi, P0[0], P1[0], False)
-            elif ip == 2:
-                _gem_grad_rows(x, gx, s, e, C, eps, p, 2, q, yi, P0[0], P1[0], False)
-            elif ip == 1:
-                _gem_grad_rows(x, gx, s, e, C, eps, p, 1, q, yi, P0[0], P1[0], False)
-            else:
-                _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, P0[0], P1[0], False)
-        else:  # LSE: g exp(r (x - top)) / sum exp(r (x - top))
-            top = A[n]
-            coef = np.empty(C, A.dtype)
-            for c in range(C):
-                coef[U(c)] = gn[U(c)] / B[n, U(c)]
-            for t in range(s, e):
-                for c in range(C):
-                    u = U(c)
-                    v = widen(x[t, u])
-                    d = zero if v == top[u] else v - top[u]
-                    gx[t, u] = narrow(coef[u] * fexp(r * d), gx)
+                    coef[U(c)] = gn[U(c)] / B[n, U(c)]
+                for t in range(s, e):
+                    for c in range(C):
+                        u = U(c)
+                        v = widen(x[t, u])
+                        d = zero if v == top[u] else v - top[u]
+                        gx[t, u] = narrow(coef[u] * fexp(r * d), gx)
 
 
 @_helper
