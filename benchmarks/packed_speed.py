@@ -12,8 +12,9 @@ backward), interleaved in one run on the same tensors:
   to be added to the padded rows when the sequences arrive packed;
 - ``x.sum()`` on the packed x: the forward's bandwidth ceiling.
 
-Medians with min-max over the repeats (3 by default: the whole run must stay under 3 minutes,
-and the padded torch composition of gem and lse takes seconds per call). Throughput ratios are
+Medians with min-max over the repeats (3 interleaved rounds by default: the whole run must stay
+under 3 minutes, and the padded torch composition of gem and lse takes seconds per call; the fast
+methods run 5 times per round). Throughput ratios are
 padded time / packed time (> 1: the packed kernel is faster); the bytes-read ratio is
 ``N * Lmax * C / (T * C)``. A kind not in the registry yet (``first`` until it is merged) runs the
 packed kernel only.
@@ -38,6 +39,10 @@ from globalpool.bench.report import machine_info
 
 N, C, LMAX_CLIP = 256, 768, 512
 KINDS = ("avg", "max", "gem", "lse", "first")
+# the methods taking up to seconds per call run once per round; the others FAST_INNER times
+# (their forward times are ~10 ms, where one sample per round is mostly the machine's noise)
+SLOW = frozenset({"padded torch", "build padded"})
+FAST_INNER = 5
 
 
 def lengths(seed: int = 0) -> np.ndarray:
@@ -120,7 +125,8 @@ def main(out_dir: str, repeats: int = 3) -> None:
                 fn()
             for _ in range(repeats):  # interleaved: the same cache state and machine load
                 for name, fn in methods.items():
-                    times[name].append(_time(fn))
+                    for _ in range(1 if name in SLOW else FAST_INNER):
+                        times[name].append(_time(fn))
             med = {name: statistics.median(t) for name, t in times.items()}
             row = {"kind": kind, "pass": pass_name}
             for name, t in times.items():
@@ -164,7 +170,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"float32: packed T x C = {meta['T']} x {meta['C']}, padded N x Lmax x C = "
         f"{meta['N']} x {meta['Lmax']} x {meta['C']}, so padding reads "
         f"{meta['bytes_read_ratio_padded_over_packed']:.2f}x the bytes. Median (min-max) ms of "
-        f"{meta['repeats']} interleaved repeats; load average {meta['load_at_end']} at the end "
+        f"{meta['repeats']} interleaved rounds (the packed, padded fused and x.sum() rows "
+        f"{FAST_INNER} samples per round); load average {meta['load_at_end']} at the end "
         "(a shared machine: absolute times are noisy, ratios within a row are measured "
         f"together). Whole run {meta['seconds']:.0f} s.", "",
         "Ratios: padded time / packed time (> 1: the packed kernel is faster), without the cost "
