@@ -94,7 +94,8 @@ def check_cu_seqlens(cu_seqlens: Any, x: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
     if torch.compiler.is_compiling() or deploying():
         return
-    cu = cu_seqlens.detach()  # torch ops (not NumPy): torch.func transforms wrap even this
+    # one copy to the host (one sync on CUDA); torch ops, not NumPy: torch.func wraps even this
+    cu = cu_seqlens.detach().cpu()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
     steps = (cu[1:] < cu[:-1]).nonzero()
