@@ -28,6 +28,7 @@ from globalpool.layers import (
     LSEPool,
     make_pool,
 )
+from globalpool.packed import pool_nested, pool_packed
 
 __version__ = "0.1.0"
 
@@ -49,5 +50,7 @@ __all__ = [
     "make_pool",
     "output_width",
     "pool",
+    "pool_nested",
+    "pool_packed",
     "swap_pool",
 ]

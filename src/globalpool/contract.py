@@ -477,3 +477,39 @@ def check_output_size(output_size: Any, rank: int | None) -> tuple[int | None, .
             f"None (one per spatial dim), got {output_size!r}"
         )
     return tuple(sizes)
+
+
+def check_packed_params(
+    kind: str | tuple[str, ...], params: dict[str, Any], x: torch.Tensor
+) -> dict[str, Any]:
+    """:func:`check_params` for packed sequences (``x`` is ``(T, C)``): every name must be one of
+    ``kind``'s, each scalar (``p``, ``eps``, ``r``) is checked as for ``pool``, and ``weights``
+    must be a non-negative floating tensor of shape ``(T,)`` on x's device. Returns the full
+    parameters (defaults filled in).
+
+    >>> check_packed_params("attention", {"weights": torch.ones(3, 1)}, torch.zeros(3, 2))
+    Traceback (most recent call last):
+    ...
+    ValueError: weights must have shape (T,) = (3,), got (3, 1)
+    """
+    check_param_names(kind, params)
+    full = {**kind_defaults(kind), **params}
+    for k in kinds_of(kind):
+        for name in KIND_DEFS[k].defaults:
+            value = full[name]
+            if (k, name) in PER_CHANNEL and is_per_channel(value):
+                check_channel_param(k, name, value, x, "channels_last")
+            elif (k, name) in _RANGES:
+                check_param_value(k, name, value)
+    if "weights" in full:
+        w = full["weights"]
+        if w is None:
+            raise TypeError(f"kind {kind!r} requires weights=Tensor of shape (T,), got None")
+        if isinstance(w, torch.Tensor) and tuple(w.shape) != (x.shape[0],):
+            raise ValueError(
+                f"weights must have shape (T,) = ({x.shape[0]},), got {tuple(w.shape)}"
+            )
+        # type, dtype, device and sign as for pool: one sample of T positions
+        _check_weights(w.unsqueeze(0) if isinstance(w, torch.Tensor) else w, x.unsqueeze(0),
+                       "channels_last")
+    return full

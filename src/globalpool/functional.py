@@ -121,7 +121,9 @@ def pool(
 
     Args:
         x: ``(N, C, *S)`` for ``layout="channels_first"`` or ``(N, *S, C)`` for
-            ``"channels_last"``, with 1 to 3 spatial dims and a floating dtype.
+            ``"channels_last"``, with 1 to 3 spatial dims and a floating dtype; or a jagged
+            nested tensor ``(N, j, C)`` of token sequences with ``layout="channels_last"`` and
+            no mask (see :func:`globalpool.pool_packed`, which it calls).
         kind: ``avg``, ``max``, ``avgmax``, ``catavgmax``, ``gem`` (``p``, ``eps``),
             ``lse`` (``r``), ``attention`` (``weights`` of shape ``(N, *S)``, non-negative),
             ``sum``, ``first`` or ``last`` (the value at the first / last real position in
@@ -157,11 +159,34 @@ def pool(
     >>> gp.pool(tokens, ("avg", "first", "last"), layout="channels_last", mask=real)
     tensor([[3., 1., 5.]])
     """
+    if isinstance(x, torch.Tensor) and x.is_nested:
+        return _pool_nested(x, kind, layout, keepdim, mask, backend, params)
     spec = pool_spec(x, kind, layout, mask, params)
     check_keepdim(keepdim)
     if isinstance(spec.kind, tuple):
         return _with_keepdim(_pool_many(x, spec, mask, backend), spec, keepdim)
     return _pool_one(x, spec, mask, keepdim, backend)
+
+
+def _pool_nested(
+    x: torch.Tensor, kind: Any, layout: Any, keepdim: Any, mask: Any, backend: str, params: dict
+) -> torch.Tensor:
+    """A jagged nested tensor ``(N, j, C)``: its ragged dim is pooled (its lengths are the mask)."""
+    from globalpool.packed import pool_nested
+
+    check_keepdim(keepdim)
+    if layout != "channels_last":
+        raise ValueError(
+            f"layout must be 'channels_last' for a nested tensor (N, j, C) of token sequences, "
+            f"got {layout!r}"
+        )
+    if mask is not None:
+        raise ValueError(
+            "mask must be None for a nested tensor: each sequence's length says which tokens are "
+            "real (leave padded tokens out of it)"
+        )
+    y = pool_nested(x, kind, backend=backend, **params)
+    return y.unsqueeze(1) if keepdim else y
 
 
 def _pool_one(

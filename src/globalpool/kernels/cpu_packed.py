@@ -1,0 +1,553 @@
+"""Numba kernels for packed variable-length sequences (all jitted code of ``gp.pool_packed``).
+
+``x`` is ``(T, C)``: N sequences concatenated along T, sequence ``n`` the rows
+``cu[n]:cu[n + 1]`` of the int64 offsets ``cu`` (N + 1 of them). Tasks are sequences
+(``prange``), each reading its rows once, in order, with the inner loops over the C contiguous
+channels; a sequence's running state (sums, maxima, tie counts, gem's and lse's scaled sums) lives
+in its own rows of the output arrays, a few KiB that stay in L1.
+
+Tasks are runs of whole sequences of about equal row counts (``bounds``: task ``j`` pools
+sequences ``bounds[j]:bounds[j + 1]``), so that sequences of very different lengths still share
+the cores evenly.
+
+Self-contained like :mod:`globalpool.kernels.cpu_kernels` (numba caches by source file: every
+helper these kernels inline is in this file) and cached the same way
+(:func:`globalpool.kernels.launch.can_cache`); launched through
+:func:`globalpool.kernels.launch.parallel_kernel`, so that a ``fork()``ed child of an OpenMP
+process runs serial builds. ``group`` is the kernel's compile-time mode (one entry point per
+group of kinds, compiled on first use); ``mode`` picks the kind inside the group at run time,
+outside the loops over positions.
+
+Data: float16 arrives as ``uint16`` and bfloat16 as ``int16`` (same bits); loads widen to the
+accumulation type (float32, float64 for float64 x) and the gradient's stores round back (nearest
+even). Every other array (outputs, state, weights, gradients of the output) is in the
+accumulation type. fastmath leaves out ``nnan``/``ninf``: NaN and inf keep their IEEE meaning.
+
+Kinds (``MODES``): avg, sum, first, last, attention (group ``LINEAR``); max, avgmax, catavgmax
+(``MAXES``: running maximum with its tie count, NaN propagating); gem (``GEM``: clamped at eps,
+the running sum of ``(z / top)^p`` rescaled whenever the maximum ``top`` grows, so no power
+leaves [0, 1] and p = 64 neither overflows nor underflows to a wrong value); lse (``LSE``: the
+running sum of ``exp(r (x - top))`` rescaled in the same way; +-inf need no special case).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from globalpool.kernels import launch
+
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}  # deliberately no nnan / ninf
+U = np.uintp  # unsigned indices: no negative-index fix-up in the inner loops
+
+
+def _cache_probe():  # pragma: no cover - never called: tells launch.can_cache about this file
+    pass
+
+
+CACHE = launch.can_cache(_cache_probe)
+_helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=CACHE)
+_kernel = launch.parallel_kernel(
+    ("group",), parallel=True, fastmath=FASTMATH, error_model="numpy", cache=CACHE
+)
+
+# groups (compile-time) and modes (run-time) of the kinds
+LINEAR, MAXES, GEM, LSE = 0, 1, 2, 3
+AVG, SUM, FIRST, LAST, ATTENTION = 0, 1, 2, 3, 4
+MAX, AVGMAX, CATAVGMAX = 0, 1, 2
+MODES = {
+    "avg": (LINEAR, AVG),
+    "sum": (LINEAR, SUM),
+    "first": (LINEAR, FIRST),
+    "last": (LINEAR, LAST),
+    "attention": (LINEAR, ATTENTION),
+    "max": (MAXES, MAX),
+    "avgmax": (MAXES, AVGMAX),
+    "catavgmax": (MAXES, CATAVGMAX),
+    "gem": (GEM, 0),
+    "lse": (LSE, 0),
+}
+
+# --------------------------------------------------------------------------------------------
+# half-precision bits <-> float32
+
+
+@intrinsic
+def _f16_to_f32(typingctx, h):
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, f):
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, b):
+    if b != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    """Round to nearest even; NaN stays a (quiet) NaN."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(u, builder.add(ir.Constant(i32, 0x7FFF), lsb))
+        hi = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), ir.IntType(16))
+        quiet = builder.or_(
+            builder.trunc(builder.lshr(u, ir.Constant(i32, 16)), ir.IntType(16)),
+            ir.Constant(ir.IntType(16), 0x40),
+        )
+        return builder.select(builder.fcmp_unordered("uno", args[0], args[0]), quiet, hi)
+
+    return types.int16(types.float32), codegen
+
+
+def widen(v):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(widen)
+def _widen(v):
+    if v == types.uint16:
+        return lambda v: _f16_to_f32(v)
+    if v == types.int16:
+        return lambda v: _bf16_to_f32(v)
+    if isinstance(v, types.Float):
+        return lambda v: v
+    return None
+
+
+def narrow(v, a):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(narrow)
+def _narrow(v, a):
+    """``v`` rounded into the element type of array ``a``."""
+    dt = a.dtype
+    if dt == types.uint16:
+        return lambda v, a: _f32_to_f16(np.float32(v))
+    if dt == types.int16:
+        return lambda v, a: _f32_to_bf16(np.float32(v))
+    if dt == types.float32:
+        return lambda v, a: np.float32(v)
+    if dt == types.float64:
+        return lambda v, a: np.float64(v)
+    return None
+
+
+def like(c, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(like)
+def _like(c, v):
+    """The constant ``c`` in ``v``'s float type (keeps float32 code in float32)."""
+    if v == types.float32:
+        return lambda c, v: np.float32(c)
+    if v == types.float64:
+        return lambda c, v: np.float64(c)
+    return None
+
+
+# e**y for y <= 0 in float32: 2**(y log2 e) as 2**rint(u) * 2**f, f in [-0.5, 0.5], with a
+# degree-6 polynomial for 2**f (~1e-7 relative error): plain arithmetic and bit casts, so the
+# loops vectorise (numba has no vector exp without SVML). u < -126 gives 2**-126 instead of 0
+# (harmless next to a sum >= 1); NaN stays NaN. float64 calls libm's exp.
+LOG2E = 1.4426950408889634
+_EXP2_POLY = (
+    1.0000000005606806,
+    0.6931472057136645,
+    0.24022646842066023,
+    0.05550328815031586,
+    0.009618494225249088,
+    0.0013399918989378558,
+    0.00015344393100911625,
+)
+_MAGIC = 1.5 * 2**23  # u + _MAGIC holds rint(u) in its low mantissa bits
+
+
+@intrinsic
+def _exp2_scale(typingctx, t):
+    """2**rint(u) from t = u + _MAGIC (float32): the low bits of t, moved into the exponent."""
+    if t != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.bitcast(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+def fexp(y):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(fexp)
+def _fexp(y):
+    if y == types.float64:
+        return lambda y: math.exp(y)
+    if y != types.float32:
+        return None
+    c0, c1, c2, c3, c4, c5, c6 = (np.float32(c) for c in _EXP2_POLY)
+    low, log2e, magic = np.float32(-126.0), np.float32(LOG2E), np.float32(_MAGIC)
+
+    def impl(y):
+        u = y * log2e
+        u = low if u < low else u
+        f = u - np.rint(u)
+        q = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+        return q * _exp2_scale(u + magic)
+
+    return impl
+
+
+@_helper
+def _pow(q, p, ip):
+    """q**p for q >= 0: multiplications for an integer p in 0..4 (``ip``), else ``pow``."""
+    if ip == 1:
+        return q
+    if ip == 2:
+        return q * q
+    if ip == 3:
+        return q * q * q
+    if ip == 4:
+        q2 = q * q
+        return q2 * q2
+    if ip == 0 and p == 0:
+        return like(1.0, q)
+    return q**p
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+#   out (N, width * C): the result in the accumulation type; A, B (N, C): per-group state kept
+#   for the backward (MAXES: A the maximum, cnt room for the tie counts the backward takes; GEM:
+#   A the clamped maximum, B the
+#   sum of (z / A)^p; LSE: A the maximum, B the sum of exp(r (x - A))); wsum (N,): attention's
+#   weight sums. Arrays a group does not use are (1, 1) / (1,) stand-ins, never indexed.
+
+
+@_kernel
+def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
+    C = x.shape[1]
+    rows = max(1, 32768 // C)  # rows per chunk for gem and lse: 128 KiB of float32 (L2)
+    for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        for n in range(bounds[task], bounds[task + 1]):
+            s = cu[n]
+            e = cu[n + 1]
+            k = e - s
+            o = out[n]
+            zero = like(0.0, eps)
+            if k <= 0:  # an empty sequence pools to 0
+                for j in range(o.shape[0]):
+                    o[U(j)] = zero
+                if group == LINEAR and mode == ATTENTION:
+                    wsum[n] = zero
+                if group == MAXES:
+                    for c in range(C):
+                        A[n, U(c)] = zero
+                continue
+            inv = like(1.0, eps) / like(k, eps)
+            if group == LINEAR:
+                if mode in (FIRST, LAST):
+                    row = s if mode == FIRST else e - 1
+                    for c in range(C):
+                        o[U(c)] = widen(x[row, U(c)])
+                elif mode == ATTENTION:
+                    for c in range(C):
+                        o[U(c)] = zero
+                    total = zero
+                    for t in range(s, e):
+                        wt = w[t]
+                        total += wt
+                        for c in range(C):
+                            o[U(c)] += wt * widen(x[t, U(c)])
+                    wsum[n] = total
+                    scale = like(1.0, eps) / total if total > zero else zero
+                    for c in range(C):
+                        o[U(c)] = o[U(c)] * scale if total > zero else zero
+                else:  # avg, sum
+                    for c in range(C):
+                        o[U(c)] = zero
+                    for t in range(s, e):
+                        for c in range(C):
+                            o[U(c)] += widen(x[t, U(c)])
+                    if mode == AVG:
+                        for c in range(C):
+                            o[U(c)] *= inv
+            elif group == MAXES:
+                m = A[n]
+                for c in range(C):
+                    m[U(c)] = like(-np.inf, eps)
+                    o[U(c)] = zero
+                if mode == MAX:  # selects only: the loops vectorise (ties are counted backward)
+                    for t in range(s, e):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            # a NaN becomes the maximum and stays it, as in torch.amax
+                            m[u] = v if (v > m[u]) | (v != v) else m[u]
+                else:
+                    for t in range(s, e):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            o[u] += v
+                            m[u] = v if (v > m[u]) | (v != v) else m[u]
+                for c in range(C):
+                    u = U(c)
+                    if mode == MAX:
+                        o[u] = m[u]
+                    elif mode == AVGMAX:
+                        o[u] = like(0.5, eps) * (o[u] * inv + m[u])
+                    else:
+                        o[u] = o[u] * inv
+                        o[U(C + c)] = m[u]
+            elif group == GEM:
+                top = A[n]
+                acc = B[n]
+                cm = np.empty(C, A.dtype)
+                one = like(1.0, eps)
+                for c in range(C):
+                    top[U(c)] = zero
+                    acc[U(c)] = zero
+                for a in range(s, e, rows):  # chunks of rows, re-read from L1
+                    b = min(a + rows, e)
+                    for c in range(C):
+                        cm[U(c)] = eps
+                    for t in range(a, b):
+                        for c in range(C):
+                            v = widen(x[t, U(c)])
+                            cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]  # NaN: pass B carries it
+                    for c in range(C):
+                        u = U(c)
+                        if cm[u] > top[u]:  # rescale the sum to the new maximum (0 the first time)
+                            acc[u] = acc[u] * _pow(top[u] / cm[u], p, ip)
+                            top[u] = cm[u]
+                        cm[u] = one / top[u]
+                    _gem_sums(x, a, b, C, eps, p, ip, cm, acc)
+                ip_ = one / p
+                for c in range(C):
+                    u = U(c)
+                    y = top[u] * (acc[u] * inv) ** ip_
+                    # a row holding +inf gives NaN, as the torch composition's inf / inf does
+                    o[u] = y if top[u] < np.inf else like(np.nan, eps)
+            else:  # LSE
+                top = A[n]
+                acc = B[n]
+                cm = np.empty(C, A.dtype)
+                for c in range(C):
+                    top[U(c)] = like(-np.inf, eps)
+                    acc[U(c)] = zero
+                for a in range(s, e, rows):
+                    b = min(a + rows, e)
+                    for c in range(C):
+                        cm[U(c)] = like(-np.inf, eps)
+                    for t in range(a, b):
+                        for c in range(C):
+                            v = widen(x[t, U(c)])
+                            cm[U(c)] = v if v > cm[U(c)] else cm[U(c)]
+                    for c in range(C):
+                        u = U(c)
+                        if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
+                            acc[u] = acc[u] * math.exp(r * (top[u] - cm[u]))
+                            top[u] = cm[u]
+                    for t in range(a, b):
+                        for c in range(C):
+                            u = U(c)
+                            v = widen(x[t, u])
+                            d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
+                            acc[u] += fexp(r * d)  # NaN carries on
+                for c in range(C):
+                    u = U(c)
+                    o[u] = top[u] + math.log(acc[u] * inv) / r
+
+
+@_helper
+def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
+    """acc += (max(x, eps) / top)^p over rows a..b, one loop per integer p (vectorised)."""
+    if ip == 3:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                q = (eps if v < eps else v) * itop[u]
+                acc[u] += q * q * q
+    elif ip == 2:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                q = (eps if v < eps else v) * itop[u]
+                acc[u] += q * q
+    else:
+        for t in range(a, b):
+            for c in range(C):
+                u = U(c)
+                v = widen(x[t, u])
+                acc[u] += _pow((eps if v < eps else v) * itop[u], p, ip)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: one write of gx (T, C) in x's dtype; x read by the max kinds, gem, lse and
+# attention. g (N, width * C) and every state array in the accumulation type; gw (T,) gets
+# attention's weight gradient (need_w); P0, P1 (N, C) gem's sums of u^p and u^p log u with
+# u = max(x, eps) / y, for the gradient of p (need_p).
+
+
+@_kernel
+def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, gw, P0, P1,
+             need_p, need_w):
+    C = gx.shape[1]
+    for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        for n in range(bounds[task], bounds[task + 1]):
+            s = cu[n]
+            e = cu[n + 1]
+            k = e - s
+            zero = like(0.0, eps)
+            if group == GEM and need_p:
+                for c in range(C):
+                    P0[n, U(c)] = zero
+                    P1[n, U(c)] = zero
+            if k <= 0:
+                continue
+            inv = like(1.0, eps) / like(k, eps)
+            gn = g[n]
+            if group == LINEAR:
+                if mode in (FIRST, LAST):
+                    row = s if mode == FIRST else e - 1
+                    for t in range(s, e):
+                        for c in range(C):
+                            gx[t, U(c)] = narrow(gn[U(c)] if t == row else zero, gx)
+                elif mode == ATTENTION:
+                    total = wsum[n]
+                    scale = like(1.0, eps) / total if total > zero else zero
+                    y = out[n]
+                    for t in range(s, e):
+                        wt = w[t] * scale
+                        d = zero
+                        for c in range(C):
+                            u = U(c)
+                            gx[t, u] = narrow(gn[u] * wt, gx)
+                            if need_w:
+                                d += gn[u] * (widen(x[t, u]) - y[u])
+                        if need_w:
+                            gw[t] = d * scale
+                else:
+                    f = inv if mode == AVG else like(1.0, eps)
+                    for t in range(s, e):
+                        for c in range(C):
+                            gx[t, U(c)] = narrow(gn[U(c)] * f, gx)
+            elif group == MAXES:
+                m = A[n]
+                ct = cnt[n]  # the tie counts, from a first read of the sequence (then in cache)
+                for c in range(C):
+                    ct[U(c)] = 0
+                for t in range(s, e):
+                    for c in range(C):
+                        u = U(c)
+                        ct[u] += 1 if widen(x[t, u]) == m[u] else 0
+                ga = np.empty(C, A.dtype)  # the avg part's coefficient and the max part's share
+                gm = np.empty(C, A.dtype)
+                for c in range(C):
+                    u = U(c)
+                    share = like(1.0, eps) / like(max(ct[u], 1), eps)
+                    if mode == MAX:
+                        ga[u], gm[u] = zero, gn[u] * share
+                    elif mode == AVGMAX:
+                        ga[u], gm[u] = like(0.5, eps) * gn[u] * inv, like(0.5, eps) * gn[u] * share
+                    else:
+                        ga[u], gm[u] = gn[u] * inv, gn[U(C + c)] * share
+                for t in range(s, e):
+                    for c in range(C):
+                        u = U(c)
+                        hit = widen(x[t, u]) == m[u]
+                        gx[t, u] = narrow(ga[u] + (gm[u] if hit else zero), gx)
+            elif group == GEM:
+                y = out[n]
+                q = np.empty(C, A.dtype)
+                yi = np.empty(C, A.dtype)
+                for c in range(C):
+                    u = U(c)
+                    q[u] = gn[u] * inv
+                    yi[u] = like(1.0, eps) / y[u]
+                if need_p:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, -1, q, yi, P0[n], P1[n], True)
+                elif ip == 3:  # one loop per integer p: the powers vectorise
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 3, q, yi, P0[0], P1[0], False)
+                elif ip == 2:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 2, q, yi, P0[0], P1[0], False)
+                elif ip == 1:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, 1, q, yi, P0[0], P1[0], False)
+                else:
+                    _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, P0[0], P1[0], False)
+            else:  # LSE: g exp(r (x - top)) / sum exp(r (x - top))
+                top = A[n]
+                coef = np.empty(C, A.dtype)
+                for c in range(C):
+                    coef[U(c)] = gn[U(c)] / B[n, U(c)]
+                for t in range(s, e):
+                    for c in range(C):
+                        u = U(c)
+                        v = widen(x[t, u])
+                        d = zero if v == top[u] else v - top[u]
+                        gx[t, u] = narrow(coef[u] * fexp(r * d), gx)
+
+
+@_helper
+def _gem_grad_rows(x, gx, s, e, C, eps, p, ip, q, yi, s0, s1, need_p):
+    """gx = q (z / y)^(p - 1) where x >= eps (else 0), z = max(x, eps), over rows s..e; with
+    need_p also s0 += (z / y)^p and s1 += (z / y)^p log(z / y). ``ip`` is p when it is an
+    integer in 1..4, else 0 (-1: unknown, take the general power)."""
+    zero = like(0.0, eps)
+    pm1 = p - like(1.0, eps)
+    for t in range(s, e):
+        for c in range(C):
+            u = U(c)
+            v = widen(x[t, u])
+            zu = (eps if v < eps else v) * yi[u]
+            if ip == 3:
+                h = zu * zu
+            elif ip == 2:
+                h = zu
+            elif ip == 1:
+                h = like(1.0, eps)
+            else:
+                h = zu**pm1
+            gx[t, u] = narrow(q[u] * h if v >= eps else zero, gx)
+            if need_p:
+                zp = h * zu
+                s0[u] += zp
+                s1[u] += zp * math.log(zu) if zp > zero else zero
