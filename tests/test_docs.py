@@ -35,6 +35,7 @@ MODULES = [
     "globalpool.heads",
     "globalpool.kinds",
     "globalpool.layers",
+    "globalpool.monitor",
     "globalpool.reference",
 ]
 

@@ -21,6 +21,7 @@ from globalpool.heads import (
 )
 from globalpool.kinds import KINDS
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, make_pool
+from globalpool.monitor import MonitorStats, monitor
 
 __version__ = "0.1.0"
 
@@ -33,12 +34,14 @@ __all__ = [
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
+    "MonitorStats",
     "NiNHead",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
     "make_head",
     "make_pool",
+    "monitor",
     "output_width",
     "pool",
     "swap_pool",
