@@ -26,13 +26,14 @@ def hook_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def expected(outputs: list[torch.Tensor]) -> dict:
-    """Statistics of the pooled outputs ``(N, C)`` computed directly (NumPy, float64)."""
+def expected(outputs: list[torch.Tensor], floor: float = 0.0) -> dict:
+    """Statistics of the pooled outputs ``(N, C, ...)`` computed directly (NumPy, float64); a
+    channel is dead when no value is above ``floor``."""
     y = np.concatenate([o.detach().double().numpy().reshape(o.shape[0], o.shape[1], -1)
                         for o in outputs])
     flat = y.reshape(-1)
     finite = flat[np.isfinite(flat)]
-    positive = np.where(np.isnan(y), 0.0, y) > 0
+    positive = np.where(np.isnan(y), 0.0, y) > floor
     dead = int((~positive.any(axis=(0, 2))).sum())
     return {
         "values": finite.size,
@@ -319,3 +320,75 @@ def test_views(tmp_path):
     assert "MonitorStats(['head.pools.0'" in repr(stats)
     with pytest.raises(KeyError, match="no monitored module 'x'"):
         stats["x"]
+
+
+# --- compare --monitor --------------------------------------------------------------------------
+
+
+def test_compare_monitor_records_every_epoch_and_plots(tmp_path):
+    from typer.testing import CliRunner
+
+    from globalpool.cli import app
+
+    def compare(*extra: str):
+        args = ["compare", "--train-sizes", "200", "--epochs", "2", "--heads", "gem,attention,fc",
+                "--seeds", "2", "--workers", "1", "--threads", "1", *extra]
+        return CliRunner().invoke(app, args)
+
+    out = tmp_path / "mon"
+    result = compare("--out", str(out), "--monitor")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["meta"]["config"]["monitor"] is True
+    runs = {(r["spec"]["head"], r["spec"]["seed"]): r for r in summary["runs"]}
+    assert len(runs) == 6
+    for (head, _seed), run in runs.items():
+        mon = run["monitor"]
+        assert mon["samples"] == 256 and mon["source"] == "test"
+        assert [e["epoch"] for e in mon["epochs"]] == [1, 2]
+        assert [e["step"] for e in mon["epochs"]] == [40, 80]  # 4000 / 100 steps per epoch
+        for entry in mon["epochs"]:
+            if head == "fc":
+                assert entry["modules"] == {}
+                continue
+            stats = entry["modules"]["head.pool"]
+            assert stats["calls"] == 1 and stats["values"] == 256 * 25
+            assert stats["input_shape"] == [256, 25, 5] and stats["nan"] == 0
+            assert 0.0 <= stats["dead_fraction"] <= 1.0 and stats["std"] > 0
+            assert ("p" in stats) == (head == "gem")
+            assert ("attention_entropy" in stats) == (head == "attention")
+    # the last epoch's statistics are those of the trained model on that batch
+    from globalpool.data import load_dataset
+    from globalpool.experiments.saved import find_runs, load_run
+
+    x = load_dataset("mnist1d").x_test[:256]
+    for path in find_runs(out):
+        model, record = load_run(path)
+        if record["spec"]["head"] == "fc":
+            continue
+        with torch.no_grad():
+            y = model.head.pool(model.backbone(x))
+        got = record["monitor"]["epochs"][-1]["modules"]["head.pool"]
+        assert_stats(got, expected([y], 1.001e-6 if record["spec"]["head"] == "gem" else 0.0))
+        if record["spec"]["head"] == "gem":
+            assert got["p"] == pytest.approx(float(model.head.pool.p.detach())) and got["p"] != 3.0
+    assert (out / "monitor.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "## Pooled features (`--monitor`)" in md and "![monitor](monitor.png)" in md
+
+    plain = tmp_path / "plain"
+    result = compare("--out", str(plain), "--no-save-models")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((plain / "results.json").read_text())
+    assert all("monitor" not in r for r in summary["runs"])
+    assert not (plain / "monitor.png").exists() and "--monitor" not in (plain / "results.md").read_text()
+
+
+def test_a_dead_gem_channel_pools_to_eps_and_counts_as_dead():
+    gem = gp.GeM(p=3.0)
+    x = torch.rand(4, 3, 6) + 0.1
+    x[:, 0] = -1.0  # clamped to eps: pools to eps
+    with gp.monitor(gem) as stats:
+        y = gem(x)
+    assert float(y[:, 0].max().detach()) == pytest.approx(1e-6, rel=1e-4)
+    assert stats[""]["dead_channels"] == 1

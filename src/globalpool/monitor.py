@@ -24,7 +24,9 @@ module registered under several names is recorded once, under its first name):
 - ``channels`` and ``dead_channels`` / ``dead_fraction``: a channel (a feature of the pooled
   output, so ``catavgmax`` has ``2C``) is **dead** when none of its pooled values seen in the
   block, over every sample, bin and call, was ``> 0`` (NaN is not ``> 0``). After a ReLU such a
-  feature is 0 for every input: it carries nothing. ``None`` if the width changed between calls;
+  feature is 0 for every input: it carries nothing. GeM clamps its input at ``eps``, so a dead
+  GeM channel pools to ``eps``: for GeM the bound is ``eps`` (plus 0.1% for rounding), not 0.
+  ``None`` if the width changed between calls;
 - ``empty_samples``: with a ``mask`` passed to the module, samples (for :class:`AdaptivePool`:
   output bins) without a real position; they pool to 0 by contract and are left out of every
   statistic above, so they neither fake dead channels nor pull the mean to 0;
@@ -105,6 +107,17 @@ def _kind(module: nn.Module) -> str:
     if isinstance(module, NiNHead):
         return "avg"
     return "avg" if "Avg" in type(module).__name__ else "max"
+
+
+def _dead_floor(module: nn.Module) -> float:
+    """The largest pooled value of a dead channel: 0, or GeM's clamp floor ``eps`` (a channel
+    whose inputs are all <= eps pools to eps; 0.1% above it for rounding)."""
+    eps = None
+    if isinstance(module, GeM):
+        eps = module.eps
+    elif isinstance(module, (GlobalPool, AdaptivePool)) and module.kind == "gem":
+        eps = module.params.get("eps", 1e-6)
+    return 0.0 if eps is None else float(eps) * 1.001
 
 
 def _check_include(include: Any) -> tuple[str, ...] | None:
@@ -260,6 +273,7 @@ class _Record:
         self.scores: torch.Tensor | None = None  # the scorer's output, until the pool's hook
         self.errors, self.error = 0, None
         self.p: Any = None
+        self.floor = _dead_floor(module)
         self.rank = _SPATIAL_RANK.get(type(module))
         self.channels_last = getattr(module, "layout", "channels_first") == "channels_last"
 
@@ -398,7 +412,7 @@ class _Record:
         finite = self.n > 0
         dead = None
         if self.channel_max is not None and not self.width_changed:
-            dead = int((self.channel_max <= 0).sum())
+            dead = int((self.channel_max <= self.floor).sum())
         out: dict[str, Any] = {
             "type": type(self.module).__name__,
             "kind": _kind(self.module),
