@@ -44,11 +44,14 @@ Recognised modules (:data:`POOL_TYPES`): globalpool's :class:`GlobalPool` (every
 ``nn.AdaptiveAvgPool1/2/3d`` and ``nn.AdaptiveMaxPool1/2/3d``. A model with none of them
 (after ``include``) is refused with a ``ValueError``: monitoring nothing is a mistake.
 
-The statistics are computed under ``torch.no_grad`` on detached tensors and never change the
-forward's result or gradient; no output tensor is kept. Each call adds a few reductions on the
-module's device (on CPU, five for an all-finite output); their small results are moved to the CPU
-in one transfer every :data:`FLUSH_CALLS` calls or when a view is read. A failure inside a hook
-never breaks the forward: it is counted in ``errors`` (with the last message in ``error``).
+The statistics are computed on detached tensors and never change the forward's result or
+gradient. To cost one cheap copy per call rather than a handful of reductions, a hook keeps a
+copy of the call's pooled output (``N x C`` values for a global pool) on the module's device;
+the copies are reduced together, and their few results moved to the CPU in one transfer, every
+:data:`FLUSH_CALLS` calls or :data:`FLUSH_BYTES` bytes, when a view is read and when the block
+exits. Memory stays bounded; nothing is kept after the flush, and an output larger than
+:data:`FLUSH_BYTES` is reduced at once without a copy. A failure inside a hook never breaks the
+forward: it is counted in ``errors`` (with the last message in ``error``).
 """
 
 from __future__ import annotations
@@ -84,8 +87,11 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     NiNHead,
     *_TORCH_POOLS,
 )
-#: Calls whose small per-call results are gathered before one transfer to the CPU.
+#: At most this many calls' pooled outputs are kept (as copies) before they are reduced ...
 FLUSH_CALLS = 64
+#: ... or this many bytes of them (cache-sized batches); a larger output is reduced at once and
+#: not copied.
+FLUSH_BYTES = 2**18
 
 _SPATIAL_RANK = {
     nn.AdaptiveAvgPool1d: 1,
@@ -177,15 +183,20 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
 
 
 def call_stats(
-    y: torch.Tensor, valid: torch.Tensor | None = None, *, fast: bool | None = None
+    y: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    floor: float = 0.0,
+    fast: bool = True,
 ) -> tuple[Any, ...]:
-    """Reductions of one pooled output ``y`` of shape ``(N, C, *bins)`` (channels first).
+    """Reductions of pooled outputs ``y`` of shape ``(N, C, *bins)`` (channels first).
 
-    Returns ``(n, sum, sumsq, min, max, nan, inf, channel_max)`` over the finite values where
-    ``valid`` (broadcastable to ``y``, True = counted) holds; ``channel_max`` is each channel's
-    largest value that is not NaN (``-inf`` if none). Items are ints, floats or 0-d tensors.
-    ``fast`` (default: on CPU) takes five reductions when ``y`` is all finite and ``valid`` is
-    None, and falls back to the general path otherwise.
+    Returns ``(n, sum, sumsq, min, max, nan, inf, alive)`` over the finite values where
+    ``valid`` (broadcastable to ``y``, True = counted) holds; ``alive`` (``(C,)``) is, per
+    channel, the sum of its values above ``floor`` (NaN left out): 0 for a dead channel. Items
+    are ints or tensors; sums are float64. With ``fast`` an all-finite ``y`` without ``valid``
+    takes one pass per statistic (sum, sum of squares, min and max together, the alive sums),
+    found from a finite sum (one sync); else the general path masks every statistic.
 
     >>> [float(v) for v in call_stats(torch.tensor([[1.0, -2.0], [3.0, float("nan")]]))[:7]]
     [3.0, 2.0, 14.0, -2.0, 3.0, 1.0, 0.0]
@@ -193,16 +204,16 @@ def call_stats(
     dims = [d for d in range(y.ndim) if d != 1]
     if y.numel() == 0:
         return 0, 0.0, 0.0, math.inf, -math.inf, 0, 0, None
-    yd = y.to(_acc_dtype(y.device))
-    if fast is None:
-        fast = y.device.type == "cpu"
+    acc = _acc_dtype(y.device)
     if fast and valid is None:
-        flat = yd.reshape(-1)
-        s = flat.sum()
+        flat = y.reshape(-1)
+        wide = flat.to(acc)
+        s = wide.sum()
         if math.isfinite(float(s)):  # a finite sum: no NaN or inf anywhere
-            return (
-                flat.numel(), s, torch.dot(flat, flat), flat.amin(), None, 0, 0, yd.amax(dims)
-            )
+            lo, hi = torch.aminmax(wide)
+            alive = F.threshold(y, floor, 0.0).sum(dims)  # positive terms: float32 will do
+            return flat.numel(), s, torch.dot(wide, wide), lo, hi, 0, 0, alive
+    yd = y.to(acc)
     nan = torch.isnan(yd)
     ok = torch.isfinite(yd)
     if valid is not None:
@@ -217,8 +228,8 @@ def call_stats(
     inf_ = torch.tensor(math.inf, dtype=yd.dtype, device=yd.device)
     lowest = torch.where(ok, yd, inf_).amin()
     highest = torch.where(ok, yd, -inf_).amax()
-    channel_max = torch.where(seen, yd, -inf_).amax(dims)
-    return (ok.sum(), z.sum(), torch.dot(z, z), lowest, highest, nan.sum(), inf, channel_max)
+    alive = F.threshold(torch.where(seen, yd, 0.0), floor, 0.0).sum(dims)
+    return ok.sum(), z.sum(), torch.dot(z, z), lowest, highest, nan.sum(), inf, alive
 
 
 def attention_terms(
@@ -259,16 +270,17 @@ class _Record:
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name, self.module = name, module
         self.calls = 0
-        self.input_shape: list[int] | None = None
-        self.output_shape: list[int] | None = None
-        self.pending: list[tuple[Any, ...]] = []
+        self.input_shape: torch.Size | None = None
+        self.output_shape: torch.Size | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.pending_bytes = 0
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.min, self.max = math.inf, -math.inf
         self.nan = self.inf = self.empty = 0
         self.channels: int | None = None
         self.width_changed = False
-        self.channel_max: torch.Tensor | None = None
-        self.entropy_pending: list[tuple[Any, ...]] = []
+        self.alive: torch.Tensor | None = None  # per channel: > 0 once a value was > floor
+        self.scored: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.entropy_sum, self.entropy_count = 0.0, 0
         self.scores: torch.Tensor | None = None  # the scorer's output, until the pool's hook
         self.errors, self.error = 0, None
@@ -280,15 +292,15 @@ class _Record:
     # -- in the hook -----------------------------------------------------------------------------
 
     def observe(self, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-        mask = args[1] if len(args) > 1 else kwargs.get("mask")
-        y = output[0] if isinstance(output, (tuple, list)) else output
+        """One call: keep a copy of its (small) pooled output until the next flush."""
         self.calls += 1
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
         if isinstance(x, torch.Tensor):
-            self.input_shape = list(x.shape)
+            self.input_shape = x.shape
+        y = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(y, torch.Tensor):
             return
-        self.output_shape = list(y.shape)
+        self.output_shape = y.shape
         y = y.detach()
         if self.rank is not None and y.ndim == self.rank + 1:  # torch's pools: unbatched
             y = y.unsqueeze(0)
@@ -298,86 +310,85 @@ class _Record:
             y = y.movedim(-1, 1)
         if not y.is_floating_point():
             y = y.float()
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
         valid = self._valid(mask, y) if isinstance(mask, torch.Tensor) else None
         if self.channels is None:
             self.channels = y.shape[1]
         elif y.shape[1] != self.channels:
             self.width_changed = True
-        self.pending.append(call_stats(y, valid))
+        if self.pending and self.pending[0][0].shape[1:] != y.shape[1:]:
+            self.flush()
+        size = y.numel() * y.element_size()
+        if size >= FLUSH_BYTES:  # a large output: reduced at once, nothing copied
+            self._fold(call_stats(y, valid, floor=self.floor), valid)
+        else:  # a copy: the caller may change the output in place
+            self.pending.append((y.clone(), valid))
+            self.pending_bytes += size
         if self.scores is not None:
             scores, self.scores = self.scores, None
-            self.entropy_pending.append(attention_terms(scores, mask))
-        if len(self.pending) >= FLUSH_CALLS:
+            kept = mask.detach().clone() if isinstance(mask, torch.Tensor) else None
+            self.scored.append((scores.clone(), kept))
+        if len(self.pending) >= FLUSH_CALLS or self.pending_bytes >= FLUSH_BYTES:
             self.flush()
 
-    def _valid(self, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Where the output is counted: samples (bins) with a real position; None if all."""
+    def _valid(self, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Where the output is counted: samples (bins) with a real position, ``(N, 1, ...)``."""
         if isinstance(self.module, AdaptivePool):
             from globalpool.functional import adaptive_pool
 
-            m = mask.unsqueeze(1).to(torch.float32)
-            real = adaptive_pool(m, self.module.output_size, "max") > 0  # (N, 1, *bins)
-        else:
-            real = mask.reshape(mask.shape[0], -1).any(1)
-            real = real.reshape(-1, *([1] * (y.ndim - 1)))
-        empty = (~real).sum()
-        if real.device.type == "cpu" and int(empty) == 0:
-            return None
-        self.empty += empty if real.device.type != "cpu" else int(empty)
-        return real
+            m = mask.detach().unsqueeze(1).to(torch.float32)
+            return adaptive_pool(m, self.module.output_size, "max") > 0  # (N, 1, *bins)
+        real = mask.detach().reshape(mask.shape[0], -1).any(1)
+        return real.reshape(-1, *([1] * (y.ndim - 1)))
 
     # -- folding ---------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Fold ``pending`` into the running totals (one transfer to the CPU)."""
-        pending, self.pending = self.pending, []
+        """Reduce the outputs kept since the last flush at once, fold them into the totals."""
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
         if pending:
-            self._fold(pending)
-        entropy, self.entropy_pending = self.entropy_pending, []
-        if entropy:
-            w = torch.cat([t[0] for t in entropy])
-            wl = torch.cat([t[1] for t in entropy])
-            n = torch.cat([
-                t[2].to(w.dtype) if isinstance(t[2], torch.Tensor) else torch.full_like(t[0], t[2])
-                for t in entropy
-            ])
-            h = entropy_from_terms(w, wl, n)
+            y = torch.cat([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
+            valid = None
+            if any(v is not None for _, v in pending):
+                valid = torch.cat([
+                    (v if v is not None else torch.ones((), dtype=torch.bool, device=yi.device))
+                    .expand(yi.shape[0], 1, *yi.shape[2:])
+                    for yi, v in pending
+                ])
+            self._fold(call_stats(y, valid, floor=self.floor), valid)
+        scored, self.scored = self.scored, []
+        same = len({tuple(z.shape[1:]) for z, _ in scored}) == 1
+        groups = [scored] if same else [[item] for item in scored]
+        for group in groups if scored else []:
+            z = torch.cat([t[0] for t in group])
+            mask = None
+            if any(m is not None for _, m in group):
+                mask = torch.cat([m if m is not None else torch.ones_like(zi, dtype=torch.bool)
+                                  for zi, m in group])
+            h = entropy_from_terms(*attention_terms(z, mask))
             h = h[torch.isfinite(h)].cpu()
             self.entropy_sum += float(h.sum())
             self.entropy_count += int(h.numel())
-        if isinstance(self.empty, torch.Tensor):
-            self.empty = int(self.empty)
 
-    def _fold(self, pending: list[tuple[Any, ...]]) -> None:
-        """Chan et al.'s pairwise update of (count, mean, M2) per call, in float64 on the CPU."""
-        maxima = [p[7] for p in pending if p[7] is not None]
-        same = bool(maxima) and len({tuple(m.shape) for m in maxima}) == 1
-        stacked = torch.stack(maxima) if same else None  # (calls, C)
-        call_max = (
-            stacked.amax(1) if stacked is not None else [m.max() for m in maxima]
-        )
-        # every small tensor of these calls, moved to the CPU in one transfer
-        cells = [list(p[:7]) for p in pending]
-        where = [(i, j) for i, row in enumerate(cells) for j, v in enumerate(row)
-                 if isinstance(v, torch.Tensor)]
-        moved = [cells[i][j].double() for i, j in where]
-        if maxima:
-            moved += list(call_max.double() if stacked is not None else
-                          [m.double() for m in call_max])
-        values = torch.stack(moved).cpu().tolist() if moved else []
-        for (i, j), v in zip(where, values, strict=False):
-            cells[i][j] = v
-        highs = iter(values[len(where):])
-        for row, chan in zip(cells, [p[7] for p in pending], strict=True):
-            n, s, q, lo, hi, nan, inf = row
-            if chan is not None:
-                high = next(highs)
-                hi = high if hi is None else hi  # the fast path: the channel maxima's max
-            self.nan += int(nan)
-            self.inf += int(inf)
-            n = int(n)
-            if n == 0:
-                continue
+    def _fold(self, stats: tuple[Any, ...], valid: torch.Tensor | None) -> None:
+        """Chan et al.'s pairwise update of (count, mean, M2), in float64 on the CPU."""
+        *cells, alive = stats
+        if valid is not None:
+            cells.append((~valid).sum())
+        where = [i for i, v in enumerate(cells) if isinstance(v, torch.Tensor)]
+        if where:  # one transfer to the CPU
+            parts = [cells[i] for i in where]
+            if any(t.dtype != torch.float64 for t in parts):
+                parts = [t.double() for t in parts]
+            moved = torch.stack(parts).cpu().tolist()
+            for i, v in zip(where, moved, strict=True):
+                cells[i] = v
+        n, s, q, lo, hi, nan, inf, *empty = cells
+        self.nan += int(nan)
+        self.inf += int(inf)
+        self.empty += int(empty[0]) if empty else 0
+        n = int(n)
+        if n:
             mean = s / n
             total = self.n + n
             delta = mean - self.mean
@@ -385,13 +396,8 @@ class _Record:
             self.mean += delta * n / total
             self.n = total
             self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if self.width_changed or not maxima:
-            return
-        channel_max = (stacked if same else torch.stack(maxima)).amax(0).cpu().double()
-        self.channel_max = (
-            channel_max if self.channel_max is None
-            else torch.maximum(self.channel_max, channel_max)
-        )
+        if alive is not None and not self.width_changed:  # kept on the device until read
+            self.alive = alive if self.alive is None else torch.maximum(self.alive, alive)
 
     def read_p(self) -> None:
         p = None
@@ -411,14 +417,14 @@ class _Record:
         self.flush()
         finite = self.n > 0
         dead = None
-        if self.channel_max is not None and not self.width_changed:
-            dead = int((self.channel_max <= self.floor).sum())
+        if self.alive is not None and not self.width_changed:
+            dead = int((self.alive <= 0).sum().cpu())
         out: dict[str, Any] = {
             "type": type(self.module).__name__,
             "kind": _kind(self.module),
             "calls": self.calls,
-            "input_shape": self.input_shape,
-            "output_shape": self.output_shape,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "output_shape": None if self.output_shape is None else list(self.output_shape),
             "values": self.n,
             "mean": self.mean if finite else None,
             "std": math.sqrt(self.m2 / self.n) if finite else None,
@@ -502,8 +508,11 @@ class MonitorStats:
 
     def _hook(self, record: _Record) -> None:
         def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            with torch.no_grad():
-                _guard(record, record.observe, args, kwargs, output)
+            try:  # detached tensors only: nothing reaches autograd
+                record.observe(args, kwargs, output)
+            except Exception as err:  # noqa: BLE001 - a monitor must never break the forward
+                record.errors += 1
+                record.error = f"{type(err).__name__}: {err}"
 
         self._handles.append(record.module.register_forward_hook(on_output, with_kwargs=True))
         if isinstance(record.module, AttentionPool):
