@@ -104,13 +104,13 @@ def test_nan_and_inf_are_counted_and_left_out_of_the_moments():
 
 
 def test_fast_and_general_paths_agree():
-    y = torch.randn(9, 4, 3)
+    y = torch.randn(9, 4, 3, generator=torch.Generator().manual_seed(0))
     y[:, 2] = -1.0
     fast, general = call_stats(y, fast=True), call_stats(y, fast=False)
     for a, b in zip(fast[:7], general[:7], strict=True):
         assert float(a) == pytest.approx(float(b), rel=1e-12)
     assert float(fast[4]) == float(y.max())
-    torch.testing.assert_close(fast[7].double(), general[7])
+    torch.testing.assert_close(fast[7].double(), general[7], rtol=1e-5, atol=0)  # float32 sums
     assert float(fast[7][2]) == 0.0 and bool((fast[7][[0, 1, 3]] > 0).all())
 
 

@@ -115,6 +115,11 @@ def _kind(module: nn.Module) -> str:
     return "avg" if "Avg" in type(module).__name__ else "max"
 
 
+def size_of(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s elements."""
+    return t.numel() * t.element_size()
+
+
 def _dead_floor(module: nn.Module) -> float:
     """The largest pooled value of a dead channel: 0, or GeM's clamp floor ``eps`` (a channel
     whose inputs are all <= eps pools to eps; 0.1% above it for rounding)."""
@@ -286,6 +291,8 @@ class _Record:
         self.errors, self.error = 0, None
         self.p: Any = None
         self.floor = _dead_floor(module)
+        self.tail: torch.Size | None = None  # output shape (less N) of the fast path
+        self.row_bytes = 0
         self.rank = _SPATIAL_RANK.get(type(module))
         self.channels_last = getattr(module, "layout", "channels_first") == "channels_last"
 
@@ -300,7 +307,16 @@ class _Record:
         y = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(y, torch.Tensor):
             return
-        self.output_shape = y.shape
+        shape = self.output_shape = y.shape
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        if mask is None and self.scores is None and shape[1:] == self.tail:
+            # the common call: as the last one, nothing to reshape or check
+            self.pending.append((y.detach().clone(), None))
+            self.pending_bytes += self.row_bytes * shape[0]
+            if len(self.pending) >= FLUSH_CALLS or self.pending_bytes >= FLUSH_BYTES:
+                self.flush()
+            return
+        self.tail = None
         y = y.detach()
         if self.rank is not None and y.ndim == self.rank + 1:  # torch's pools: unbatched
             y = y.unsqueeze(0)
@@ -310,7 +326,9 @@ class _Record:
             y = y.movedim(-1, 1)
         if not y.is_floating_point():
             y = y.float()
-        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        elif y.shape == shape and size_of(y) < FLUSH_BYTES:  # taken as it came: the next
+            self.tail = shape[1:]  # call of this shape can skip the checks
+            self.row_bytes = size_of(y) // max(shape[0], 1)
         valid = self._valid(mask, y) if isinstance(mask, torch.Tensor) else None
         if self.channels is None:
             self.channels = y.shape[1]
@@ -318,7 +336,7 @@ class _Record:
             self.width_changed = True
         if self.pending and self.pending[0][0].shape[1:] != y.shape[1:]:
             self.flush()
-        size = y.numel() * y.element_size()
+        size = size_of(y)
         if size >= FLUSH_BYTES:  # a large output: reduced at once, nothing copied
             self._fold(call_stats(y, valid, floor=self.floor), valid)
         else:  # a copy: the caller may change the output in place
