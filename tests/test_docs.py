@@ -38,6 +38,7 @@ MODULES = [
     "globalpool.heads",
     "globalpool.kinds",
     "globalpool.layers",
+    "globalpool.monitor",
     "globalpool.packed",
     "globalpool.reference",
 ]

@@ -464,6 +464,8 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
         "labels",
         "ranking",
         "plots",
+        "monitoring",
+        "monitor_plot",
     ],
 )
 def test_experiment_doctests(name):

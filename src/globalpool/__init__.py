@@ -28,6 +28,7 @@ from globalpool.layers import (
     LSEPool,
     make_pool,
 )
+from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
 
 __version__ = "0.1.0"
@@ -42,12 +43,14 @@ __all__ = [
     "GeM",
     "GlobalPool",
     "LSEPool",
+    "MonitorStats",
     "NiNHead",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
     "make_head",
     "make_pool",
+    "monitor",
     "output_width",
     "pool",
     "pool_nested",

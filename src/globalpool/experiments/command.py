@@ -207,6 +207,15 @@ def compare(
             help="Keep each run's trained weights (state_dict) beside its JSON record as .pt.",
         ),
     ] = True,
+    monitor: Annotated[
+        bool,
+        typer.Option(
+            "--monitor",
+            help="Record the head's pooled-feature statistics (gp.monitor: dead channels, std, "
+            "GeM p, attention entropy) on a fixed test batch at the end of every epoch, in "
+            "results.json and monitor.png. Part of the cache key.",
+        ),
+    ] = False,
 ) -> None:
     """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
     parameters, training time, peak memory and throughput as Markdown, JSON and PNG.
@@ -235,6 +244,7 @@ def compare(
                     threads=threads,
                     backend=backend,
                     save_models=save_models,
+                    monitor=monitor,
                 )
             except KeyboardInterrupt as err:  # still inside: a second signal exits at once
                 raise _interrupted(err, interrupt.received(), out) from None
@@ -287,6 +297,7 @@ def _compare(
     threads: int | None,
     backend: str,
     save_models: bool = True,
+    monitor: bool = False,
 ) -> None:
     started = time.perf_counter()
     # 1. Arguments: cheap checks, identical on every rank, before anything is created.
@@ -300,7 +311,10 @@ def _compare(
         raise CompareError(f"must be a positive int, got {workers!r}", "--workers")
     if threads is not None and threads < 1:
         raise CompareError(f"must be a positive int, got {threads!r}", "--threads")
-    config = _config(base, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend)
+    config = _config(
+        base, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend,
+        monitor=monitor or None,
+    )
 
     from globalpool.experiments import distributed
     from globalpool.experiments.runner import resolve_device

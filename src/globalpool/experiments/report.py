@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from globalpool.experiments.labels import labels_of, ordered
+from globalpool.experiments.monitor_plot import monitor_markdown, plot_monitor
 from globalpool.experiments.plots import CLIP_NOTE, plot_accuracy, plot_sweep
 from globalpool.experiments.ranking import winner
 from globalpool.experiments.results import atomic_write
@@ -286,6 +287,8 @@ def markdown_report(
         name = "accuracy.png" if kind == "plot" else "accuracy_vs_train_size.png"
         note = f" Red triangles: {CLIP_NOTE} (the metric's range)." if clipped else ""
         lines += [f"![{kind}]({name})", "", f"`{name}`: mean ± 95% CI; dots: seeds.{note}", ""]
+    if meta.get("monitor_plot"):
+        lines += monitor_markdown(records)
     if records:
         lines += ["## Runs", "", *_runs_table(records, labels.get("test", "test")), ""]
     return "\n".join(lines)
@@ -294,8 +297,9 @@ def markdown_report(
 def write_report(
     out: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md``, ``accuracy.png`` and, for a training-set-size
-    sweep, ``accuracy_vs_train_size.png`` into ``out``; return their paths by kind."""
+    """Write ``results.json``, ``results.md``, ``accuracy.png``, for a training-set-size
+    sweep ``accuracy_vs_train_size.png``, and for runs made with ``--monitor`` ``monitor.png``
+    into ``out``; return their paths by kind."""
     rows = summarize(records)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
     clipped: dict[str, bool] = {}
@@ -306,6 +310,11 @@ def write_report(
             paths["sweep_plot"] = out / "accuracy_vs_train_size.png"
             clipped["sweep_plot"] = plot_sweep(rows, meta, paths["sweep_plot"])
     meta = {**meta, "plots_clipped": clipped}
+    if any(r.get("monitor") for r in records):
+        monitored = plot_monitor(records, meta, out / "monitor.png")
+        if monitored:
+            paths["monitor_plot"] = out / "monitor.png"
+        meta["monitor_plot"] = monitored
     payload = {"meta": meta, "rows": rows, "runs": list(records)}
     atomic_write(paths["json"], json.dumps(payload, indent=2, sort_keys=True) + "\n")
     atomic_write(paths["markdown"], markdown_report(rows, meta, records, clipped))

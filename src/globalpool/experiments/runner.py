@@ -179,7 +179,9 @@ def train_and_evaluate(
     where a fixed-size head cannot take that input size), the parameter counts, training wall
     time, peak memory and throughput, and what rebuilding the model needs (``num_classes``,
     ``in_channels``, ``input_shape``). ``on_model`` is called with the trained model (in eval
-    mode) before the record is returned, e.g. to save its weights.
+    mode) before the record is returned, e.g. to save its weights. With ``config.monitor`` the
+    record also holds ``monitor``: the head's pooled-feature statistics at the end of every
+    epoch (:mod:`globalpool.experiments.monitoring`), whose time is not in ``train_time_s``.
     """
     ctx = ctx or DistContext()
     cfg = spec.config
@@ -220,6 +222,13 @@ def train_and_evaluate(
     loss_tail, tail_count, samples, step = torch.zeros((), device=device), 0, 0, 0
 
     augment = torch.Generator().manual_seed(spec.seed + 1)
+    epoch_steps = math.ceil(full_size / cfg.batch_size)  # what --epochs counts
+    watch = None
+    if cfg.monitor:
+        from globalpool.experiments.monitoring import EpochMonitor
+
+        watch = EpochMonitor(model, data.x_test, device)
+    watch_time = watch_cpu = 0.0
 
     def train_step(idx: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -254,14 +263,21 @@ def train_and_evaluate(
                 loss = train_step(idx)
             samples += len(chunk)
             step += 1
+            if watch is not None and step % epoch_steps == 0:
+                _sync(device)
+                w0, wc0 = time.perf_counter(), time.process_time()
+                watch.record(step // epoch_steps, step)
+                _sync(device)
+                watch_time += time.perf_counter() - w0
+                watch_cpu += time.process_time() - wc0
             if step > 0.9 * steps:
                 loss_tail += loss.detach()
                 tail_count += 1
             if progress is not None and (step % every == 0 or step == steps):
                 progress(step, steps)
     _sync(device)
-    train_time = time.perf_counter() - t0
-    train_cpu = time.process_time() - c0
+    train_time = time.perf_counter() - t0 - watch_time
+    train_cpu = time.process_time() - c0 - watch_cpu
     if cuda_peak is not None:
         peak = cuda_peak.stop()
 
@@ -287,7 +303,9 @@ def train_and_evaluate(
     if on_model is not None:
         on_model(model)
 
+    extra = {} if watch is None else {"monitor": watch.result()}
     return {
+        **extra,
         "label": spec.label,
         "spec": spec.to_dict(),
         "fingerprint": spec.fingerprint,

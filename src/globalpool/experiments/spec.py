@@ -37,6 +37,12 @@ class TrainConfig:
     ``epochs`` counts passes over the *full* training set: a run on a smaller ``train_size``
     takes the same number of optimiser steps (``epochs * ceil(full_size / batch_size)``), so
     points of a training-set-size sweep differ in data, not in compute.
+
+    ``monitor=True`` (``compare --monitor``) records :func:`globalpool.monitor` statistics of
+    the head's pooling modules at the end of every epoch
+    (:mod:`globalpool.experiments.monitoring`); it does not change the training, but like every
+    setting off its default it is part of the cache key, so monitored runs are kept apart from
+    plain ones (whose records have no ``monitor`` entry).
     """
 
     epochs: int
@@ -48,6 +54,7 @@ class TrainConfig:
     momentum: float = 0.9
     backend: str = "torch"
     augment: str = "none"
+    monitor: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -64,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if not isinstance(self.monitor, bool):
+            raise TypeError(f"monitor must be a bool (True or False), got {self.monitor!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
