@@ -204,10 +204,9 @@ def markdown(result: dict, worst: dict) -> str:
         "# gp.monitor overhead on the compare models (eval forward, no_grad, CPU)",
         "",
         f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s); torch "
-        f"{m['torch']}, globalpool {m['globalpool']}. **The machine was shared with other "
-        f"agents' jobs** (load average {load} at the start, {load_end} at the end, on "
-        f"{m['cores']} cores): wall times are inflated and noisy, so the overhead is measured "
-        "on the CPU time of the timing thread (`time.thread_time`; one torch thread, so all "
+        f"{m['torch']}, globalpool {m['globalpool']}. Load average {load} at the start, "
+        f"{load_end} at the end, on {m['cores']} cores (other jobs inflate and scatter wall "
+        "times), so the overhead is measured on the CPU time of the timing thread (`time.thread_time`; one torch thread, so all "
         "the work is on it), which another process's load disturbs far less (caches aside). "
         "Plain and monitored samples alternate (which goes first too), each sample a "
         f"number of forwards lasting about {1e3 * SAMPLE_S:.0f} ms together; times are per "

@@ -166,7 +166,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['bytes_read_ratio_padded_over_packed']:.2f}x the bytes. Median (min-max) ms of "
         f"{meta['repeats']} interleaved rounds (the packed, padded fused and x.sum() rows "
         f"{FAST_INNER} samples per round); load average {meta['load_at_end']} at the end "
-        "(a shared machine: absolute times are noisy, ratios within a row are measured "
+        "(other jobs inflate absolute times; ratios within a row are measured "
         f"together). Whole run {meta['seconds']:.0f} s.", "",
         "Ratios: padded time / packed time (> 1: the packed kernel is faster), without the cost "
         "of building the padded tensor (its own row; add it when the sequences arrive packed). "

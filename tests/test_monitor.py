@@ -402,7 +402,7 @@ def test_a_dead_gem_channel_pools_to_eps_and_counts_as_dead():
 def test_outputs_changed_in_place_later_and_large_outputs():
     pool = gp.AdaptivePool(None, "avg")  # keeps the size: a large output when the input is
     xs = [torch.randn(2, 3, 8), torch.randn(5, 3, 8), torch.randn(2, 3, 4)]  # bins change
-    big = torch.randn(2, 8, 2 ** 13)  # 512 KiB of output: reduced at once, not copied
+    big = torch.randn(2, 8, 2 ** 17)  # 8 MiB of output: reduced at once, not copied
     with gp.monitor(pool) as stats:
         outs = [pool(x) for x in xs]
         wanted = expected(outs)

@@ -91,9 +91,10 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
 )
 #: At most this many calls' pooled outputs are kept (as copies) before they are reduced ...
 FLUSH_CALLS = 64
-#: ... or this many bytes of them (cache-sized batches); a larger output is reduced at once and
+#: ... or this many bytes of them (4 MiB: few flushes, whose fixed cost of ~10 small ops dominates
+#: below that; measured in benchmarks/results/monitor); a larger output is reduced at once and
 #: not copied.
-FLUSH_BYTES = 2**18
+FLUSH_BYTES = 2**22
 
 _SPATIAL_RANK = {
     nn.AdaptiveAvgPool1d: 1,
