@@ -90,7 +90,7 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     *_TORCH_POOLS,
 )
 #: At most this many calls' pooled outputs are kept (as copies) before they are reduced ...
-FLUSH_CALLS = 64
+FLUSH_CALLS = 256
 #: ... or this many bytes of them (4 MiB: few flushes, whose fixed cost of ~10 small ops dominates
 #: below that; measured in benchmarks/results/monitor); a larger output is reduced at once and
 #: not copied.
