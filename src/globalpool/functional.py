@@ -208,9 +208,8 @@ def _pool_many(
     :data:`_ONE_PASS` share one read of x; the others take their own call."""
     shared = [k for k in spec.kind if k in _ONE_PASS]
     done: dict[str, torch.Tensor] = {}
-    if len(shared) > 1 and _choose_backend(backend, x, "catavgmax", mask, {}, spec.layout) == (
-        "fused"
-    ):
+    one_pass = len(shared) > 1
+    if one_pass and _choose_backend(backend, x, "catavgmax", mask, {}, spec.layout) == "fused":
         done = _from_avg_max(x, spec, mask, shared)
     parts = []
     for k in spec.kind:

@@ -41,13 +41,9 @@ from globalpool.kernels import _HAS_NUMBA, ops
 from globalpool.kernels.huge_pages import empty_huge
 from globalpool.kinds import KIND_DEFS
 
-__all__ = ["FUSED_KINDS", "pool_nested", "pool_packed"]
+__all__ = ["pool_nested", "pool_packed"]
 
 BACKENDS = ("auto", "fused", "torch")
-# kinds the fused kernel implements
-FUSED_KINDS = frozenset(
-    {"avg", "sum", "first", "last", "attention", "max", "avgmax", "catavgmax", "gem", "lse"}
-)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -318,8 +314,8 @@ def _params_of(kind: str, p, eps, r, weights) -> dict:
 def fused_packed(
     x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, **params: Any
 ) -> torch.Tensor:
-    """The fused CPU kernel on checked arguments (any of :data:`FUSED_KINDS`, including kinds
-    not yet in the registry); differentiable in x, the weights and a tensor ``p``.
+    """The fused CPU kernel on checked arguments (every kind of the registry has one);
+    differentiable in x, the weights and a tensor ``p``.
 
     >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 4.0]])
     >>> fused_packed(x, torch.tensor([0, 2, 3]), "sum")
@@ -353,7 +349,7 @@ def _choose_backend(backend: Any, x: torch.Tensor, kind: str, params: dict) -> s
     if backend == "torch" or deploying():  # exported / traced graphs record the composition
         return "torch"
     per_channel = any(contract.is_per_channel(params.get(k)) for k in ("p", "r"))
-    available = _HAS_NUMBA and x.is_cpu and kind in FUSED_KINDS and not per_channel
+    available = _HAS_NUMBA and x.is_cpu and not per_channel
     compiling = torch.compiler.is_compiling()
     # under torch.compile the kernel runs outside the graph (torch.compiler.disable: a graph
     # break), so only backend="fused" takes it there; the autograd modes need eager tensors
