@@ -463,7 +463,9 @@ def make_head(
     )
 
 
-_GLOBAL_POOLS = (
+#: torch's adaptive pools (global when their output size is 1): what swap_pool replaces and
+#: gp.monitor records besides globalpool's modules.
+TORCH_ADAPTIVE_POOLS = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
@@ -474,7 +476,7 @@ _GLOBAL_POOLS = (
 
 
 def _is_global(module: nn.Module) -> bool:
-    if not isinstance(module, _GLOBAL_POOLS):
+    if not isinstance(module, TORCH_ADAPTIVE_POOLS):
         return False
     size = module.output_size
     sizes = size if isinstance(size, tuple) else (size,)

@@ -68,17 +68,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from globalpool.heads import NiNHead
+from globalpool.heads import TORCH_ADAPTIVE_POOLS, NiNHead
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, LSEPool
 
-_TORCH_POOLS = (
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
 #: Module types :func:`monitor` records.
 POOL_TYPES: tuple[type[nn.Module], ...] = (
     GlobalPool,
@@ -87,7 +79,7 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     AttentionPool,
     AdaptivePool,
     NiNHead,
-    *_TORCH_POOLS,
+    *TORCH_ADAPTIVE_POOLS,
 )
 #: At most this many calls' pooled outputs are kept (as copies) before they are reduced ...
 FLUSH_CALLS = 256
