@@ -155,22 +155,9 @@ def _acc(x: torch.Tensor) -> type:
     return np.float64 if x.dtype == torch.float64 else np.float32
 
 
-def _np_raw(t: torch.Tensor) -> np.ndarray:
-    """NumPy view of a contiguous CPU tensor; float16 as uint16, bfloat16 as int16 (same bits)."""
-    if t.dtype == torch.float16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
-    return t.numpy()
-
-
 def _np_acc(t: torch.Tensor, acc: type) -> np.ndarray:
     dtype = torch.float64 if acc is np.float64 else torch.float32
     return t.detach().to(dtype).contiguous().numpy()
-
-
-def _p_int(p: float) -> int:
-    return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
 
 
 _TASKS_PER_THREAD = 4
@@ -206,6 +193,8 @@ def _fused_forward(
     weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, _State]:
     from globalpool.kernels import cpu_packed as K
+    from globalpool.kernels.cpu_numba import _np as _np_raw
+    from globalpool.kernels.cpu_numba import _p_int
 
     group, mode = K.MODES[kind]
     acc = _acc(x)
@@ -234,6 +223,7 @@ def _fused_backward(
     g: torch.Tensor, x: torch.Tensor, st: _State, need_p: bool, need_w: bool
 ) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
     from globalpool.kernels import cpu_packed as K
+    from globalpool.kernels.cpu_numba import _np as _np_raw
 
     acc = st.acc
     n, c = st.cu.shape[0] - 1, x.shape[1]
