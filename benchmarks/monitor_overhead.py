@@ -7,14 +7,18 @@ has a pooling module (every head but ``fc``, which :func:`globalpool.monitor` re
 the eval-mode forward under ``torch.no_grad`` (the cheapest forward, so the largest relative
 overhead) of one batch, plain and inside ``with gp.monitor(model)``, from the same cache state:
 both are warmed up (and their outputs compared: equal), then the repeats alternate the two
-(which goes first alternates too); a sample times enough forwards to last about 30 ms (a
-monitored sample enters and leaves the monitor once, so its final flush is included). The
-overhead is the median over the repeats of each monitored sample's CPU time over the plain
-sample beside it, minus 1: CPU time of the timing thread (``time.thread_time``, one torch
-thread) is what a shared machine's load disturbs least; the wall-time ratio is given too, and
-what one ``with`` block around a single forward adds. The repeats fit ``--budget`` seconds (the
-script ends within about twice that on a busy machine); the target is < 5%. Writes
-``overhead.json`` and ``overhead.md`` to OUT_DIR (default ``benchmarks/results/monitor``) with
+(which goes first alternates too); a sample times enough forwards to last about 30 ms. The
+monitored forwards run on a copy of the model (same weights) that stays inside one ``with
+gp.monitor`` block for all its samples, as in a training loop or an evaluation pass watched by
+one monitor: what is measured is the steady cost per forward, the hooks and copies of every
+call and the batched reductions of the flushes that fall inside the samples. What one ``with``
+block costs in itself (building the monitor and its hooks, the final flush) is measured apart,
+around a single forward (``block us``). The overhead is the median over the repeats of each
+monitored sample's CPU time over the plain sample beside it, minus 1: CPU time of the timing
+thread (``time.thread_time``, one torch thread) is what a shared machine's load disturbs least;
+the wall-time ratio is given too. The repeats fit ``--budget`` seconds (the script ends within
+about twice that on a busy machine); the target is < 5%. Writes ``overhead.json`` and
+``overhead.md`` to OUT_DIR (default ``benchmarks/results/monitor``) with
 the machine and the load average before and after.
 
 >>> _overhead(1.05, 1.0)
@@ -24,6 +28,7 @@ the machine and the load average before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -70,7 +75,7 @@ def _plain(model: torch.nn.Module, x: torch.Tensor, calls: int) -> tuple[float, 
 
 
 def _monitored(model: torch.nn.Module, x: torch.Tensor, calls: int) -> tuple[float, float]:
-    """The same inside ``gp.monitor`` (entered and left once: the final flush is included)."""
+    """The same inside a ``gp.monitor`` block of its own (entered and left once)."""
     w, c = _clocks()
     with gp.monitor(model):
         for _ in range(calls):
@@ -105,13 +110,17 @@ def _case(model: torch.nn.Module, x: torch.Tensor, budget_s: float, threads: int
         calls = max(1, round(SAMPLE_S / t))
         repeats = int(min(40, max(3, budget_s / (2 * calls * t))))
         plain, monitored = [], []
-        for r in range(repeats):  # alternate, and alternate which goes first
-            if r % 2 == 0:
-                plain.append(_plain(model, x, calls))
-                monitored.append(_monitored(model, x, calls))
-            else:
-                monitored.append(_monitored(model, x, calls))
-                plain.append(_plain(model, x, calls))
+        watched = copy.deepcopy(model)
+        with gp.monitor(watched) as steady:
+            _plain(watched, x, 2)  # the copy warmed up too
+            for r in range(repeats):  # alternate, and alternate which goes first
+                if r % 2 == 0:
+                    plain.append(_plain(model, x, calls))
+                    monitored.append(_plain(watched, x, calls))
+                else:
+                    monitored.append(_plain(watched, x, calls))
+                    plain.append(_plain(model, x, calls))
+        assert all(r["calls"] == 2 + repeats * calls for r in steady.as_dict().values())
         block = _block_cost(model, x, tries=20) if t < 0.01 else None  # else negligible
     row: dict = {"pools": len(stats.records), "calls_per_sample": calls, "repeats": repeats}
     for k, clock in enumerate(("wall", "cpu")):
@@ -214,9 +223,10 @@ def markdown(result: dict, worst: dict) -> str:
         f"forward, median (min-max) of the samples. Timed in {m['timed_s']:.0f} s.",
         "",
         "**overhead** = median over the repeats of (monitored sample / the plain sample beside "
-        "it) - 1, on CPU time; **wall** the same on wall time. A monitored sample is one "
-        "`with gp.monitor(model)` block around its forwards, so its final flush is shared by "
-        "them; **block us** is the CPU time a block around one single forward adds (building "
+        "it) - 1, on CPU time; **wall** the same on wall time. The monitored samples run on a "
+        "copy of the model that stays inside one `with gp.monitor(...)` block for all of them "
+        "(the steady cost per forward: hooks, copies and the flushes that fall inside); "
+        "**block us** is what a block itself adds, around one single forward (building "
         "the monitor, its hooks, the final flush; median of 20 tries; `-` for the models "
         "whose forward takes over 10 ms, where it is lost in the noise). "
         f"Target < {100 * result['target']:.0f}%. `fc` has no pooling module (the monitor "

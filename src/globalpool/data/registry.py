@@ -35,7 +35,9 @@ def load_dataset(
     nested subset of this many training samples, chosen by ``seed`` (see
     ``subsample_indices``). ``seed`` also draws the digit placements of digits-shifted;
     MNIST-1D itself is always the published default data.
-    ``image_size`` applies to ``folder:`` only; ``download`` to ``cifar10`` only.
+    ``image_size`` applies to ``folder:`` only; ``download`` to ``cifar10`` only. Image
+    datasets (``cifar10``, ``folder:``) also get the ``shifted``, ``canvas`` and
+    ``train-subset`` evaluation sets of :mod:`globalpool.data.invariance`.
 
     >>> ds = load_dataset("digits-shifted", train_size=100, seed=1)
     >>> ds.x_train.shape, sorted(ds.test_sets())
@@ -72,6 +74,10 @@ def load_dataset(
     else:
         raise _unknown(spec)
 
+    if name in ("folder", "cifar10"):
+        from .invariance import with_invariance_tests
+
+        dataset = with_invariance_tests(dataset)
     if train_size is not None:
         dataset = dataset.subsample_train(train_size, seed)
     return dataset

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from globalpool.cli_errors import debug
-from globalpool.experiments.spec import DEFAULTS, RunSpec, TrainConfig, dataset_base
+from globalpool.experiments.spec import DEFAULTS, RECIPES, RunSpec, TrainConfig, dataset_base
 
 
 class CompareError(ValueError):
@@ -181,7 +181,19 @@ def compare(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: per dataset).")] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="cnn1d, cnn2d, resnet18 or multiscale (default: per dataset)."),
+        typer.Option(
+            help="cnn1d, cnn2d, resnet18, resnet18-w16 or multiscale (default: per dataset "
+            "or --recipe)."
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Named model and training settings instead of the dataset's defaults: "
+            "cifar-cpu (quarter-width ResNet-18, 8 epochs, SGD, crop+flip, bfloat16; 8-10 min "
+            "a run on one CPU core) or cifar-resnet18 (full ResNet-18, 30 epochs; a GPU recipe). "
+            "--model, --epochs, --batch-size and --lr still override it."
+        ),
     ] = None,
     workers: Annotated[
         int | None,
@@ -240,6 +252,7 @@ def compare(
                     batch_size=batch_size,
                     lr=lr,
                     model=model,
+                    recipe=recipe,
                     workers=workers,
                     threads=threads,
                     backend=backend,
@@ -266,8 +279,8 @@ def _interrupted(err: KeyboardInterrupt, signum: int | None, out: Path) -> typer
     return typer.Exit(exit_code(signum))
 
 
-def _config(base: str, **options: Any) -> TrainConfig:
-    config = DEFAULTS[base]["config"]
+def _config(defaults: dict[str, Any], **options: Any) -> TrainConfig:
+    config = defaults["config"]
     changes: dict[str, Any] = {}
     for name, value in options.items():
         if value is not None:
@@ -298,6 +311,7 @@ def _compare(
     backend: str,
     save_models: bool = True,
     monitor: bool = False,
+    recipe: str | None = None,
 ) -> None:
     started = time.perf_counter()
     # 1. Arguments: cheap checks, identical on every rank, before anything is created.
@@ -311,8 +325,11 @@ def _compare(
         raise CompareError(f"must be a positive int, got {workers!r}", "--workers")
     if threads is not None and threads < 1:
         raise CompareError(f"must be a positive int, got {threads!r}", "--threads")
+    if recipe is not None and recipe not in RECIPES:
+        raise CompareError(f"must be one of {', '.join(RECIPES)}; got {recipe!r}", "--recipe")
+    defaults = DEFAULTS[base] if recipe is None else RECIPES[recipe]
     config = _config(
-        base, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend,
+        defaults, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend,
         monitor=monitor or None,
     )
 
@@ -321,7 +338,7 @@ def _compare(
     from globalpool.models import resolve_model_name
 
     try:
-        model_name = resolve_model_name(model if model is not None else base)
+        model_name = resolve_model_name(model if model is not None else defaults["model"])
     except ValueError as err:  # "model must be one of ..."
         raise CompareError(str(err).removeprefix("model "), "--model") from None
     if device.strip().lower() not in ("auto", "cpu", "cuda"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from globalpool.data.invariance import INVARIANCE_LABELS
+
 #: dataset -> test-set name -> (label, what the set is)
 TEST_SET_LABELS: dict[str, dict[str, tuple[str, str]]] = {
     "digits-shifted": {
@@ -30,6 +32,8 @@ TEST_SET_LABELS: dict[str, dict[str, tuple[str, str]]] = {
             "held-out digits anywhere on a larger canvas than the training canvas",
         ),
     },
+    "cifar10": INVARIANCE_LABELS,
+    "folder": INVARIANCE_LABELS,
 }
 
 _PLAIN = {"test": ("test", "the dataset's held-out test set")}

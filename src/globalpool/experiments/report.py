@@ -52,6 +52,15 @@ def _acc(values: Sequence[float | None]) -> dict[str, Any] | None:
     return {"mean": mean, "ci95": half, "n": len(xs), "values": xs}
 
 
+#: the evaluation set whose accuracy minus the test accuracy is the "train - test gap" column
+TRAIN_SET = "train-subset"
+
+
+def _gap(rec: dict[str, Any]) -> float | None:
+    train, test = rec.get("accuracies", {}).get(TRAIN_SET), rec.get("accuracy")
+    return None if train is None or test is None else train - test
+
+
 def test_set_names(records: Sequence[dict[str, Any]]) -> list[str]:
     """Test-set names over all records, ``"test"`` first, then in order of appearance."""
     names: list[str] = ["test"]
@@ -84,6 +93,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracies": {
                     name: _acc([r.get("accuracies", {}).get(name) for r in recs]) for name in names
                 },
+                "gap": _acc([_gap(r) for r in recs]),
                 "params_total": recs[0]["params_total"],
                 "params_head": recs[0]["params_head"],
                 "train_time_s": _mean([r["train_time_s"] for r in recs]),
@@ -123,6 +133,9 @@ COLUMNS = [
 ]
 
 
+GAP_COLUMN = "train − test gap pp"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
     """The results table, then one line per training-set size on which head (if any) is bold.
 
@@ -132,6 +145,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None
     labels = labels or {}
     names = ordered(rows[0]["accuracies"], labels) if rows else ["test"]
     header = ["head", "train n", "seeds"] + [f"{labels.get(n, n)} acc %" for n in names]
+    gaps = any(row.get("gap") for row in rows)
+    header += [GAP_COLUMN] if gaps else []
     header += [name for name, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     sizes = sorted({row["train_size"] for row in rows})
@@ -144,6 +159,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None
             if name == "test" and verdicts[row["train_size"]][0] is row:
                 cell = f"**{cell}**"
             cells.append(cell)
+        if gaps:
+            cells.append(_fmt_acc(row.get("gap")))
         cells += [
             f"{row['params_total']:,}",
             f"{row['params_head']:,}",
@@ -182,6 +199,12 @@ def _legend(names: Sequence[str], meta: dict[str, Any]) -> list[str]:
         out.append(
             f"- **{info['label']} acc %**: accuracy on {info['description']}{size}; mean ± 95% "
             "CI (Student t over seeds)."
+        )
+    if TRAIN_SET in names:
+        out.append(
+            f"- **{GAP_COLUMN}**: accuracy on the unaugmented training subset minus test "
+            "accuracy, in percentage points, per seed; mean ± 95% CI. How much a head "
+            "overfits, measured."
         )
     memory = MEMORY_NOTES.get(meta.get("memory_method"), "not measured.")
     for name, text in COLUMNS:
@@ -274,7 +297,9 @@ def markdown_report(
         f"Training (every run): seeds {meta.get('seeds')}; epochs {cfg.get('epochs')} "
         f"({meta.get('steps')} optimiser steps of batch {cfg.get('batch_size')}); "
         f"{cfg.get('optimizer')} lr {cfg.get('lr')} ({cfg.get('schedule')}), "
-        f"weight decay {cfg.get('weight_decay')}.  ",
+        f"weight decay {cfg.get('weight_decay')}; augmentation {cfg.get('augment', 'none')}; "
+        f"precision {cfg.get('precision', 'fp32')}"
+        f"{', channels-last' if cfg.get('channels_last') else ''}.  ",
         f"How the runs were made (part of the cache key): {made}.  ",
         f"This call: {len(records) - reused} run(s) trained with {meta.get('workers')} worker "
         f"process(es), {reused} reused from the cache (marked `reused (cached)` below).",

@@ -134,16 +134,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def precision_context(config: TrainConfig, device: torch.device) -> Any:
+    """The autocast context of ``config.precision`` on ``device`` (a no-op for ``"fp32"``).
+
+    >>> with precision_context(TrainConfig(1, 1, 0.1, precision="bf16"), torch.device("cpu")):
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.bfloat16
+    """
+    enabled = config.precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def to_layout(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """``x`` channels-last when ``config.channels_last`` and ``x`` is a batch of 2d images."""
+    if config.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 @torch.no_grad()
 def count_correct(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    config: TrainConfig | None = None,
 ) -> int:
-    """Number of samples of ``(x, y)`` that ``model`` classifies right (``model`` in eval mode)."""
+    """Number of samples of ``(x, y)`` that ``model`` classifies right (``model`` in eval mode),
+    at ``config``'s precision and memory layout when given."""
     correct = 0
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device, non_blocking=True)
         yb = y[start : start + batch_size].to(device, non_blocking=True)
-        correct += int((model(xb).argmax(1) == yb).sum())
+        if config is None:
+            logits = model(xb)
+        else:
+            with precision_context(config, device):
+                logits = model(to_layout(xb, config))
+        correct += int((logits.argmax(1) == yb).sum())
     return correct
 
 
@@ -207,11 +236,14 @@ def train_and_evaluate(
         spatial_size=data.input_shape[1:],
         backend=cfg.backend,
     ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     params_total = count_parameters(model)
     params_head = count_parameters(model.head)
     batch = min(cfg.batch_size, n)
     steps = total_steps(cfg, full_size)
-    _warm_up(model, x_train[: max(1, batch // ctx.world_size)])
+    with precision_context(cfg, device):
+        _warm_up(model, to_layout(x_train[: max(1, batch // ctx.world_size)], cfg))
 
     net = wrap_model(model, ctx, device)
     optimizer = make_optimizer(net, cfg)
@@ -235,7 +267,9 @@ def train_and_evaluate(
         xb = x_train[idx]
         if cfg.augment == "crop-flip":
             xb = crop_flip(xb, augment)
-        loss = F.cross_entropy(net(xb), y_train[idx])
+        with precision_context(cfg, device):
+            logits = net(to_layout(xb, cfg))
+        loss = F.cross_entropy(logits.float(), y_train[idx])
         loss.backward()
         optimizer.step()
         return loss
@@ -294,7 +328,7 @@ def train_and_evaluate(
         xs, ys = shard(x, ctx), shard(y, ctx)
         _sync(device)
         t1 = time.perf_counter()
-        correct = count_correct(model, xs, ys, device, eval_batch_size)
+        correct = count_correct(model, xs, ys, device, eval_batch_size, cfg)
         _sync(device)
         if name == "test":
             eval_time = time.perf_counter() - t1

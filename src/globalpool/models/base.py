@@ -99,4 +99,10 @@ class HeadedNet(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        features = self.backbone(x)
+        if torch.is_autocast_enabled(features.device.type):
+            # Under mixed precision only the backbone runs in low precision: the head (pooling
+            # and classifier) always computes in float32.
+            with torch.autocast(features.device.type, enabled=False):
+                return self.head(features.float())
+        return self.head(features)

@@ -15,12 +15,13 @@ from torch import nn
 from globalpool.models.cnn1d import CNN1D
 from globalpool.models.cnn2d import CNN2D
 from globalpool.models.multiscale import MultiScaleNet
-from globalpool.models.resnet_cifar import ResNet18
+from globalpool.models.resnet_cifar import ResNet18, ResNet18W16
 
 MODELS: dict[str, type[nn.Module]] = {
     "cnn1d": CNN1D,
     "cnn2d": CNN2D,
     "resnet18": ResNet18,
+    "resnet18-w16": ResNet18W16,
     "multiscale": MultiScaleNet,
 }
 
@@ -61,7 +62,8 @@ def build_model(
     spatial_size: int | tuple[int, ...],
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a model (``cnn1d``, ``cnn2d``, ``resnet18``, ``multiscale``) or a dataset's default.
+    """Build a model (``cnn1d``, ``cnn2d``, ``resnet18``, ``resnet18-w16``, ``multiscale``) or a
+    dataset's default.
 
     ``head`` is one of :data:`globalpool.HEADS`; ``spatial_size`` is the training input size
     (the flatten-FC head is sized from it). ``kwargs`` go to the model (``width``, ``hidden``,
