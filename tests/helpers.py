@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
 from globalpool import reference
 
@@ -118,3 +122,21 @@ def check_against_reference(pool_fn, x, kind, layout, mask, params, *, keepdim=F
     if kind == "attention":
         assert_close(params["weights"].grad, grads["weights"], dtype, "grad weights")
     return y, x_in.grad
+
+
+def image_archive(tmp_path: Path, broken: bool = False) -> Path:
+    """A tar.gz of PATH/train|test/<class>/*.png inside a wrapper directory, as CIFAR-10 JPEGs."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src" / "tiny"
+    for split, n in [("train", 6), ("test", 2)]:
+        for name in ("cat", "dog"):
+            (src / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(src / split / name / f"{i}.png")
+    if broken:
+        (src / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="tiny")
+    return archive

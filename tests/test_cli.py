@@ -12,9 +12,7 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from globalpool.bench import command as bench_command
@@ -22,6 +20,7 @@ from globalpool.bench.methods import SEED_METHODS
 from globalpool.cli import app
 from globalpool.data import cifar10 as cifar10_module
 from globalpool.data import write_cifar10_fixture
+from helpers import image_archive
 
 
 def invoke(*args: str, **kwargs):
@@ -193,24 +192,6 @@ def test_download_fetches_into_the_cache_or_data_dir(tmp_path, monkeypatch, expl
 # --- compare --dataset folder:ARCHIVE ----------------------------------------------------------
 
 
-def _image_archive(tmp_path: Path, broken: bool = False) -> Path:
-    """A tar.gz of PATH/train|test/<class>/*.png inside a wrapper directory, as CIFAR-10 JPEGs."""
-    rng = np.random.default_rng(0)
-    src = tmp_path / "src" / "tiny"
-    for split, n in [("train", 6), ("test", 2)]:
-        for name in ("cat", "dog"):
-            (src / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(src / split / name / f"{i}.png")
-    if broken:
-        (src / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    archive = tmp_path / "tiny.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src, arcname="tiny")
-    return archive
-
-
 TINY_FOLDER = [
     "compare", "--model", "cnn2d", "--heads", "avg", "--seeds", "1", "--epochs", "1",
     "--batch-size", "8", "--workers", "1", "--threads", "1",
@@ -218,7 +199,7 @@ TINY_FOLDER = [
 
 
 def test_compare_reads_a_folder_archive_and_caches_it(tmp_path, monkeypatch):
-    archive = _image_archive(tmp_path)
+    archive = image_archive(tmp_path)
     monkeypatch.setenv("GLOBALPOOL_CACHE_DIR", str(tmp_path / "cache"))
     args = [*TINY_FOLDER, "--dataset", f"folder:{archive}", "--out", str(tmp_path / "out")]
     result = invoke(*args)
@@ -235,7 +216,7 @@ def test_compare_reads_a_folder_archive_and_caches_it(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt-member"])
 def test_compare_damaged_folder_archive_is_one_error_line(tmp_path, monkeypatch, damage):
-    archive = _image_archive(tmp_path, broken=damage == "corrupt-member")
+    archive = image_archive(tmp_path, broken=damage == "corrupt-member")
     if damage == "truncated":
         archive.write_bytes(archive.read_bytes()[:-200])
         expected = f"Error: folder: cannot list archive {archive}: truncated or corrupt"

@@ -176,29 +176,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 2-core AVX-512 (Zen 4) machine, one run at a time (two side by side each run at half speed).
     "cifar-cpu": {
         "model": "resnet18-w16",
-        "config": TrainConfig(
-            epochs=8,
-            batch_size=128,
-            lr=0.1,
-            weight_decay=5e-4,
-            optimizer="sgd",
-            augment="crop-flip",
-            precision="bf16",
-            channels_last=True,
+        "config": dataclasses.replace(
+            DEFAULTS["cifar10"]["config"], epochs=8, precision="bf16", channels_last=True
         ),
     },
     # The usual CIFAR-10 ResNet-18 (11.2M backbone parameters, fc head 4096 wide): a GPU recipe.
     "cifar-resnet18": {
         "model": "resnet18",
-        "config": TrainConfig(
-            epochs=30,
-            batch_size=128,
-            lr=0.1,
-            weight_decay=5e-4,
-            optimizer="sgd",
-            augment="crop-flip",
-            channels_last=True,
-        ),
+        "config": dataclasses.replace(DEFAULTS["cifar10"]["config"], channels_last=True),
     },
 }
 
