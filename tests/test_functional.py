@@ -114,6 +114,22 @@ def test_gem_gradient_wrt_p(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar-r", "per-channel-r"])
+def test_lse_gradient_wrt_r_matches_the_reference(backend, per_channel):
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * 3
+    _skip_unless_backend(backend, x, "lse")
+    backend = "auto" if backend == "fused" and per_channel else backend  # fused refuses it
+    mask = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(1)) > 0.3
+    r0 = torch.tensor([0.5, 1.5, 4.0] if per_channel else 2.5, dtype=torch.float64)
+    r = r0.clone().requires_grad_(True)
+    g = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gp.pool(x, "lse", r=r, mask=mask, backend=backend).backward(g)
+    grads = reference_backward(x, g, "lse", "channels_first", mask, r=r0.numpy())
+    assert grads["r"] is not None and np.shape(grads["r"]) == tuple(r.shape)
+    np.testing.assert_allclose(r.grad.numpy(), grads["r"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", gp.KINDS)
 def test_gradcheck_float64(kind, backend):
     x = torch.rand(2, 3, 4, 3, dtype=torch.float64) + 0.1

@@ -357,6 +357,18 @@ def test_backward_matches_finite_differences(kind, rank, layout, masked):
 
         expected_p = fd(loss_p, np.array([kw["p"]]))[0]
         assert res["p"] == pytest.approx(expected_p, rel=1e-6, abs=1e-8)
+    if kind == "lse":
+        r0 = kw.get("r", 1.0)
+
+        def loss_r(rv):
+            kw_r = {**kw, "r": rv[0] if rv.shape == (1,) else rv}
+            return float(np.sum(g * pool_forward(x, kind, layout=layout, mask=mask, **kw_r)))
+
+        assert res["r"] == pytest.approx(fd(loss_r, np.array([r0]))[0], rel=1e-6, abs=1e-8)
+        per_channel = np.linspace(0.5, 2.0, shape[1])  # one r per channel: a (C,) gradient
+        res_c = pool_backward(x, g, kind, layout=layout, mask=mask, **{**kw, "r": per_channel})
+        assert res_c["r"].shape == (shape[1],)
+        np.testing.assert_allclose(res_c["r"], fd(loss_r, per_channel), rtol=1e-6, atol=1e-8)
     if kind == "attention":
 
         def loss_w(wv):
@@ -390,6 +402,7 @@ def test_layouts_agree(kind):
         gl = pool_backward(to_last(x), g, kind, layout="channels_last", **kw)
         np.testing.assert_array_equal(to_last(gf["x"]), gl["x"])
         assert gf["p"] == gl["p"]
+        assert gf["r"] == gl["r"]
         if kind == "attention":
             np.testing.assert_array_equal(gf["weights"], gl["weights"])
 

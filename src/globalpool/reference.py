@@ -152,14 +152,14 @@ def _backward_one(
     r: float,
     w: np.ndarray | None,
 ):
-    """Return (grad xs (C, k), grad p (a float, or (C,) for a per-channel p), grad w (k,)) for
-    one sample."""
+    """Return (grad xs (C, k), grad p, grad r, grad w (k,)) for one sample; grad p and grad r
+    are floats, or (C,) arrays for a per-channel p or r."""
     c, k = xs.shape
     gx = np.zeros((c, k))
-    gp = 0.0
+    gp = gr = 0.0
     gw = np.zeros(k)
     if k == 0:
-        return gx, gp, gw
+        return gx, gp, gr, gw
     if kind == "avg":
         gx = np.repeat(g[:, None] / k, k, axis=1)
     elif kind == "max":
@@ -183,8 +183,14 @@ def _backward_one(
         dy_dp = y * (-np.log(mu) / p**2 + np.mean(u**pc * np.log(u), axis=1) / (p * mu))
         gp = g * dy_dp if np.ndim(p) else float(np.sum(g * dy_dp))
     elif kind == "lse":
+        # with s = softmax(r x) over the row: dy/dx = s and dy/dr = (sum(s x) - y) / r
         e = np.exp(_col(r) * (xs - xs.max(axis=1, keepdims=True)))
-        gx = g[:, None] * e / e.sum(axis=1, keepdims=True)
+        s = e / e.sum(axis=1, keepdims=True)
+        gx = g[:, None] * s
+        y = _forward_one(xs, "lse", p, eps, r, w)
+        sx = np.sum(np.where(s > 0, s * xs, 0.0), axis=1)  # -inf at weight 0 adds nothing
+        dy_dr = (sx - y) / r
+        gr = g * dy_dr if np.ndim(r) else float(np.sum(g * dy_dr))
     elif kind == "sum":
         gx = np.repeat(g[:, None], k, axis=1)
     elif kind in ("first", "last"):
@@ -192,11 +198,11 @@ def _backward_one(
     else:  # attention
         total = w.sum()
         if total == 0:
-            return gx, gp, gw
+            return gx, gp, gr, gw
         y = xs @ w / total
         gx = g[:, None] * w[None, :] / total
         gw = g @ (xs - y[:, None]) / total
-    return gx, gp, gw
+    return gx, gp, gr, gw
 
 
 def _prepare(x, kind, layout, mask, weights, p, eps, r):
@@ -302,9 +308,10 @@ def pool_backward(
     """Gradients of ``sum(grad_out * pool_forward(x, ...))``, in float64.
 
     ``grad_out`` may have the ``keepdim=False`` or the ``keepdim=True`` output shape (only its
-    size is checked). Returns ``{"x": grad_x, "p": grad_p, "weights": grad_weights}`` where
-    ``grad_x`` has the shape and layout of ``x``, ``grad_p`` is a float for ``"gem"`` (a
-    ``(C,)`` array for a per-channel ``p``; else ``None``) and ``grad_weights`` is ``(N, *S)``
+    size is checked). Returns ``{"x": grad_x, "p": grad_p, "r": grad_r, "weights":
+    grad_weights}`` where ``grad_x`` has the shape and layout of ``x``, ``grad_p`` is a float for
+    ``"gem"`` (a ``(C,)`` array for a per-channel ``p``; else ``None``), ``grad_r`` likewise for
+    ``"lse"`` and ``r``, and ``grad_weights`` is ``(N, *S)``
     for ``"attention"`` (else ``None``). Padded positions and empty samples get exactly zero
     gradient; tied maxima share it equally.
 
@@ -328,23 +335,26 @@ def pool_backward(
     gx = np.zeros((n, c, length))
     gw = np.zeros((n, length))
     gp = np.zeros(c) if np.ndim(p) else 0.0
+    gr = np.zeros(c) if np.ndim(r) else 0.0
     for i in range(n):
         real = m[i]
         wi = None if w is None else w[i, real]
         start = 0
         for k in _kinds(kind):  # a tuple of kinds: each its block of grad_out, summed
             width = _out_channels(k, c)
-            gxi, gpi, gwi = _backward_one(
+            gxi, gpi, gri, gwi = _backward_one(
                 flat[i][:, real], g[i, start : start + width], k, p, eps, r, wi
             )
             start += width
             gx[i][:, real] += gxi
             gw[i, real] += gwi
             gp += gpi
+            gr += gri
     grad_x = _from_channels_first(gx.reshape(xc.shape), layout)
     return {
         "x": grad_x,
         "p": gp if "gem" in _kinds(kind) else None,
+        "r": gr if "lse" in _kinds(kind) else None,
         "weights": gw.reshape((n, *xc.shape[2:])) if "attention" in _kinds(kind) else None,
     }
 
@@ -515,9 +525,9 @@ def adaptive_backward(
     """Gradients of ``sum(grad_out * adaptive_forward(x, ...))``: each bin's
     :func:`pool_backward`, summed where bins overlap.
 
-    Returns ``{"x": ..., "p": ..., "weights": ...}`` as :func:`pool_backward`. Tied maxima in a
-    bin share its gradient equally, as in global pooling (``F.adaptive_max_pool*d`` gives it all
-    to the first).
+    Returns ``{"x": ..., "p": ..., "r": ..., "weights": ...}`` as :func:`pool_backward`. Tied
+    maxima in a bin share its gradient equally, as in global pooling (``F.adaptive_max_pool*d``
+    gives it all to the first).
 
     >>> import numpy as np
     >>> x = np.array([[[5.0, 5.0, 1.0, 2.0]]])
@@ -539,7 +549,7 @@ def adaptive_backward(
     scalars = {k: v for k, v in params.items() if k != "weights"}
     gx = np.zeros_like(xc)
     gw = np.zeros((n, *spatial))
-    gp = 0.0
+    gp = gr = 0.0
     for index, box in _boxes(spatial, out):
         region = xc[(slice(None), slice(None), *box)]
         grads = pool_backward(
@@ -551,8 +561,11 @@ def adaptive_backward(
             gw[(slice(None), *box)] += grads["weights"]
         if grads["p"] is not None:
             gp += grads["p"]
+        if grads["r"] is not None:
+            gr += grads["r"]
     return {
         "x": _from_channels_first(gx, layout),
         "p": gp if "gem" in _kinds(kind) else None,
+        "r": gr if "lse" in _kinds(kind) else None,
         "weights": gw if "attention" in _kinds(kind) else None,
     }
