@@ -180,6 +180,11 @@ def _task_bounds(cu: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(bounds)
 
 
+# torch.compiler.disable imports torch._dynamo (≈2 s) when it decorates; torch's own lazy form
+# defers that to the first call, so ``import globalpool`` stays fast (torch < 2.1 lacks it)
+_outside_graphs = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
 class _State:
     """What one fused forward leaves for its backward (NumPy arrays in the accumulation type)."""
 
@@ -187,7 +192,7 @@ class _State:
                  "p", "r", "w", "wsum")
 
 
-@torch.compiler.disable  # NumPy and numba inside: never traced (dynamo would trace the NumPy)
+@_outside_graphs  # NumPy and numba inside: never traced (dynamo would trace the NumPy)
 def _fused_forward(
     x: torch.Tensor, cu: np.ndarray, kind: str, p: float, eps: float, r: float,
     weights: torch.Tensor | None,
@@ -218,7 +223,7 @@ def _fused_forward(
     return (out if out.dtype == x.dtype else out.to(x.dtype)), st
 
 
-@torch.compiler.disable
+@_outside_graphs
 def _fused_backward(
     g: torch.Tensor, x: torch.Tensor, st: _State, need_p: bool, need_w: bool
 ) -> tuple[torch.Tensor, float | None, np.ndarray | None]:

@@ -22,6 +22,15 @@ prunes the other modes' branches before typing and the first call compiles only 
 (Inlining the whole kernel into a small entry function, numba's ``inline="always"``, did the
 same but copied the kernel's IR once per block: 7 s of a max kernel's 10 s compile.)
 
+Outlined loop bodies. numba's parallel passes (parfor conversion, copy propagation, parfor
+lowering) cost time in proportion to the IR inside each ``prange`` loop, and a kernel's loop
+body, with its helpers inlined, is large: they took 70% of a first max training call. So the
+parallel build of a kernel runs each ``prange`` loop over a call to its body, compiled apart as
+a serial function of the loop index (the kernel's arguments and the values the loop reads from
+before it passed in; a ``continue`` of the parallel loop becomes a ``return``). The parallel
+passes then see a loop of one call; LLVM still optimises the body on its own, as before. The
+max training call compiled in 16 s before, about 5 s after (``benchmarks/cold_start.py``).
+
 >>> from globalpool.kernels import launch
 >>> launch.serial()
 False
@@ -157,7 +166,7 @@ class ParallelKernel:
         disp = built.get(key)
         if disp is None:
             options = {**self._options, "parallel": not serial and self._options["parallel"]}
-            disp = self._entry(key, options) if self._modal else njit(**options)(self.py_func)
+            disp = self._entry(key, options)
             built[key] = disp
         return disp
 
@@ -166,8 +175,13 @@ class ParallelKernel:
         name = f"{self.__name__}__{tag}"
         consts = {self._params[i]: v for i, v in zip(self._modal, key, strict=True)}
         namespace = dict(self.py_func.__globals__)
+        serial_options = {**options, "parallel": False}
         # compiled as if in the kernels' file: numba's cache locates and stamps entries by it
-        exec(_specialised(self.py_func, name, consts), namespace)
+        code, bodies = _specialised(self.py_func, name, consts, outline=options["parallel"])
+        namespace[_INDEX] = np.int64
+        exec(code, namespace)
+        for body in bodies:  # the wrapper finds its compiled bodies among its globals
+            namespace[body] = _no_alias(njit(**serial_options)(namespace[body]))
         return njit(**options)(namespace[name])
 
     def __call__(self, *args: Any) -> Any:
@@ -179,23 +193,133 @@ class ParallelKernel:
             return disp(*args)
 
 
-def _specialised(fn: Callable, name: str, consts: dict[str, bool | int]) -> Any:
+def _specialised(
+    fn: Callable, name: str, consts: dict[str, bool | int], outline: bool = False
+) -> tuple[Any, list[str]]:
     """``fn``'s code compiled anew as ``name``, undecorated, its body opening with
-    ``arg = constant`` for each of ``consts`` (same signature, same file and line numbers)."""
+    ``arg = constant`` for each of ``consts`` (same signature, same file and line numbers).
+    With ``outline``, each ``prange`` loop's body becomes a function of its own (see the module
+    docstring); returns the code and the names of those functions."""
     lines, first = inspect.getsourcelines(fn)
     tree = ast.parse(textwrap.dedent("".join(lines)))
     ast.increment_lineno(tree, first - 1)
     func = tree.body[0]
     assert isinstance(func, ast.FunctionDef)
     func.name, func.decorator_list = name, []
-    at = func.body[0].lineno
-    pins = [
+    body = func.body[1:] if ast.get_docstring(func) is not None else func.body
+    func.body = _pins(consts, body[0].lineno) + body
+    bodies = _outline_loops(func, consts) if outline else []
+    tree.body = bodies + tree.body
+    code = compile(ast.fix_missing_locations(tree), inspect.getfile(fn), "exec")
+    return code, [b.name for b in bodies]
+
+
+_INDEX = "_globalpool_loop_index"
+
+
+def _no_alias(dispatcher: Any) -> Any:
+    """``dispatcher`` compiled with its array arguments marked ``noalias``, as numba marks the
+    body of a parallel loop (a kernel's arrays never overlap): without it LLVM must allow for a
+    store to one array changing another, and the backward loops ran up to 2.4x slower."""
+    compiler = getattr(dispatcher, "_compiler", None)
+    base = getattr(compiler, "_customize_flags", None)
+    if base is None:  # pragma: no cover - a numba without this hook: correct, maybe slower
+        return dispatcher
+
+    def customize(flags: Any) -> Any:
+        flags = base(flags)
+        flags.noalias = True
+        return flags
+
+    compiler._customize_flags = customize
+    return dispatcher
+
+
+def _pins(consts: dict[str, bool | int], at: int) -> list[ast.stmt]:
+    return [
         ast.Assign([ast.Name(arg, ast.Store())], ast.Constant(value), lineno=at, col_offset=0)
         for arg, value in consts.items()
     ]
-    body = func.body[1:] if ast.get_docstring(func) is not None else func.body
-    func.body = pins + body
-    return compile(ast.fix_missing_locations(tree), inspect.getfile(fn), "exec")
+
+
+def _is_prange(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.For)
+        and isinstance(node.iter, ast.Call)
+        and isinstance(node.iter.func, ast.Name)
+        and node.iter.func.id == "prange"
+    )
+
+
+def _outline_loops(func: ast.FunctionDef, consts: dict[str, bool | int]) -> list[ast.FunctionDef]:
+    """Moves the body of each ``prange`` loop of ``func`` into a new function (returned) and
+    calls it from the loop. Its arguments: ``func``'s own but ``consts``, then every name the
+    body reads that ``func`` assigns before the loop, then the loop index."""
+    ast.fix_missing_locations(func)
+    # the pinned constants are pinned in the body too, not passed: a constant argument is typed
+    # as a literal at one call site and as a plain int at the other, and compiled twice
+    params = [a.arg for a in func.args.args if a.arg not in consts]
+    loops = [node for node in ast.walk(func) if _is_prange(node)]
+    bodies = []
+    for k, loop in enumerate(loops):
+        if not isinstance(loop.target, ast.Name):
+            raise TypeError(f"{func.name}: a prange loop needs one index name")
+        index = loop.target.id
+        earlier = _assigned_before(func, loop)
+        read = {
+            n.id for stmt in loop.body for n in ast.walk(stmt)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
+        carried = sorted((read & earlier) - set(params) - set(consts) - {index})
+        names = [*params, *carried, index]
+        outlined = f"{func.name}__loop{k}"
+        at = loop.body[0].lineno
+        body = [_ContinueToReturn().visit(stmt) for stmt in loop.body]
+        bodies.append(
+            ast.FunctionDef(
+                name=outlined,
+                args=ast.arguments(
+                    posonlyargs=[], args=[ast.arg(n) for n in names], kwonlyargs=[],
+                    kw_defaults=[], defaults=[],
+                ),
+                body=_pins(consts, at) + body,
+                decorator_list=[],
+                lineno=loop.lineno,
+                end_lineno=loop.end_lineno,
+                col_offset=0,
+            )
+        )
+        args = [ast.Name(n, ast.Load()) for n in names]
+        # the index is int64 when numba types the kernel and uint64 inside its parallel loop:
+        # one type for both, or the body is compiled twice
+        args[-1] = ast.Call(ast.Name(_INDEX, ast.Load()), [args[-1]], [])
+        call = ast.Call(ast.Name(outlined, ast.Load()), args, [])
+        loop.body = [ast.copy_location(ast.Expr(call), loop.body[0])]
+    return bodies
+
+
+def _assigned_before(func: ast.FunctionDef, loop: ast.For) -> set[str]:
+    """Names ``func`` assigns in statements that end before ``loop`` starts."""
+    names = set()
+    for node in ast.walk(func):
+        if node is loop or not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Store):
+            continue
+        if node.lineno < loop.lineno:
+            names.add(node.id)
+    return names
+
+
+class _ContinueToReturn(ast.NodeTransformer):
+    """``continue`` of the outlined loop itself becomes ``return`` (inner loops keep theirs)."""
+
+    def visit_For(self, node: ast.For) -> ast.For:  # an inner loop: its continues are its own
+        return node
+
+    def visit_While(self, node: ast.While) -> ast.While:
+        return node
+
+    def visit_Continue(self, node: ast.Continue) -> ast.Return:
+        return ast.copy_location(ast.Return(value=None), node)
 
 
 def _constant(v: Any) -> bool | int:
