@@ -3,6 +3,7 @@ and ``compare --monitor`` end to end."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -122,6 +123,23 @@ def test_more_calls_than_one_flush():
         inside = stats[""]["calls"]  # a view inside the block
     assert inside == FLUSH_CALLS + 5
     assert_stats(stats[""], expected(outs))
+
+
+def test_many_small_flushes_other_batch_sizes_and_outputs_larger_than_the_buffer(monkeypatch):
+    """The reused buffer: flushes every few calls, slots re-cut for another batch size, outputs
+    too large for it reduced at once (twice in a row), a channel alive only in the last call."""
+    monitor_module = importlib.import_module("globalpool.monitor")
+    monkeypatch.setattr(monitor_module, "FLUSH_BYTES", 3 * 6 * 5 * 8)  # 3 calls of (6, 5) f64
+    xs = batches(9, shape=(6, 5, 7), seed=3)
+    for at, n in ((2, 2), (5, 40), (6, 40)):  # another batch size; two larger than the buffer
+        x = torch.relu(torch.randn(n, 5, 7))
+        x[:, 1] = x[:, 3] = 0.0
+        xs.insert(at, x)
+    pool = gp.GlobalPool("avg")
+    with gp.monitor(pool) as stats:
+        outs = [pool(x) for x in xs]
+    assert_stats(stats[""], expected(outs))
+    assert stats[""]["dead_channels"] == 1 and stats[""]["calls"] == len(xs)
 
 
 def test_adaptive_outputs_keepdim_and_channels_last():

@@ -46,13 +46,15 @@ Recognised modules (:data:`POOL_TYPES`): globalpool's :class:`GlobalPool` (every
 (after ``include``) is refused with a ``ValueError``: monitoring nothing is a mistake.
 
 The statistics are computed on detached tensors and never change the forward's result or
-gradient. To cost one cheap copy per call rather than a handful of reductions, a hook keeps a
-copy of the call's pooled output (``N x C`` values for a global pool) on the module's device;
-the copies are reduced together, and their few results moved to the CPU in one transfer, every
-:data:`FLUSH_CALLS` calls or :data:`FLUSH_BYTES` bytes, when a view is read and when the block
-exits. Memory stays bounded; nothing is kept after the flush, and an output larger than
-:data:`FLUSH_BYTES` is reduced at once without a copy. A failure inside a hook never breaks the
-forward: it is counted in ``errors`` (with the last message in ``error``).
+gradient. To cost one cheap copy per call rather than a handful of reductions, a hook copies the
+call's pooled output (``N x C`` values for a global pool) into a buffer of :data:`FLUSH_BYTES`
+on the module's device, allocated once per record and reused; the rows kept are reduced together
+(one contiguous view, no ``cat``, no fresh allocation), and their few results moved to the CPU
+in one transfer, when the buffer is full, every :data:`FLUSH_CALLS` calls, when the output's
+shape (or whether a mask came) changes, when a view is read and when the block exits. Memory
+stays bounded; an output larger than the buffer is reduced at once without a copy. A failure
+inside a hook never breaks the forward: it is counted in ``errors`` (with the last message in
+``error``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +83,13 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     NiNHead,
     *TORCH_ADAPTIVE_POOLS,
 )
-#: At most this many calls' pooled outputs are kept (as copies) before they are reduced ...
+#: At most this many calls' pooled outputs are kept before they are reduced ...
 FLUSH_CALLS = 256
-#: ... or this many bytes of them (4 MiB: few flushes, whose fixed cost of ~10 small ops dominates
-#: below that; measured in benchmarks/results/monitor); a larger output is reduced at once and
+#: ... and at most this many bytes of them: the size of each record's buffer, made once and
+#: reused (2 MiB of float64: a flush's fixed cost, ~10 small ops, is shared by enough calls;
+#: measured in benchmarks/results/monitor). An output larger than this is reduced at once and
 #: not copied.
-FLUSH_BYTES = 2**22
+FLUSH_BYTES = 2**21
 
 _SPATIAL_RANK = {
     nn.AdaptiveAvgPool1d: 1,
@@ -110,11 +113,6 @@ def _kind(module: nn.Module) -> str:
     if isinstance(module, NiNHead):
         return "avg"
     return "avg" if "Avg" in type(module).__name__ else "max"
-
-
-def size_of(t: torch.Tensor) -> int:
-    """Bytes of ``t``'s elements."""
-    return t.numel() * t.element_size()
 
 
 def _dead_floor(module: nn.Module) -> float:
@@ -190,15 +188,20 @@ def call_stats(
     *,
     floor: float = 0.0,
     fast: bool = True,
+    channels: bool | torch.Tensor = True,
 ) -> tuple[Any, ...]:
     """Reductions of pooled outputs ``y`` of shape ``(N, C, *bins)`` (channels first).
 
     Returns ``(n, sum, sumsq, min, max, nan, inf, alive)`` over the finite values where
     ``valid`` (broadcastable to ``y``, True = counted) holds; ``alive`` (``(C,)``) is, per
-    channel, the sum of its values above ``floor`` (NaN left out): 0 for a dead channel. Items
-    are ints or tensors; sums are float64. With ``fast`` an all-finite ``y`` without ``valid``
-    takes one pass per statistic (sum, sum of squares, min and max together, the alive sums),
-    found from a finite sum (one sync); else the general path masks every statistic.
+    channel, how far its largest value (NaN left out) lies above ``floor``, or 0: 0 for a dead
+    channel; only of the channels indexed by ``channels`` when it is a tensor, and None when it
+    is False (the channel maxima are one of the dearer passes). Items are numbers or tensors;
+    sums are float64. With ``fast`` an all-finite ``y`` without ``valid`` takes one pass per
+    statistic (sum, sum of squares, min and max together, the channel maxima), allocates
+    nothing of ``y``'s size (a float64 ``y`` is not copied) and brings its four numbers back in
+    one transfer (one sync); when their sum is not finite (a NaN or inf somewhere), and in
+    every other case, the general path masks every statistic.
 
     >>> [float(v) for v in call_stats(torch.tensor([[1.0, -2.0], [3.0, float("nan")]]))[:7]]
     [3.0, 2.0, 14.0, -2.0, 3.0, 1.0, 0.0]
@@ -208,13 +211,13 @@ def call_stats(
         return 0, 0.0, 0.0, math.inf, -math.inf, 0, 0, None
     acc = _acc_dtype(y.device)
     if fast and valid is None:
-        flat = y.reshape(-1)
-        wide = flat.to(acc)
-        s = wide.sum()
-        if math.isfinite(float(s)):  # a finite sum: no NaN or inf anywhere
-            lo, hi = torch.aminmax(wide)
-            alive = F.threshold(y, floor, 0.0).sum(dims)  # positive terms: float32 will do
-            return flat.numel(), s, torch.dot(wide, wide), lo, hi, 0, 0, alive
+        wide = y if y.dtype == acc else y.to(acc)
+        flat = wide.reshape(-1)
+        sums = torch.stack([flat.sum(), torch.dot(flat, flat), *torch.aminmax(flat)])
+        s, q, lo, hi = sums.tolist()  # one transfer
+        if math.isfinite(s):  # a finite sum: no NaN or inf anywhere
+            alive = None if channels is False else _alive(wide, dims, floor, channels)
+            return flat.numel(), s, q, lo, hi, 0, 0, alive
     yd = y.to(acc)
     nan = torch.isnan(yd)
     ok = torch.isfinite(yd)
@@ -230,16 +233,30 @@ def call_stats(
     inf_ = torch.tensor(math.inf, dtype=yd.dtype, device=yd.device)
     lowest = torch.where(ok, yd, inf_).amin()
     highest = torch.where(ok, yd, -inf_).amax()
-    alive = F.threshold(torch.where(seen, yd, 0.0), floor, 0.0).sum(dims)
+    alive = None
+    if channels is not False:
+        alive = _alive(torch.where(seen, yd, -inf_), dims, floor, channels)
     return ok.sum(), z.sum(), torch.dot(z, z), lowest, highest, nan.sum(), inf, alive
+
+
+def _alive(
+    y: torch.Tensor, dims: list[int], floor: float, channels: bool | torch.Tensor
+) -> torch.Tensor:
+    """How far the largest value of each channel of ``y`` (of those indexed by ``channels``
+    when a tensor) lies above ``floor``; 0 when not above (for two floats, ``a - b > 0``
+    exactly when ``a > b``)."""
+    if isinstance(channels, torch.Tensor):
+        y = y.index_select(1, channels)
+    return torch.clamp_min(y.amax(dims) - floor, 0.0)
 
 
 def attention_terms(
     scores: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """Per sample ``(W, WL, n)``: ``W = sum w``, ``WL = sum w log w`` over the real positions
-    (``w = sigmoid(scores)``, scores ``(N, *S)``) and their number ``n``; the normalised entropy
-    is ``(log W - WL / W) / log n`` (:func:`entropy_from_terms`).
+    (``w = sigmoid(scores)``, scores ``(N, *S)``, or ``(N, *S, 1)`` as the scorer gives them)
+    and their number ``n``; the normalised entropy is ``(log W - WL / W) / log n``
+    (:func:`entropy_from_terms`).
 
     >>> w, wl, n = attention_terms(torch.zeros(1, 4), None)
     >>> round(float(entropy_from_terms(w, wl, n)[0]), 6)
@@ -263,33 +280,143 @@ def entropy_from_terms(
     return torch.where(n > 1, h, math.nan)
 
 
+# --- the rows kept until a flush ---------------------------------------------------------------
+
+
+class _Rows:
+    """The blocks of the calls kept until a flush, all of one shape ``(n, *tail)`` (and, with
+    masks, theirs), in a flat buffer of :data:`FLUSH_BYTES` made once and reused.
+
+    The buffer is cut into one slot per call (a view made at the first use of each slot for a
+    shape, at most :data:`FLUSH_CALLS`), so keeping a call's output is a single ``copy_`` (to
+    float64 on the CPU) that allocates nothing, and a flush reduces one contiguous view: no
+    ``cat``, and no fresh megabytes for the allocator to map and the kernel to fault in at every
+    flush (what a flush of 4 MiB of copies cost: ~50 us per kept call on the 1-d CNN, more than
+    the rest of the monitor together).
+    """
+
+    def __init__(self) -> None:
+        self.values: torch.Tensor | None = None  # flat; ``masks`` made at the first mask
+        self.masks: torch.Tensor | None = None
+        self.shape: torch.Size | None = None  # of each call's block, and of its mask
+        self.mask_shape: torch.Size | None = None
+        self.slots: list[torch.Tensor] = []
+        self.mask_slots: list[torch.Tensor] = []
+        self.room = 0  # slots for blocks of ``shape``
+        self.calls = 0
+
+    def fits(self, t: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether ``t`` (with ``mask``) can follow the blocks kept: shaped as they are, on
+        their device, with a slot left; with none kept, whether ``t`` fits in the buffer."""
+        if self.calls:
+            return self.calls < self.room and self._cut_for(t, mask)
+        return t.numel() <= _capacity(t.device)
+
+    def append(self, t: torch.Tensor) -> bool:
+        """Copy ``t`` (no mask) into the next slot when it is shaped as the blocks the slots
+        are cut for, on their device, and that slot is already made; else False, and nothing
+        is done. The whole of the common call's keeping."""
+        i = self.calls
+        if (
+            i < len(self.slots)
+            and t.shape == self.shape
+            and self.mask_shape is None
+            and t.device == self.values.device
+        ):
+            self.slots[i].copy_(t)
+            self.calls = i + 1
+            return True
+        return False
+
+    def add(self, t: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Copy ``t`` (and ``mask``) into the next slot; only where :meth:`fits` holds."""
+        if not self.calls and not self._cut_for(t, mask):
+            self._cut(t, mask)
+        i = self.calls
+        if i == len(self.slots):
+            self.slots.append(self._slot(self.values, self.shape, i))
+            if mask is not None:
+                self.mask_slots.append(self._slot(self.masks, self.mask_shape, i))
+        self.slots[i].copy_(t)
+        if mask is not None:
+            self.mask_slots[i].copy_(mask)
+        self.calls += 1
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The blocks kept, as one ``(calls * n, *tail)`` view of the buffer (valid until the
+        next :meth:`add`), and their masks; or None. The slots are free afterwards."""
+        if not self.calls:
+            return None
+        calls, self.calls = self.calls, 0
+        values = self._joined(self.values, self.shape, calls)
+        masks = None if self.mask_shape is None else self._joined(
+            self.masks, self.mask_shape, calls
+        )
+        return values, masks
+
+    def _cut_for(self, t: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether the slots are cut for blocks shaped as ``t`` and ``mask``, on ``t``'s
+        device."""
+        return (
+            t.shape == self.shape
+            and (None if mask is None else mask.shape) == self.mask_shape
+            and t.device == self.values.device
+        )
+
+    def _cut(self, t: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Slots for blocks shaped as ``t`` (and ``mask``); the buffers are made once a device."""
+        size = _capacity(t.device)
+        if self.values is None or self.values.device != t.device:
+            self.values = torch.empty(size, dtype=_acc_dtype(t.device), device=t.device)
+            self.masks = None
+        if mask is not None and self.masks is None:
+            self.masks = torch.empty(size, dtype=torch.bool, device=t.device)
+        self.shape = t.shape
+        self.mask_shape = None if mask is None else mask.shape
+        self.slots, self.mask_slots = [], []
+        self.room = min(FLUSH_CALLS, size // max(t.numel(), 1))
+
+    @staticmethod
+    def _slot(flat: torch.Tensor, shape: torch.Size, i: int) -> torch.Tensor:
+        n = shape.numel()
+        return flat[i * n:(i + 1) * n].view(shape)
+
+    @staticmethod
+    def _joined(flat: torch.Tensor, shape: torch.Size, calls: int) -> torch.Tensor:
+        return flat[:calls * shape.numel()].view(calls * shape[0], *shape[1:])
+
+
+def _capacity(device: torch.device) -> int:
+    """Values a buffer of :data:`FLUSH_BYTES` holds on ``device``."""
+    return FLUSH_BYTES // _acc_dtype(device).itemsize
+
+
 # --- the record of one module ------------------------------------------------------------------
 
 
 class _Record:
-    """Running statistics of one module; per-call results wait in ``pending`` until a flush."""
+    """Running statistics of one module; per-call outputs wait in ``kept`` (attention scores
+    in ``scored``) until a flush."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name, self.module = name, module
         self.calls = 0
         self.input_shape: torch.Size | None = None
         self.output_shape: torch.Size | None = None
-        self.pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.pending_bytes = 0
+        self.kept, self.scored = _Rows(), _Rows()
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.min, self.max = math.inf, -math.inf
         self.nan = self.inf = self.empty = 0
         self.channels: int | None = None
         self.width_changed = False
         self.alive: torch.Tensor | None = None  # per channel: > 0 once a value was > floor
-        self.scored: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.unseen: torch.Tensor | None = None  # the channels not alive yet (None: unknown)
         self.entropy_sum, self.entropy_count = 0.0, 0
         self.scores: torch.Tensor | None = None  # the scorer's output, until the pool's hook
         self.errors, self.error = 0, None
         self.p: Any = None
         self.floor = _dead_floor(module)
-        self.tail: torch.Size | None = None  # output shape (less N) of the fast path
-        self.row_bytes = 0
+        self.tail: torch.Size | None = None  # output shape (less N) taken as it came
         self.rank = _SPATIAL_RANK.get(type(module))
         self.channels_last = getattr(module, "layout", "channels_first") == "channels_last"
 
@@ -306,13 +433,32 @@ class _Record:
             return
         shape = self.output_shape = y.shape
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
-        if mask is None and self.scores is None and shape[1:] == self.tail:
+        if mask is None and shape[1:] == self.tail:
             # the common call: as the last one, nothing to reshape or check
-            self.pending.append((y.detach().clone(), None))
-            self.pending_bytes += self.row_bytes * shape[0]
-            if len(self.pending) >= FLUSH_CALLS or self.pending_bytes >= FLUSH_BYTES:
-                self.flush()
-            return
+            if y.requires_grad:  # (under no_grad no detached alias is made: an op fewer)
+                y = y.detach()
+            if not self.kept.append(y):
+                self._keep(self.kept, y, None, self._reduce_outputs)
+        else:
+            self._observe_other(y, mask)
+        if self.scores is not None:
+            scores, self.scores = self.scores, None
+            self._keep_scores(scores, mask)
+
+    def _keep_scores(self, scores: torch.Tensor, mask: Any) -> None:
+        """Keep the scorer's output of the call (``(N, *S, 1)``), with the call's mask, for the
+        attention entropy of the next flush."""
+        if scores.requires_grad:
+            scores = scores.detach()
+        if isinstance(mask, torch.Tensor):
+            self._keep(self.scored, scores, mask.detach(), self._reduce_scores)
+        elif not self.scored.append(scores):
+            self._keep(self.scored, scores, None, self._reduce_scores)
+
+    def _observe_other(self, y: torch.Tensor, mask: Any) -> None:
+        """A call with a mask, or whose output is shaped unlike the last one's: bring the output
+        to ``(N, C, *bins)`` (float), find where it is counted, track the channels."""
+        shape = y.shape
         self.tail = None
         y = y.detach()
         if self.rank is not None and y.ndim == self.rank + 1:  # torch's pools: unbatched
@@ -323,28 +469,16 @@ class _Record:
             y = y.movedim(-1, 1)
         if not y.is_floating_point():
             y = y.float()
-        elif y.shape == shape and size_of(y) < FLUSH_BYTES:  # taken as it came: the next
-            self.tail = shape[1:]  # call of this shape can skip the checks
-            self.row_bytes = size_of(y) // max(shape[0], 1)
+        elif y.shape == shape and mask is None:  # taken as it came: the next call of this
+            self.tail = shape[1:]  # shape can skip the checks
         valid = self._valid(mask, y) if isinstance(mask, torch.Tensor) else None
         if self.channels is None:
             self.channels = y.shape[1]
         elif y.shape[1] != self.channels:
             self.width_changed = True
-        if self.pending and self.pending[0][0].shape[1:] != y.shape[1:]:
-            self.flush()
-        size = size_of(y)
-        if size >= FLUSH_BYTES:  # a large output: reduced at once, nothing copied
-            self._fold(call_stats(y, valid, floor=self.floor), valid)
-        else:  # a copy: the caller may change the output in place
-            self.pending.append((y.clone(), valid))
-            self.pending_bytes += size
-        if self.scores is not None:
-            scores, self.scores = self.scores, None
-            kept = mask.detach().clone() if isinstance(mask, torch.Tensor) else None
-            self.scored.append((scores.clone(), kept))
-        if len(self.pending) >= FLUSH_CALLS or self.pending_bytes >= FLUSH_BYTES:
-            self.flush()
+        if valid is not None:
+            valid = valid.expand(y.shape[0], 1, *y.shape[2:])
+        self._keep(self.kept, y, valid, self._reduce_outputs)
 
     def _valid(self, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Where the output is counted: samples (bins) with a real position, ``(N, 1, ...)``."""
@@ -356,38 +490,65 @@ class _Record:
         real = mask.detach().reshape(mask.shape[0], -1).any(1)
         return real.reshape(-1, *([1] * (y.ndim - 1)))
 
+    @staticmethod
+    def _keep(
+        rows: _Rows,
+        t: torch.Tensor,
+        mask: torch.Tensor | None,
+        reduce: Callable[[torch.Tensor, torch.Tensor | None], None],
+    ) -> None:
+        """Copy ``t`` (with ``mask``) into ``rows``; ``reduce`` what they hold first when it
+        cannot follow, and ``t`` itself at once when it is larger than the buffer."""
+        if rows.fits(t, mask):
+            rows.add(t, mask)
+            return
+        held = rows.take()
+        if held is not None:
+            reduce(*held)
+        if rows.fits(t, mask):
+            rows.add(t, mask)
+        else:  # a large output: reduced at once, nothing copied
+            reduce(t, mask)
+
     # -- folding ---------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Reduce the outputs kept since the last flush at once, fold them into the totals."""
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
-        if pending:
-            y = torch.cat([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
-            valid = None
-            if any(v is not None for _, v in pending):
-                valid = torch.cat([
-                    (v if v is not None else torch.ones((), dtype=torch.bool, device=yi.device))
-                    .expand(yi.shape[0], 1, *yi.shape[2:])
-                    for yi, v in pending
-                ])
-            self._fold(call_stats(y, valid, floor=self.floor), valid)
-        scored, self.scored = self.scored, []
-        same = len({tuple(z.shape[1:]) for z, _ in scored}) == 1
-        groups = [scored] if same else [[item] for item in scored]
-        for group in groups if scored else []:
-            z = torch.cat([t[0] for t in group])
-            mask = None
-            if any(m is not None for _, m in group):
-                mask = torch.cat([m if m is not None else torch.ones_like(zi, dtype=torch.bool)
-                                  for zi, m in group])
-            h = entropy_from_terms(*attention_terms(z, mask))
-            h = h[torch.isfinite(h)].cpu()
-            self.entropy_sum += float(h.sum())
-            self.entropy_count += int(h.numel())
+        """Reduce the outputs (and scores) kept since the last flush, fold them into the totals."""
+        for rows, reduce in ((self.kept, self._reduce_outputs), (self.scored, self._reduce_scores)):
+            held = rows.take()
+            if held is not None:
+                reduce(*held)
 
-    def _fold(self, stats: tuple[Any, ...], valid: torch.Tensor | None) -> None:
-        """Chan et al.'s pairwise update of (count, mean, M2), in float64 on the CPU."""
-        *cells, alive = stats
+    def _reduce_outputs(self, y: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Reduce outputs ``y`` and fold them into the totals; the channel maxima are taken only
+        of the channels not seen alive yet (a channel once alive stays so)."""
+        which = self.unseen
+        channels: bool | torch.Tensor = True if which is None else which
+        if self.width_changed or (which is not None and not len(which)):
+            channels = False
+        *cells, alive = call_stats(y, valid, floor=self.floor, channels=channels)
+        self._fold(cells, valid)
+        if alive is not None:
+            self._note_alive(alive, which)
+
+    def _note_alive(self, alive: torch.Tensor, which: torch.Tensor | None) -> None:
+        """Fold ``alive`` of the channels ``which`` (None: every channel) into the record."""
+        if which is None:
+            self.alive = alive if self.alive is None else torch.maximum(self.alive, alive)
+        else:
+            self.alive[which] = torch.maximum(self.alive[which], alive)
+        self.unseen = torch.nonzero(self.alive <= 0).flatten()
+
+    def _reduce_scores(self, z: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add the normalised attention entropy of each sample with scores ``z``."""
+        h = entropy_from_terms(*attention_terms(z, mask))
+        h = h[torch.isfinite(h)].cpu()
+        self.entropy_sum += float(h.sum())
+        self.entropy_count += int(h.numel())
+
+    def _fold(self, cells: list[Any], valid: torch.Tensor | None) -> None:
+        """Chan et al.'s pairwise update of (count, mean, M2), in float64 on the CPU, from the
+        first seven items of :func:`call_stats`."""
         if valid is not None:
             cells.append((~valid).sum())
         where = [i for i, v in enumerate(cells) if isinstance(v, torch.Tensor)]
@@ -395,7 +556,7 @@ class _Record:
             parts = [cells[i] for i in where]
             if any(t.dtype != torch.float64 for t in parts):
                 parts = [t.double() for t in parts]
-            moved = torch.stack(parts).cpu().tolist()
+            moved = torch.stack(parts).tolist()  # one transfer to the CPU
             for i, v in zip(where, moved, strict=True):
                 cells[i] = v
         n, s, q, lo, hi, nan, inf, *empty = cells
@@ -411,8 +572,6 @@ class _Record:
             self.mean += delta * n / total
             self.n = total
             self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if alive is not None and not self.width_changed:  # kept on the device until read
-            self.alive = alive if self.alive is None else torch.maximum(self.alive, alive)
 
     def read_p(self) -> None:
         """GeM's ``p`` (or a learnable lse's temperature ``r``, kept in the same slot and
@@ -537,8 +696,8 @@ class MonitorStats:
         if isinstance(record.module, AttentionPool):
 
             def on_scores(module: nn.Module, args: tuple, output: Any) -> None:
-                if isinstance(output, torch.Tensor):
-                    record.scores = output.detach().squeeze(-1)
+                if isinstance(output, torch.Tensor):  # detached when kept, if need be
+                    record.scores = output
 
             self._handles.append(record.module.score.register_forward_hook(on_scores))
 
