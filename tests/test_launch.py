@@ -1,10 +1,11 @@
-"""How parallel kernels are built: compile-time modes and outlined ``prange`` loop bodies.
+"""How parallel kernels are built and launched: an entry, a body, one shared parallel loop.
 
-A kernel's parallel build runs each ``prange`` loop over a call to its body, compiled apart (a
-first call compiles in a fraction of the time). These tests hold that transformation to the
-kernel's plain meaning: the same results as the serial build, ``continue`` of the parallel loop
-and of inner loops kept apart, values from before the loop carried in, and each body compiled
-once (a body typed two ways compiles twice, which undoes the gain).
+A kernel's ``prange`` loops become phases: its entry launches each phase on numba's pool through
+one parallel loop that every kernel shares, and its body (a C function reading the entry's
+arguments through a pointer) runs one slice of one phase serially. These tests hold that
+transformation to the kernel's plain meaning (any number of slices, serial or parallel,
+``continue`` of the parallel loop and of inner loops, branches around a loop, values from before
+the loop), and check that each piece is compiled once and the caller's arrays are borrowed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _toy(x, out, mode, scale):  # pragma: no cover - compiled by numba
     for i in prange(n):
         if x[i] < 0:
             out[i] = -1.0
-            continue  # the parallel loop's own: becomes a return in the outlined body
+            continue  # the parallel loop's own: ends this iteration of the slice
         s = 0.0
         for j in range(x.shape[0]):
             if j == i:
@@ -34,7 +35,7 @@ def _toy(x, out, mode, scale):  # pragma: no cover - compiled by numba
             s += x[j]
         out[i] = s + offset if mode == 1 else s - offset
     if mode == 1:
-        for i in prange(n):
+        for i in prange(n):  # a second phase, after the first has finished everywhere
             out[i] *= 2.0
 
 
@@ -50,69 +51,127 @@ def _expected(x: np.ndarray, mode: int, scale: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("parts", [1, 2, 3, 16])
 @pytest.mark.parametrize("serial", [False, True])
-def test_outlined_kernel_equals_its_meaning(mode, serial, monkeypatch):
+@pytest.mark.parametrize("noalias", [False, True])
+def test_kernel_equals_its_meaning(mode, parts, serial, noalias, monkeypatch):
     monkeypatch.setitem(launch._state, "serial", serial)
-    kernel = launch.parallel_kernel(("mode",), parallel=True)(_toy)
+    monkeypatch.setitem(launch._state, "parts", 1 if serial else parts)
+    kernel = launch.parallel_kernel(("mode",), noalias=noalias)(_toy)
     x = np.array([1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0])
     out = np.zeros_like(x)
     kernel(x, out, mode, 0.5)
     np.testing.assert_allclose(out, _expected(x, mode, 0.5))
 
 
-def test_parallel_build_outlines_each_prange_loop():
-    code, bodies = launch._specialised(_toy, "toy__1", {"mode": 1}, outline=True)
-    assert bodies == ["toy__1__loop0", "toy__1__loop1"]
-    namespace = {"prange": range, launch._INDEX: int}
-    exec(code, namespace)
-    x = np.array([1.0, -2.0, 3.0])
+def _generated(body: bool, mode: int) -> dict:
+    """The entry or body of _toy as plain Python (the pointer intrinsics replaced)."""
+    name = f"toy__{mode}__{'body' if body else 'entry'}"
+    namespace = {**_toy.__globals__}
+    exec(launch._generate(_toy, name, {"mode": mode}, "body" if body else "entry"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("parts", [1, 2, 5, 9])
+def test_generated_code_means_the_kernel(mode, parts):
+    """Run in plain Python: the entry's launches call the body for every slice of a phase, in
+    phase order; the slices cover the loop's range once (9 parts for 7 iterations: some
+    empty); the pinned mode wins over the argument."""
+    body = _generated(True, mode)
+    calls = []
+
+    def run(args, phase, part, n):
+        calls.append((phase, part, n))
+        body(args, phase, part, n)
+
+    entry = _generated(False, mode)
+    entry.__globals__.update(
+        _gp_address_of=lambda args: args,
+        _gp_call=lambda address, args, phase, part, n: run(args, phase, part, n),
+        _gp_launch=lambda address, args, phase, n: [run(args, phase, k, n) for k in range(n)],
+        _gp_int64=int,
+    )
+    body.__globals__.update(_gp_unpack=lambda address, argtypes: address, _gp_args=None)
+    x = np.array([1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0])
     out = np.zeros_like(x)
-    namespace["toy__1"](x, out, 0, 0.5)  # the pinned mode wins over the argument
-    np.testing.assert_allclose(out, _expected(x, 1, 0.5))
+    entry(x, out, 0.5, None, parts)
+    np.testing.assert_allclose(out, _expected(x, mode, 0.5))
+    phases = [0, 1] if mode == 1 else [0]
+    assert calls == [(p, k, parts) for p in phases for k in range(parts)]
 
 
-def test_serial_build_is_not_outlined():
-    _, bodies = launch._specialised(_toy, "toy__0_serial", {"mode": 0}, outline=False)
-    assert bodies == []
-
-
-def test_a_prange_loop_needs_one_index_name():
-    def bad(x):  # pragma: no cover - never compiled
+def test_prange_loops_of_other_forms_are_refused():
+    def pair(x):  # pragma: no cover - never compiled
         for i, j in prange(3):
             x[i] = j
 
-    with pytest.raises(TypeError, match="one index name"):
-        launch._specialised(bad, "bad__", {}, outline=True)
+    def start_stop(x):  # pragma: no cover
+        for i in prange(1, 3):
+            x[i] = 0
+
+    def nested(x):  # pragma: no cover
+        for i in prange(3):
+            for j in prange(3):
+                x[i] = j
+
+    def serial_only(x):  # pragma: no cover
+        for i in range(3):
+            x[i] = 0
+
+    for fn, message in [
+        (pair, "one index name"), (start_stop, "one argument"), (nested, "inside a prange"),
+        (serial_only, "needs a prange loop"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            launch._generate(fn, "f__", {}, "body")
 
 
-_COUNT_BODIES = """
+@pytest.mark.parametrize("noalias", [False, True])
+def test_one_body_per_argument_types_and_arrays_are_borrowed(noalias):
+    kernel = launch.parallel_kernel(("mode",), noalias=noalias)(_toy)
+    x = np.array([1.0, 2.0, 3.0])
+    before = sys.getrefcount(x)
+    for scale in (0.5, 2, np.int64(2)):  # 2 and np.int64(2): two Python types, one numba type
+        out = np.zeros(3)
+        kernel(x, out, 1, scale)
+        np.testing.assert_allclose(out, _expected(x, 1, scale))
+    kernel(x.astype(np.float32), np.zeros(3, np.float32), 1, 0.5)
+    kernel(x, np.zeros(3), 0, 0.5)
+    assert len(kernel._bodies) == 5 and len(kernel._by_name) == 4  # one body per numba types
+    assert [len(e.overloads) for e in kernel._entries.values()] == [3, 1]
+    assert sys.getrefcount(x) == before  # nothing kept, nothing released twice
+
+
+_COUNT_COMPILES = """
 import sys, torch
 import globalpool as gp
 from globalpool.kernels import cpu_kernels as K, launch
 kind, layout = sys.argv[1], sys.argv[2]
 shape = (2, 64, 300, 300) if layout == "channels_first" else (2, 300, 300, 64)
-x = torch.rand(shape, requires_grad=True)
-gp.pool(x, kind, layout=layout, backend="fused").sum().backward()
+for dtype in (torch.float32, torch.float32, torch.bfloat16):
+    x = torch.rand(shape, dtype=dtype, requires_grad=True)
+    gp.pool(x, kind, layout=layout, backend="fused").sum().backward()
 for k in vars(K).values():
-    if isinstance(k, launch.ParallelKernel):
-        for disp in k._entries.values():
-            ns = disp.py_func.__globals__
-            for name, body in ns.items():
-                if name.startswith(disp.py_func.__name__ + "__loop"):
-                    print(name, len(body.overloads))
+    if isinstance(k, launch.ParallelKernel) and k._entries:
+        print(k.__name__, len(k._entries), sum(len(e.overloads) for e in k._entries.values()),
+              len(k._by_name))
+print("launcher", len(launch._launcher(K.CACHE).overloads))
 """
 
 
 @pytest.mark.parametrize("kind,layout", [("max", "channels_first"), ("avg", "channels_last")])
-def test_each_loop_body_of_a_real_kernel_compiles_once(kind, layout, tmp_path):
-    """The body is typed by the kernel (constants as literals, the index as int64) and again
-    inside numba's parallel loop (plain ints, a uint64 index): one signature for both. (In a
-    fresh process with an empty cache, so that the kernels are compiled, not loaded.)"""
+def test_each_piece_of_a_real_kernel_compiles_once(kind, layout, tmp_path):
+    """Per kernel used: one entry (typed once for both dtypes), one body per dtype; one
+    parallel loop for all. (In a fresh process with an empty cache, so that the kernels are
+    compiled, not loaded.)"""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-c", _COUNT_BODIES, kind, layout],
+        [sys.executable, "-c", _COUNT_COMPILES, kind, layout],
         env=env, capture_output=True, text=True, check=True,
     )
-    counts = dict(line.split() for line in proc.stdout.splitlines())
-    assert counts, proc.stdout + proc.stderr
-    assert set(counts.values()) == {"1"}, counts
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    kernels = {r[0]: r[1:] for r in rows if r[0] != "launcher"}
+    assert len(kernels) == 2, proc.stdout + proc.stderr  # a forward and a backward kernel
+    assert set(map(tuple, kernels.values())) == {("1", "2", "2")}, kernels
+    assert ["launcher", "1"] in rows

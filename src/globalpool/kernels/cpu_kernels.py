@@ -48,11 +48,14 @@ CACHE = launch.can_cache(_cache_probe)  # False (with one warning) where numba c
 # helpers are inlined into numba's IR, so a kernel's constant mode prunes their branches too
 # (plain njit helpers left to LLVM compiled ~20% faster but ran the max forward up to 1.7x slower)
 _helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=CACHE)
-# kernels: one compiled entry per value of `mode` (the body inlined with the mode constant, the
-# other modes' branches pruned), launched under launch's lock while the layer needs it
-_kernel = launch.parallel_kernel(
-    ("mode", "need_aux"), parallel=True, fastmath=FASTMATH, error_model="numpy", cache=CACHE
-)
+# kernels: compiled once per value of their modal arguments (the other values' branches pruned
+# before typing), launched on numba's pool through launch.parallel_kernel. The backward kernels
+# store into gx in loops that also load: promised no overlap (measured faster), as numba does
+# for its own parallel loops
+_MODAL = ("mode", "need_aux", "chunked", "long_rows")
+_OPTIONS = {"fastmath": FASTMATH, "error_model": "numpy", "cache": CACHE}
+_kernel = launch.parallel_kernel(_MODAL, **_OPTIONS)
+_backward_kernel = launch.parallel_kernel(_MODAL, noalias=True, **_OPTIONS)
 
 # forward / backward modes (chosen by the Python side)
 SUM_AVG, SUM_GEM, SUM_WEIGHTED = 0, 1, 2
@@ -904,22 +907,74 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
 ROWS = 8
 
 
-@_helper
-def _ldx(x, off, r, W):
-    return vload(x, off) if r == W else vload_part(x, off, r)
+def _whole_or_part(context, builder, r, W, whole, part):
+    """``whole()`` where ``r == W`` (all lanes), else ``part()`` (the first r lanes): a branch,
+    so that full vectors use plain loads and stores. Returns the phi of their values, if any."""
+    i64 = ir.IntType(64)
+    r64 = builder.sext(r, i64) if r.type.width < 64 else r
+    W64 = builder.sext(W, i64) if W.type.width < 64 else W
+    with builder.if_else(builder.icmp_signed("==", r64, W64)) as (then, otherwise):
+        with then:
+            a = whole()
+            from_whole = builder.block
+        with otherwise:
+            b = part()
+            from_part = builder.block
+    if a is None:
+        return None
+    phi = builder.phi(a.type)
+    phi.add_incoming(a, from_whole)
+    phi.add_incoming(b, from_part)
+    return phi
 
 
-@_helper
-def _lds(a, off, r, W, z):
-    return vget(a, off, z) if r == W else vget_part(a, off, r, z)
+@intrinsic
+def _ldx(typingctx, x, off, r, W):
+    """:func:`vload` where ``r == W``, else :func:`vload_part` of r lanes."""
+    vt = Vec(_acc_type(x.dtype), _nlanes(x.dtype))
+
+    def codegen(context, builder, sig, args):
+        a, o, r_, w_ = args
+        return _whole_or_part(
+            context, builder, r_, w_,
+            lambda: _widen_ir(builder, _load(context, builder, x, a, o, vt.count, None), x.dtype),
+            lambda: _widen_ir(builder, _load(context, builder, x, a, o, vt.count, r_), x.dtype),
+        )
+
+    return vt(x, off, r, W), codegen
 
 
-@_helper
-def _sts(a, off, v, r, W):
-    if r == W:
-        vput(a, off, v)
-    else:
-        vput_part(a, off, v, r)
+@intrinsic
+def _lds(typingctx, a, off, r, W, z):
+    """:func:`vget` (lanes like z) where ``r == W``, else :func:`vget_part` of r lanes."""
+    vt = Vec(a.dtype, z.count)
+
+    def codegen(context, builder, sig, args):
+        arr, o, r_, w_, _ = args
+        return _whole_or_part(
+            context, builder, r_, w_,
+            lambda: _widen_ir(builder, _load(context, builder, a, arr, o, vt.count, None), a.dtype),
+            lambda: _widen_ir(builder, _load(context, builder, a, arr, o, vt.count, r_), a.dtype),
+        )
+
+    return vt(a, off, r, W, z), codegen
+
+
+@intrinsic
+def _sts(typingctx, a, off, v, r, W):
+    """:func:`vput` where ``r == W``, else :func:`vput_part` of r lanes."""
+
+    def codegen(context, builder, sig, args):
+        arr, o, v_, r_, w_ = args
+        raw = _narrow_ir(builder, v_, a.dtype)
+        _whole_or_part(
+            context, builder, r_, w_,
+            lambda: _store(context, builder, a, arr, o, raw, None),
+            lambda: _store(context, builder, a, arr, o, raw, r_),
+        )
+        return context.get_dummy_value()
+
+    return types.none(a, off, v, r, W), codegen
 
 
 @_helper
@@ -957,7 +1012,7 @@ def _plain_cl_sum(x, mask, ms, w, ws, mode, ip, eps, n, c0, k, la, lb, acc):
 
 
 @_kernel
-def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
+def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, chunked, part):
     """Tasks are (sample, block of cb channels, chunk of L). With ``nch > 1`` chunks (too few
     samples to keep every core busy) each task writes partial sums to ``part[n, chunk, c]`` and
     a second parallel loop adds them up; blocks stay whole rows of C where possible, as tasks
@@ -987,7 +1042,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
                             v = _ldx(x, (n * L + pos) * C + c0 + j, r, W)
                             s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
                     _sts(acc, j, s, r, W)
-        if nch > 1:
+        if chunked:
             for j in range(k):
                 part[n, ch, c0 + j] = acc[j]
             continue
@@ -995,7 +1050,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, part):
             out[n, c0 + j] = _finish_sum(acc[j], den[n])
         if mode == SUM_GEM:
             _root_span(out, n * C + c0, n * C + c0 + k, 1.0 / p)
-    if nch > 1:
+    if chunked:
         for n in prange(N):
             for c in range(C):
                 s = part[n, 0, c]
@@ -1089,18 +1144,23 @@ def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first,
     _finish_max(out, aux, n, c, C, mode, m, first, ties, s, den[n], need_aux)
 
 
+MAX_CHUNK_LANES = 64  # vectors per chunk of a long row in the channels-first max
+
+
 @_kernel
-def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux):
+def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, long_rows):
     """Two passes per chunk of a row (the chunk stays in L1): pass A takes lane maxima and sums;
     pass B, run only when the chunk's max reaches the running max, counts ties and finds the
     first arg-max. x leaves DRAM once and long rows mostly skip pass B. Rows of one chunk are
     software-pipelined: pass A of the next row runs before pass B of this one, hiding the
     latency of the horizontal max. Without ``need_aux`` (no backward will follow) pass B is
-    skipped: the value needs only pass A and the count of real positions."""
+    skipped: the value needs only pass A and the count of real positions. ``long_rows``
+    (``L > MAX_CHUNK_LANES`` vectors, chosen by the caller; compiled apart) splits rows into
+    chunks of that many vectors."""
     N, C, L = x.shape
     rows = N * C
     W = nlanes(x)
-    chunk = W * 64
+    chunk = W * MAX_CHUNK_LANES
     for t in prange(ntask):
         z = vzero_of(x)
         ninf = vfull(-np.inf, z)
@@ -1115,19 +1175,17 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux):
                     x, mask, ms, mode, den, out, aux, row, C, L, cm, ties, -1, hsum(sv), False
                 )
             continue
-        if chunk >= L:
+        if not long_rows:  # rows of one chunk: pass A of row k, then pass B of row k - 1
             cm_next, s_next = hmax(ninf), z
-            if r0 < r1:
-                cm_next, s_next = _max_pass_a(
-                    x, r0 * L, mask, (r0 // C) * ms * L, ms, 0, L, W, z, ninf, z
-                )
-            for row in range(r0, r1):
+            for k in range(r0, r1 + 1):
                 cm, sv = cm_next, s_next
-                if row + 1 < r1:
-                    nxt = row + 1
+                if k < r1:
                     cm_next, s_next = _max_pass_a(
-                        x, nxt * L, mask, (nxt // C) * ms * L, ms, 0, L, W, z, ninf, z
+                        x, k * L, mask, (k // C) * ms * L, ms, 0, L, W, z, ninf, z
                     )
+                if k == r0:
+                    continue
+                row = k - 1
                 ties, first = _max_pass_b(x, row * L, mask, (row // C) * ms * L, ms, 0, L, W, z, cm)
                 m = cm if ties > 0 else -np.inf
                 _max_finish_row(
@@ -1250,7 +1308,7 @@ def _regs_cl_max(x, mask, ms, n, c0, k, la, lb, mx, sm, with_sum):
 
 
 @_kernel
-def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, pt):
+def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, chunked, pm, ps, pi, pt):
     """Per vector of channels and block of ROWS positions: pass A takes the block's lane maxima
     and sums; pass B (the block is re-read from L1), only where a lane's block max reaches its
     running max, counts ties and finds the first position. Without ``need_aux`` a plain
@@ -1309,7 +1367,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
             m, i, ties, s = mx[j], ix[j], tc[j], sm[j]
             if not need_aux:
                 ties = 1 if den[n] > 0.0 else 0
-            if nch > 1:
+            if chunked:
                 pm[n, ch, c0 + j], ps[n, ch, c0 + j] = m, s
                 pi[n, ch, c0 + j], pt[n, ch, c0 + j] = i, ties
                 continue
@@ -1318,7 +1376,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, pm, ps, pi, 
                 if nan_at >= 0:
                     m, i, ties = np.nan, nan_at, 1
             _finish_max(out, aux, n, c0 + j, C, mode, m, i, ties, s, den[n], need_aux)
-    if nch > 1:
+    if chunked:
         for n in prange(N):
             for c in range(C):
                 m, i, ties, s = pm[n, 0, c], pi[n, 0, c], pt[n, 0, c], ps[n, 0, c]
@@ -1461,7 +1519,7 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog):
 
 
 @_kernel
-def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog):
+def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, chunked, pm, ps, atop, alog):
     """Per vector of channels and block of ROWS positions: pass A takes the block max, the sums
     are rescaled, pass B adds 2**(rl * (x - max)) (the block is re-read from L1). With ``nch > 1``
     chunks of L, (max, sum) partials go to ``pm, ps[n, chunk, c]`` and are merged after."""
@@ -1496,14 +1554,14 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, pm, ps, atop, alog):
                         )
                 _sts(mx, j, nm, r, W)
                 _sts(sx, j, s, r, W)
-        if nch > 1:
+        if chunked:
             for j in range(k):
                 pm[n, ch, c0 + j], ps[n, ch, c0 + j] = mx[j], sx[j]
             continue
         cnts = np.full(W, den[n], out.dtype)
         for j in range(0, k, W):
             _lse_finish(out, n * C + c0 + j, mx, sx, j, cnts, min(W, k - j), rl, atop, alog)
-    if nch > 1:
+    if chunked:
         for n in prange(N):
             for c in range(C):
                 top = pm[n, 0, c]
@@ -1550,7 +1608,7 @@ def weight_sums(w, mask, ms, out):
         out[n] = s
 
 
-@_kernel
+@_backward_kernel
 def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, D, need_w, nch):
     N, C, L = gx.shape
     for t in prange(N * nch):
@@ -1591,7 +1649,7 @@ def bwd_lin_cf(x, mask, ms, w, ws, weighted, A, G, idx, tc, gx, D, need_w, nch):
                 D[n, pos] = dacc[U(pos - l0)]
 
 
-@_kernel
+@_backward_kernel
 def bwd_lin_cl(x, mask, ms, w, ws, weighted, A, G, idx, tc, anytie, gx, D, need_w, nch):
     N, L, C = gx.shape
     for t in prange(N * nch):
@@ -1656,7 +1714,7 @@ def _gem_grad_p(xv, real, qv, p, ip, eps, yi):
     return g, (zp if real else zero), (zp * lz if real else zero)
 
 
-@_kernel
+@_backward_kernel
 def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, C, L = gx.shape
     for t in prange(N * nch):
@@ -1693,7 +1751,7 @@ def bwd_nl_cf(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch
                     gx[n, c, u] = narrow(g, gx)
 
 
-@_kernel
+@_backward_kernel
 def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch):
     N, L, C = gx.shape
     for t in prange(N * nch):

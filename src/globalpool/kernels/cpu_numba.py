@@ -344,16 +344,19 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
             pi, pt = np.empty(part, dtype=np.int32), np.empty(part, dtype=np.int32)
             mode = _MAX_MODE[kind]
-            K.fwd_max_cl(xa, m, ms, mode, den, out, aux, split, need_aux, nch, pm, ps, pi, pt)
+            K.fwd_max_cl(
+                xa, m, ms, mode, den, out, aux, split, need_aux, nch, nch > 1, pm, ps, pi, pt
+            )
         else:
-            K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux)
+            long_rows = need_aux and length > K.MAX_CHUNK_LANES * (8 if acc is np.float64 else 16)
+            K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux, long_rows)
         return
     if kind == "lse":
         rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
         atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
-            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, pm, ps, atop, alog)
+            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, nch > 1, pm, ps, atop, alog)
         else:
             K.fwd_lse_cf(xa, m, ms, rl, den, out, split, atop, alog)
         return
@@ -367,7 +370,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
     ip = _p_int(p) if kind == "gem" else 0
     args = (xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
     if channels_last:
-        K.fwd_sum_cl(*args, nch, np.empty(part, dtype=acc))
+        K.fwd_sum_cl(*args, nch, nch > 1, np.empty(part, dtype=acc))
     else:
         K.fwd_sum_cf(*args)
 

@@ -14,9 +14,9 @@ Self-contained like :mod:`globalpool.kernels.cpu_kernels` (numba caches by sourc
 helper these kernels inline is in this file) and cached the same way
 (:func:`globalpool.kernels.launch.can_cache`); launched through
 :func:`globalpool.kernels.launch.parallel_kernel`, so that a ``fork()``ed child of an OpenMP
-process runs serial builds. ``group`` is the kernel's compile-time mode (one entry point per
-group of kinds, compiled on first use); ``mode`` picks the kind inside the group at run time,
-outside the loops over positions.
+process runs them on its calling thread. ``group`` is the kernel's compile-time mode
+(compiled once per group of kinds, on first use); ``mode`` picks the kind inside the group at
+run time, outside the loops over positions.
 
 Data: float16 arrives as ``uint16`` and bfloat16 as ``int16`` (same bits); loads widen to the
 accumulation type (float32, float64 for float64 x) and the gradient's stores round back (nearest
@@ -51,8 +51,9 @@ def _cache_probe():  # pragma: no cover - never called: tells launch.can_cache a
 
 CACHE = launch.can_cache(_cache_probe)
 _helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=CACHE)
-_kernel = launch.parallel_kernel(
-    ("group",), parallel=True, fastmath=FASTMATH, error_model="numpy", cache=CACHE
+_kernel = launch.parallel_kernel(("group",), fastmath=FASTMATH, error_model="numpy", cache=CACHE)
+_backward_kernel = launch.parallel_kernel(  # its arrays never overlap (see cpu_kernels)
+    ("group",), noalias=True, fastmath=FASTMATH, error_model="numpy", cache=CACHE
 )
 
 # groups (compile-time) and modes (run-time) of the kinds
@@ -427,7 +428,7 @@ def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
 # u = max(x, eps) / y, for the gradient of p (need_p).
 
 
-@_kernel
+@_backward_kernel
 def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, gw, P0, P1,
              need_p, need_w):
     C = gx.shape[1]
