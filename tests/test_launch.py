@@ -1,8 +1,8 @@
-"""How parallel kernels are built and launched: an entry, a body, one shared parallel loop.
+"""How parallel kernels are built and launched: a body per kernel, one shared parallel loop.
 
-A kernel's ``prange`` loops become phases: its entry launches each phase on numba's pool through
-one parallel loop that every kernel shares, and its body (a C function reading the entry's
-arguments through a pointer) runs one slice of one phase serially. These tests hold that
+A kernel's ``prange`` loops become phases, launched one after the other on numba's pool through
+one parallel loop that every kernel shares; its body (a C function reading the arguments
+through a pointer) runs one slice of one phase serially. These tests hold that
 transformation to the kernel's plain meaning (any number of slices, serial or parallel,
 ``continue`` of the parallel loop and of inner loops, branches around a loop, values from before
 the loop), and check that each piece is compiled once and the caller's arrays are borrowed.
@@ -64,41 +64,23 @@ def test_kernel_equals_its_meaning(mode, parts, serial, noalias, monkeypatch):
     np.testing.assert_allclose(out, _expected(x, mode, 0.5))
 
 
-def _generated(body: bool, mode: int) -> dict:
-    """The entry or body of _toy as plain Python (the pointer intrinsics replaced)."""
-    name = f"toy__{mode}__{'body' if body else 'entry'}"
-    namespace = {**_toy.__globals__}
-    exec(launch._generate(_toy, name, {"mode": mode}, "body" if body else "entry"), namespace)
-    return namespace[name]
-
-
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("parts", [1, 2, 5, 9])
-def test_generated_code_means_the_kernel(mode, parts):
-    """Run in plain Python: the entry's launches call the body for every slice of a phase, in
-    phase order; the slices cover the loop's range once (9 parts for 7 iterations: some
-    empty); the pinned mode wins over the argument."""
-    body = _generated(True, mode)
-    calls = []
-
-    def run(args, phase, part, n):
-        calls.append((phase, part, n))
-        body(args, phase, part, n)
-
-    entry = _generated(False, mode)
-    entry.__globals__.update(
-        _gp_address_of=lambda args: args,
-        _gp_call=lambda address, args, phase, part, n: run(args, phase, part, n),
-        _gp_launch=lambda address, args, phase, n: [run(args, phase, k, n) for k in range(n)],
-        _gp_int64=int,
-    )
-    body.__globals__.update(_gp_unpack=lambda address, argtypes: address, _gp_args=None)
+def test_generated_body_means_the_kernel(mode, parts):
+    """Run in plain Python as the launcher runs it: every slice of each phase, phase by phase;
+    the slices cover a loop's range once (9 parts for 7 iterations: some empty); the pinned
+    mode wins over the argument, and a loop its branch excludes is no phase."""
+    name = f"toy__{mode}__body"
+    namespace = {**_toy.__globals__, "_gp_unpack": lambda address, argtypes: address, "_gp_args": 0}
+    code, phases = launch._generate(_toy, name, {"mode": mode}, "body")
+    exec(code, namespace)
+    assert phases == (2 if mode == 1 else 1)
     x = np.array([1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0])
     out = np.zeros_like(x)
-    entry(x, out, 0.5, None, parts)
+    for phase in range(phases):
+        for part in range(parts):
+            namespace[name]((x, out, 0.5), phase, part, parts)
     np.testing.assert_allclose(out, _expected(x, mode, 0.5))
-    phases = [0, 1] if mode == 1 else [0]
-    assert calls == [(p, k, parts) for p in phases for k in range(parts)]
 
 
 def test_prange_loops_of_other_forms_are_refused():
@@ -139,7 +121,6 @@ def test_one_body_per_argument_types_and_arrays_are_borrowed(noalias):
     kernel(x.astype(np.float32), np.zeros(3, np.float32), 1, 0.5)
     kernel(x, np.zeros(3), 0, 0.5)
     assert len(kernel._bodies) == 5 and len(kernel._by_name) == 4  # one body per numba types
-    assert [len(e.overloads) for e in kernel._entries.values()] == [3, 1]
     assert sys.getrefcount(x) == before  # nothing kept, nothing released twice
 
 
@@ -153,25 +134,21 @@ for dtype in (torch.float32, torch.float32, torch.bfloat16):
     x = torch.rand(shape, dtype=dtype, requires_grad=True)
     gp.pool(x, kind, layout=layout, backend="fused").sum().backward()
 for k in vars(K).values():
-    if isinstance(k, launch.ParallelKernel) and k._entries:
-        print(k.__name__, len(k._entries), sum(len(e.overloads) for e in k._entries.values()),
-              len(k._by_name))
-print("launcher", len(launch._launcher(K.CACHE).overloads))
+    if isinstance(k, launch.ParallelKernel) and k._bodies:
+        print(k.__name__, len(k._by_name))
+print("run", len(launch._runner(K.CACHE)[0].overloads))
 """
 
 
 @pytest.mark.parametrize("kind,layout", [("max", "channels_first"), ("avg", "channels_last")])
 def test_each_piece_of_a_real_kernel_compiles_once(kind, layout, tmp_path):
-    """Per kernel used: one entry (typed once for both dtypes), one body per dtype; one
-    parallel loop for all. (In a fresh process with an empty cache, so that the kernels are
+    """Per kernel used, one body per dtype; the launcher typed once per kernel and dtype. (In a fresh process with an empty cache, so that the kernels are
     compiled, not loaded.)"""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-c", _COUNT_COMPILES, kind, layout],
         env=env, capture_output=True, text=True, check=True,
     )
-    rows = [line.split() for line in proc.stdout.splitlines()]
-    kernels = {r[0]: r[1:] for r in rows if r[0] != "launcher"}
-    assert len(kernels) == 2, proc.stdout + proc.stderr  # a forward and a backward kernel
-    assert set(map(tuple, kernels.values())) == {("1", "2", "2")}, kernels
-    assert ["launcher", "1"] in rows
+    counts = dict(line.split() for line in proc.stdout.splitlines())
+    assert counts.pop("run") == "4", proc.stdout + proc.stderr
+    assert len(counts) == 2 and set(counts.values()) == {"2"}, counts  # forward and backward

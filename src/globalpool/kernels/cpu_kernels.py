@@ -50,8 +50,9 @@ CACHE = launch.can_cache(_cache_probe)  # False (with one warning) where numba c
 _helper = njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=CACHE)
 # kernels: compiled once per value of their modal arguments (the other values' branches pruned
 # before typing), launched on numba's pool through launch.parallel_kernel. The backward kernels
-# store into gx in loops that also load: promised no overlap (measured faster), as numba does
-# for its own parallel loops
+# store into gx in loops that also load: their arrays are promised not to overlap, as numba
+# does for its own parallel loops (one thread, (64, 32, 28, 28): channels-last lse 25% and
+# channels-first avg and max 12% less CPU time than without; it compiles in ~0.2 s more)
 _MODAL = ("mode", "need_aux", "chunked", "long_rows")
 _OPTIONS = {"fastmath": FASTMATH, "error_model": "numpy", "cache": CACHE}
 _kernel = launch.parallel_kernel(_MODAL, **_OPTIONS)

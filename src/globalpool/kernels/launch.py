@@ -20,11 +20,11 @@ Compile-time modes. :func:`parallel_kernel` compiles a kernel with ``modal`` arg
 kernel's own source, opening with ``mode = <value>``, so numba prunes the other modes'
 branches before typing and the first call compiles only what it needs.
 
-Entry, body and one shared parallel loop (details below, "launching"). A kernel is not compiled
-as a numba parallel function. Its body, the kernel's source with each ``prange`` loop run
-serially over one slice of its range, is a plain compiled function; its entry launches each
-loop's slices on numba's pool through :func:`_parts`, the only ``prange`` loop, which every
-kernel shares and which is compiled once. Compiled as numba parallel functions, each kernel
+A body per kernel, one parallel loop for all (details below, "launching"). A kernel is not
+compiled as a numba parallel function. Its body, the kernel's source with each ``prange`` loop
+run serially over one slice of its range, is a plain compiled function, and every kernel's
+slices are launched on numba's pool by the same small parallel loop, :func:`_parts`, compiled
+once. Compiled as numba parallel functions, each kernel
 paid numba's parallel passes and had each loop body optimised by LLVM three times (on its own,
 inside numba's generated parallel wrapper, and inside the kernel): the first max training call
 in channels-last took 16 s with the loop bodies inline, 6-8 s with them compiled apart, and
@@ -158,27 +158,22 @@ def cache_dir(probe: Callable) -> str | None:
 # --------------------------------------------------------------------------------------------
 # launching: one parallel loop for every kernel, the kernel's body called through a pointer
 #
-# A kernel is compiled as two functions per value of its modal arguments:
-#
-# - its *body*, a C function ``void body(void *args, int64 phase, int64 part, int64 parts)``
-#   (a numba ``cfunc``) that reads the kernel's arguments from ``args`` and runs part ``part`` of
-#   ``parts`` of the kernel's ``phase``-th ``prange`` loop, serially. The kernel's source with
-#   each ``prange`` loop in a branch of its own, its range cut into ``parts`` equal slices (the
-#   static schedule numba's parallel loops use). Compiled once per argument types.
-# - its *entry*, the kernel's source with each ``prange`` loop replaced by a launch of that
-#   phase: the body called once on the calling thread (one part), or from every thread of the
-#   pool through :func:`_parts`. The entry stores its arguments in its stack frame and passes
-#   their address, so the body sees the caller's arrays (no copies).
-#
-# :func:`_parts` is the only parallel (``prange``) function, shared by all kernels and compiled
-# once. numba's parallel passes, and the second and third LLVM optimisation of each loop body
-# inside numba's generated parallel wrappers, are no longer paid per kernel.
+# A kernel's ``prange`` loops become its *phases*, run one after the other. Its *body* is a C
+# function ``void body(void *args, int64 phase, int64 part, int64 parts)`` (a numba ``cfunc``,
+# compiled once per modal values and argument types): the kernel's source reading its arguments
+# from ``args``, with each ``prange`` loop in a branch of its own that runs slice ``part`` of
+# ``parts`` of the loop's range serially (the static schedule numba's parallel loops use).
+# :func:`_run`, compiled once per argument types and shared by all kernels, stores the
+# arguments in its stack frame and, for each phase, calls the body once on the calling thread
+# (one part) or from every thread of numba's pool through :func:`_parts`, the only ``prange``
+# loop, compiled once. The body sees the caller's arrays: no copies.
 
 _VOIDP = ir.IntType(8).as_pointer()
 _I64 = ir.IntType(64)
 _BODY_FN = ir.FunctionType(ir.VoidType(), [_VOIDP, _I64, _I64, _I64])
 BODY_SIGNATURE = types.void(types.voidptr, types.int64, types.int64, types.int64)
-
+_LAUNCHER_FN = ir.FunctionType(ir.VoidType(), [_I64, _VOIDP, _I64, _I64])
+LAUNCHER_SIGNATURE = types.void(types.int64, types.voidptr, types.int64, types.int64)
 
 @intrinsic
 def _address_of(typingctx, value):
@@ -197,7 +192,7 @@ def _address_of(typingctx, value):
 def _unpack(typingctx, address, kind):
     """The tuple of numba type ``kind`` stored at ``address`` by :func:`_address_of`, its
     arrays borrowed: their meminfo is null, so numba's reference counting skips them (the
-    entry's caller owns them for the whole launch). Counting them would cost two atomic
+    caller of :func:`_run` owns them for the whole launch). Counting them would cost two atomic
     operations on the caller's shared counters around every use in a loop: measured 4.6x
     slower on the max forward over two threads, the counters' cache line passing between
     cores."""
@@ -242,15 +237,41 @@ def _call(typingctx, address, args, phase, part, parts):
     return types.none(address, args, phase, part, parts), codegen
 
 
+@intrinsic
+def _call_launcher(typingctx, launcher, address, args, phase, parts):
+    """Calls the launcher at ``launcher`` (:data:`LAUNCHER_SIGNATURE`: :func:`_parts`)."""
+    if not all(isinstance(t, types.Integer) for t in (launcher, address, phase, parts)):
+        return None
+
+    def codegen(context, builder, sig, values):
+        fn = builder.inttoptr(values[0], _LAUNCHER_FN.as_pointer())
+        a, p, n = (context.cast(builder, values[i], sig.args[i], types.int64) for i in (1, 3, 4))
+        builder.call(fn, [a, values[2], p, n])
+        return context.get_dummy_value()
+
+    return types.none(launcher, address, args, phase, parts), codegen
+
+
 def _parts(address, args, phase, parts):  # pragma: no cover - compiled by numba
     for part in prange(parts):
         _call(address, args, phase, part, parts)
 
 
+def _run(args, address, phases, parts, launcher):  # pragma: no cover - compiled by numba
+    pointer = _address_of(args)
+    for phase in range(phases):
+        if parts == 1:
+            _call(address, pointer, phase, 0, 1)
+        else:
+            _call_launcher(launcher, address, pointer, phase, parts)
+
+
 @functools.cache
-def _launcher(cache: bool) -> Any:
-    """:func:`_parts` compiled (once per process, or loaded from numba's cache)."""
-    return njit(parallel=True, cache=cache)(_parts)
+def _runner(cache: bool) -> tuple[Any, Any]:
+    """(:func:`_run` compiled per argument types, :func:`_parts` compiled once as a C function
+    that ``_run`` calls through its address, so that it links no parallel code of its own);
+    compiled, or loaded from numba's cache, on first use."""
+    return njit(cache=cache)(_run), cfunc(LAUNCHER_SIGNATURE, parallel=True, cache=cache)(_parts)
 
 
 # the names the generated code uses (prefixed so that no kernel variable can clash)
@@ -267,8 +288,9 @@ def _stamp() -> str:
 
 
 class ParallelKernel:
-    """A kernel whose ``prange`` loops run on numba's thread pool, compiled as an entry and a
-    body (see above) per value of its ``modal`` arguments; launched under :func:`_launch_guard`.
+    """A kernel whose ``prange`` loops run on numba's thread pool, compiled as a body (see
+    above) per value of its ``modal`` arguments and argument types; launched by :func:`_run`
+    under :func:`_launch_guard`.
 
     >>> ParallelKernel.__call__.__doc__.split(".")[0]
     'Runs the kernel'
@@ -289,22 +311,22 @@ class ParallelKernel:
         self._free = [i for i in range(len(params)) if i not in self._modal]
         self._modal_of = _getter(self._modal)
         self._free_of = _getter(self._free)
-        self._entries: dict[tuple, Any] = {}
-        self._bodies: dict[tuple, int] = {}  # (modal values, argument fingerprints) -> body
-        self._by_name: dict[str, int] = {}
+        self._bodies: dict[tuple, tuple[int, int]] = {}  # -> (body's address, phases)
+        self._by_name: dict[str, tuple[int, int]] = {}  # same numba types, other Python types
+        self._run: Any = None  # set on first use (see _runner)
+        self._launcher = 0
         self._compiled: list[Any] = []  # keeps the bodies' code alive
 
     def __call__(self, *args: Any) -> Any:
         """Runs the kernel on ``args`` (its parameters, in order), compiling on first use."""
         key = self._modal_of(args)
         free = self._free_of(args)
-        kind = (key, *map(compute_fingerprint, free))
-        address = self._bodies.get(kind) or self._body(kind, key, free)
-        entry = self._entries.get(key) or self._entry(key)
+        kind = (key, compute_fingerprint(free))
+        address, phases = self._bodies.get(kind) or self._body(kind, key, free)
         if _state["unlocked"]:
-            return entry(*free, address, _state["parts"])
+            return self._run(free, address, phases, _state["parts"], self._launcher)
         with _launch_guard():
-            result = entry(*free, address, _state["parts"])
+            result = self._run(free, address, phases, _state["parts"], self._launcher)
         _state["unlocked"] = _started_layer() not in ("workqueue", None)
         return result
 
@@ -314,41 +336,31 @@ class ParallelKernel:
     def _tag(self, key: tuple) -> str:
         return "_".join(str(_constant(k)) for k in key)
 
-    def _entry(self, key: tuple) -> Any:
-        name = f"{self.__name__}__{self._tag(key)}__entry_{_stamp()}"
-        code = _generate(self.py_func, name, self._consts(key), "entry")
-        namespace = {
-            **self.py_func.__globals__,
-            "_gp_address_of": _address_of,
-            "_gp_call": _call,
-            "_gp_launch": _launcher(bool(self._options.get("cache"))),
-            "_gp_int64": np.int64,
-        }
-        exec(code, namespace)
-        entry = njit(**self._options)(namespace[name])
-        self._entries[key] = entry
-        return entry
-
-    def _body(self, kind: tuple, key: tuple, free: tuple) -> int:
+    def _body(self, kind: tuple, key: tuple, free: tuple) -> tuple[int, int]:
+        if self._run is None:
+            self._run, launcher = _runner(bool(self._options.get("cache")))
+            self._launcher = launcher.address
         argtypes = types.Tuple([typeof(a, Purpose.argument) for a in free])
         digest = hashlib.sha1(f"{_stamp()} {argtypes}".encode()).hexdigest()[:12]
         name = f"{self.__name__}__{self._tag(key)}__body_{digest}"
-        address = self._by_name.get(name)  # values of other Python types, same numba types
-        if address is None:
+        found = self._by_name.get(name)
+        if found is None:
             namespace = {**self.py_func.__globals__, "_gp_unpack": _unpack, _ARGS: argtypes}
             consts = self._consts(key)
             if self._noalias:  # the kernel's code as a function of its arrays, called
                 inner = f"{name}_inner"
-                exec(_generate(self.py_func, inner, consts, "inner"), namespace)
+                code, phases = _generate(self.py_func, inner, consts, "inner")
+                exec(code, namespace)
                 namespace[inner] = _no_alias(njit(**self._options)(namespace[inner]))
                 exec(_wrapper(self.py_func, name, inner, len(free)), namespace)
             else:  # one function: the kernel's code reads its arguments itself
-                exec(_generate(self.py_func, name, consts, "body"), namespace)
+                code, phases = _generate(self.py_func, name, consts, "body")
+                exec(code, namespace)
             body = cfunc(BODY_SIGNATURE, **self._options)(namespace[name])
             self._compiled.append(body)
-            address = self._by_name[name] = body.address
-        self._bodies[kind] = address
-        return address
+            found = self._by_name[name] = (body.address, phases)
+        self._bodies[kind] = found
+        return found
 
 
 def _no_alias(dispatcher: Any) -> Any:
@@ -371,7 +383,7 @@ def _no_alias(dispatcher: Any) -> Any:
 
 
 def _wrapper(fn: Callable, name: str, inner: str, count: int) -> Any:
-    """The code of a body: a C function that reads the ``count`` arguments the entry stored and
+    """The code of a body: a C function that reads the ``count`` arguments :func:`_run` stored and
     passes them to ``inner`` (the kernel's code, as a function of them and of the slice), which
     LLVM inlines here. Compiled as if at ``fn``'s first line (numba's cache locates it by it)."""
     names = ", ".join(f"_gp_a{i}" for i in range(count))
@@ -386,10 +398,11 @@ def _wrapper(fn: Callable, name: str, inner: str, count: int) -> Any:
 
 
 def _generate(fn: Callable, name: str, consts: dict[str, bool | int], part: str) -> Any:
-    """The code of ``fn``'s ``part``, named ``name``: its ``"entry"``, its ``"body"`` or the
-    body's ``"inner"`` function (the body's code taking the arguments), its modal arguments
-    pinned to ``consts`` (so numba prunes the other modes' branches before typing); compiled
-    as if in ``fn``'s file, at its line numbers (numba's cache locates and stamps it by them)."""
+    """The code of ``fn``'s ``"body"`` (see above), or of the body's ``"inner"`` function (its
+    code taking the arguments), named ``name``, and the number of phases it has. Its modal
+    arguments are pinned to ``consts`` (numba prunes the other values' branches before typing;
+    ``if`` on one of them is pruned here, so that a loop it excludes is no phase). Compiled as
+    if in ``fn``'s file, at its line numbers (numba's cache locates and stamps it by them)."""
     lines, first = inspect.getsourcelines(fn)
     tree = ast.parse(textwrap.dedent("".join(lines)))
     ast.increment_lineno(tree, first - 1)
@@ -402,27 +415,55 @@ def _generate(fn: Callable, name: str, consts: dict[str, bool | int], part: str)
     if part == "inner":
         params = [*free, _PHASE, _PART, _PARTS]
         head = []
-        rewrite = _Phases()
-    elif part == "body":
+    else:
         params = [_ADDRESS, _PHASE, _PART, _PARTS]
         unpack = _call_of("_gp_unpack", [_ADDRESS, _ARGS])
         names = ast.Tuple([ast.Name(n, ast.Store()) for n in free], ast.Store())
         head = [_assign(names, unpack, at)]
-        rewrite = _Phases()
-    else:
-        params = [*free, _ADDRESS, _PARTS]
-        args = ast.Tuple([ast.Name(n, ast.Load()) for n in free], ast.Load())
-        head = [_assign(_ARGS, ast.Call(ast.Name("_gp_address_of", ast.Load()), [args], []), at)]
-        rewrite = _Launches()
     func.name, func.decorator_list = name, []
     func.args = ast.arguments(
         posonlyargs=[], args=[ast.arg(p) for p in params], kwonlyargs=[], kw_defaults=[],
         defaults=[],
     )
-    func.body = head + pins + [rewrite.visit(s) for s in stmts]
+    rewrite = _Phases()
+    body = _Pinned(consts).visit(ast.Module(body=stmts, type_ignores=[])).body
+    func.body = head + pins + [rewrite.visit(s) for s in body]
     if rewrite.count == 0:
         raise TypeError(f"{fn.__name__}: a parallel kernel needs a prange loop")
-    return compile(ast.fix_missing_locations(tree), inspect.getfile(fn), "exec")
+    return compile(ast.fix_missing_locations(tree), inspect.getfile(fn), "exec"), rewrite.count
+
+
+class _Pinned(ast.NodeTransformer):
+    """``if m:`` / ``if not m:`` on a pinned argument ``m`` replaced by the branch taken."""
+
+    def __init__(self, consts: dict[str, bool | int]) -> None:
+        self.consts = consts
+
+    def visit_If(self, node: ast.If) -> Any:
+        self.generic_visit(node)
+        value = self.value(node.test)
+        if value is None:
+            return node
+        taken = node.body if value else node.orelse
+        return taken or ast.copy_location(ast.Pass(), node)
+
+    def value(self, test: ast.expr) -> bool | None:
+        """``test``'s truth if it is ``m``, ``not m``, ``m == c`` or ``m != c`` (``c`` a
+        literal), else None."""
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            inner = self.value(test.operand)
+            return None if inner is None else not inner
+        if isinstance(test, ast.Name) and test.id in self.consts:
+            return bool(self.consts[test.id])
+        if (
+            isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], (ast.Eq, ast.NotEq))
+            and isinstance(test.left, ast.Name) and test.left.id in self.consts
+            and isinstance(test.comparators[0], ast.Constant)
+        ):
+            equal = self.consts[test.left.id] == test.comparators[0].value
+            return equal if isinstance(test.ops[0], ast.Eq) else not equal
+        return None
 
 
 def _assign(target: str | ast.expr, value: ast.expr, where: ast.AST) -> ast.Assign:
@@ -463,31 +504,6 @@ class _Rewrite(ast.NodeTransformer):
 
     def replace(self, loop: ast.For, phase: int) -> ast.AST:
         raise NotImplementedError
-
-
-class _Launches(_Rewrite):
-    """In the entry: the loop becomes a launch of its phase."""
-
-    def replace(self, loop: ast.For, phase: int) -> ast.AST:
-        one = ast.Expr(
-            ast.Call(
-                ast.Name("_gp_call", ast.Load()),
-                [ast.Name(_ADDRESS, ast.Load()), ast.Name(_ARGS, ast.Load()),
-                 ast.Constant(phase), ast.Constant(0), ast.Constant(1)],
-                [],
-            )
-        )
-        every = ast.Expr(
-            ast.Call(
-                ast.Name("_gp_launch", ast.Load()),
-                [ast.Name(_ADDRESS, ast.Load()), ast.Name(_ARGS, ast.Load()),
-                 ast.Call(ast.Name("_gp_int64", ast.Load()), [ast.Constant(phase)], []),
-                 ast.Name(_PARTS, ast.Load())],
-                [],
-            )
-        )
-        test = ast.Compare(ast.Name(_PARTS, ast.Load()), [ast.Eq()], [ast.Constant(1)])
-        return ast.If(test, [one], [every])
 
 
 class _Phases(_Rewrite):
