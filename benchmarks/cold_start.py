@@ -4,15 +4,17 @@
 
 For every (kind, layout) three fresh interpreters run, each with its own empty numba cache
 (``NUMBA_CACHE_DIR``): one times a first inference call (``no_grad``), one a first training step
-(forward and backward; it compiles the training forward and the backward), and a third, sharing
-the training process's now filled cache, times the same training step again (the cost of loading
-cached kernels). Each time counts from before ``import globalpool`` to the end of the call, so
-loading the package and the kernels module is included; the interpreter start and
-``import torch`` are not. Writes ``cold_start.json`` and ``cold_start.md`` to OUT_DIR with the
-machine and the load average before and after (other jobs on the machine inflate the times).
+(forward and backward; it compiles the training forward and the backward; the forward call and
+the backward call are also timed apart), and a third, sharing the training process's now filled
+cache, times the same training step again (the cost of loading cached kernels). Each time
+counts from before ``import globalpool`` to the end of the call (the backward call: from the
+end of the forward call), so loading the package and the kernels module is included; the
+interpreter start and ``import torch`` are not. Writes ``cold_start.json`` and
+``cold_start.md`` to OUT_DIR with the machine and the load average before and after (other
+jobs on the machine inflate the times).
 
 >>> _CHILD.count("perf_counter")  # the child script times itself
-2
+4
 """
 
 from __future__ import annotations
@@ -41,15 +43,19 @@ start = time.perf_counter()
 import globalpool as gp
 if train == "1":
     x.requires_grad_(True)
-    gp.pool(x, kind, layout=layout, backend="fused", **params).sum().backward()
+    y = gp.pool(x, kind, layout=layout, backend="fused", **params)
+    middle = time.perf_counter()
+    y.sum().backward()
+    print(middle - start, time.perf_counter() - middle)
 else:
     with torch.no_grad():
         gp.pool(x, kind, layout=layout, backend="fused", **params)
-print(time.perf_counter() - start)
+    print(time.perf_counter() - start, 0.0)
 """
 
 
-def _first_call(kind: str, layout: str, dtype: str, train: bool, cache: str) -> float:
+def _first_call(kind: str, layout: str, dtype: str, train: bool, cache: str) -> tuple[float, float]:
+    """(seconds to the end of the forward call, seconds of the backward call after it)."""
     env = {**os.environ, "NUMBA_CACHE_DIR": cache}
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, kind, layout, dtype, "1" if train else "0"],
@@ -58,7 +64,8 @@ def _first_call(kind: str, layout: str, dtype: str, train: bool, cache: str) -> 
         text=True,
         check=True,
     )
-    return float(proc.stdout.strip().splitlines()[-1])
+    forward, backward = proc.stdout.strip().splitlines()[-1].split()
+    return float(forward), float(backward)
 
 
 def _cpu_name() -> str:
@@ -88,14 +95,16 @@ def main() -> None:
     for layout in LAYOUTS:
         for kind in kinds:
             with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-                inference = _first_call(kind, layout, args.dtype, False, a)
-                training = _first_call(kind, layout, args.dtype, True, b)
-                cached = _first_call(kind, layout, args.dtype, True, b)
+                inference, _ = _first_call(kind, layout, args.dtype, False, a)
+                forward, backward = _first_call(kind, layout, args.dtype, True, b)
+                cached = sum(_first_call(kind, layout, args.dtype, True, b))
             rows.append(
                 {"kind": kind, "layout": layout, "dtype": args.dtype, "inference_s": inference,
-                 "training_s": training, "training_cached_s": cached}
+                 "training_s": forward + backward, "training_forward_s": forward,
+                 "training_backward_s": backward, "training_cached_s": cached}
             )
-            print(f"{kind:<10} {layout:<15} {inference:6.2f} s {training:6.2f} s {cached:6.2f} s")
+            print(f"{kind:<10} {layout:<15} {inference:6.2f} s {forward:6.2f} s "
+                  f"+ {backward:5.2f} s {cached:6.2f} s")
     machine = {
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
@@ -118,12 +127,14 @@ def main() -> None:
         "",
         f"Machine: {machine}",
         "",
-        "| kind | layout | inference | training (fwd + bwd) | training, cache filled |",
-        "|---|---|---|---|---|",
+        "| kind | layout | inference | training: forward call | training: backward call "
+        "| training (fwd + bwd) | training, cache filled |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['kind']} | {r['layout']} | {r['inference_s']:.2f} s | {r['training_s']:.2f} s | "
-        f"{r['training_cached_s']:.2f} s |"
+        f"| {r['kind']} | {r['layout']} | {r['inference_s']:.2f} s | "
+        f"{r['training_forward_s']:.2f} s | {r['training_backward_s']:.2f} s | "
+        f"{r['training_s']:.2f} s | {r['training_cached_s']:.2f} s |"
         for r in rows
     ]
     (args.out / "cold_start.md").write_text("\n".join(lines) + "\n")

@@ -24,12 +24,11 @@ A body per kernel, one parallel loop for all (details below, "launching"). A ker
 compiled as a numba parallel function. Its body, the kernel's source with each ``prange`` loop
 run serially over one slice of its range, is a plain compiled function, and every kernel's
 slices are launched on numba's pool by the same small parallel loop, :func:`_parts`, compiled
-once. Compiled as numba parallel functions, each kernel
-paid numba's parallel passes and had each loop body optimised by LLVM three times (on its own,
-inside numba's generated parallel wrapper, and inside the kernel): the first max training call
-in channels-last took 16 s with the loop bodies inline, 6-8 s with them compiled apart, and
-about 4 s now, with the kernels as fast or faster (``benchmarks/cold_start.py``,
-``benchmarks/results/cpu``).
+once. Compiled as numba parallel functions, each kernel paid numba's parallel passes and had
+each loop body optimised by LLVM three times (on its own, inside numba's generated parallel
+wrapper, and inside the kernel): a first max training step in channels-last took 16 s with the
+loop bodies inline, 8.3 s with them compiled apart, and 3.4 s now; every first call is at most
+3 s (``benchmarks/cold_start.py``).
 
 >>> from globalpool.kernels import launch
 >>> launch.serial()
@@ -106,13 +105,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def serial() -> bool:
-    """Whether kernels run their serial builds (a fork()ed child of a GNU OpenMP process)."""
+    """Whether kernels run on the calling thread only (a fork()ed child of a GNU OpenMP
+    process)."""
     return _state["serial"]
 
 
 def layer_info() -> tuple[str, bool]:
-    """(threading layer in use, or as configured if none started yet; whether serial builds
-    run)."""
+    """(threading layer in use, or as configured if none started yet; whether kernels run on
+    the calling thread only)."""
     return _started_layer() or numba.config.THREADING_LAYER, _state["serial"]
 
 
@@ -169,11 +169,9 @@ def cache_dir(probe: Callable) -> str | None:
 # loop, compiled once. The body sees the caller's arrays: no copies.
 
 _VOIDP = ir.IntType(8).as_pointer()
-_I64 = ir.IntType(64)
-_BODY_FN = ir.FunctionType(ir.VoidType(), [_VOIDP, _I64, _I64, _I64])
 BODY_SIGNATURE = types.void(types.voidptr, types.int64, types.int64, types.int64)
-_LAUNCHER_FN = ir.FunctionType(ir.VoidType(), [_I64, _VOIDP, _I64, _I64])
 LAUNCHER_SIGNATURE = types.void(types.int64, types.voidptr, types.int64, types.int64)
+
 
 @intrinsic
 def _address_of(typingctx, value):
@@ -220,36 +218,25 @@ def _unpack(typingctx, address, kind):
 
 
 @intrinsic
-def _call(typingctx, address, args, phase, part, parts):
-    """Calls the body at ``address`` (a :data:`BODY_SIGNATURE` C function)."""
-    if not all(isinstance(t, types.Integer) for t in (address, phase, part, parts)):
+def _call(typingctx, address, a, b, c, d):
+    """Calls the C function ``void f(a, b, c, d)`` at ``address`` (a body, or the launcher
+    :func:`_parts`): integers passed as int64, pointers as they are."""
+    args = (a, b, c, d)
+    if not isinstance(address, types.Integer) or not all(
+        isinstance(t, (types.Integer, types.RawPointer)) for t in args
+    ):
         return None
 
     def codegen(context, builder, sig, values):
-        fn = builder.inttoptr(values[0], _BODY_FN.as_pointer())
-        ints = [
-            context.cast(builder, v, t, types.int64)
-            for v, t in zip(values[2:], sig.args[2:], strict=True)
+        passed = [
+            v if isinstance(t, types.RawPointer) else context.cast(builder, v, t, types.int64)
+            for v, t in zip(values[1:], sig.args[1:], strict=True)
         ]
-        builder.call(fn, [values[1], *ints])
+        fnty = ir.FunctionType(ir.VoidType(), [v.type for v in passed])
+        builder.call(builder.inttoptr(values[0], fnty.as_pointer()), passed)
         return context.get_dummy_value()
 
-    return types.none(address, args, phase, part, parts), codegen
-
-
-@intrinsic
-def _call_launcher(typingctx, launcher, address, args, phase, parts):
-    """Calls the launcher at ``launcher`` (:data:`LAUNCHER_SIGNATURE`: :func:`_parts`)."""
-    if not all(isinstance(t, types.Integer) for t in (launcher, address, phase, parts)):
-        return None
-
-    def codegen(context, builder, sig, values):
-        fn = builder.inttoptr(values[0], _LAUNCHER_FN.as_pointer())
-        a, p, n = (context.cast(builder, values[i], sig.args[i], types.int64) for i in (1, 3, 4))
-        builder.call(fn, [a, values[2], p, n])
-        return context.get_dummy_value()
-
-    return types.none(launcher, address, args, phase, parts), codegen
+    return types.none(address, *args), codegen
 
 
 def _parts(address, args, phase, parts):  # pragma: no cover - compiled by numba
@@ -263,7 +250,7 @@ def _run(args, address, phases, parts, launcher):  # pragma: no cover - compiled
         if parts == 1:
             _call(address, pointer, phase, 0, 1)
         else:
-            _call_launcher(launcher, address, pointer, phase, parts)
+            _call(launcher, address, pointer, phase, parts)
 
 
 @functools.cache
