@@ -191,9 +191,9 @@ def _unpack(typingctx, address, kind):
     """The tuple of numba type ``kind`` stored at ``address`` by :func:`_address_of`, its
     arrays borrowed: their meminfo is null, so numba's reference counting skips them (the
     caller of :func:`_run` owns them for the whole launch). Counting them would cost two atomic
-    operations on the caller's shared counters around every use in a loop: measured 4.6x
-    slower on the max forward over two threads, the counters' cache line passing between
-    cores."""
+    operations on the caller's shared counters around every use in a loop: the max forward on
+    (32, 512, 14, 14) over two threads took 1,183 us counted against 142 us borrowed, the
+    counters' cache line passing between cores."""
     if not isinstance(kind, types.TypeRef) or not isinstance(kind.instance_type, types.BaseTuple):
         return None
     ty = kind.instance_type
