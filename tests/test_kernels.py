@@ -487,6 +487,16 @@ def test_many_tied_maxima(layout, kind, dtype):
     _check(x, kind, layout, mask, {})
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tied_rows_at_scale(layout, dtype):
+    """Most rows tied, rows longer than one chunk of the channels-first max (1600 positions)
+    and more than 64K elements: the long-row forward and the parallel tied-rows backward."""
+    x = (make_input(4, 16, (40, 40), layout, torch.float64, seed=5) * 1.5).round().to(dtype)
+    _check(x, "max", layout, make_mask(4, (40, 40), "random", seed=5), {})
+    _check(x, "catavgmax", layout, None, {})
+
+
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(layout):
     """d/dw of attention pooling is sum_c g_c (x_cl - out_c) / S: computed from the bfloat16

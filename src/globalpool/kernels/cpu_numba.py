@@ -534,31 +534,18 @@ def tied_rows(x: torch.Tensor, aux: torch.Tensor, channels_last: bool):
     (tensor([0]), tensor([[1., 3., 3.]]))
     """
     rows = (aux[..., 1] > 1).flatten().nonzero().squeeze(1)
+    if not channels_last:  # whole rows of a (N * C, L) view: one gather, no index arithmetic
+        return rows, x.reshape(-1, x.shape[-1]).index_select(0, rows)
     c = aux.shape[1]
-    n_idx, c_idx = rows // c, rows % c
-    vals = x[n_idx, :, c_idx] if channels_last else x[n_idx, c_idx, :]
-    return rows, vals
+    return rows, x[rows // c, :, rows % c]
 
 
 def _rewrite_tied(gxa, channels_last, tied, a_coef, g_max, m, ms):
-    """Tied rows: grad = A (at real positions) + G / T at every real position equal to the max."""
+    """Tied rows: grad = A (at real positions) + G / T at every real position equal to the max
+    (:func:`globalpool.kernels.cpu_kernels.bwd_tied`, from the rows' saved values)."""
     rows, x_rows = tied
-    rows = rows.numpy()
-    c = a_coef.shape[1]
-    n_idx, c_idx = rows // c, rows % c
-    xr = _np_float(x_rows, np.float64)
-    real = m[n_idx * ms].astype(bool)
-    top = np.where(real, xr, -np.inf).max(1, keepdims=True)
-    hit = real & (xr == top)
-    share = g_max[n_idx, c_idx].astype(np.float64) / hit.sum(1)
-    grad = np.where(real, a_coef[n_idx, c_idx].astype(np.float64)[:, None], 0.0)
-    grad = grad + np.where(hit, share[:, None], 0.0)
-    acc = np.float64 if gxa.dtype == np.float64 else np.float32
-    raw = _np(_to_torch(grad.astype(acc), _TORCH_OF[gxa.dtype.char]))
-    if channels_last:
-        gxa[n_idx, :, c_idx] = raw
-    else:
-        gxa[n_idx, c_idx, :] = raw
+    rows = np.ascontiguousarray(rows.numpy(), dtype=np.int64)
+    K.bwd_tied(rows, _np(x_rows.contiguous()), m, ms, a_coef, g_max, gxa, channels_last)
 
 
 def _placeholder(x: torch.Tensor) -> torch.Tensor:
