@@ -472,8 +472,10 @@ def _is_prange(node: ast.AST) -> bool:
     )
 
 
-class _Rewrite(ast.NodeTransformer):
-    """Replaces each ``prange`` loop, counting them in source order (its phase)."""
+class _Phases(ast.NodeTransformer):
+    """Each ``prange`` loop, counted in source order (its phase), becomes a branch taken when
+    its phase is asked for, in which the loop runs slice ``part`` of ``parts`` of its range
+    serially (its own body unchanged)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -488,14 +490,6 @@ class _Rewrite(ast.NodeTransformer):
         phase = self.count
         self.count += 1
         return ast.copy_location(self.replace(node, phase), node)
-
-    def replace(self, loop: ast.For, phase: int) -> ast.AST:
-        raise NotImplementedError
-
-
-class _Phases(_Rewrite):
-    """In the body: the loop runs slice ``part`` of ``parts`` of its range when its phase is
-    asked for (the loop's own body unchanged, a serial loop)."""
 
     def replace(self, loop: ast.For, phase: int) -> ast.AST:
         count = f"_gp_count{phase}"
