@@ -9,21 +9,16 @@ backward: the gradient-sized write) is compared; one run against one run on a sh
 by ±10% or more, the median of several alternating runs much less. Writes ``ab.json`` and
 ``ab.md`` to OUT_DIR.
 
->>> _geomean([1.0, 4.0])
-2.0
+>>> sorted(_ratios.__annotations__)
+['folder', 'return']
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def _ratios(folder: Path) -> dict[tuple, dict[str, float]]:
@@ -57,7 +52,7 @@ def main() -> None:
         rows.append(row)
     summary = {
         d: {
-            "geomean_change": _geomean([r[d]["change"] for r in rows]),
+            "geomean_change": statistics.geometric_mean([r[d]["change"] for r in rows]),
             "min": min(r[d]["change"] for r in rows),
             "max": max(r[d]["change"] for r in rows),
         }

@@ -1148,6 +1148,12 @@ def _max_finish_row(x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first,
 MAX_CHUNK_LANES = 64  # vectors per chunk of a long row in the channels-first max
 
 
+def max_long_rows(length: int, acc: type) -> bool:
+    """Whether rows of ``length`` positions, accumulated in ``acc`` (np.float32 or np.float64),
+    take :func:`fwd_max_cf`'s chunked long-row path."""
+    return length > MAX_CHUNK_LANES * _nlanes(types.float64 if acc is np.float64 else types.float32)
+
+
 @_kernel
 def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, long_rows):
     """Two passes per chunk of a row (the chunk stays in L1): pass A takes lane maxima and sums;

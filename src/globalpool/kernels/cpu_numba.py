@@ -338,17 +338,18 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
     if mask is not None:
         m, ms = _mask_rows(mask, length)
         den = _counts(m, ms, n, length)
-    part = (n, nch, c) if nch > 1 else (1, 1, 1)  # channels-last partials per chunk of L
+    chunked = nch > 1  # channels-last: partials per chunk of L, merged by the kernel
+    part = (n, nch, c) if chunked else (1, 1, 1)
     if kind in MAX_KINDS:
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
             pi, pt = np.empty(part, dtype=np.int32), np.empty(part, dtype=np.int32)
             mode = _MAX_MODE[kind]
             K.fwd_max_cl(
-                xa, m, ms, mode, den, out, aux, split, need_aux, nch, nch > 1, pm, ps, pi, pt
+                xa, m, ms, mode, den, out, aux, split, need_aux, nch, chunked, pm, ps, pi, pt
             )
         else:
-            long_rows = need_aux and length > K.MAX_CHUNK_LANES * (8 if acc is np.float64 else 16)
+            long_rows = need_aux and K.max_long_rows(length, acc)
             K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux, long_rows)
         return
     if kind == "lse":
@@ -356,7 +357,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
         atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
-            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, nch > 1, pm, ps, atop, alog)
+            K.fwd_lse_cl(xa, m, ms, rl, den, out, split, nch, chunked, pm, ps, atop, alog)
         else:
             K.fwd_lse_cf(xa, m, ms, rl, den, out, split, atop, alog)
         return
@@ -370,7 +371,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
     ip = _p_int(p) if kind == "gem" else 0
     args = (xa, m, ms, wa, ws, _SUM_MODE[kind], acc(p), ip, acc(eps), den, out, split)
     if channels_last:
-        K.fwd_sum_cl(*args, nch, nch > 1, np.empty(part, dtype=acc))
+        K.fwd_sum_cl(*args, nch, chunked, np.empty(part, dtype=acc))
     else:
         K.fwd_sum_cf(*args)
 
