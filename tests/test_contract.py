@@ -77,7 +77,7 @@ def test_gem_tensor_p_below_one():
 
 
 def test_gem_eps_not_positive():
-    with pytest.raises(ValueError, match=r"eps for kind 'gem' must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match=r"eps for kind 'gem' must be >= 1.17549e-38, got 0.0"):
         gp.pool(X, "gem", eps=0.0)
 
 
@@ -295,3 +295,21 @@ def test_compiled_check_reads_back_on_accelerators(monkeypatch):
             f(X, torch.tensor(0.5))
     finally:
         torch._dynamo.reset()
+
+
+def test_gem_eps_below_the_smallest_normal_float32_is_refused():
+    # 1e-50 underflows to 0 in float32: NaN on the composition, 0 on the kernel; refused instead
+    with pytest.raises(ValueError, match=r"eps for kind 'gem' must be >= 1.17549e-38, got 1e-50"):
+        gp.pool(torch.rand(2, 3, 4), "gem", eps=1e-50)
+
+
+def test_fraction_and_numpy_scalars_are_taken_as_floats():
+    from fractions import Fraction
+
+    import numpy as np
+
+    x = torch.rand(2, 3, 5) + 0.1
+    expected = gp.pool(x, "lse", r=0.5)
+    torch.testing.assert_close(gp.pool(x, "lse", r=Fraction(1, 2)), expected)
+    torch.testing.assert_close(gp.pool(x, "lse", r=np.float64(0.5)), expected)
+    torch.testing.assert_close(gp.pool(x, "gem", p=Fraction(3)), gp.pool(x, "gem", p=3.0))

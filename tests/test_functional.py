@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 import globalpool as gp
 from globalpool import kernels
-from globalpool.kinds import GATHER_KINDS
+from globalpool.registry import kernels_of
 from helpers import (
     DTYPES,
     KIND_PARAMS,
@@ -30,8 +30,8 @@ BACKENDS = ("torch", "fused")
 
 
 def _skip_unless_backend(backend: str, x: torch.Tensor, kind: str) -> None:
-    # first / last have no kernel: backend="fused" runs their gather, tested like the rest
-    if backend == "fused" and kind not in GATHER_KINDS and not kernels.supports(x, kind):
+    # first / last have no grid kernel: backend="fused" refuses them (tested apart)
+    if backend == "fused" and not kernels.supports(x, kind):
         pytest.skip(f"no fused kernel for {kind} on {x.device}/{x.dtype}")
 
 
@@ -240,3 +240,13 @@ def test_auto_backend_choice():
         assert _choose_backend("auto", big, "avg", None, {}, cf) == "torch"
     assert _choose_backend("auto", torch.randn(2, 4, 8, 8), "gem", None, {}, cf) == "torch"
     assert _choose_backend("fused", torch.randn(2, 4, 8, 8), "avg", None, {}, cf) == "fused"
+
+
+@pytest.mark.parametrize("kind", ["first", "last"])
+def test_fused_backend_refuses_a_kind_without_a_kernel(kind):
+    assert "cpu" not in kernels_of(kind)
+    with pytest.raises(ValueError, match=f"backend='fused' has no kernel for kind '{kind}'"):
+        gp.pool(torch.randn(2, 3, 8), kind, backend="fused")
+    # auto and torch run its composition (one gather)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(gp.pool(x, kind), x[..., 0 if kind == "first" else -1])

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from globalpool import reference as ref
 from globalpool.reference import (
-    KINDS,
     GlobalPool,
     adaptive_backward,
     adaptive_forward,
@@ -27,7 +26,9 @@ from globalpool.reference import (
     pool_backward,
     pool_forward,
 )
+from globalpool.registry import kinds
 
+KINDS = kinds()
 LAYOUTS = ("channels_first", "channels_last")
 PARAMS = {"p": 2.5, "eps": 1e-6, "r": 1.7}
 SHAPES = {1: (3, 2, 5), 2: (3, 2, 3, 4), 3: (3, 2, 2, 3, 3)}  # channels_first, N = 3

@@ -113,6 +113,8 @@ def test_gradient_is_one_hot_and_empty_samples_give_zero(kind, dtype):
 @pytest.mark.parametrize("kind", ("sum", "first", "last"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_kinds_gradcheck_float64(kind, backend):
+    if backend == "fused" and kind != "sum":
+        pytest.skip("first / last have no grid kernel: backend='fused' refuses them")
     x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     mask = make_mask(3, (6,), "empty", 0)
     torch.autograd.gradcheck(lambda t: gp.pool(t, kind, mask=mask, backend=backend), (x,))

@@ -19,7 +19,6 @@ from globalpool.heads import (
     make_head,
     swap_pool,
 )
-from globalpool.kinds import KINDS
 from globalpool.layers import (
     AdaptivePool,
     AttentionPool,
@@ -30,12 +29,15 @@ from globalpool.layers import (
 )
 from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
+from globalpool.registry import KINDS, KindSpec, Param, register_kind, unregister_kind
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HEADS",
     "KINDS",
+    "KindSpec",
+    "Param",
     "AdaptivePool",
     "AttentionPool",
     "ClassifierHead",
@@ -55,5 +57,7 @@ __all__ = [
     "pool",
     "pool_nested",
     "pool_packed",
+    "register_kind",
     "swap_pool",
+    "unregister_kind",
 ]

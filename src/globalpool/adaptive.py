@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from globalpool.kinds import KIND_DEFS
+from globalpool import registry
 
 
 def window_length(in_size: Any, out_size: int) -> Any:
@@ -112,7 +112,9 @@ def adaptive_compose(
     are ``(N, *S)`` at the input's resolution."""
     first = layout == "channels_first"
     spatial = list(range(2, x.ndim) if first else range(1, x.ndim - 1))
-    per_position = {"mask": mask, "weights": params.get("weights")}
+    # the mask and the per-position parameter (attention's weights) follow x's windows
+    named = [q.name for q in registry.spec(kind).params if q.per_position]
+    per_position = {"mask": mask, "weights": params[named[0]] if named else None}
     real = None  # the real-slot masks of the windows so far, aligned to x's trailing dims
     reduce: list[int] = []
     # in eager mode the sizes are plain ints and may pick a cheaper but equal form; a graph
@@ -143,14 +145,30 @@ def adaptive_compose(
     if per_position["mask"] is not None:
         user = per_position["mask"].unsqueeze(channel_dim)
         keep = user if keep is None else user & keep
-    if keep is not None:  # full size along every pooled dim, so that counting it is right
-        shape = list(x.shape)
-        shape[channel_dim] = 1
-        keep = keep.expand(shape)
-    if per_position["weights"] is not None:
-        params = {**params, "weights": per_position["weights"]}
-    y = KIND_DEFS[kind].compose(x, keep, tuple(reduce), channel_dim, params)
-    return y.squeeze(tuple(reduce))
+    # the canonical view: every bin a row (N * bins, C, window), the window flattened
+    bin_dims = [d for d in range(1, x.ndim) if d != channel_dim and d not in reduce]
+    order = [0, *bin_dims, channel_dim, *sorted(reduce)]
+    out_shape = [x.shape[d] for d in (0, *bin_dims)]
+    rows = x.shape[0]
+    for d in bin_dims:
+        rows = rows * x.shape[d]
+    window = 1
+    for d in reduce:
+        window = window * x.shape[d]
+    view = x.permute(order).reshape(rows, x.shape[channel_dim], window)
+    one_channel = list(x.shape)
+    one_channel[channel_dim] = 1
+
+    def as_rows(t: torch.Tensor) -> torch.Tensor:  # aligned with x, one channel -> (rows, window)
+        return t.expand(one_channel).permute(order).reshape(rows, window)
+
+    full = dict(params)
+    for q in registry.spec(kind).params:
+        if q.per_position:
+            full[q.name] = as_rows(per_position["weights"].unsqueeze(channel_dim))
+    y = registry.run_composition(kind, view, None if keep is None else as_rows(keep), full)
+    y = y.reshape(*out_shape, y.shape[1])
+    return y.movedim(-1, 1) if first else y
 
 
 _TORCH_OPS = {

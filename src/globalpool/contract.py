@@ -12,13 +12,15 @@ messages: each names the argument, the value received and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 
-from globalpool.kinds import KIND_DEFS, KINDS
+from globalpool import registry
+from globalpool.registry import Param
 
 LAYOUTS = ("channels_first", "channels_last")
 
@@ -127,7 +129,7 @@ def _check_real(name: str, value: Any, kind: str) -> None:
     else:
         ok = isinstance(value, Real) and not isinstance(value, bool)
     if not ok:
-        also = " (or a (C,) tensor, one per channel)" if (kind, name) in PER_CHANNEL else ""
+        also = " (or a (C,) tensor, one per channel)" if _param(kind, name).per_channel else ""
         raise TypeError(
             f"{name} for kind {kind!r} must be a real number or a 0-dim floating tensor{also}, "
             f"got {value!r}"
@@ -138,9 +140,24 @@ def _as_float(v: Any) -> float:
     """A Python float for a number or an eager 0-dim tensor (an int too large for a float is
     infinite)."""
     try:
-        return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        return float(readable(v)) if isinstance(v, torch.Tensor) else float(v)
     except OverflowError:
         return math.inf if v > 0 else -math.inf
+
+
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with any ``torch.func`` wrapping (``vmap``'s batched tensors, ``grad``'s
+    wrappers) taken off, so that its values can be read for a check: under ``vmap`` the check
+    sees every batch member at once.
+
+    >>> float(readable(torch.tensor(2.0, requires_grad=True)))
+    2.0
+    """
+    t = t.detach()
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def _check_traced(cond: torch.Tensor, message: str) -> None:
@@ -164,18 +181,14 @@ def _check_read_back(cond: torch.Tensor, message: str) -> None:
     torch._check(cond.item(), lambda: message)
 
 
-# (kind, parameter) -> (is the value in range?, the same test on a tensor, what is expected)
-_RANGES = {
-    ("gem", "p"): (lambda v: v >= 1.0, lambda t: t >= 1.0, ">= 1"),
-    ("gem", "eps"): (lambda v: v > 0.0, lambda t: t > 0.0, "> 0"),
-    ("lse", "r"): (lambda v: v > 0.0, lambda t: t > 0.0, "> 0"),
-}
+def _param(kind: str, name: str) -> Param:
+    return registry.spec(kind).param(name)
 
 
 def check_param_value(kind: str, name: str, value: Any) -> None:
-    """Check one scalar parameter (``p``/``eps`` of gem, ``r`` of lse): a real number or a 0-dim
-    floating tensor, finite and in range. Inside a graph a tensor's value is checked when the
-    graph runs (see :func:`_check_traced`).
+    """Check one scalar parameter of ``kind`` (such as ``p``/``eps`` of gem, ``r`` of lse): a real
+    number or a 0-dim floating tensor, finite and in the range its registry entry gives. Inside
+    a graph a tensor's value is checked when the graph runs (see :func:`_check_traced`).
 
     >>> check_param_value("gem", "p", float("inf"))
     Traceback (most recent call last):
@@ -183,39 +196,51 @@ def check_param_value(kind: str, name: str, value: Any) -> None:
     ValueError: p for kind 'gem' must be finite, got inf
     """
     _check_real(name, value, kind)
-    in_range, tensor_in_range, expected = _RANGES[(kind, name)]
+    q = _param(kind, name)
     if isinstance(value, torch.Tensor) and _tracing():
         v = value.detach()
         _check_traced(
-            torch.isfinite(v) & tensor_in_range(v),
-            f"{name} for kind {kind!r} must be finite and {expected} (checked in the graph)",
+            torch.isfinite(v) & q.tensor_in_range(v),
+            f"{name} for kind {kind!r} must be finite and {q.expected} (checked in the graph)",
         )
+        return
+    if isinstance(value, torch.Tensor) and readable(value).ndim:  # a batch of values (vmap)
+        _check_channel_values(kind, name, value)
         return
     v = _as_float(value)
     if not abs(v) < math.inf:  # not math.isfinite: torch.compile(dynamic=True) makes v symbolic
         raise ValueError(f"{name} for kind {kind!r} must be finite, got {v}")
-    if not in_range(v):
-        raise ValueError(f"{name} for kind {kind!r} must be {expected}, got {v}")
+    if not q.in_range(v):
+        raise ValueError(f"{name} for kind {kind!r} must be {q.expected}, got {v}")
 
 
-def _check_weights(weights: Any, x: torch.Tensor, layout: str, mask: Any = None) -> None:
-    """Weights must be non-negative at real positions; padded positions are never read, so they
-    may hold anything (NaN at a real position propagates to the output, as a NaN in x does)."""
+def _check_weights(
+    weights: Any, x: torch.Tensor, layout: str, mask: Any = None, kind: str = "attention",
+    name: str = "weights",
+) -> None:
+    """A per-position parameter (attention's ``weights``) must be a floating ``(N, *S)`` tensor,
+    non-negative at real positions; padded positions are never read, so they may hold anything
+    (NaN at a real position propagates to the output, as a NaN in x does)."""
     if weights is None:
-        raise TypeError("kind 'attention' requires weights=Tensor of shape (N, *S), got None")
+        raise TypeError(f"kind {kind!r} requires {name}=Tensor of shape (N, *S), got None")
     if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")
     if not weights.is_floating_point():
-        raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
-    _check_per_position("weights", weights, x, layout)
-    w = weights.detach()
-    if mask is not None:
-        w = torch.where(mask, w, 0.0)
+        raise TypeError(f"{name} must have a floating dtype, got {weights.dtype}")
+    _check_per_position(name, weights, x, layout)
     if _tracing():
+        w = weights.detach()
+        if mask is not None:
+            w = torch.where(mask, w, 0.0)
         _check_traced(
-            ~(w < 0).any(), "weights must be non-negative at real positions (checked in the graph)"
+            ~(w < 0).any(), f"{name} must be non-negative at real positions (checked in the graph)"
         )
         return
+    w = readable(weights)
+    if mask is not None:
+        # under vmap with the batch in only one of them: every value is checked
+        with contextlib.suppress(RuntimeError):
+            w = torch.where(readable(mask), w, 0.0)
     if not w.numel():  # no sample: nothing to check (amin of nothing raises)
         return
     low = float(w.amin())  # one reduction: (w < 0).any() also writes a mask (~0.3 ms cold on 2 MB)
@@ -223,7 +248,7 @@ def _check_weights(weights: Any, x: torch.Tensor, layout: str, mask: Any = None)
         low = float(torch.where(w.isnan(), 0.0, w).amin())
     if low < 0:
         where = " at a real position" if mask is not None else ""
-        raise ValueError(f"weights must be non-negative, got a minimum of {low}{where}")
+        raise ValueError(f"{name} must be non-negative, got a minimum of {low}{where}")
 
 
 def kinds_of(kind: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -238,12 +263,12 @@ def kind_defaults(kind: str | tuple[str, ...]) -> dict[str, Any]:
     {'p': 3.0, 'eps': 1e-06, 'r': 1.0}
     """
     if not isinstance(kind, tuple):
-        return KIND_DEFS[kind].defaults
-    return {name: v for k in kind for name, v in KIND_DEFS[k].defaults.items()}
+        return registry.spec(kind).defaults
+    return {name: v for k in kind for name, v in registry.spec(k).defaults.items()}
 
 
 def check_param_names(kind: str | tuple[str, ...], params: dict[str, Any]) -> None:
-    """Every parameter name must be one of ``kind``'s (``KIND_DEFS[kind].defaults``; for a
+    """Every parameter name must be one of ``kind``'s (its registry entry's; for a
     tuple of kinds, one of theirs)."""
     if not params:
         return
@@ -267,15 +292,14 @@ def check_fixed_params(kind: str, params: dict[str, Any]) -> None:
     """
     check_param_names(kind, params)
     for k in kinds_of(kind):
-        for name, value in params.items():
-            if (k, name) in PER_CHANNEL and is_per_channel(value):
-                _check_channel_values(k, name, value)  # its size is checked against x's channels
-            elif (k, name) in _RANGES:
-                check_param_value(k, name, value)
-
-
-#: Parameters that may also be one value per channel: a 1-D tensor of shape (C,).
-PER_CHANNEL = (("gem", "p"), ("lse", "r"))
+        for q in registry.spec(k).params:
+            if q.name not in params or q.per_position:
+                continue
+            value = params[q.name]
+            if q.per_channel and is_per_channel(value):
+                _check_channel_values(k, q.name, value)  # its size is checked against x's C
+            else:
+                check_param_value(k, q.name, value)
 
 
 def is_per_channel(value: Any) -> bool:
@@ -321,19 +345,20 @@ def _check_channel_values(kind: str, name: str, value: torch.Tensor) -> None:
         raise TypeError(
             f"{name} for kind {kind!r} must be a floating tensor, got dtype {value.dtype}"
         )
-    _, tensor_in_range, expected = _RANGES[(kind, name)]
-    v = value.detach()
+    q = _param(kind, name)
     if _tracing():
+        v = value.detach()
         _check_traced(
-            (torch.isfinite(v) & tensor_in_range(v)).all(),
-            f"{name} for kind {kind!r} must be finite and {expected} (checked in the graph)",
+            (torch.isfinite(v) & q.tensor_in_range(v)).all(),
+            f"{name} for kind {kind!r} must be finite and {q.expected} (checked in the graph)",
         )
         return
-    bad = ~(torch.isfinite(v) & tensor_in_range(v))
+    v = readable(value).flatten()
+    bad = ~(torch.isfinite(v) & q.tensor_in_range(v))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"{name} for kind {kind!r} must be finite and {expected} in every channel, got "
+            f"{name} for kind {kind!r} must be finite and {q.expected} in every channel, got "
             f"{float(v[i])} at channel {i}"
         )
 
@@ -341,10 +366,17 @@ def _check_channel_values(kind: str, name: str, value: torch.Tensor) -> None:
 def _check_scalar_or_channels(
     kind: str, name: str, value: Any, x: torch.Tensor, layout: str
 ) -> None:
-    if (kind, name) in PER_CHANNEL and is_per_channel(value):
+    if _param(kind, name).per_channel and is_per_channel(value):
         check_channel_param(kind, name, value, x, layout)
     else:
         check_param_value(kind, name, value)
+
+
+def _plain(value: Any) -> Any:
+    """A Python number (a ``Fraction``, a NumPy scalar) as a float; a tensor as it is."""
+    if isinstance(value, Real) and not isinstance(value, (float, bool, torch.Tensor)):
+        return float(value)
+    return value
 
 
 def check_params(
@@ -356,13 +388,12 @@ def check_params(
     check_param_names(kind, params)
     full = {**kind_defaults(kind), **params}
     for k in kinds_of(kind):
-        if k == "gem":
-            _check_scalar_or_channels(k, "p", full["p"], x, layout)
-            check_param_value(k, "eps", full["eps"])
-        elif k == "lse":
-            _check_scalar_or_channels(k, "r", full["r"], x, layout)
-        elif k == "attention":
-            _check_weights(full["weights"], x, layout, mask)
+        for q in registry.spec(k).params:
+            if q.per_position:
+                _check_weights(full[q.name], x, layout, mask, k, q.name)
+            else:
+                _check_scalar_or_channels(k, q.name, full[q.name], x, layout)
+                full[q.name] = _plain(full[q.name])
     return full
 
 
@@ -381,8 +412,14 @@ def check_keepdim(keepdim: Any) -> None:
         )
 
 
-def check_kind(kind: Any, allowed: tuple[str, ...] = KINDS, name: str = "kind") -> None:
-    if kind not in allowed:
+def check_kind(kind: Any, allowed: tuple[str, ...] | None = None, name: str = "kind") -> None:
+    """``kind`` must be one of ``allowed`` (by default, every registered kind)."""
+    allowed = registry.kinds() if allowed is None else allowed
+    try:
+        known = kind in allowed
+    except TypeError:  # an unhashable value
+        known = False
+    if not known:
         raise ValueError(f"{name} must be one of {allowed}, got {kind!r}")
 
 
@@ -398,18 +435,19 @@ def check_kinds(kind: Any, name: str = "kind") -> str | tuple[str, ...]:
     ...
     ValueError: kind must not repeat a kind, got ('avg', 'avg'): 'avg' is given twice
     """
+    known = registry.kinds()
     if isinstance(kind, str):
-        check_kind(kind, KINDS, name)
+        check_kind(kind, known, name)
         return kind
     if not isinstance(kind, (tuple, list)) or not kind:
         raise ValueError(
-            f"{name} must be one of {KINDS} or a non-empty tuple of them, got {kind!r}"
+            f"{name} must be one of {known} or a non-empty tuple of them, got {kind!r}"
         )
     kinds = tuple(kind)
     for k in kinds:
-        if not isinstance(k, str) or k not in KINDS:
+        if not isinstance(k, str) or k not in known:
             raise ValueError(
-                f"{name} must be one of {KINDS} or a tuple of them, got {kinds!r}: {k!r} is not "
+                f"{name} must be one of {known} or a tuple of them, got {kinds!r}: {k!r} is not "
                 "a kind"
             )
     repeated = [k for i, k in enumerate(kinds) if k in kinds[:i]]
@@ -495,21 +533,19 @@ def check_packed_params(
     check_param_names(kind, params)
     full = {**kind_defaults(kind), **params}
     for k in kinds_of(kind):
-        for name in KIND_DEFS[k].defaults:
-            value = full[name]
-            if (k, name) in PER_CHANNEL and is_per_channel(value):
-                check_channel_param(k, name, value, x, "channels_last")
-            elif (k, name) in _RANGES:
-                check_param_value(k, name, value)
-    if "weights" in full:
-        w = full["weights"]
-        if w is None:
-            raise TypeError(f"kind {kind!r} requires weights=Tensor of shape (T,), got None")
-        if isinstance(w, torch.Tensor) and tuple(w.shape) != (x.shape[0],):
-            raise ValueError(
-                f"weights must have shape (T,) = ({x.shape[0]},), got {tuple(w.shape)}"
-            )
-        # type, dtype, device and sign as for pool: one sample of T positions
-        _check_weights(w.unsqueeze(0) if isinstance(w, torch.Tensor) else w, x.unsqueeze(0),
-                       "channels_last")
+        for q in registry.spec(k).params:
+            value = full[q.name]
+            if not q.per_position:
+                _check_scalar_or_channels(k, q.name, value, x, "channels_last")
+                full[q.name] = _plain(value)
+                continue
+            if value is None:
+                raise TypeError(f"kind {k!r} requires {q.name}=Tensor of shape (T,), got None")
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != (x.shape[0],):
+                raise ValueError(
+                    f"{q.name} must have shape (T,) = ({x.shape[0]},), got {tuple(value.shape)}"
+                )
+            # type, dtype, device and sign as for pool: one sample of T positions
+            _check_weights(value.unsqueeze(0) if isinstance(value, torch.Tensor) else value,
+                           x.unsqueeze(0), "channels_last", None, k, q.name)
     return full

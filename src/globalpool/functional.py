@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from globalpool import registry
 from globalpool.adaptive import adaptive_compose, deploying, torch_adaptive, torch_adaptive_applies
 from globalpool.contract import (
     adaptive_spec,
@@ -14,7 +15,6 @@ from globalpool.contract import (
     kinds_of,
     pool_spec,
 )
-from globalpool.kinds import GATHER_KINDS, KIND_DEFS
 
 BACKENDS = ("auto", "fused", "torch")
 
@@ -39,7 +39,7 @@ def output_width(kind: str | tuple[str, ...], channels: int) -> int:
     >>> output_width("catavgmax", 512), output_width(("avg", "max", "last"), 512)
     (1024, 1536)
     """
-    return sum(KIND_DEFS[k].width for k in kinds_of(check_kinds(kind))) * channels
+    return sum(registry.spec(k).width for k in kinds_of(check_kinds(kind))) * channels
 
 
 def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> bool:
@@ -51,11 +51,12 @@ def _choose_backend(
 ) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or deploying() or kind in GATHER_KINDS:
+    if backend == "torch" or deploying():
         # the fused kernel is an optimisation of the composition, never a different function:
-        # an exported or traced graph gets the composition, in standard ops only. first / last
-        # read one position per row: their one gather is what a kernel would do, on every backend
+        # an exported or traced graph gets the composition, in standard ops only
         return "torch"
+    if not registry.kernels_of(kind) and backend == "auto":
+        return "torch"  # a kind without kernels (first / last, a user's kind) runs its composition
     available = _fused_available(x, kind, mask, params)
     if available:
         graph = torch.compiler.is_compiling()
@@ -214,8 +215,11 @@ def _pool_many(
     parts = []
     for k in spec.kind:
         if k not in done:
-            own = {name: spec.params[name] for name in KIND_DEFS[k].defaults}
-            done[k] = _pool_one(x, spec._replace(kind=k, params=own), mask, False, backend)
+            own = {name: spec.params[name] for name in registry.spec(k).defaults}
+            # in a tuple, backend="fused" asks for the kernels of the kinds that have one; a
+            # kind without (first / last: one gather) runs its composition
+            b = "torch" if backend == "fused" and "cpu" not in registry.kernels_of(k) else backend
+            done[k] = _pool_one(x, spec._replace(kind=k, params=own), mask, False, b)
         parts.append(done[k])
     return torch.cat(parts, dim=1)
 
@@ -252,11 +256,16 @@ def _with_keepdim(y: torch.Tensor, spec: Any, keepdim: bool) -> torch.Tensor:
 
 
 def _compose(x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: bool) -> torch.Tensor:
+    """The kind's composition on the canonical view ``(N, C, L)`` (a view of x for dense
+    layouts: channels-last is moved, not copied), in the accumulation dtype."""
     acc = x.to(_accumulation_dtype(x.dtype))
-    mask_b = None if mask is None else mask.unsqueeze(spec.channel_dim)
-    y = KIND_DEFS[spec.kind].compose(acc, mask_b, spec.spatial_dims, spec.channel_dim, spec.params)
-    y = y.to(x.dtype)
-    return y if keepdim else y.flatten(1)
+    if spec.channel_dim != 1:
+        acc = acc.movedim(spec.channel_dim, 1)
+    view = acc.flatten(2) if acc.ndim > 3 else acc
+    flat_mask = None if mask is None or mask.ndim == 2 else mask.flatten(1)
+    y = registry.run_composition(spec.kind, view, mask if flat_mask is None else flat_mask,
+                                 spec.params)
+    return _with_keepdim(y.to(x.dtype), spec, keepdim)
 
 
 def adaptive_pool(
@@ -295,7 +304,7 @@ def adaptive_pool(
     if isinstance(kind, tuple):  # side by side along channels
         parts = [
             adaptive_pool(x, output_size, k, layout=layout, mask=mask,
-                          **{name: full[name] for name in KIND_DEFS[k].defaults})
+                          **{name: full[name] for name in registry.spec(k).defaults})
             for k in kind
         ]
         return torch.cat(parts, dim=1 if layout == "channels_first" else -1)

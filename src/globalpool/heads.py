@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalpool import registry
 from globalpool.class_map_norm import ClassMapNorm
 from globalpool.contract import (
     check_input,
@@ -25,10 +26,10 @@ from globalpool.contract import (
     check_kinds,
     check_layout,
     check_mask,
+    kinds_of,
     spatial_shape,
 )
 from globalpool.functional import output_width, pool
-from globalpool.kinds import KINDS, TOKEN_KINDS
 from globalpool.layers import (
     check_backend,
     check_channel_count,
@@ -36,9 +37,12 @@ from globalpool.layers import (
     make_pool,
 )
 
-#: The image / signal heads (``globalpool compare`` compares them). :func:`make_head` also builds
-#: a head of a token kind (``sum``, ``first``, ``last``) or of a tuple of kinds.
-HEADS: tuple[str, ...] = ("fc", *(k for k in KINDS if k not in TOKEN_KINDS), "nin")
+#: The image / signal heads that ``globalpool compare`` trains by default. :func:`make_head`
+#: builds a head of every registered kind (``sum``, ``first``, ``last``, a kind of your own) and
+#: of a tuple of kinds besides.
+HEADS: tuple[str, ...] = (
+    "fc", "avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention", "nin"
+)
 
 #: Activations of the :class:`NiNHead` class maps.
 NIN_ACTIVATIONS: tuple[str, ...] = ("softplus", "relu")
@@ -427,7 +431,7 @@ def make_head(
     TypeError: head 'nin' got unexpected argument(s) ['p']; it takes layout, backend
     """
     if not isinstance(name, (tuple, list)):
-        check_kind(name, (*HEADS, *TOKEN_KINDS), name="head")
+        check_kind(name, ("fc", "nin", *registry.kinds()), name="head")
     check_layout(layout)
     check_backend(backend)
     if name in ("fc", "nin"):
@@ -537,7 +541,8 @@ def _find_classifier(model: nn.Module, kind: str) -> str:
 def _needs_classifier(kind: str, params: dict[str, Any]) -> bool:
     """Whether the new pool needs the classifier: its width differs, or it learns per-channel
     weights (attention, per-channel GeM / lse)."""
-    return output_width(kind, 1) != 1 or kind == "attention" or params.get("per_channel") is True
+    per_position = any(q.per_position for k in kinds_of(kind) for q in registry.spec(k).params)
+    return output_width(kind, 1) != 1 or per_position or params.get("per_channel") is True
 
 
 def _like(model: nn.Module, fc: nn.Module | None) -> dict[str, Any]:

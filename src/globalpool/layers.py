@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalpool import registry
 from globalpool.contract import (
     check_fixed_params,
     check_input,
@@ -457,12 +458,14 @@ def make_pool(
     TypeError: pool 'attention' got unexpected argument(s) ['p']; it takes keepdim, backend
     """
     kind = check_kinds(kind)
-    if isinstance(kind, tuple) and "attention" in kind:
+    if isinstance(kind, tuple) and any(
+        q.per_position for k in kind for q in registry.spec(k).params
+    ):
         raise ValueError(
             f"pool {kind!r}: a tuple of kinds pools with fixed parameters and cannot learn "
             "attention weights; pool attention with its own AttentionPool (kind 'attention')"
         )
-    takes = _MAKE_POOL_ARGS.get(kind)
+    takes = _make_pool_args(kind)
     unknown = sorted(set(params) - set(takes)) if takes is not None else None
     if unknown:
         raise TypeError(
@@ -484,8 +487,15 @@ def make_pool(
     return GlobalPool(kind, layout=layout, **params)
 
 
-_MAKE_POOL_ARGS = {  # GlobalPool checks its own (keepdim, backend and the kind's parameters)
-    "gem": ("p", "eps", "learnable", "per_channel", "keepdim", "backend"),
-    "lse": ("r", "learnable", "per_channel", "keepdim", "backend"),
-    "attention": ("keepdim", "backend"),
-}
+def _make_pool_args(kind: str | tuple[str, ...]) -> tuple[str, ...] | None:
+    """The arguments make_pool takes for a kind that gets a module of its own (a learnable
+    parameter, or learned per-position weights), from its registry entry; None for the others
+    (GlobalPool checks its own: keepdim, backend and the kind's parameters)."""
+    if isinstance(kind, tuple):
+        return None
+    params = registry.spec(kind).params
+    if any(q.per_position for q in params):
+        return ("keepdim", "backend")
+    if any(q.learnable for q in params):
+        return (*(q.name for q in params), "learnable", "per_channel", "keepdim", "backend")
+    return None

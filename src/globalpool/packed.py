@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from globalpool import contract
+from globalpool import contract, registry
 from globalpool.adaptive import deploying
 from globalpool.kernels import _HAS_NUMBA, ops
 from globalpool.kernels.huge_pages import empty_huge
-from globalpool.kinds import KIND_DEFS
+from globalpool.registry import kernels_of
 
 __all__ = ["pool_nested", "pool_packed"]
 
@@ -137,14 +137,15 @@ def padded(
 
 
 def _compose(x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, params: dict) -> torch.Tensor:
-    from globalpool.functional import pool  # functional may import this module
-
-    weights = params.get("weights") if "weights" in KIND_DEFS[kind].defaults else None
-    xp, mask, wp = padded(x, cu_seqlens, weights)
+    """The kind's composition on the padded sequences: ``(N, Lmax, C)`` seen as the canonical
+    ``(N, C, Lmax)``, the padding masked; per-position parameters padded alike."""
+    per_position = [q.name for q in registry.spec(kind).params if q.per_position]
     full = dict(params)
-    if wp is not None:
-        full["weights"] = wp
-    return pool(xp, kind, layout="channels_last", mask=mask, backend="torch", **full)
+    xp, mask, _ = padded(x, cu_seqlens, None)
+    for name in per_position:
+        _, _, full[name] = padded(x, cu_seqlens, params[name])
+    acc = xp.to(torch.float32) if xp.dtype in (torch.float16, torch.bfloat16) else xp
+    return registry.run_composition(kind, acc.transpose(1, 2), mask, full).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def _composed_grads(ctx, x, weights, p, cu_seqlens, grad_out) -> tuple:
 def _params_of(kind: str, p, eps, r, weights) -> dict:
     """The kind's own parameters from the kernel's (p, eps, r, weights)."""
     given = {"p": p, "eps": eps, "r": r, "weights": weights}
-    return {k: given[k] for k in KIND_DEFS[kind].defaults if k in given}
+    return {k: given[k] for k in registry.spec(kind).defaults if k in given}
 
 
 def fused_packed(
@@ -344,7 +345,7 @@ def _choose_backend(backend: Any, x: torch.Tensor, kind: str, params: dict) -> s
     if backend == "torch" or deploying():  # exported / traced graphs record the composition
         return "torch"
     per_channel = any(contract.is_per_channel(params.get(k)) for k in ("p", "r"))
-    available = _HAS_NUMBA and x.is_cpu and not per_channel
+    available = _HAS_NUMBA and x.is_cpu and not per_channel and "packed" in kernels_of(kind)
     compiling = torch.compiler.is_compiling()
     # under torch.compile the kernel runs outside the graph (torch.compiler.disable: a graph
     # break), so only backend="fused" takes it there; the autograd modes need eager tensors
@@ -426,7 +427,7 @@ def pool_packed(
     if isinstance(kind, tuple):  # side by side along channels, each kind its own call
         return torch.cat([
             pool_packed(x, cu_seqlens, k, backend=backend,
-                        **{n: full[n] for n in KIND_DEFS[k].defaults})
+                        **{n: full[n] for n in registry.spec(k).defaults})
             for k in kind
         ], dim=1)
     if _choose_backend(backend, x, kind, full) == "fused":

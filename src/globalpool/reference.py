@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from globalpool import registry
+
 __all__ = [
-    "KINDS",
     "LAYOUTS",
     "GlobalPool",
     "adaptive_backward",
@@ -36,9 +37,6 @@ __all__ = [
     "pool_forward",
 ]
 
-KINDS: tuple[str, ...] = (
-    "avg", "max", "avgmax", "catavgmax", "gem", "lse", "attention", "sum", "first", "last",
-)
 LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
 
 
@@ -46,15 +44,16 @@ LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
 # argument handling: everything is brought to channels_first, spatial dims flattened to one
 
 
-def _check_kind(kind: Any, allowed: tuple[str, ...] = KINDS) -> None:
+def _check_kind(kind: Any) -> None:
     if isinstance(kind, (tuple, list)):
         if not kind or len(set(kind)) != len(kind):
             raise ValueError(f"a tuple of kinds must be non-empty without repeats, got {kind!r}")
         for k in kind:
-            _check_kind(k, allowed)
+            _check_kind(k)
         return
-    if kind not in allowed:
-        raise ValueError(f"kind must be one of {allowed}, got {kind!r}")
+    entry = registry.spec(kind)  # a ValueError naming the kinds if unknown
+    if entry.reference is None:
+        raise ValueError(f"kind {kind!r} was registered without a NumPy reference")
 
 
 def _kinds(kind: Any) -> tuple[str, ...]:
@@ -84,129 +83,61 @@ def _from_channels_first(a: np.ndarray, layout: str) -> np.ndarray:
 
 def _per_position(arr: Any, name: str, n: int, spatial: tuple[int, ...], dtype: Any) -> np.ndarray:
     """Check a ``(N, *S)`` array (mask or weights) and flatten it to ``(N, L)``."""
-    arr = np.asarray(arr, dtype=dtype)
+    arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr, dtype=dtype)
     if arr.shape != (n, *spatial):
         raise ValueError(f"{name} must have shape (N, *S) = {(n, *spatial)}, got {arr.shape}")
     return arr.reshape(n, -1)
 
 
 def _out_channels(kind: Any, c: int) -> int:
-    return sum(2 * c if k == "catavgmax" else c for k in _kinds(kind))
+    return sum(registry.spec(k).width * c for k in _kinds(kind))
+
+
+def _params_of(kind: Any) -> dict[str, registry.Param]:
+    """Every parameter the kind (or tuple of kinds) takes, by name."""
+    return {q.name: q for k in _kinds(kind) for q in registry.spec(k).params}
 
 
 # --------------------------------------------------------------------------------------------
-# one sample: xs is (C, k) over its k real positions, w is (k,) (attention only)
+# one sample: xs is (C, k) over its k real positions; per-position parameters are (k,)
 
 
-def _forward_one(xs: np.ndarray, kind: str, p: float, eps: float, r: float, w: np.ndarray | None):
-    c, k = xs.shape
-    if k == 0:
-        return np.zeros(_out_channels(kind, c))
-    if kind == "avg":
-        return xs.mean(axis=1)
-    if kind == "max":
-        return xs.max(axis=1)
-    if kind == "avgmax":
-        return 0.5 * (xs.mean(axis=1) + xs.max(axis=1))
-    if kind == "catavgmax":
-        return np.concatenate([xs.mean(axis=1), xs.max(axis=1)])
-    if kind == "gem":  # scaled by the row maximum: no power over- or underflows float64
-        clamped = np.maximum(xs, eps)
-        top = clamped.max(axis=1)
-        return top * np.mean((clamped / top[:, None]) ** _col(p), axis=1) ** (1.0 / p)
-    if kind == "lse":  # shifted by the maximum where it is finite (a row with +inf is +inf)
-        top = xs.max(axis=1)
-        top = np.where(np.isfinite(top), top, 0.0)
-        return top + np.log(np.mean(np.exp(_col(r) * (xs - top[:, None])), axis=1)) / r
-    if kind == "sum":
-        return xs.sum(axis=1)
-    if kind == "first":  # the real positions are in row-major order
-        return xs[:, 0].copy()
-    if kind == "last":
-        return xs[:, -1].copy()
-    # attention
-    total = w.sum()
-    if total == 0:
-        return np.zeros(c)
-    return xs @ w / total
+def _sample_args(params: dict[str, Any], k: str, i: int, real: np.ndarray) -> dict[str, Any]:
+    """Kind ``k``'s parameters for sample ``i``: a per-position array cut to its real positions."""
+    out = {}
+    for q in registry.spec(k).params:
+        v = params[q.name]
+        out[q.name] = v[i, real] if q.per_position else v
+    return out
 
 
-def _col(v: float | np.ndarray) -> float | np.ndarray:
-    """A per-channel parameter ``(C,)`` as a column ``(C, 1)`` against ``(C, k)``; a float as
-    it is."""
-    return v[:, None] if np.ndim(v) else v
-
-
-def _max_share(xs: np.ndarray) -> np.ndarray:
-    """d max / d x with ties sharing equally: (C, k), each row sums to 1."""
-    ties = (xs == xs.max(axis=1, keepdims=True)).astype(np.float64)
-    return ties / ties.sum(axis=1, keepdims=True)
+def _forward_one(xs: np.ndarray, k: str, args: dict[str, Any]) -> np.ndarray:
+    if xs.shape[1] == 0:  # no real position: 0
+        return np.zeros(registry.spec(k).width * xs.shape[0])
+    return np.asarray(registry.spec(k).reference(xs, **args), dtype=np.float64)
 
 
 def _backward_one(
-    xs: np.ndarray,
-    g: np.ndarray,
-    kind: str,
-    p: float,
-    eps: float,
-    r: float,
-    w: np.ndarray | None,
-):
-    """Return (grad xs (C, k), grad p, grad r, grad w (k,)) for one sample; grad p and grad r
-    are floats, or (C,) arrays for a per-channel p or r."""
-    c, k = xs.shape
-    gx = np.zeros((c, k))
-    gp = gr = 0.0
-    gw = np.zeros(k)
-    if k == 0:
-        return gx, gp, gr, gw
-    if kind == "avg":
-        gx = np.repeat(g[:, None] / k, k, axis=1)
-    elif kind == "max":
-        gx = g[:, None] * _max_share(xs)
-    elif kind == "avgmax":
-        gx = 0.5 * g[:, None] / k + 0.5 * g[:, None] * _max_share(xs)
-    elif kind == "catavgmax":
-        g_avg, g_max = g[:c], g[c:]
-        gx = g_avg[:, None] / k + g_max[:, None] * _max_share(xs)
-    elif kind == "gem":
-        # y = m^(1/p), m = mean(z^p), z = clamp(x, eps); with u = z / y (so mean(u^p) = 1 up to
-        # rounding, and no power of an unscaled z): dy/dz = u^(p-1) / k and
-        # dy/dp = y * (-log(mean u^p) / p^2 + mean(u^p log u) / (p mean u^p))
-        z = np.maximum(xs, eps)
-        top = z.max(axis=1, keepdims=True)
-        pc = _col(p)
-        y = top[:, 0] * np.mean((z / top) ** pc, axis=1) ** (1.0 / p)
-        u = z / y[:, None]
-        mu = np.mean(u**pc, axis=1)
-        gx = g[:, None] * u ** (pc - 1.0) / k * (xs >= eps)
-        dy_dp = y * (-np.log(mu) / p**2 + np.mean(u**pc * np.log(u), axis=1) / (p * mu))
-        gp = g * dy_dp if np.ndim(p) else float(np.sum(g * dy_dp))
-    elif kind == "lse":
-        # with s = softmax(r x) over the row: dy/dx = s and dy/dr = (sum(s x) - y) / r
-        e = np.exp(_col(r) * (xs - xs.max(axis=1, keepdims=True)))
-        s = e / e.sum(axis=1, keepdims=True)
-        gx = g[:, None] * s
-        y = _forward_one(xs, "lse", p, eps, r, w)
-        sx = np.sum(np.where(s > 0, s * xs, 0.0), axis=1)  # -inf at weight 0 adds nothing
-        dy_dr = (sx - y) / r
-        gr = g * dy_dr if np.ndim(r) else float(np.sum(g * dy_dr))
-    elif kind == "sum":
-        gx = np.repeat(g[:, None], k, axis=1)
-    elif kind in ("first", "last"):
-        gx[:, 0 if kind == "first" else k - 1] = g
-    else:  # attention
-        total = w.sum()
-        if total == 0:
-            return gx, gp, gr, gw
-        y = xs @ w / total
-        gx = g[:, None] * w[None, :] / total
-        gw = g @ (xs - y[:, None]) / total
-    return gx, gp, gr, gw
+    xs: np.ndarray, g: np.ndarray, k: str, args: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    entry = registry.spec(k)
+    if xs.shape[1] == 0:
+        return np.zeros(xs.shape), {}
+    if entry.reference_grad is None:
+        raise ValueError(f"kind {k!r} was registered without a reference gradient")
+    gx, grads = entry.reference_grad(xs, g, **args)
+    return np.asarray(gx, dtype=np.float64), grads
 
 
-def _prepare(x, kind, layout, mask, weights, p, eps, r):
+def _prepare(x: Any, kind: Any, layout: str, mask: Any, params: dict[str, Any]):
     _check_kind(kind)
+    wanted = _params_of(kind)
+    # the oracle takes one set of parameters for every kind (each uses its own); a name that no
+    # registered kind takes is a mistake
+    known = {name for k in registry.kinds() for name in registry.spec(k).defaults}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"kind {kind!r} got unknown parameter(s) {unknown}")
     xc = _to_channels_first(x, layout)
     n, c, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
     flat = xc.reshape(n, c, -1)
@@ -214,19 +145,21 @@ def _prepare(x, kind, layout, mask, weights, p, eps, r):
         m = np.ones((n, flat.shape[2]), dtype=bool)
     else:
         m = _per_position(mask, "mask", n, spatial, bool)
-    w = None
-    if "attention" in _kinds(kind):
-        if weights is None:
-            raise ValueError("weights must be given for kind='attention', got None")
-        w = _per_position(weights, "weights", n, spatial, np.float64)
-        if np.any(w[m] < 0):
-            raise ValueError("weights must be >= 0 at every real position, got a negative value")
-    p, r = _scalar_or_channels(p, "p", c), _scalar_or_channels(r, "r", c)
-    if "gem" in _kinds(kind) and not np.all(p > 0):
-        raise ValueError(f"p must be > 0 for kind='gem', got {p}")
-    if "lse" in _kinds(kind) and not np.all(r > 0):
-        raise ValueError(f"r must be > 0 for kind='lse', got {r}")
-    return xc, flat, m, w, p, float(eps), r
+    full: dict[str, Any] = {}
+    for name, q in wanted.items():
+        value = params.get(name, q.default)
+        if q.per_position:
+            if value is None:
+                raise ValueError(f"{name} must be given for kind {kind!r}, got None")
+            value = _per_position(value, name, n, spatial, np.float64)
+            if np.any(value[m] < 0):
+                raise ValueError(f"{name} must be >= 0 at every real position, got a negative value")
+        else:
+            value = _scalar_or_channels(value, name, c)
+            if q.minimum is not None and q.minimum >= 0 and not np.all(np.asarray(value) > 0):
+                raise ValueError(f"{name} must be > 0 for kind {kind!r}, got {value}")
+        full[name] = value
+    return xc, flat, m, full
 
 
 def _scalar_or_channels(v: Any, name: str, c: int) -> float | np.ndarray:
@@ -250,16 +183,15 @@ def pool_forward(
     layout: str = "channels_first",
     keepdim: bool = False,
     mask: Any = None,
-    p: float = 3.0,
-    eps: float = 1e-6,
-    r: float = 1.0,
-    weights: Any = None,
+    **params: Any,
 ) -> np.ndarray:
     """Global pooling of ``x`` over its spatial dims, in float64.
 
-    ``kind`` may be a tuple of kinds: their outputs concatenated along channels, in that order
-    (each takes the parameters it uses). ``first`` / ``last`` take the value at a sample's
-    first / last real position in row-major order.
+    ``kind`` is any registered kind with a reference, or a tuple of them: their outputs
+    concatenated along channels, in that order (each takes the parameters it uses; omitted ones
+    take the kind's defaults: ``p=3.0``, ``eps=1e-6`` for gem, ``r=1.0`` for lse; attention needs
+    ``weights`` of shape ``(N, *S)``). ``first`` / ``last`` take the value at a sample's first /
+    last real position in row-major order.
 
     Returns ``(N, C)`` (``(N, 2C)`` for ``"catavgmax"``, avg block first). With ``keepdim=True``
     the singleton spatial dims sit in the layout's positions: ``(N, C, 1, 1)`` or
@@ -279,14 +211,14 @@ def pool_forward(
     >>> pool_forward(np.concatenate([x, x], axis=1), "gem", p=np.array([1.0, 2.0]))  # per channel
     array([[2.        , 2.23606798]])
     """
-    xc, flat, m, w, p, eps, r = _prepare(x, kind, layout, mask, weights, p, eps, r)
+    xc, flat, m, full = _prepare(x, kind, layout, mask, params)
     n, c = flat.shape[:2]
     out = np.zeros((n, _out_channels(kind, c)))
     for i in range(n):
         real = m[i]
-        wi = None if w is None else w[i, real]
         out[i] = np.concatenate(
-            [_forward_one(flat[i][:, real], k, p, eps, r, wi) for k in _kinds(kind)]
+            [_forward_one(flat[i][:, real], k, _sample_args(full, k, i, real))
+             for k in _kinds(kind)]
         )
     if keepdim:
         out = _from_channels_first(out.reshape(out.shape + (1,) * (xc.ndim - 2)), layout)
@@ -300,20 +232,17 @@ def pool_backward(
     *,
     layout: str = "channels_first",
     mask: Any = None,
-    p: float = 3.0,
-    eps: float = 1e-6,
-    r: float = 1.0,
-    weights: Any = None,
+    **params: Any,
 ) -> dict[str, Any]:
     """Gradients of ``sum(grad_out * pool_forward(x, ...))``, in float64.
 
     ``grad_out`` may have the ``keepdim=False`` or the ``keepdim=True`` output shape (only its
     size is checked). Returns ``{"x": grad_x, "p": grad_p, "r": grad_r, "weights":
-    grad_weights}`` where ``grad_x`` has the shape and layout of ``x``, ``grad_p`` is a float for
-    ``"gem"`` (a ``(C,)`` array for a per-channel ``p``; else ``None``), ``grad_r`` likewise for
-    ``"lse"`` and ``r``, and ``grad_weights`` is ``(N, *S)``
-    for ``"attention"`` (else ``None``). Padded positions and empty samples get exactly zero
-    gradient; tied maxima share it equally.
+    grad_weights, ...}``: ``grad_x`` has the shape and layout of ``x``; then one entry per
+    parameter that the kind's reference differentiates (``p`` of gem: a float, or a ``(C,)``
+    array for a per-channel ``p``; ``r`` of lse likewise; ``weights`` of attention ``(N, *S)``);
+    ``p``, ``r`` and ``weights`` are ``None`` for kinds without them. Padded positions and empty
+    samples get exactly zero gradient; tied maxima share it equally.
 
     >>> import numpy as np
     >>> x = np.array([[[1.0, 3.0, 3.0, 2.0]]])
@@ -322,7 +251,7 @@ def pool_backward(
     >>> pool_backward(x, np.array([[1.0]]), "avg", mask=np.array([[1, 1, 0, 0]]))["x"]
     array([[[0.5, 0.5, 0. , 0. ]]])
     """
-    xc, flat, m, w, p, eps, r = _prepare(x, kind, layout, mask, weights, p, eps, r)
+    xc, flat, m, full = _prepare(x, kind, layout, mask, params)
     n, c, length = flat.shape
     c_out = _out_channels(kind, c)
     g = np.asarray(grad_out, dtype=np.float64)
@@ -333,30 +262,39 @@ def pool_backward(
         )
     g = g.reshape(n, c_out)
     gx = np.zeros((n, c, length))
-    gw = np.zeros((n, length))
-    gp = np.zeros(c) if np.ndim(p) else 0.0
-    gr = np.zeros(c) if np.ndim(r) else 0.0
+    grads: dict[str, Any] = {"p": None, "r": None, "weights": None}
+    for name, q in _params_of(kind).items():
+        if q.per_position:
+            grads[name] = np.zeros((n, length))
+        else:
+            grads[name] = np.zeros(c) if np.ndim(full[name]) else 0.0
+    touched: set[str] = set()
     for i in range(n):
         real = m[i]
-        wi = None if w is None else w[i, real]
         start = 0
         for k in _kinds(kind):  # a tuple of kinds: each its block of grad_out, summed
             width = _out_channels(k, c)
-            gxi, gpi, gri, gwi = _backward_one(
-                flat[i][:, real], g[i, start : start + width], k, p, eps, r, wi
+            gxi, gparams = _backward_one(
+                flat[i][:, real], g[i, start : start + width], k, _sample_args(full, k, i, real)
             )
             start += width
             gx[i][:, real] += gxi
-            gw[i, real] += gwi
-            gp += gpi
-            gr += gri
-    grad_x = _from_channels_first(gx.reshape(xc.shape), layout)
-    return {
-        "x": grad_x,
-        "p": gp if "gem" in _kinds(kind) else None,
-        "r": gr if "lse" in _kinds(kind) else None,
-        "weights": gw.reshape((n, *xc.shape[2:])) if "attention" in _kinds(kind) else None,
-    }
+            for name, value in gparams.items():
+                touched.add(name)
+                if np.ndim(grads[name]) == 2:  # per position
+                    grads[name][i, real] += value
+                else:
+                    grads[name] = grads[name] + value
+    for name, q in _params_of(kind).items():
+        if q.per_position:
+            grads[name] = grads[name].reshape((n, *xc.shape[2:]))
+        elif name not in touched and registry.spec(_owner(kind, name)).reference_grad is None:
+            grads[name] = None
+    return {"x": _from_channels_first(gx.reshape(xc.shape), layout), **grads}
+
+
+def _owner(kind: Any, name: str) -> str:
+    return next(k for k in _kinds(kind) if name in registry.spec(k).defaults)
 
 
 class GlobalPool:
@@ -383,11 +321,10 @@ class GlobalPool:
     ) -> None:
         _check_kind(kind)
         _check_layout(layout)
-        unknown = set(params) - {"p", "eps", "r", "weights"}
+        known = set(_params_of(kind))
+        unknown = set(params) - known
         if unknown:
-            raise ValueError(
-                f"params must be among ('p', 'eps', 'r', 'weights'), got {sorted(unknown)}"
-            )
+            raise ValueError(f"params must be among {sorted(known)}, got {sorted(unknown)}")
         self.kind = kind
         self.layout = layout
         self.keepdim = keepdim
@@ -464,13 +401,19 @@ def _boxes(spatial: tuple[int, ...], out: tuple[int, ...]):
         yield index, box
 
 
-def _box_args(box: tuple[slice, ...], mask: Any, weights: Any) -> dict[str, Any]:
-    """The bin's slice of the per-position arrays (``(N, *S)``)."""
+def _box_args(box: tuple[slice, ...], mask: Any, params: dict[str, Any], kind: Any
+              ) -> dict[str, Any]:
+    """The bin's slice of the mask and of the per-position parameters (``(N, *S)``); the other
+    parameters as they are."""
     sel = (slice(None), *box)
-    return {
-        "mask": None if mask is None else np.asarray(mask)[sel],
-        "weights": None if weights is None else np.asarray(weights, dtype=np.float64)[sel],
-    }
+    per_position = {name for name, q in _params_of(kind).items() if q.per_position}
+    out = {"mask": None if mask is None else np.asarray(mask)[sel]}
+    for name, value in params.items():
+        if name in per_position and value is not None:
+            value = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value,
+                               dtype=np.float64)[sel]
+        out[name] = value
+    return out
 
 
 def adaptive_forward(
@@ -501,13 +444,11 @@ def adaptive_forward(
     xc = _to_channels_first(x, layout)
     n, c, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
     out = _output_size(output_size, spatial)
-    weights = params.get("weights")
-    scalars = {k: v for k, v in params.items() if k != "weights"}
     y = np.zeros((n, _out_channels(kind, c), *out))
     for index, box in _boxes(spatial, out):
         region = xc[(slice(None), slice(None), *box)]
         y[(slice(None), slice(None), *index)] = pool_forward(
-            region, kind, **_box_args(box, mask, weights), **scalars
+            region, kind, **_box_args(box, mask, params, kind)
         )
     return _from_channels_first(y, layout)
 
@@ -545,27 +486,20 @@ def adaptive_backward(
     if g.shape != expected:
         shown = expected if layout == "channels_first" else (n, *out, expected[1])
         raise ValueError(f"grad_out must have shape {shown}, got {np.shape(grad_out)}")
-    weights = params.get("weights")
-    scalars = {k: v for k, v in params.items() if k != "weights"}
     gx = np.zeros_like(xc)
-    gw = np.zeros((n, *spatial))
-    gp = gr = 0.0
+    total: dict[str, Any] = {}
     for index, box in _boxes(spatial, out):
         region = xc[(slice(None), slice(None), *box)]
         grads = pool_backward(
             region, g[(slice(None), slice(None), *index)], kind,
-            **_box_args(box, mask, weights), **scalars,
+            **_box_args(box, mask, params, kind),
         )
-        gx[(slice(None), slice(None), *box)] += grads["x"]
-        if grads["weights"] is not None:
-            gw[(slice(None), *box)] += grads["weights"]
-        if grads["p"] is not None:
-            gp += grads["p"]
-        if grads["r"] is not None:
-            gr += grads["r"]
-    return {
-        "x": _from_channels_first(gx, layout),
-        "p": gp if "gem" in _kinds(kind) else None,
-        "r": gr if "lse" in _kinds(kind) else None,
-        "weights": gw if "attention" in _kinds(kind) else None,
-    }
+        gx[(slice(None), slice(None), *box)] += grads.pop("x")
+        for name, value in grads.items():
+            if value is None:
+                total.setdefault(name, None)
+            elif _params_of(kind)[name].per_position:
+                total.setdefault(name, np.zeros((n, *spatial)))[(slice(None), *box)] += value
+            else:
+                total[name] = value if total.get(name) is None else total[name] + value
+    return {"x": _from_channels_first(gx, layout), **total}

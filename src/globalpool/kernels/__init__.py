@@ -34,13 +34,11 @@ from typing import Any
 import torch
 
 from globalpool.kernels import ops
-from globalpool.kinds import FUSED_KINDS
+from globalpool.registry import kernels_of
 
 __all__ = ["fused_pool", "stored_channels_last", "supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KINDS = FUSED_KINDS
-_CPU_ONLY = ("sum",)  # the Triton kernels have no sum mode: CUDA takes x.sum
 
 
 def _has(module: str) -> bool:
@@ -57,11 +55,12 @@ _HAS_TRITON = _has("triton")
 
 
 def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **params: Any) -> bool:
-    """True when a fused kernel exists for ``x``'s device and dtype and for ``kind``.
+    """True when a fused kernel exists for ``x``'s device and dtype and for ``kind``: the kind's
+    registry entry names the family (``"cpu"`` or ``"cuda"``) among its ``kernels``.
 
-    CPU needs numba; CUDA needs triton (no ``sum`` there). float16, bfloat16, float32 and
-    float64 are supported. ``first`` / ``last`` have no kernel: they are one gather. The kernels
-    take ``p`` and ``r`` as one number: a per-channel one (a ``(C,)`` tensor) has no kernel.
+    CPU needs numba; CUDA needs triton. float16, bfloat16, float32 and float64 are supported.
+    ``first`` / ``last`` have no kernel: they are one gather. The kernels take ``p`` and ``r``
+    as one number: a per-channel one (a ``(C,)`` tensor) has no kernel.
 
     >>> import torch
     >>> supports(torch.ones(2, 3, 4), "lse"), supports(torch.ones(2, 3, 4).int(), "avg")
@@ -69,16 +68,19 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     >>> supports(torch.ones(2, 3, 4), "gem", p=torch.full((3,), 3.0))
     False
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES or kind not in _KINDS:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        return False
+    families = kernels_of(kind)
+    if not families:
         return False
     if x.ndim not in (3, 4, 5):
         return False
     if per_channel_param(params) is not None:
         return False
     if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
-        return _HAS_NUMBA
+        return _HAS_NUMBA and "cpu" in families
     if x.is_cuda:
-        return _HAS_TRITON and kind not in _CPU_ONLY
+        return _HAS_TRITON and "cuda" in families
     return False
 
 

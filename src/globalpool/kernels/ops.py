@@ -46,7 +46,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from globalpool.kinds import KIND_DEFS
+from globalpool import registry
 
 __all__ = [
     "MAX_KINDS",
@@ -287,11 +287,11 @@ def _compose3(x, channels_last, kind, mask, p, eps, r, weights) -> Tensor:
     """The torch composition of ``kind`` on the kernels' 3-D ``x``: ``(N, width)``, in the
     accumulation dtype (float32 for half inputs)."""
     acc = x.to(_grad_p_dtype(x)) if x.dtype in (torch.float16, torch.bfloat16) else x
-    cdim, dims = (2, (1,)) if channels_last else (1, (2,))
-    m = None if mask is None else mask.unsqueeze(cdim)
+    view = acc.transpose(1, 2) if channels_last else acc
     w = None if weights is None else weights.reshape(x.shape[0], -1)
-    params = {"p": p, "eps": eps, "r": r, "weights": w}
-    return KIND_DEFS[kind].compose(acc, m, dims, cdim, params).flatten(1)
+    given = {"p": p, "eps": eps, "r": r, "weights": w}
+    params = {name: given[name] for name in registry.spec(kind).defaults}
+    return registry.run_composition(kind, view, mask, params)
 
 
 def _composed_grads(ctx, grad_out: Tensor, wanted: tuple[int, ...], create_graph: bool) -> list:
