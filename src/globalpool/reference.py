@@ -153,7 +153,9 @@ def _prepare(x: Any, kind: Any, layout: str, mask: Any, params: dict[str, Any]):
                 raise ValueError(f"{name} must be given for kind {kind!r}, got None")
             value = _per_position(value, name, n, spatial, np.float64)
             if np.any(value[m] < 0):
-                raise ValueError(f"{name} must be >= 0 at every real position, got a negative value")
+                raise ValueError(
+                    f"{name} must be >= 0 at every real position, got a negative value"
+                )
         else:
             value = _scalar_or_channels(value, name, c)
             if q.minimum is not None and q.minimum >= 0 and not np.all(np.asarray(value) > 0):
