@@ -383,7 +383,7 @@ def test_keras_file_round_trips(tmp_path):
         (lambda: gpk.GlobalPooling2D("avg", p=3.0), TypeError, r"'avg' .* \['p'\]; it takes no"),
         (lambda: gpk.GlobalPooling2D("lse", p=3.0), TypeError, r"\['p'\]; it takes r"),
         (lambda: gpk.GlobalPooling2D("gem", p=0.5), ValueError, "p for kind 'gem' must be >= 1"),
-        (lambda: gpk.GlobalPooling2D("gem", eps=0.0), ValueError, "eps .* must be > 0, got 0.0"),
+        (lambda: gpk.GlobalPooling2D("gem", eps=0.0), ValueError, "eps .* must be >= 1.17549e-38, got 0.0"),
         (lambda: gpk.GlobalPooling2D("lse", r=math.inf), ValueError, "r .* finite, got inf"),
         (lambda: gpk.GlobalPooling2D("lse", r="2"), TypeError, "r for kind 'lse' .* got '2'"),
         (lambda: gpk.GlobalPooling2D(keepdims="yes"), TypeError, "keepdims must be a bool"),
@@ -438,3 +438,38 @@ def test_resnet50_transfer_example_of_the_docs(tmp_path, monkeypatch):
     namespace = {"__name__": "__main__"}
     exec(compile(_doc_block("ResNet50"), "docs/keras.md:ResNet50", "exec"), namespace)
     assert (tmp_path / "resnet50_gem.keras").exists()
+
+
+def test_keras_kinds_follow_the_registry():
+    from globalpool import registry
+    from globalpool.keras import _ops
+    from globalpool.keras._checks import KINDS as KERAS_KINDS
+
+    builtin = {k for k in registry.kinds() if registry.spec(k).builtin}
+    assert set(_ops._BUILTIN) == builtin
+    assert set(KERAS_KINDS) == {k for k in builtin if k != "attention"}
+
+
+def test_a_registered_kind_runs_in_the_keras_layers():
+    import globalpool as gp
+
+    def absmax(x, mask):
+        return (x.abs() if mask is None else torch.where(mask, x.abs(), 0.0)).amax(-1)
+
+    def absmax_keras(x, mask):
+        a = keras.ops.abs(x)
+        return keras.ops.max(a if mask is None else keras.ops.where(mask, a, 0.0), axis=-1)
+
+    gp.register_kind("absmax_k", absmax, keras=absmax_keras)
+    try:
+        x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype("float32")
+        y = GlobalPooling2D("absmax_k")(x)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(y), np.abs(x).max(axis=(1, 2)),
+                                   rtol=1e-6)
+        from globalpool.keras import _ops
+
+        z = _ops.pool(x, "absmax_k", axes=(1, 2), channel_axis=3)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(z), np.abs(x).max(axis=(1, 2)),
+                                   rtol=1e-6)
+    finally:
+        gp.unregister_kind("absmax_k")

@@ -43,6 +43,7 @@ from globalpool import reference_defs as ref
 __all__ = [
     "KINDS",
     "KERNEL_FAMILIES",
+    "KindNames",
     "KindSpec",
     "Param",
     "kernels_of",
@@ -211,38 +212,46 @@ def kinds() -> tuple[str, ...]:
     return _NAMES[0]
 
 
-class _KindNames(Sequence):
-    """A live, read-only view of the registered kind names: it compares, prints and iterates as
-    the tuple :func:`kinds` returns at that moment."""
+class KindNames(Sequence):
+    """A live, read-only view of the registered kind names (those ``where(spec)`` accepts, if
+    given): it compares, prints and iterates as the tuple of them at that moment."""
+
+    def __init__(self, where: Callable[[KindSpec], bool] | None = None) -> None:
+        self._where = where
+
+    def _names(self) -> tuple[str, ...]:
+        if self._where is None:
+            return kinds()
+        return tuple(k for k in kinds() if self._where(_REGISTRY[k]))
 
     def __getitem__(self, i: Any) -> Any:
-        return kinds()[i]
+        return self._names()[i]
 
     def __len__(self) -> int:
-        return len(kinds())
+        return len(self._names())
 
     def __iter__(self) -> Iterator[str]:
-        return iter(kinds())
+        return iter(self._names())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in _REGISTRY
+        return isinstance(name, str) and name in self._names()
 
     def __eq__(self, other: object) -> bool:
-        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, _KindNames))
+        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, KindNames))
                                else other)
 
     def __hash__(self) -> int:
-        return hash(kinds())
+        return hash(self._names())
 
     def __add__(self, other: Any) -> tuple:
-        return kinds() + tuple(other)
+        return self._names() + tuple(other)
 
     def __repr__(self) -> str:
-        return repr(kinds())
+        return repr(self._names())
 
 
 #: Every registered kind's name: a live view (a kind registered later appears in it).
-KINDS: Sequence[str] = _KindNames()
+KINDS: Sequence[str] = KindNames()
 
 # keywords of gp.pool and the layers that a parameter may not shadow
 _RESERVED = frozenset(

@@ -54,7 +54,9 @@ def _option(option: str, parse: Callable[[str], T], text: str) -> T:
 
 
 def _kinds(text: str) -> tuple[str, ...]:
-    from globalpool.kinds import FUSED_KINDS as KINDS  # first / last have no kernel to measure
+    from globalpool import registry  # first / last have no grid kernel to measure
+
+    KINDS = tuple(k for k in registry.kinds() if "cpu" in registry.kernels_of(k))
 
     if text.strip() == "all":
         return tuple(KINDS)

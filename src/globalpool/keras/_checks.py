@@ -1,6 +1,7 @@
 """Argument checks of the Keras layers: plain Python, no tensor library.
 
-Each error names the argument, the value received and what was expected, as the core's do.
+Each error names the argument, the value received and what was expected, as the core's do; the
+kinds, their parameters and ranges come from the registry.
 
 >>> check_data_format("NHWC")
 Traceback (most recent call last):
@@ -16,37 +17,28 @@ import math
 from numbers import Real
 from typing import Any
 
+from globalpool import registry
+
 DATA_FORMATS = ("channels_first", "channels_last")
 
-# kind -> its parameters and their defaults (the core's registry, without the torch compositions)
-KIND_PARAMS: dict[str, dict[str, float]] = {
-    "avg": {},
-    "max": {},
-    "avgmax": {},
-    "catavgmax": {},
-    "gem": {"p": 3.0, "eps": 1e-6},
-    "lse": {"r": 1.0},
-    "sum": {},
-    "first": {},
-    "last": {},
-}
-KINDS: tuple[str, ...] = tuple(KIND_PARAMS)
+def _pooling_kind(entry: registry.KindSpec) -> bool:
+    """A kind the GlobalPooling layers take: every registered kind but those with learned
+    per-position weights (attention has layers of its own)."""
+    return not any(q.per_position for q in entry.params)
 
-# (kind, parameter) -> (is the value in range?, what is expected)
-_RANGES = {
-    ("gem", "p"): (lambda v: v >= 1.0, ">= 1"),
-    ("gem", "eps"): (lambda v: v > 0.0, "> 0"),
-    ("lse", "r"): (lambda v: v > 0.0, "> 0"),
-}
+
+#: The kinds of the GlobalPooling layers: a live view of the registry (a kind registered later
+#: appears in it).
+KINDS = registry.KindNames(_pooling_kind)
 
 
 def check_kind(kind: Any) -> None:
-    if kind == "attention":
+    if isinstance(kind, str) and kind in registry.kinds() and kind not in KINDS:
         raise ValueError(
-            f"kind must be one of {KINDS}, got 'attention' (its weights are learned: use "
+            f"kind must be one of {KINDS}, got {kind!r} (its weights are learned: use "
             "AttentionPooling1D/2D/3D)"
         )
-    if not isinstance(kind, str) or kind not in KIND_PARAMS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -70,17 +62,17 @@ def check_number(kind: str, name: str, value: Any) -> float:
         v = float(value)
     except OverflowError:
         v = math.inf
-    in_range, expected = _RANGES[(kind, name)]
+    q = registry.spec(kind).param(name)
     if not math.isfinite(v):
         raise ValueError(f"{name} for kind {kind!r} must be finite, got {v}")
-    if not in_range(v):
-        raise ValueError(f"{name} for kind {kind!r} must be {expected}, got {v}")
+    if not q.in_range(v):
+        raise ValueError(f"{name} for kind {kind!r} must be {q.expected}, got {v}")
     return v
 
 
 def check_params(kind: str, params: dict[str, Any]) -> dict[str, float]:
     """Check the names and values of ``kind``'s parameters; return them with defaults filled."""
-    defaults = KIND_PARAMS[kind]
+    defaults = registry.spec(kind).defaults
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         takes = ", ".join(defaults) or "no parameters"

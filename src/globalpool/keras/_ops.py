@@ -16,6 +16,8 @@ from typing import Any
 
 from keras import backend, ops
 
+from globalpool import registry
+
 _HALF = ("float16", "bfloat16")
 
 
@@ -143,28 +145,50 @@ def pool(
     acc = ops.cast(x, "float32") if dtype in _HALF else x
     if mask is not None:
         mask = ops.expand_dims(ops.cast(mask, "bool"), channel_axis)
-    if kind == "avg":
-        y = avg(acc, mask, axes)
-    elif kind == "max":
-        y = max_(acc, mask, axes)
-    elif kind == "avgmax":
-        y = (avg(acc, mask, axes) + max_(acc, mask, axes)) / 2
-    elif kind == "catavgmax":
-        y = ops.concatenate([avg(acc, mask, axes), max_(acc, mask, axes)], axis=channel_axis)
-    elif kind == "gem":
-        y = gem(acc, mask, axes, _as(params["p"], acc), params["eps"])
-    elif kind == "lse":
-        y = lse(acc, mask, axes, params["r"])
-    elif kind == "attention":
-        y = attention(acc, mask, axes, ops.expand_dims(params["weights"], channel_axis))
-    elif kind == "sum":
-        y = sum_(acc, mask, axes)
-    elif kind in ("first", "last"):
-        y = at_end(acc, mask, axes, last=kind == "last")
-    else:  # the layers check the kind first
-        raise ValueError(f"kind {kind!r} has no keras.ops composition")
+    builtin = _BUILTIN.get(kind)
+    if builtin is not None:
+        y = builtin(acc, mask, axes, channel_axis, params)
+    else:
+        y = _registered(acc, kind, mask, axes, channel_axis, params)
     y = ops.cast(y, dtype)
     return y if keepdims else ops.squeeze(y, axis=axes)
+
+
+def _registered(x: Any, kind: str, mask: Any, axes: tuple[int, ...], channel_axis: int,
+                params: dict) -> Any:
+    """A user's kind through its ``keras=`` composition over the canonical view ``(N, C, L)``
+    (a kind registered without one runs on the torch backend only, through ``gp.pool``)."""
+    composition = registry.spec(kind).keras
+    if composition is None:
+        raise ValueError(
+            f"kind {kind!r} has no keras.ops composition: register it with keras=... to use it on "
+            f"the {backend.backend()} backend (the torch backend runs its torch composition)"
+        )
+    rank = len(ops.shape(x))
+    order = [0, channel_axis, *axes]
+    shape = ops.shape(x)
+    view = ops.reshape(ops.transpose(x, order), (shape[0], shape[channel_axis], -1))
+    m = None if mask is None else ops.reshape(ops.transpose(mask, order), (shape[0], 1, -1))
+    y = composition(view, m, **params)
+    kept = [1] * rank
+    kept[0] = shape[0]
+    kept[channel_axis] = ops.shape(y)[1]
+    return ops.reshape(y, kept)
+
+
+_BUILTIN = {  # the built-in kinds' keras.ops compositions (a test holds them to the registry)
+    "avg": lambda x, m, axes, c, p: avg(x, m, axes),
+    "max": lambda x, m, axes, c, p: max_(x, m, axes),
+    "avgmax": lambda x, m, axes, c, p: (avg(x, m, axes) + max_(x, m, axes)) / 2,
+    "catavgmax": lambda x, m, axes, c, p: ops.concatenate([avg(x, m, axes), max_(x, m, axes)],
+                                                          axis=c),
+    "gem": lambda x, m, axes, c, p: gem(x, m, axes, _as(p["p"], x), p["eps"]),
+    "lse": lambda x, m, axes, c, p: lse(x, m, axes, p["r"]),
+    "attention": lambda x, m, axes, c, p: attention(x, m, axes, ops.expand_dims(p["weights"], c)),
+    "sum": lambda x, m, axes, c, p: sum_(x, m, axes),
+    "first": lambda x, m, axes, c, p: at_end(x, m, axes, last=False),
+    "last": lambda x, m, axes, c, p: at_end(x, m, axes, last=True),
+}
 
 
 def _as(value: Any, like: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from globalpool.keras._base import LAYER_KWARGS, Pooling
+from globalpool import registry
 from globalpool.keras._checks import check_kind, check_params
 
 
@@ -25,7 +26,7 @@ class _GlobalPooling(Pooling):
             data_format, keepdims, **{k: v for k, v in kwargs.items() if k in LAYER_KWARGS}
         )
         self.kind = kind
-        self.width = 2 if kind == "catavgmax" else 1
+        self.width = registry.spec(kind).width
 
     def call(self, inputs: Any, mask: Any = None) -> Any:
         return self._pool(inputs, self.kind, mask, self.params)

@@ -77,7 +77,9 @@ def warmup(
 ) -> list[dict]:
     """Compile the fused CPU kernels for these kinds, layouts and dtypes into numba's cache."""
     from globalpool.kernels import cpu_kernels, launch
-    from globalpool.kinds import FUSED_KINDS
+    from globalpool import registry
+
+    FUSED_KINDS = tuple(k for k in registry.kinds() if "cpu" in registry.kernels_of(k))
 
     kinds = _split(kind, FUSED_KINDS, "kind")
     layouts = _split([layout], _LAYOUTS, "layout")

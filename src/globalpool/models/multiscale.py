@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from globalpool.heads import NiNHead
-from globalpool.kinds import KINDS
+from globalpool import KINDS
 from globalpool.layers import make_pool
 from globalpool.models.base import check_head, check_spatial_size
 
