@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,7 +215,7 @@ def test_norm_head_without_hidden_layer_and_make_head_options():
         (lambda: gp.ClassifierHead(8, 3, act="swish"), ValueError, r"act must be one of .*'swish'"),
         (lambda: gp.ClassifierHead(8, -1), ValueError, r"num_classes must be an int >= 0"),
         (lambda: gp.ClassifierHead(8, 3, norm="layer", keepdim=True), ValueError,
-         r"keepdim must be False for a ClassifierHead with norm='layer'"),
+         r"keepdim must be False for a ClassifierHead, got True"),
         (lambda: gp.ClassifierHead(8, 3, pool="avg", layout="NHWC"), ValueError,
          r"layout must be one of"),
         (lambda: gp.ClassifierHead(8, 3, pool="gem", channels=8), TypeError,
@@ -228,6 +229,93 @@ def test_norm_head_without_hidden_layer_and_make_head_options():
 def test_bad_head_option_refused(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: gp.ClassifierHead(8, 3, **kw),
+        lambda **kw: gp.ClassifierHead(8, 3, pool="catavgmax", **kw),
+        lambda **kw: gp.make_head("gem", 8, 3, **kw),
+        lambda **kw: gp.make_head(("avg", "max"), 8, 3, **kw),
+        lambda **kw: gp.ClassifierHead(8, 3, pool="avg", norm="layer").reset(3, pool="max", **kw),
+        lambda **kw: gp.ClassifierHead(8, 3).reset(3, pool="attention", **kw),
+    ],
+    ids=["avg", "catavgmax", "make_head", "tuple", "reset-norm", "reset-attention"],
+)
+def test_keepdim_true_is_refused_by_every_head_and_reset(build):
+    with pytest.raises(ValueError, match=r"keepdim must be False for a ClassifierHead, got True"):
+        build(keepdim=True)
+    head = gp.ClassifierHead(8, 3)
+    pool, fc = head.pool, head.fc
+    with pytest.raises(ValueError, match="keepdim must be False"):
+        head.reset(4, pool="gem", keepdim=True)
+    assert head.pool is pool and head.fc is fc  # nothing changed
+    flat = gp.ClassifierHead(8, 3, keepdim=False)  # False is the head's own choice: accepted
+    assert flat(torch.randn(2, 8, 5, 5)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("dropout", "error", "match"),
+    [
+        (-0.5, ValueError, r"dropout must be a real number in \[0, 1\) .*got -0.5"),
+        (float("nan"), ValueError, r"dropout must be a real number in \[0, 1\) .*got nan"),
+        (1.0, ValueError, r"dropout must be a real number in \[0, 1\) .*got 1.0"),
+        (float("inf"), ValueError, r"dropout .*got inf"),
+        ("0.1", TypeError, r"dropout must be a real number in \[0, 1\) .*got '0.1' \(str\)"),
+        (None, TypeError, r"dropout must be a real number .*got None"),
+        (True, TypeError, r"dropout must be a real number .*got True"),
+    ],
+ ids=["negative", "nan", "one", "inf", "str", "none", "bool"],
+)
+@pytest.mark.parametrize("head", ["ClassifierHead", "make_head", "FlattenFCHead", "make_head fc"])
+def test_bad_dropout_is_refused_naming_it(head, dropout, error, match):
+    build = {
+        "ClassifierHead": lambda: gp.ClassifierHead(8, 3, dropout=dropout),
+        "make_head": lambda: gp.make_head("gem", 8, 3, dropout=dropout),
+        "FlattenFCHead": lambda: gp.FlattenFCHead(8, (4,), 3, dropout=dropout),
+        "make_head fc": lambda: gp.make_head("fc", 8, 3, spatial_size=(4,), dropout=dropout),
+    }[head]
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_good_dropout_values_are_taken():
+    assert isinstance(gp.ClassifierHead(8, 3, dropout=0).dropout, nn.Identity)
+    assert gp.ClassifierHead(8, 3, dropout=0.25).dropout.p == 0.25
+    assert gp.FlattenFCHead(8, (4,), 3, dropout=0.5).dropout.p == 0.5
+    assert gp.make_head("avg", 8, 3, dropout=np.float64(0.1)).dropout.p == pytest.approx(0.1)
+    with pytest.raises(TypeError, match=r"head 'nin' got unexpected argument\(s\) \['dropout'\]"):
+        gp.make_head("nin", 8, 3, dropout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("spatial_size", "error", "match"),
+    [
+        ((0,), ValueError, r"spatial_size must be a tuple of 1 to 3 positive ints.*got \(0,\)"),
+        ((4, -1), ValueError, r"spatial_size must be .*got \(4, -1\)"),
+        ((), ValueError, r"spatial_size must be .*got \(\)"),
+        ((2, 2, 2, 2), ValueError, r"spatial_size must be .*got \(2, 2, 2, 2\)"),
+        ((4.0, 4), ValueError, r"spatial_size must be .*got \(4.0, 4\)"),
+        ((True,), ValueError, r"spatial_size must be .*got \(True,\)"),
+        (7, TypeError, r"spatial_size must be a tuple .*got the int 7; pass \(7,\) for one "
+                       r"spatial dim or \(7, 7\) for a 7x7 map"),
+        ("7", TypeError, r"spatial_size must be a tuple .*got '7'"),
+    ],
+ ids=["zero", "negative", "empty", "four-dims", "float", "bool", "int", "str"],
+)
+def test_flatten_fc_head_checks_spatial_size(spatial_size, error, match):
+    with pytest.raises(error, match=match):
+        gp.FlattenFCHead(8, spatial_size, 3)
+    with pytest.raises(error, match=match):
+        gp.make_head("fc", 8, 3, spatial_size=spatial_size)
+
+
+def test_flatten_fc_head_takes_a_tuple_or_list_of_sizes():
+    head = gp.FlattenFCHead(2, [3, 4], 5, hidden=4)
+    assert head.spatial_size == (3, 4) and head.feature_width == 24
+    assert head(torch.randn(2, 2, 3, 4)).shape == (2, 5)
+    assert gp.FlattenFCHead(2, torch.Size([7]), 5).spatial_size == (7,)
 
 
 def test_pre_logits_must_be_a_bool():

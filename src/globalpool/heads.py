@@ -12,6 +12,7 @@ Every head takes a ``(N, C, *S)`` feature map with 1 to 3 spatial dims and retur
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -53,6 +54,53 @@ HEAD_ACTIVATIONS: tuple[str, ...] = ("gelu", "tanh", "relu")
 _ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU}
 
 
+def _check_dropout(dropout: Any) -> None:
+    """``dropout`` must be a real number in ``[0, 1)`` (NaN, a negative value, 1 and a string are
+    refused, never taken as "no dropout")."""
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+        raise TypeError(
+            f"dropout must be a real number in [0, 1) (the probability of zeroing a feature), "
+            f"got {dropout!r} ({type(dropout).__name__})"
+        )
+    if not 0 <= dropout < 1:  # False for NaN too
+        raise ValueError(
+            f"dropout must be a real number in [0, 1) (the probability of zeroing a feature), "
+            f"got {dropout!r}"
+        )
+
+
+def _check_spatial_size(spatial_size: Any) -> tuple[int, ...]:
+    """``spatial_size`` as a tuple: 1 to 3 positive ints, given as a tuple (or list). A bare int
+    is refused: ``7`` could mean ``(7,)`` or ``(7, 7)``."""
+    expected = "a tuple of 1 to 3 positive ints, one per spatial dim, such as (7, 7)"
+    if isinstance(spatial_size, numbers.Integral) and not isinstance(spatial_size, bool):
+        raise TypeError(
+            f"spatial_size must be {expected}, got the int {spatial_size!r}; pass "
+            f"({spatial_size},) for one spatial dim or ({spatial_size}, {spatial_size}) for a "
+            f"{spatial_size}x{spatial_size} map"
+        )
+    if not isinstance(spatial_size, (tuple, list)):
+        raise TypeError(f"spatial_size must be {expected}, got {spatial_size!r}")
+    size = tuple(spatial_size)
+    if not 1 <= len(size) <= 3 or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size
+    ):
+        raise ValueError(f"spatial_size must be {expected}, got {spatial_size!r}")
+    return tuple(int(s) for s in size)
+
+
+def _check_pool_keepdim(pool_params: dict[str, Any]) -> None:
+    """A head always returns ``(N, num_classes)`` logits (or ``(N, features)``): its pool must
+    flatten, so ``keepdim=True`` is refused (``keepdim=False`` is accepted)."""
+    keepdim = pool_params.get("keepdim", False)
+    if keepdim is not False:
+        raise ValueError(
+            f"keepdim must be False for a ClassifierHead, got {keepdim!r}: a head always pools "
+            "to (N, features) and returns (N, num_classes) logits; for a pool that keeps the "
+            "spatial dims use gp.make_pool(kind, channels, keepdim=True)"
+        )
+
+
 def _check_class_count(num_classes: Any) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(
@@ -81,7 +129,8 @@ class ClassifierHead(nn.Module):
     ``feature_width`` what ``fc`` receives (``hidden`` when set, else ``pooled_width``).
     ``forward(x, pre_logits=True)`` returns those features ``(N, feature_width)``;
     :meth:`reset` swaps the classifier (and the pool) in place. ``pool_params`` go to the pool
-    (:func:`~globalpool.make_pool`).
+    (:func:`~globalpool.make_pool`); ``keepdim=True`` is refused, since a head always pools to
+    ``(N, features)``. ``dropout`` is a real number in ``[0, 1)`` (0: none).
 
     >>> import torch, globalpool as gp
     >>> head = gp.ClassifierHead(32, 5, pool="gem", dropout=0.1)
@@ -113,6 +162,7 @@ class ClassifierHead(nn.Module):
         if hidden is not None:
             check_channels(hidden, "hidden")
         check_kind(act, HEAD_ACTIVATIONS, name="act")
+        _check_dropout(dropout)
         self.in_channels, self.layout = in_channels, layout
         self.norm_kind, self.hidden_size, self.act = norm, hidden, act
         # moves with the head: new modules of reset() take its device and dtype even when the
@@ -155,14 +205,8 @@ class ClassifierHead(nn.Module):
                 f"channels are in_channels={self.in_channels}; pass per_channel=True for one p "
                 "(gem) or r (lse) per channel"
             )
-        module = make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
-        neck = self.norm_kind is not None or self.hidden_size is not None
-        if neck and getattr(module, "keepdim", False):
-            raise ValueError(
-                f"keepdim must be False for a ClassifierHead with norm={self.norm_kind!r} or "
-                f"hidden={self.hidden_size!r} (they take (N, features)), got True"
-            )
-        return module
+        _check_pool_keepdim(pool_params)
+        return make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
 
     def _build_neck(self) -> None:
         """``norm`` and ``hidden`` for the pooled width; None when not asked for (a plain head
@@ -249,7 +293,10 @@ class ClassifierHead(nn.Module):
 class FlattenFCHead(nn.Module):
     """The "traditional" head: flatten the whole feature map, a hidden FC layer, then classes.
 
-    Its parameter count grows with the spatial size, and it only accepts that size. ``x`` is
+    Its parameter count grows with the spatial size, and it only accepts that size:
+    ``spatial_size`` is a tuple of 1 to 3 positive ints, one per spatial dim (a bare int is
+    refused, since ``7`` could mean ``(7,)`` or ``(7, 7)``). ``dropout`` is a real number in
+    ``[0, 1)`` (0: none), before the last layer. ``x`` is
     ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"``. With a mask, padded
     positions are replaced by 0 before the first layer, so what they hold (NaN, inf) never
     reaches the logits or a gradient.
@@ -277,8 +324,9 @@ class FlattenFCHead(nn.Module):
         check_channels(num_classes, "num_classes")
         check_channels(hidden, "hidden")
         check_layout(layout)
+        _check_dropout(dropout)
         self.in_channels, self.layout = in_channels, layout
-        self.spatial_size = tuple(spatial_size)
+        self.spatial_size = _check_spatial_size(spatial_size)
         self.feature_width = in_channels * math.prod(self.spatial_size)
         self.hidden = nn.Linear(self.feature_width, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -406,9 +454,10 @@ def make_head(
     ``fc`` needs ``spatial_size`` and uses ``hidden``; pooling heads accept any spatial size, so
     one call can build any head and ``spatial_size``/``hidden`` are ignored by the others.
     ``dropout`` (before the last layer) is for ``fc`` and the pooling heads; ``nin`` has no layer
-    to drop out before and refuses a non-zero one. ``pool_params`` (``p``, ``eps``,
-    ``learnable``, ``per_channel``, ``r``, ``keepdim`` ...) go to the pool of a pooling head;
-    ``fc`` and ``nin`` refuse them.
+    to drop out before and refuses a non-zero one; it is a real number in ``[0, 1)``.
+    ``pool_params`` (``p``, ``eps``, ``learnable``, ``per_channel``, ``r`` ...) go to the pool
+    of a pooling head (``keepdim=True`` is refused: a head always flattens); ``fc`` and ``nin``
+    refuse them.
 
     ``norm``, ``mlp_hidden`` and ``act`` build a pooling head's norm and hidden layer
     (:class:`ClassifierHead`'s ``norm``, ``hidden`` and ``act``: ``hidden`` here stays the
@@ -430,6 +479,7 @@ def make_head(
         check_kind(name, (*HEADS, *TOKEN_KINDS), name="head")
     check_layout(layout)
     check_backend(backend)
+    _check_dropout(dropout)
     if name in ("fc", "nin"):
         extra = sorted(pool_params)
         neck = {"norm": norm is not None, "mlp_hidden": mlp_hidden is not None}
