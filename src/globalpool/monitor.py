@@ -722,7 +722,7 @@ class MonitorStats:
         try:
             for record in self.records.values():
                 self._hook(record)
-            self._undo = _run_compiled_eagerly(self._model)
+            _run_compiled_eagerly(self._model, self._undo)
         except BaseException:
             self._remove()
             raise
@@ -845,18 +845,19 @@ _NO_CALL = (
 )
 
 
-def _run_compiled_eagerly(model: nn.Module) -> list[Callable[[], None]]:
+def _run_compiled_eagerly(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     """Make the ``torch.compile``d modules of ``model`` run eagerly, so that the monitor's hooks
     run: code compiled before the hooks were added would skip them (dynamo does not guard on
     hooks). Covers ``torch.compile(module)`` (an ``OptimizedModule``: its compiled ``forward``)
     and ``module.compile()`` (its ``_compiled_call_impl``); nothing is recompiled.
 
-    Returns:
-        The calls that put each compiled forward back (run them in reverse order).
+    Args:
+        model: the monitored model.
+        undo: receives, as each change is made, the call that puts that compiled forward back
+            (run them in reverse order).
     """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
     optimized = getattr(eval_frame, "OptimizedModule", None)
-    undo: list[Callable[[], None]] = []
     for module in model.modules():
         state = module.__dict__
         if optimized is not None and isinstance(module, optimized) and "forward" in state:
@@ -867,7 +868,6 @@ def _run_compiled_eagerly(model: nn.Module) -> list[Callable[[], None]]:
                 state.__setitem__, "_compiled_call_impl", state["_compiled_call_impl"]
             ))
             state["_compiled_call_impl"] = None
-    return undo
 
 
 def _num(value: Any) -> str:
