@@ -191,6 +191,84 @@ def test_gradcam_matches_captum(head):
     torch.testing.assert_close(got, want.squeeze(1), rtol=1e-5, atol=1e-6)
 
 
+class _Block(nn.Module):
+    """A torchvision ResNet's end: conv -> bn -> ReLU(inplace=True) -> head; the ReLU overwrites
+    the bn's output in place."""
+
+    def __init__(self, head: str = "gem") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = gp.make_head(head, 6, 4, backend="torch")
+
+    def forward(self, x):
+        return self.head(self.relu(self.bn(self.conv(x))))
+
+
+def _block(head: str = "gem") -> nn.Module:
+    torch.manual_seed(0)
+    net = _Block(head)
+    with torch.no_grad():  # statistics that leave many bn outputs negative, so the ReLU matters
+        net.bn.running_mean.normal_()
+        net.bn.bias.normal_()
+    return net.double().eval()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_gradient_maps_are_of_the_layer_output_before_an_inplace_relu(frozen):
+    captum_attr = pytest.importorskip("captum.attr")
+    net = _block()
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+    targets = torch.tensor([0, 2, 3])
+    want = captum_attr.LayerGradCam(net, net.bn).attribute(
+        x, target=targets, relu_attributions=True
+    ).squeeze(1)
+    with torch.no_grad():
+        A = net.bn(net.conv(x))  # the bn's own output, before the ReLU
+    assert (A < 0).float().mean() > 0.3  # the in-place ReLU changes much of it
+    if frozen:
+        net.requires_grad_(False)
+    got = cam(net, x, targets, layer="bn", method="gradcam")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    A = A.clone().requires_grad_(True)
+    (G,) = torch.autograd.grad(net.head(torch.relu(A))[torch.arange(3), targets].sum(), A)
+    for method in ("gradcam", "gradcam++", "layercam"):
+        got = cam(net, x, targets, layer=net.bn, method=method)
+        for i in range(3):
+            want_i = oracle(method, A[i].detach(), G[i])
+            np.testing.assert_allclose(got[i].numpy(), want_i, rtol=1e-9, atol=1e-12)
+    assert no_hooks(net) and all(p.grad is None for p in net.parameters())
+    torch.testing.assert_close(net(x), net.head(torch.relu(A.detach())))  # model still intact
+
+
+def test_exact_maps_refuse_a_layer_changed_in_place_before_the_head():
+    net = _block("avg")
+    x = torch.randn(2, 2, 9, 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer 'bn'.s output is not what the head received"):
+        cam(net, x, layer="bn", method="cam")
+    # auto takes the gradient map of the bn's output; the head's input still has its exact map
+    torch.testing.assert_close(cam(net, x, layer="bn"), cam(net, x, layer="bn", method="gradcam"))
+    torch.testing.assert_close(cam(net, x, layer="relu", method="cam"), cam(net, x))
+
+
+@pytest.mark.parametrize("head", ["avg", "catavgmax", "attention", "gem", "nin"])
+@pytest.mark.parametrize("method", ["auto", "gradcam", "gradcam++", "layercam"])
+def test_an_empty_batch_gives_empty_maps(head, method):
+    net = Net(head).eval()
+    x = torch.randn(0, 2, 7, 7)
+    for layer in (None, "backbone"):
+        maps = cam(net, x, method=method, layer=layer)
+        assert maps.shape == (0, 5, 5) and maps.dtype == torch.float32
+        assert cam(net, x, 1, method=method, layer=layer, upsample=(7, 7)).shape == (0, 7, 7)
+        empty = torch.zeros(0, dtype=torch.long)
+        mask = torch.ones(0, 5, 5, dtype=torch.bool)
+        assert cam(net, x, empty, method=method, layer=layer, mask=mask).shape == (0, 5, 5)
+    if head in EXACT or head == "nin":
+        assert cam(net, x, method="cam").shape == (0, 5, 5)
+    assert no_hooks(net)
+
+
 def test_gradient_maps_with_a_mask_ignore_padded_positions():
     torch.manual_seed(0)
     head = gp.ClassifierHead(3, 2, pool="lse", backend="torch").double().eval()

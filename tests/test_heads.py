@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,7 +215,7 @@ def test_norm_head_without_hidden_layer_and_make_head_options():
         (lambda: gp.ClassifierHead(8, 3, act="swish"), ValueError, r"act must be one of .*'swish'"),
         (lambda: gp.ClassifierHead(8, -1), ValueError, r"num_classes must be an int >= 0"),
         (lambda: gp.ClassifierHead(8, 3, norm="layer", keepdim=True), ValueError,
-         r"keepdim must be False for a ClassifierHead with norm='layer'"),
+         r"keepdim must be False for a ClassifierHead, got True"),
         (lambda: gp.ClassifierHead(8, 3, pool="avg", layout="NHWC"), ValueError,
          r"layout must be one of"),
         (lambda: gp.ClassifierHead(8, 3, pool="gem", channels=8), TypeError,
@@ -228,6 +229,93 @@ def test_norm_head_without_hidden_layer_and_make_head_options():
 def test_bad_head_option_refused(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: gp.ClassifierHead(8, 3, **kw),
+        lambda **kw: gp.ClassifierHead(8, 3, pool="catavgmax", **kw),
+        lambda **kw: gp.make_head("gem", 8, 3, **kw),
+        lambda **kw: gp.make_head(("avg", "max"), 8, 3, **kw),
+        lambda **kw: gp.ClassifierHead(8, 3, pool="avg", norm="layer").reset(3, pool="max", **kw),
+        lambda **kw: gp.ClassifierHead(8, 3).reset(3, pool="attention", **kw),
+    ],
+    ids=["avg", "catavgmax", "make_head", "tuple", "reset-norm", "reset-attention"],
+)
+def test_keepdim_true_is_refused_by_every_head_and_reset(build):
+    with pytest.raises(ValueError, match=r"keepdim must be False for a ClassifierHead, got True"):
+        build(keepdim=True)
+    head = gp.ClassifierHead(8, 3)
+    pool, fc = head.pool, head.fc
+    with pytest.raises(ValueError, match="keepdim must be False"):
+        head.reset(4, pool="gem", keepdim=True)
+    assert head.pool is pool and head.fc is fc  # nothing changed
+    flat = gp.ClassifierHead(8, 3, keepdim=False)  # False is the head's own choice: accepted
+    assert flat(torch.randn(2, 8, 5, 5)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("dropout", "error", "match"),
+    [
+        (-0.5, ValueError, r"dropout must be a real number in \[0, 1\) .*got -0.5"),
+        (float("nan"), ValueError, r"dropout must be a real number in \[0, 1\) .*got nan"),
+        (1.0, ValueError, r"dropout must be a real number in \[0, 1\) .*got 1.0"),
+        (float("inf"), ValueError, r"dropout .*got inf"),
+        ("0.1", TypeError, r"dropout must be a real number in \[0, 1\) .*got '0.1' \(str\)"),
+        (None, TypeError, r"dropout must be a real number .*got None"),
+        (True, TypeError, r"dropout must be a real number .*got True"),
+    ],
+ ids=["negative", "nan", "one", "inf", "str", "none", "bool"],
+)
+@pytest.mark.parametrize("head", ["ClassifierHead", "make_head", "FlattenFCHead", "make_head fc"])
+def test_bad_dropout_is_refused_naming_it(head, dropout, error, match):
+    build = {
+        "ClassifierHead": lambda: gp.ClassifierHead(8, 3, dropout=dropout),
+        "make_head": lambda: gp.make_head("gem", 8, 3, dropout=dropout),
+        "FlattenFCHead": lambda: gp.FlattenFCHead(8, (4,), 3, dropout=dropout),
+        "make_head fc": lambda: gp.make_head("fc", 8, 3, spatial_size=(4,), dropout=dropout),
+    }[head]
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_good_dropout_values_are_taken():
+    assert isinstance(gp.ClassifierHead(8, 3, dropout=0).dropout, nn.Identity)
+    assert gp.ClassifierHead(8, 3, dropout=0.25).dropout.p == 0.25
+    assert gp.FlattenFCHead(8, (4,), 3, dropout=0.5).dropout.p == 0.5
+    assert gp.make_head("avg", 8, 3, dropout=np.float64(0.1)).dropout.p == pytest.approx(0.1)
+    with pytest.raises(TypeError, match=r"head 'nin' got unexpected argument\(s\) \['dropout'\]"):
+        gp.make_head("nin", 8, 3, dropout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("spatial_size", "error", "match"),
+    [
+        ((0,), ValueError, r"spatial_size must be a tuple of 1 to 3 positive ints.*got \(0,\)"),
+        ((4, -1), ValueError, r"spatial_size must be .*got \(4, -1\)"),
+        ((), ValueError, r"spatial_size must be .*got \(\)"),
+        ((2, 2, 2, 2), ValueError, r"spatial_size must be .*got \(2, 2, 2, 2\)"),
+        ((4.0, 4), ValueError, r"spatial_size must be .*got \(4.0, 4\)"),
+        ((True,), ValueError, r"spatial_size must be .*got \(True,\)"),
+        (7, TypeError, r"spatial_size must be a tuple .*got the int 7; pass \(7,\) for one "
+                       r"spatial dim or \(7, 7\) for a 7x7 map"),
+        ("7", TypeError, r"spatial_size must be a tuple .*got '7'"),
+    ],
+ ids=["zero", "negative", "empty", "four-dims", "float", "bool", "int", "str"],
+)
+def test_flatten_fc_head_checks_spatial_size(spatial_size, error, match):
+    with pytest.raises(error, match=match):
+        gp.FlattenFCHead(8, spatial_size, 3)
+    with pytest.raises(error, match=match):
+        gp.make_head("fc", 8, 3, spatial_size=spatial_size)
+
+
+def test_flatten_fc_head_takes_a_tuple_or_list_of_sizes():
+    head = gp.FlattenFCHead(2, [3, 4], 5, hidden=4)
+    assert head.spatial_size == (3, 4) and head.feature_width == 24
+    assert head(torch.randn(2, 2, 3, 4)).shape == (2, 5)
+    assert gp.FlattenFCHead(2, torch.Size([7]), 5).spatial_size == (7,)
 
 
 def test_pre_logits_must_be_a_bool():
@@ -362,9 +450,10 @@ def test_swap_pool_asks_for_classifier_when_none_or_several_are_found(build, mat
     with pytest.raises(ValueError, match=match):
         gp.swap_pool(net, "catavgmax")
     assert not any(isinstance(m, gp.GlobalPool) for m in net.modules())  # nothing swapped
-    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    gp.swap_pool(net, "catavgmax", classifier=names[-1])  # naming it resolves it
-    assert net.get_submodule(names[-1]).in_features == 16
+    used = "fc" if hasattr(net, "fc") else "3"  # the Linear the forward uses
+    gp.swap_pool(net, "catavgmax", classifier=used)  # naming it resolves it
+    assert net.get_submodule(used).in_features == 16
+    assert net(torch.randn(2, 3, 9, 9)).shape[1] in (2, 5)
 
 
 def _with(net: nn.Module, **modules: nn.Module) -> nn.Module:
@@ -399,3 +488,219 @@ def test_swap_pool_refuses_a_global_pool_without_exactly_one_adaptive_pool(globa
     with pytest.raises(ValueError, match=match):
         gp.swap_pool(net, "avg")
     assert isinstance(net.se.pool, nn.AdaptiveAvgPool2d)  # the other pools are not touched
+
+
+# --- swap_pool: several pools, and what sits between the pool and the classifier --------------
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm of the channels of (N, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvNeXtLike(nn.Module):
+    """timm's ConvNeXt head (NormMlpClassifierHead): head.global_pool -> head.norm (a LayerNorm
+    of the C channels) -> head.flatten -> head.drop -> head.fc."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3)
+        self.head = nn.Module()
+        self.head.global_pool = _SelectPool(flatten=False)
+        self.head.norm = _LayerNorm2d(c)
+        self.head.flatten = nn.Flatten(1)
+        self.head.drop = nn.Dropout(0.0)
+        self.head.fc = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head
+        return h.fc(h.drop(h.flatten(h.norm(h.global_pool(self.stem(x))))))
+
+
+class _MobileNetV3Like(nn.Module):
+    """timm's MobileNetV3: blocks with squeeze-excitation, global_pool -> conv_head (a 1x1 conv
+    of the C channels) -> act2 -> flatten -> classifier."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, c, 3)
+        self.se = _SqueezeExcite(c)
+        self.global_pool = _SelectPool(flatten=False)
+        self.conv_head = nn.Conv2d(c, 12, 1)
+        self.act2 = nn.Hardswish()
+        self.flatten = nn.Flatten(1)
+        self.classifier = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.global_pool(self.se(self.conv_stem(x)))
+        return self.classifier(self.flatten(self.act2(self.conv_head(x))))
+
+
+class _SEModel(nn.Module):
+    """torchvision's names: a squeeze-excitation block's pool beside the final avgpool, no
+    global_pool module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.se = _SqueezeExcite(8)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.se(self.conv(x))).flatten(1))
+
+
+def _snapshot(net: nn.Module) -> tuple[list[tuple[str, int]], dict[str, torch.Tensor]]:
+    modules = [(n, id(m)) for n, m in net.named_modules(remove_duplicate=False)]
+    return modules, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _unchanged(net: nn.Module, before: tuple) -> bool:
+    modules, state = _snapshot(net)
+    same_state = state.keys() == before[1].keys() and all(
+        torch.equal(state[k], before[1][k]) for k in state
+    )
+    return modules == before[0] and same_state
+
+
+@pytest.mark.parametrize(
+    ("build", "blocker", "kind"),
+    [
+        (_ConvNeXtLike, r"'head.norm' \(_LayerNorm2d, normalized_shape=8\)", "catavgmax"),
+        (_MobileNetV3Like, r"'conv_head' \(Conv2d, in_channels=6\)", "catavgmax"),
+        (_MobileNetV3Like, r"'conv_head' \(Conv2d, in_channels=6\)", ("avg", "max", "gem")),
+    ],
+    ids=["convnext", "mobilenetv3", "mobilenetv3-tuple"],
+)
+def test_swap_pool_refuses_a_wider_pool_before_a_module_of_fixed_width(build, blocker, kind):
+    torch.manual_seed(0)
+    net = build().eval()
+    x = torch.randn(2, 3, 9, 9)
+    want = net(x)
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"cannot swap 'global_pool.pool'|cannot swap 'head."):
+        gp.swap_pool(net, kind)
+    with pytest.raises(ValueError, match=blocker + r" sits between the pool and the classifier"):
+        gp.swap_pool(net, kind)
+    assert _unchanged(net, before)  # nothing changed: the model runs as before
+    torch.testing.assert_close(net(x), want)
+
+
+@pytest.mark.parametrize("build", [_ConvNeXtLike, _MobileNetV3Like], ids=["convnext", "mnv3"])
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("gem", {"per_channel": True}), ("attention", {}), ("lse", {"per_channel": True}),
+     ("max", {}), ("gem", {})],
+    ids=["gem-per-channel", "attention", "lse-per-channel", "max", "gem"],
+)
+def test_swap_pool_sizes_per_channel_kinds_from_the_module_after_the_pool(build, kind, params):
+    torch.manual_seed(0)
+    net = build()
+    channels = 8 if build is _ConvNeXtLike else 6  # not the classifier's 12 for mobilenetv3
+    classifier = net.head.fc if build is _ConvNeXtLike else net.classifier
+    se_pool = getattr(getattr(net, "se", None), "pool", None)
+    gp.swap_pool(net, kind, **params)
+    pool = (net.head.global_pool if build is _ConvNeXtLike else net.global_pool).pool
+    if kind == "attention":
+        assert pool.channels == channels
+    elif params:
+        assert (pool.p if kind == "gem" else pool.r).shape == (channels,)
+    x = torch.randn(2, 3, 9, 9)
+    assert net(x).shape == (2, 5)
+    # same width: the classifier (and what lies before it) is kept, trained
+    assert (net.head.fc if build is _ConvNeXtLike else net.classifier) is classifier
+    if se_pool is not None:
+        assert net.se.pool is se_pool
+
+
+def test_swap_pool_with_several_pools_asks_for_name_and_changes_nothing():
+    net = _SEModel()
+    before = _snapshot(net)
+    for kind in ("catavgmax", "gem", "max"):
+        with pytest.raises(
+            ValueError,
+            match=r"model has 2 global pools \['se.pool', 'avgpool'\]; .*pass name= "
+            r"\(e.g. name='avgpool'\)",
+        ):
+            gp.swap_pool(net, kind)
+        assert _unchanged(net, before)
+    se_pool = net.se.pool
+    gp.swap_pool(net, "catavgmax", name="avgpool")
+    assert net.se.pool is se_pool and isinstance(net.avgpool, gp.GlobalPool)
+    assert net.fc.in_features == 16 and net(torch.randn(2, 3, 9, 9)).shape == (2, 5)
+
+
+def test_swap_pool_name_selects_several_pools_of_the_same_width():
+    net = _SEModel()
+    gp.swap_pool(net, "max", name=["se.pool", "avgpool"])
+    assert isinstance(net.se.pool, gp.GlobalPool) and isinstance(net.avgpool, gp.GlobalPool)
+    assert net.se.pool is not net.avgpool and net(torch.randn(2, 3, 9, 9)).shape == (2, 5)
+    net = _SEModel()
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"got 2 pools \['se.pool', 'avgpool'\]"):
+        gp.swap_pool(net, "catavgmax", name=("se.pool", "avgpool"))
+    assert _unchanged(net, before)
+    net = _TimmLike("fc")  # name= overrides the global_pool convention, also with a wrapper
+    gp.swap_pool(net, "gem", name="se")
+    assert isinstance(net.se.pool, gp.GeM) and isinstance(net.global_pool.pool, nn.AdaptiveAvgPool2d)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        ("nope", ValueError, r"name 'nope' is not a module of the model; expected the dotted "
+                             r"name of one of its global pools \['se.pool', 'avgpool'\]"),
+        ("conv", ValueError, r"name='conv' \(Conv2d\) holds no AdaptiveAvgPool"),
+        ("", ValueError, r"name='' \(_SEModel\) holds 2 \(\['avgpool', 'se.pool'\]\)"),
+        (3, TypeError, r"name must be None, the dotted name of a global pool or a list"),
+        ([], TypeError, r"name must be None"),
+    ],
+)
+def test_swap_pool_refuses_a_bad_name(name, error, match):
+    net = _SEModel()
+    before = _snapshot(net)
+    with pytest.raises(error, match=match):
+        gp.swap_pool(net, "avg", name=name)
+    assert _unchanged(net, before)
+
+
+def test_swap_pool_refuses_a_bad_classifier_name_before_changing_anything():
+    net = _SEModel()
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"classifier 'head' is not a module of the model"):
+        gp.swap_pool(net, "catavgmax", name="avgpool", classifier="head")
+    with pytest.raises(TypeError, match=r"classifier must name an nn.Linear, got 'se': _Squeeze"):
+        gp.swap_pool(net, "catavgmax", name="avgpool", classifier="se")
+    with pytest.raises(TypeError, match=r"unexpected argument"):  # a bad pool parameter
+        gp.swap_pool(net, "attention", name="avgpool", p=3.0)
+    assert _unchanged(net, before)
+
+
+@pytest.mark.parametrize(
+    ("pool", "kind", "x"),
+    [
+        (nn.AdaptiveAvgPool2d(1), "max", torch.randn(2, 4, 5, 5)),
+        (nn.AdaptiveMaxPool1d(1), "avg", torch.randn(2, 4, 7)),
+        (nn.AdaptiveAvgPool3d((1, 1, 1)), "catavgmax", torch.randn(2, 4, 3, 3, 3)),
+    ],
+)
+def test_swap_pool_on_a_lone_pool_returns_the_new_pool(pool, kind, x):
+    new = gp.swap_pool(pool, kind)
+    assert isinstance(new, gp.GlobalPool) and new.kind == kind and new is not pool
+    assert list(pool.children()) == []  # the old pool is left as it was
+    expected = gp.pool(x, kind, keepdim=True)
+    torch.testing.assert_close(new(x), expected)
+
+
+def test_swap_pool_on_a_lone_pool_refuses_what_it_cannot_size():
+    with pytest.raises(ValueError, match=r"itself the pool \(AdaptiveAvgPool2d\): nothing gives"):
+        gp.swap_pool(nn.AdaptiveAvgPool2d(1), "attention")
+    with pytest.raises(ValueError, match=r"gp.make_pool\('gem', channels, keepdim=True"):
+        gp.swap_pool(nn.AdaptiveAvgPool2d(1), "gem", per_channel=True)
+    with pytest.raises(ValueError, match=r"itself the pool .* no classifier; got classifier='fc'"):
+        gp.swap_pool(nn.AdaptiveAvgPool2d(1), "max", classifier="fc")
+    assert isinstance(gp.swap_pool(nn.AdaptiveAvgPool2d(1).double(), "gem"), gp.GeM)

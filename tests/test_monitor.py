@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -442,3 +443,97 @@ def test_learnable_lse_temperature_is_reported():
     assert rec["r"]["min"] == pytest.approx(2.0, rel=1e-5)
     assert rec["r"]["max"] == pytest.approx(2.0, rel=1e-5)
     assert "p / r" in str(stats)
+
+
+# --- a gem inside a tuple of kinds ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind", [("avg", "gem"), ("gem", "max"), ("catavgmax", "gem", "lse")],
+    ids=["avg-gem", "gem-max", "catavgmax-gem-lse"],
+)
+@pytest.mark.parametrize("module", ["GlobalPool", "AdaptivePool"])
+def test_dead_gem_channels_inside_a_tuple_of_kinds(kind, module):
+    """Channels 1 (zeros) and 3 (negative) are dead in every block of the output: never above 0
+    in the avg / max / lse blocks, never above eps in gem's (gem clamps them to eps)."""
+    pool = (
+        gp.GlobalPool(kind, p=2.0, eps=1e-4)
+        if module == "GlobalPool"
+        else gp.AdaptivePool(1, kind, p=2.0, eps=1e-4)
+    )
+    x = torch.rand(3, 5, 6) + 0.1
+    x[:, 1] = 0.0
+    x[:, 3] = -2.0
+    with gp.monitor(pool) as stats:
+        y = pool(x).reshape(3, -1)
+    blocks = gp.output_width(kind, 1)
+    gem = 5 * (blocks - 1 - list(reversed(kind)).index("gem"))  # where gem's block starts
+    assert float(y[:, gem + 1].max()) == pytest.approx(1e-4, rel=1e-3)  # pools to eps, > 0
+    record = stats[""]
+    assert record["channels"] == 5 * blocks and record["p"] == 2.0
+    assert record["dead_channels"] == 2 * blocks
+    assert record["dead_fraction"] == pytest.approx(2 / 5)
+
+
+def test_fixed_gem_p_of_a_tuple_and_of_an_adaptive_pool_is_reported():
+    for pool in (gp.GlobalPool(("avg", "gem")), gp.AdaptivePool((2,), "gem", p=5.0)):
+        with gp.monitor(pool) as stats:
+            pool(torch.rand(2, 3, 8))
+        assert stats[""]["p"] == (3.0 if isinstance(pool, gp.GlobalPool) else 5.0)
+        assert "p / r" in str(stats)
+
+
+# --- torch.compile: compiled code skips hooks added after compiling ---------------------------
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), gp.GeM(backend="torch"), nn.Linear(4, 3))
+
+
+def test_a_compiled_model_that_already_ran_is_recorded():
+    net = _small_net()
+    compiled = torch.compile(net, backend="eager")
+    xs = [torch.rand(2, 2, 9) for _ in range(2)]
+    want = [compiled(x) for x in xs]  # compiled (and run) before the monitor
+    forward = compiled.__dict__["forward"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call is recorded: nothing to warn about
+        with gp.monitor(compiled) as stats:
+            got = [compiled(x) for x in xs]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    with gp.monitor(net) as eager:
+        outputs = [net[:3](x) for x in xs]
+    record = stats["_orig_mod.2"]
+    assert record["calls"] == 2 and record["values"] == 16
+    assert_stats(record, expected(outputs, floor=1e-6 * 1.001))
+    assert record["mean"] == pytest.approx(eager["2"]["mean"], rel=1e-12)
+    # after the block the compiled forward is back, and no hook is left
+    assert compiled.__dict__["forward"] is forward and all(v == 0 for v in hook_counts(net).values())
+
+
+def test_a_model_compiled_in_place_is_recorded():
+    net = _small_net()
+    net.compile(backend="eager")
+    x = torch.rand(2, 2, 9)
+    net(x)
+    compiled_call = net._compiled_call_impl
+    with gp.monitor(net) as stats:
+        net(x)
+    assert stats["2"]["calls"] == 1 and net._compiled_call_impl is compiled_call
+
+
+def test_calls_that_bypass_the_hooks_are_warned_about():
+    net = _small_net()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.rand(2, 2, 9)
+    compiled(x)
+    warned = pytest.warns(
+        UserWarning,
+        match=r"recorded no call of \['2'\] inside the block: .*torch.compile .* "
+        r"gp.monitor\(compiled\)",
+    )
+    with warned, gp.monitor(net) as stats:  # the hooks are on net; compiled code skips them
+        compiled(x)
+    assert stats["2"]["calls"] == 0

@@ -12,6 +12,7 @@ Every head takes a ``(N, C, *S)`` feature map with 1 to 3 spatial dims and retur
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -57,6 +58,53 @@ HEAD_ACTIVATIONS: tuple[str, ...] = ("gelu", "tanh", "relu")
 _ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU}
 
 
+def _check_dropout(dropout: Any) -> None:
+    """``dropout`` must be a real number in ``[0, 1)`` (NaN, a negative value, 1 and a string are
+    refused, never taken as "no dropout")."""
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+        raise TypeError(
+            f"dropout must be a real number in [0, 1) (the probability of zeroing a feature), "
+            f"got {dropout!r} ({type(dropout).__name__})"
+        )
+    if not 0 <= dropout < 1:  # False for NaN too
+        raise ValueError(
+            f"dropout must be a real number in [0, 1) (the probability of zeroing a feature), "
+            f"got {dropout!r}"
+        )
+
+
+def _check_spatial_size(spatial_size: Any) -> tuple[int, ...]:
+    """``spatial_size`` as a tuple: 1 to 3 positive ints, given as a tuple (or list). A bare int
+    is refused: ``7`` could mean ``(7,)`` or ``(7, 7)``."""
+    expected = "a tuple of 1 to 3 positive ints, one per spatial dim, such as (7, 7)"
+    if isinstance(spatial_size, numbers.Integral) and not isinstance(spatial_size, bool):
+        raise TypeError(
+            f"spatial_size must be {expected}, got the int {spatial_size!r}; pass "
+            f"({spatial_size},) for one spatial dim or ({spatial_size}, {spatial_size}) for a "
+            f"{spatial_size}x{spatial_size} map"
+        )
+    if not isinstance(spatial_size, (tuple, list)):
+        raise TypeError(f"spatial_size must be {expected}, got {spatial_size!r}")
+    size = tuple(spatial_size)
+    if not 1 <= len(size) <= 3 or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size
+    ):
+        raise ValueError(f"spatial_size must be {expected}, got {spatial_size!r}")
+    return tuple(int(s) for s in size)
+
+
+def _check_pool_keepdim(pool_params: dict[str, Any]) -> None:
+    """A head always returns ``(N, num_classes)`` logits (or ``(N, features)``): its pool must
+    flatten, so ``keepdim=True`` is refused (``keepdim=False`` is accepted)."""
+    keepdim = pool_params.get("keepdim", False)
+    if keepdim is not False:
+        raise ValueError(
+            f"keepdim must be False for a ClassifierHead, got {keepdim!r}: a head always pools "
+            "to (N, features) and returns (N, num_classes) logits; for a pool that keeps the "
+            "spatial dims use gp.make_pool(kind, channels, keepdim=True)"
+        )
+
+
 def _check_class_count(num_classes: Any) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(
@@ -85,7 +133,8 @@ class ClassifierHead(nn.Module):
     ``feature_width`` what ``fc`` receives (``hidden`` when set, else ``pooled_width``).
     ``forward(x, pre_logits=True)`` returns those features ``(N, feature_width)``;
     :meth:`reset` swaps the classifier (and the pool) in place. ``pool_params`` go to the pool
-    (:func:`~globalpool.make_pool`).
+    (:func:`~globalpool.make_pool`); ``keepdim=True`` is refused, since a head always pools to
+    ``(N, features)``. ``dropout`` is a real number in ``[0, 1)`` (0: none).
 
     >>> import torch, globalpool as gp
     >>> head = gp.ClassifierHead(32, 5, pool="gem", dropout=0.1)
@@ -117,6 +166,7 @@ class ClassifierHead(nn.Module):
         if hidden is not None:
             check_channels(hidden, "hidden")
         check_kind(act, HEAD_ACTIVATIONS, name="act")
+        _check_dropout(dropout)
         self.in_channels, self.layout = in_channels, layout
         self.norm_kind, self.hidden_size, self.act = norm, hidden, act
         # moves with the head: new modules of reset() take its device and dtype even when the
@@ -159,14 +209,8 @@ class ClassifierHead(nn.Module):
                 f"channels are in_channels={self.in_channels}; pass per_channel=True for one p "
                 "(gem) or r (lse) per channel"
             )
-        module = make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
-        neck = self.norm_kind is not None or self.hidden_size is not None
-        if neck and getattr(module, "keepdim", False):
-            raise ValueError(
-                f"keepdim must be False for a ClassifierHead with norm={self.norm_kind!r} or "
-                f"hidden={self.hidden_size!r} (they take (N, features)), got True"
-            )
-        return module
+        _check_pool_keepdim(pool_params)
+        return make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
 
     def _build_neck(self) -> None:
         """``norm`` and ``hidden`` for the pooled width; None when not asked for (a plain head
@@ -253,7 +297,10 @@ class ClassifierHead(nn.Module):
 class FlattenFCHead(nn.Module):
     """The "traditional" head: flatten the whole feature map, a hidden FC layer, then classes.
 
-    Its parameter count grows with the spatial size, and it only accepts that size. ``x`` is
+    Its parameter count grows with the spatial size, and it only accepts that size:
+    ``spatial_size`` is a tuple of 1 to 3 positive ints, one per spatial dim (a bare int is
+    refused, since ``7`` could mean ``(7,)`` or ``(7, 7)``). ``dropout`` is a real number in
+    ``[0, 1)`` (0: none), before the last layer. ``x`` is
     ``(N, C, *S)``, or ``(N, *S, C)`` with ``layout="channels_last"``. With a mask, padded
     positions are replaced by 0 before the first layer, so what they hold (NaN, inf) never
     reaches the logits or a gradient.
@@ -281,8 +328,9 @@ class FlattenFCHead(nn.Module):
         check_channels(num_classes, "num_classes")
         check_channels(hidden, "hidden")
         check_layout(layout)
+        _check_dropout(dropout)
         self.in_channels, self.layout = in_channels, layout
-        self.spatial_size = tuple(spatial_size)
+        self.spatial_size = _check_spatial_size(spatial_size)
         self.feature_width = in_channels * math.prod(self.spatial_size)
         self.hidden = nn.Linear(self.feature_width, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -410,9 +458,10 @@ def make_head(
     ``fc`` needs ``spatial_size`` and uses ``hidden``; pooling heads accept any spatial size, so
     one call can build any head and ``spatial_size``/``hidden`` are ignored by the others.
     ``dropout`` (before the last layer) is for ``fc`` and the pooling heads; ``nin`` has no layer
-    to drop out before and refuses a non-zero one. ``pool_params`` (``p``, ``eps``,
-    ``learnable``, ``per_channel``, ``r``, ``keepdim`` ...) go to the pool of a pooling head;
-    ``fc`` and ``nin`` refuse them.
+    to drop out before and refuses a non-zero one; it is a real number in ``[0, 1)``.
+    ``pool_params`` (``p``, ``eps``, ``learnable``, ``per_channel``, ``r`` ...) go to the pool
+    of a pooling head (``keepdim=True`` is refused: a head always flattens); ``fc`` and ``nin``
+    refuse them.
 
     ``norm``, ``mlp_hidden`` and ``act`` build a pooling head's norm and hidden layer
     (:class:`ClassifierHead`'s ``norm``, ``hidden`` and ``act``: ``hidden`` here stays the
@@ -434,6 +483,7 @@ def make_head(
         check_kind(name, ("fc", "nin", *registry.kinds()), name="head")
     check_layout(layout)
     check_backend(backend)
+    _check_dropout(dropout)
     if name in ("fc", "nin"):
         extra = sorted(pool_params)
         neck = {"norm": norm is not None, "mlp_hidden": mlp_hidden is not None}
@@ -492,32 +542,98 @@ def _is_global(module: nn.Module) -> bool:
 CLASSIFIER_NAMES: tuple[str, ...] = ("fc", "head", "classifier", "head.fc")
 
 
-def _pools_to_swap(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every registration (name, module) of the global adaptive pools to replace: those inside
-    the modules named ``global_pool`` when the model has one (timm's convention; a pool
-    elsewhere, such as a squeeze-excitation's, is left alone), else every one."""
-    # every registration: a module shared by two attributes is listed under both paths
+_POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1)"
+
+
+def _check_names(name: Any) -> tuple[str, ...] | None:
+    """``name`` as a tuple of dotted names (None: not given)."""
+    if name is None:
+        return None
+    names = (name,) if isinstance(name, str) else name
+    if isinstance(names, (tuple, list)) and names and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    raise TypeError(
+        f"name must be None, the dotted name of a global pool or a list of such names, got "
+        f"{name!r}"
+    )
+
+
+def _pools_to_swap(model: nn.Module, name: Any = None) -> list[tuple[str, nn.Module]]:
+    """Every registration ``(name, module)`` of the global adaptive pools to replace.
+
+    Args:
+        model: the model.
+        name: None, or the dotted name(s) of the pool(s) to replace (each a global adaptive pool
+            or a module holding exactly one, as timm's ``global_pool``).
+
+    Returns:
+        Every registration of the chosen pools (a module shared by two attributes is listed
+        under both paths): those named by ``name``; else the one inside the modules named
+        ``global_pool`` when the model has one (timm's convention); else the model's only one.
+        Several distinct pools and no ``name`` (a squeeze-excitation's beside the final one)
+        are refused, listing them.
+    """
+    names = _check_names(name)
     every = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_global(m)]
-    roots = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "global_pool"]
-    if not roots:
-        if not every:
-            raise ValueError("model has no AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) to swap")
-        return every
-    inside = [(n, m) for n, m in every if any(n == r or n.startswith(r + ".") for r in roots)]
-    distinct = {id(m): n for n, m in inside}
-    if len(distinct) != 1:
-        what = type(model.get_submodule(roots[0])).__name__
-        found = "no" if not distinct else f"{len(distinct)} ({sorted(distinct.values())})"
-        raise ValueError(
-            f"model's global_pool ({', '.join(roots)}: {what}) holds {found} "
-            "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1); swap_pool replaces exactly one such "
-            "module there (a pool computed by a function, such as timm's 'fast', 'avgmax' or "
-            "'catavgmax', has none): build the model with an 'avg' or 'max' global pool"
-        )
-    return inside
+    if names is not None:
+        known = dict(model.named_modules())
+        for n in names:
+            if n not in known:
+                raise ValueError(
+                    f"name {n!r} is not a module of the model; expected the dotted name of one "
+                    f"of its global pools {_distinct_names(every)}"
+                )
+        roots, what = list(names), "name"
+    else:
+        roots = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "global_pool"]
+        what = "global_pool"
+        if not roots:
+            if not every:
+                raise ValueError(f"model has no {_POOL_WORDS} to swap")
+            found = _distinct_names(every)
+            if len(found) > 1:
+                raise ValueError(
+                    f"model has {len(found)} global pools {found}; swap_pool replaces the "
+                    "one(s) you name, so that a pool elsewhere (a squeeze-excitation block's) "
+                    f"does not change what its block computes: pass name= (e.g. "
+                    f"name={found[-1]!r}), or a list of names; nothing was changed"
+                )
+            return every
+    chosen: set[int] = set()
+    for root in roots:
+        inside = {
+            id(m): n for n, m in every if root == "" or n == root or n.startswith(root + ".")
+        }
+        if len(inside) != 1:
+            held = type(model.get_submodule(root)).__name__
+            found = "no" if not inside else f"{len(inside)} ({sorted(inside.values())})"
+            label = f"model's global_pool ({root}: {held})" if what == "global_pool" else (
+                f"name={root!r} ({held})"
+            )
+            hint = (
+                "(a pool computed by a function, such as timm's 'fast', 'avgmax' or "
+                "'catavgmax', has none): build the model with an 'avg' or 'max' global pool"
+                if what == "global_pool"
+                else f"; name a global pool: {_distinct_names(every)}"
+            )
+            raise ValueError(
+                f"{label} holds {found} {_POOL_WORDS}; swap_pool replaces exactly one such "
+                f"module there {hint}"
+            )
+        chosen.update(inside)
+    # every registration of a chosen pool, so that one shared under several names stays shared
+    return [(n, m) for n, m in every if id(m) in chosen]
 
 
-def _find_classifier(model: nn.Module, kind: str) -> str:
+def _distinct_names(found: list[tuple[str, nn.Module]]) -> list[str]:
+    """The first name of each distinct module of ``found``, in order."""
+    first: dict[int, str] = {}
+    for n, m in found:
+        first.setdefault(id(m), n)
+    return list(first.values())
+
+
+def _find_classifier(model: nn.Module, kind: Any) -> str:
     """The one ``nn.Linear`` among :data:`CLASSIFIER_NAMES`, or a ValueError saying to pass
     ``classifier=``."""
     found: dict[int, str] = {}
@@ -538,11 +654,70 @@ def _find_classifier(model: nn.Module, kind: str) -> str:
     )
 
 
-def _needs_classifier(kind: str, params: dict[str, Any]) -> bool:
+def _needs_classifier(kind: Any, params: dict[str, Any]) -> bool:
     """Whether the new pool needs the classifier: its width differs, or it learns per-channel
     weights (attention, per-channel GeM / lse)."""
     per_position = any(q.per_position for k in kinds_of(kind) for q in registry.spec(k).params)
     return output_width(kind, 1) != 1 or per_position or params.get("per_channel") is True
+
+
+#: Module types whose input width is fixed, and that width.
+_WIDTHS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "in_features"),
+    (nn.modules.conv._ConvNd, "in_channels"),
+    (nn.LayerNorm, "normalized_shape"),
+    (nn.RMSNorm, "normalized_shape"),
+    (nn.GroupNorm, "num_channels"),
+    (nn.modules.batchnorm._NormBase, "num_features"),
+    (nn.PReLU, "num_parameters"),
+)
+
+
+def _input_width(module: nn.Module) -> tuple[str, int | None] | None:
+    """``(attribute, width)`` of a module that only takes inputs of one width (``width`` None
+    when the module holds its own parameters or buffers but its type is unknown here); None
+    for a module that takes any width (Flatten, Dropout, an activation, a container)."""
+    for kind, attr in _WIDTHS:
+        if isinstance(module, kind):
+            value = getattr(module, attr)
+            width = math.prod(value) if isinstance(value, tuple) else int(value)
+            if kind is nn.PReLU and width == 1:
+                return None  # one slope for every channel
+            own = any(True for _ in module.parameters(recurse=False)) or any(
+                True for _ in module.buffers(recurse=False)
+            )
+            if kind in (nn.GroupNorm, nn.modules.batchnorm._NormBase) and not own:
+                return None  # no affine parameters nor running statistics: any width
+            return attr, width
+    own = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+    return ("parameters", None) if own else None
+
+
+def _between(
+    model: nn.Module, pools: list[tuple[str, nn.Module]], classifier: str
+) -> list[tuple[str, nn.Module, str, int | None]]:
+    """The fixed-width modules registered after the pool(s) and before the classifier, in the
+    model's registration order (the forward's order in timm's and torchvision's models):
+    ``(name, module, attribute, width)``. Ancestors of the classifier, the pools and what they
+    hold are left out; a classifier registered before the pool leaves none."""
+    order = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    pool_names = {n for n, _ in pools}
+    after = max(i for i, n in enumerate(order) if n in pool_names)
+    try:
+        before = order.index(classifier)
+    except ValueError:
+        return []
+    out = []
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for n in order[after + 1:before]:
+        if classifier.startswith(n + ".") or any(n.startswith(p + ".") for p in pool_names):
+            continue
+        width = _input_width(modules[n])
+        if width is not None:
+            out.append((n, modules[n], *width))
+    return out
 
 
 def _like(model: nn.Module, fc: nn.Module | None) -> dict[str, Any]:
@@ -554,27 +729,55 @@ def _like(model: nn.Module, fc: nn.Module | None) -> dict[str, Any]:
 
 
 def swap_pool(
-    model: nn.Module, kind: str, *, classifier: str | None = None, **params: Any
+    model: nn.Module,
+    kind: str | tuple[str, ...],
+    *,
+    name: str | list[str] | tuple[str, ...] | None = None,
+    classifier: str | None = None,
+    **params: Any,
 ) -> nn.Module:
     """Replace the ``AdaptiveAvg/MaxPool*d(1)`` global pool(s) of ``model`` by globalpool's
-    ``kind``, in place; the new modules get the model's device and dtype.
+    ``kind``, in place; the new modules get the model's device and dtype. Every check is made,
+    and every new module built, before anything changes: a refused call leaves the model as it
+    was.
 
-    Which pools: in a model with a module named ``global_pool`` (timm's convention, possibly a
-    wrapper such as ``SelectAdaptivePool2d`` holding the ``AdaptiveAvgPool2d(1)``), the one such
-    pool inside it, so that pools elsewhere (squeeze-excitation blocks) are left alone; a
-    ``global_pool`` holding none or several is refused. In any other model, every one. The new
-    pool keeps singleton spatial dims, so whatever flattening the model does still works. A pool
-    registered under several names (one module shared by several attributes) is replaced under
-    every name by one new module, so they stay shared. ``AdaptiveMaxPool*d(1,
-    return_indices=True)`` is refused: its (values, indices) output has no globalpool
-    equivalent. ``params`` go to :func:`~globalpool.make_pool` (``p``, ``learnable``,
-    ``per_channel`` ...).
+    Args:
+        model: the model (or a lone ``AdaptiveAvg/MaxPool*d(1)``: then the new pool is
+            returned, as there is nothing to replace it in).
+        kind: a kind or a tuple of kinds.
+        name: which pool(s): the dotted name of a global adaptive pool (or of a module holding
+            exactly one, such as timm's ``global_pool`` wrapper), or a list of them. By default:
+            in a model with a module named ``global_pool`` (timm's convention, possibly a
+            wrapper such as ``SelectAdaptivePool2d``), the one pool inside it (a
+            ``global_pool`` holding none or several is refused); else the model's only global
+            pool. A model with several (a squeeze-excitation block's beside the final one) and
+            no ``name`` is refused, listing them: replacing a squeeze-excitation pool changes
+            what its block computes.
+        classifier: the dotted name of the ``nn.Linear`` that takes the pooled features, for
+            the kinds that need it (below); default: the one ``nn.Linear`` named ``fc``,
+            ``head``, ``classifier`` or ``head.fc`` (:data:`CLASSIFIER_NAMES`; none or several
+            is an error asking for ``classifier=``).
+        params: go to :func:`~globalpool.make_pool` (``p``, ``learnable``, ``per_channel``
+            ...).
 
-    Kinds whose width differs (``catavgmax``) or that learn per-channel weights (``attention``,
-    ``per_channel=True``) need the ``nn.Linear`` that follows: ``classifier`` (its dotted name),
-    else the one ``nn.Linear`` named ``fc``, ``head``, ``classifier`` or ``head.fc``
-    (:data:`CLASSIFIER_NAMES`; none or several is an error asking for ``classifier=``). It is
-    rebuilt (newly initialised) with the right input width.
+    Returns:
+        ``model``, changed in place; or the new pool when ``model`` is itself the pool.
+
+    The new pool keeps singleton spatial dims, so whatever flattening the model does still
+    works. A pool registered under several names (one module shared by several attributes) is
+    replaced under every name by one new module, so they stay shared.
+    ``AdaptiveMaxPool*d(1, return_indices=True)`` is refused: its (values, indices) output has
+    no globalpool equivalent.
+
+    Kinds whose width differs (``catavgmax``, a tuple) or that learn per-channel weights
+    (``attention``, ``per_channel=True``) swap one pool and need the classifier. The pooled
+    width is the input width of the first fixed-width module (a ``Linear``, convolution, norm,
+    or a module with its own parameters) registered after the pool, the classifier at the
+    latest. A kind of another width rebuilds the classifier (newly initialised) at the new
+    width, and is refused when such a module sits between the pool and the classifier (a
+    ConvNeXt head's ``LayerNorm`` of the channels, a MobileNetV3 ``conv_head``), naming it: it
+    would receive twice the features it takes. "Between" is the order in which the model
+    registers its modules, which is the forward's order in timm's and torchvision's models.
 
     >>> import torch, globalpool as gp
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
@@ -592,34 +795,124 @@ def swap_pool(
     ...         return self.fc(self.global_pool(self.conv(x)).flatten(1))
     >>> gp.swap_pool(Net(), "catavgmax").fc.in_features
     16
+    >>> gp.swap_pool(torch.nn.AdaptiveAvgPool2d(1), "max")  # a lone pool: the new one
+    GlobalPool(kind='max', layout='channels_first', keepdim=True)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     kind = check_kinds(kind)
-    found = _pools_to_swap(model)
-    for name, module in found:
+    found = _pools_to_swap(model, name)
+    for where, module in found:
         if getattr(module, "return_indices", False):
             raise ValueError(
-                f"cannot swap {name!r}: {type(module).__name__}(return_indices=True) returns "
+                f"cannot swap {where!r}: {type(module).__name__}(return_indices=True) returns "
                 f"(values, indices) and globalpool's pools return values only; expected "
                 f"return_indices=False"
             )
-    if classifier is None and _needs_classifier(kind, params):
+    needs = _needs_classifier(kind, params)
+    if found[0][0] == "":  # the model is the pool: nothing to put the new one in, or size it by
+        return _lone_pool(model, kind, classifier, needs, params)
+    if classifier is None and needs:
         classifier = _find_classifier(model, kind)
-    fc = model.get_submodule(classifier) if classifier is not None else None
-    if fc is not None and not isinstance(fc, nn.Linear):
-        raise TypeError(f"classifier must name an nn.Linear, got {type(fc).__name__}")
+    fc = _classifier_module(model, classifier) if classifier is not None else None
     channels = fc.in_features if fc is not None else 0
+    if needs:
+        distinct = _distinct_names(found)
+        if len(distinct) > 1:
+            raise ValueError(
+                f"kind {kind!r} needs the width of the features the pool gives the classifier, "
+                f"which swap_pool takes from one pool; got {len(distinct)} pools {distinct}: "
+                "swap them with a kind of the same width and no per-channel weights, or one "
+                "at a time with name="
+            )
+        between = _between(model, found, classifier)
+        if between and between[0][3] is not None:
+            channels = between[0][3]
+        width = output_width(kind, channels)
+        if width != channels and between:
+            raise ValueError(_blocked(distinct[0], kind, classifier, between[0]))
+        if between and between[0][3] is None:
+            raise ValueError(
+                f"cannot tell the channel count of {distinct[0]!r} for kind {kind!r}: "
+                f"{between[0][0]!r} ({type(between[0][1]).__name__}), a module with its own "
+                f"parameters of unknown input width, sits between it and the classifier "
+                f"{classifier!r}; nothing was changed"
+            )
     like = _like(model, fc)
-    replacements: dict[int, nn.Module] = {}  # id(old module) -> its one replacement
-    for name, module in found:
-        new = replacements.get(id(module))
-        if new is None:
-            new = make_pool(kind, channels, keepdim=True, **params).to(**like)
-            replacements[id(module)] = new
-        _set_submodule(model, name, new)
-    if fc is not None and new.output_width(channels) != fc.in_features:
-        linear = nn.Linear(new.output_width(channels), fc.out_features, bias=fc.bias is not None)
-        _set_submodule(model, classifier, linear.to(fc.weight.device, fc.weight.dtype))
+    replacements: dict[int, nn.Module] = {}  # id(old pool) -> its one replacement
+    for _, module in found:
+        if id(module) not in replacements:
+            replacements[id(module)] = make_pool(kind, channels, keepdim=True, **params).to(**like)
+    linear = None
+    width = output_width(kind, channels)
+    if fc is not None and needs and width != channels:  # one pool, nothing between it and fc
+        linear = nn.Linear(width, fc.out_features, bias=fc.bias is not None)
+        linear = linear.to(fc.weight.device, fc.weight.dtype)
+    for where, module in found:  # every check passed, every module is built: change the model
+        _set_submodule(model, where, replacements[id(module)])
+    if linear is not None:
+        _set_submodule(model, classifier, linear)
     return model
+
+
+def _classifier_module(model: nn.Module, classifier: Any) -> nn.Linear:
+    if not isinstance(classifier, str):
+        raise TypeError(
+            f"classifier must be the dotted name of an nn.Linear or None, got {classifier!r}"
+        )
+    try:
+        fc = model.get_submodule(classifier)
+    except AttributeError:
+        raise ValueError(
+            f"classifier {classifier!r} is not a module of the model; expected the dotted name "
+            f"of the nn.Linear after the pool, such as "
+            f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]}"
+        ) from None
+    if not isinstance(fc, nn.Linear):
+        raise TypeError(
+            f"classifier must name an nn.Linear, got {classifier!r}: {type(fc).__name__}"
+        )
+    return fc
+
+
+def _blocked(
+    pool_name: str, kind: Any, classifier: str, blocker: tuple[str, nn.Module, str, int | None]
+) -> str:
+    """The refusal of a kind of another width whose output would reach ``blocker``."""
+    name, module, attr, takes = blocker
+    what = f"{attr}={takes}" if takes is not None else "its own parameters"
+    hint = (
+        f", or pass classifier={name!r} if it is the nn.Linear that takes the pooled features "
+        "(it is rebuilt at the new width)"
+        if isinstance(module, nn.Linear)
+        else ""
+    )
+    factor = output_width(kind, 1)
+    return (
+        f"cannot swap {pool_name!r} for kind {kind!r}, which gives {factor} features per "
+        f"channel: {name!r} ({type(module).__name__}, {what}) sits between the pool and the "
+        f"classifier {classifier!r} and takes the pooled features at their present width, so "
+        f"the model would no longer run; nothing was changed. Use a kind of the same width "
+        f"(avg, max, avgmax, gem, lse, attention){hint}"
+    )
+
+
+def _lone_pool(
+    model: nn.Module, kind: Any, classifier: Any, needs: bool, params: dict[str, Any]
+) -> nn.Module:
+    """The new pool for a model that is itself the pool."""
+    if classifier is not None:
+        raise ValueError(
+            f"model is itself the pool ({type(model).__name__}) and has no classifier; got "
+            f"classifier={classifier!r}"
+        )
+    if needs and (kind == "attention" or params.get("per_channel") is True):
+        raise ValueError(
+            f"model is itself the pool ({type(model).__name__}): nothing gives the channel "
+            f"count that kind {kind!r} with its per-channel weights needs; build it with "
+            f"gp.make_pool({kind!r}, channels, keepdim=True, ...)"
+        )
+    return make_pool(kind, 0, keepdim=True, **params).to(**_like(model, None))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -25,12 +25,14 @@ module registered under several names is recorded once, under its first name):
   output, so ``catavgmax`` has ``2C``) is **dead** when none of its pooled values seen in the
   block, over every sample, bin and call, was ``> 0`` (NaN is not ``> 0``). After a ReLU such a
   feature is 0 for every input: it carries nothing. GeM clamps its input at ``eps``, so a dead
-  GeM channel pools to ``eps``: for GeM the bound is ``eps`` (plus 0.1% for rounding), not 0.
-  ``None`` if the width changed between calls;
+  GeM channel pools to ``eps``: for GeM the bound is ``eps`` (plus 0.1% for rounding), not 0,
+  also for the gem block of a tuple of kinds (``GlobalPool(("avg", "gem"))``: 0 for the avg
+  features, ``eps`` for the gem ones). ``None`` if the width changed between calls;
 - ``empty_samples``: with a ``mask`` passed to the module, samples (for :class:`AdaptivePool`:
   output bins) without a real position; they pool to 0 by contract and are left out of every
   statistic above, so they neither fake dead channels nor pull the mean to 0;
-- ``p`` for :class:`GeM` (and a ``GlobalPool("gem", p=...)``), ``r`` for :class:`LSEPool`,
+- ``p`` for :class:`GeM` (and a ``GlobalPool`` or ``AdaptivePool`` whose kind is ``gem`` or a
+  tuple holding it: its fixed ``p``), ``r`` for :class:`LSEPool`,
   read when the block exits (or when viewed inside it): a float, or ``{"mean", "min", "max"}``
   for one value per channel;
 - ``attention_entropy`` for :class:`AttentionPool`: per sample, the entropy of the normalised
@@ -44,6 +46,13 @@ Recognised modules (:data:`POOL_TYPES`): globalpool's :class:`GlobalPool` (every
 :class:`NiNHead` (whose output is the global average of its class maps), and torch's
 ``nn.AdaptiveAvgPool1/2/3d`` and ``nn.AdaptiveMaxPool1/2/3d``. A model with none of them
 (after ``include``) is refused with a ``ValueError``: monitoring nothing is a mistake.
+
+``torch.compile``: code compiled before the hooks were added skips them (dynamo does not guard
+on hooks). A compiled module inside the monitored model (``gp.monitor(torch.compile(net))``, or a
+model compiled in place with ``model.compile()``) therefore runs eagerly inside the block, so
+every call is recorded; its compiled code is put back, not recompiled, when the block exits.
+Compiled code the monitor cannot see (``gp.monitor(net)`` while calling ``torch.compile(net)``)
+records nothing: a block in which no call was recorded ends with a ``UserWarning`` saying so.
 
 The statistics are computed on detached tensors and never change the forward's result or
 gradient. To cost one cheap copy per call rather than a handful of reductions, a hook copies the
@@ -59,9 +68,12 @@ inside a hook never breaks the forward: it is counted in ``errors`` (with the la
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -70,7 +82,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalpool.contract import kinds_of
 from globalpool.heads import TORCH_ADAPTIVE_POOLS, NiNHead
+from globalpool.kinds import KIND_DEFS
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, LSEPool
 
 #: Module types :func:`monitor` records.
@@ -115,15 +129,32 @@ def _kind(module: nn.Module) -> str:
     return "avg" if "Avg" in type(module).__name__ else "max"
 
 
-def _dead_floor(module: nn.Module) -> float:
+def _fixed_gem(module: nn.Module) -> dict[str, Any] | None:
+    """``p`` and ``eps`` of the ``gem`` of a :class:`GlobalPool` or :class:`AdaptivePool` whose
+    kind is ``gem`` or a tuple holding it (its defaults where not given); None otherwise."""
+    if isinstance(module, (GlobalPool, AdaptivePool)) and "gem" in kinds_of(module.kind):
+        return {**KIND_DEFS["gem"].defaults, **module.params}
+    return None
+
+
+def _dead_floor(module: nn.Module) -> float | tuple[tuple[int, float], ...]:
     """The largest pooled value of a dead channel: 0, or GeM's clamp floor ``eps`` (a channel
-    whose inputs are all <= eps pools to eps; 0.1% above it for rounding)."""
-    eps = None
+    whose inputs are all <= eps pools to eps; 0.1% above it for rounding).
+
+    Returns:
+        A float for one kind; for a tuple of kinds holding ``gem``, one ``(width, floor)`` per
+        kind in output order (``width`` output features per input channel): the floor of each
+        block of the concatenated output.
+    """
     if isinstance(module, GeM):
-        eps = module.eps
-    elif isinstance(module, (GlobalPool, AdaptivePool)) and module.kind == "gem":
-        eps = module.params.get("eps", 1e-6)
-    return 0.0 if eps is None else float(eps) * 1.001
+        return float(module.eps) * 1.001
+    gem = _fixed_gem(module)
+    if gem is None:
+        return 0.0
+    floor = float(gem["eps"]) * 1.001
+    if isinstance(module.kind, str):
+        return floor
+    return tuple((KIND_DEFS[k].width, floor if k == "gem" else 0.0) for k in module.kind)
 
 
 def _check_include(include: Any) -> tuple[str, ...] | None:
@@ -186,7 +217,7 @@ def call_stats(
     y: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
-    floor: float = 0.0,
+    floor: float | torch.Tensor = 0.0,
     fast: bool = True,
     channels: bool | torch.Tensor = True,
 ) -> tuple[Any, ...]:
@@ -194,9 +225,10 @@ def call_stats(
 
     Returns ``(n, sum, sumsq, min, max, nan, inf, alive)`` over the finite values where
     ``valid`` (broadcastable to ``y``, True = counted) holds; ``alive`` (``(C,)``) is, per
-    channel, how far its largest value (NaN left out) lies above ``floor``, or 0: 0 for a dead
-    channel; only of the channels indexed by ``channels`` when it is a tensor, and None when it
-    is False (the channel maxima are one of the dearer passes). Items are numbers or tensors;
+    channel, how far its largest value (NaN left out) lies above ``floor`` (a number, or one per
+    channel: a ``(C,)`` tensor), or 0: 0 for a dead channel; only of the channels indexed by
+    ``channels`` when it is a tensor, and None when it is False (the channel maxima are one of
+    the dearer passes). Items are numbers or tensors;
     sums are float64. With ``fast`` an all-finite ``y`` without ``valid`` takes one pass per
     statistic (sum, sum of squares, min and max together, the channel maxima), allocates
     nothing of ``y``'s size (a float64 ``y`` is not copied) and brings its four numbers back in
@@ -240,13 +272,15 @@ def call_stats(
 
 
 def _alive(
-    y: torch.Tensor, dims: list[int], floor: float, channels: bool | torch.Tensor
+    y: torch.Tensor, dims: list[int], floor: float | torch.Tensor, channels: bool | torch.Tensor
 ) -> torch.Tensor:
     """How far the largest value of each channel of ``y`` (of those indexed by ``channels``
-    when a tensor) lies above ``floor``; 0 when not above (for two floats, ``a - b > 0``
-    exactly when ``a > b``)."""
+    when a tensor) lies above ``floor`` (a number or one per channel); 0 when not above (for
+    two floats, ``a - b > 0`` exactly when ``a > b``)."""
     if isinstance(channels, torch.Tensor):
         y = y.index_select(1, channels)
+        if isinstance(floor, torch.Tensor):
+            floor = floor.index_select(0, channels)
     return torch.clamp_min(y.amax(dims) - floor, 0.0)
 
 
@@ -416,6 +450,7 @@ class _Record:
         self.errors, self.error = 0, None
         self.p: Any = None
         self.floor = _dead_floor(module)
+        self._floors: dict[tuple[int, torch.device], float | torch.Tensor] = {}
         self.tail: torch.Size | None = None  # output shape (less N) taken as it came
         self.rank = _SPATIAL_RANK.get(type(module))
         self.channels_last = getattr(module, "layout", "channels_first") == "channels_last"
@@ -526,10 +561,27 @@ class _Record:
         channels: bool | torch.Tensor = True if which is None else which
         if self.width_changed or (which is not None and not len(which)):
             channels = False
-        *cells, alive = call_stats(y, valid, floor=self.floor, channels=channels)
+        floor = self._floor(y)
+        *cells, alive = call_stats(y, valid, floor=floor, channels=channels)
         self._fold(cells, valid)
         if alive is not None:
             self._note_alive(alive, which)
+
+    def _floor(self, y: torch.Tensor) -> float | torch.Tensor:
+        """The dead-channel floor for outputs ``y`` ``(N, C, ...)``: :attr:`floor`, or for a
+        tuple of kinds with ``gem`` a ``(C,)`` tensor (``eps`` on the gem's block, 0 elsewhere;
+        made once per width and device)."""
+        if not isinstance(self.floor, tuple):
+            return self.floor
+        width, unit = y.shape[1], sum(w for w, _ in self.floor)
+        key = (width, y.device)
+        if key not in self._floors:
+            channels, rest = divmod(width, unit)
+            self._floors[key] = 0.0 if rest else torch.cat([
+                torch.full((w * channels,), f, dtype=_acc_dtype(y.device), device=y.device)
+                for w, f in self.floor
+            ])
+        return self._floors[key]
 
     def _note_alive(self, alive: torch.Tensor, which: torch.Tensor | None) -> None:
         """Fold ``alive`` of the channels ``which`` (None: every channel) into the record."""
@@ -581,8 +633,8 @@ class _Record:
             p = self.module.p.detach()
         elif isinstance(self.module, LSEPool):
             p = self.module.r.detach()
-        elif isinstance(self.module, GlobalPool) and self.module.kind == "gem":
-            p = self.module.params.get("p", 3.0)
+        elif (gem := _fixed_gem(self.module)) is not None:
+            p = gem["p"]
         if isinstance(p, torch.Tensor):
             p = p.float().cpu()
             p = float(p) if p.numel() == 1 else {
@@ -654,7 +706,10 @@ class MonitorStats:
                 f"expected one of {', '.join(t.__name__ for t in POOL_TYPES)}"
             )
         self.records = {name: _Record(name, m) for name, m in pools.items()}
+        self._model = model
         self._handles: list[Any] = []
+        self._undo: list[Callable[[], None]] = []  # puts compiled forwards back
+        self._calls_at_enter = 0
 
     @property
     def active(self) -> bool:
@@ -667,9 +722,11 @@ class MonitorStats:
         try:
             for record in self.records.values():
                 self._hook(record)
+            _run_compiled_eagerly(self._model, self._undo)
         except BaseException:
             self._remove()
             raise
+        self._calls_at_enter = sum(r.calls for r in self.records.values())
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -678,11 +735,16 @@ class MonitorStats:
             record.scores = None
             _guard(record, record.read_p)
             _guard(record, record.flush)
+        if exc[0] is None and sum(r.calls for r in self.records.values()) == self._calls_at_enter:
+            warnings.warn(_NO_CALL.format(names=list(self.records)), stacklevel=2)
 
     def _remove(self) -> None:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        undo, self._undo = self._undo, []
+        for put_back in reversed(undo):
+            put_back()
 
     def _hook(self, record: _Record) -> None:
         def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -772,6 +834,40 @@ class MonitorStats:
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
         return f"MonitorStats({list(self.records)}, {state})"
+
+
+_NO_CALL = (
+    "gp.monitor recorded no call of {names} inside the block: the model did not run there, or "
+    "it ran as code compiled by torch.compile from a module outside the one monitored (compiled "
+    "code skips hooks added after it was compiled, so nothing can be recorded); monitor the "
+    "compiled module itself, gp.monitor(compiled), which runs it eagerly inside the block, or "
+    "call the uncompiled model there"
+)
+
+
+def _run_compiled_eagerly(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    """Make the ``torch.compile``d modules of ``model`` run eagerly, so that the monitor's hooks
+    run: code compiled before the hooks were added would skip them (dynamo does not guard on
+    hooks). Covers ``torch.compile(module)`` (an ``OptimizedModule``: its compiled ``forward``)
+    and ``module.compile()`` (its ``_compiled_call_impl``); nothing is recompiled.
+
+    Args:
+        model: the monitored model.
+        undo: receives, as each change is made, the call that puts that compiled forward back
+            (run them in reverse order).
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    for module in model.modules():
+        state = module.__dict__
+        if optimized is not None and isinstance(module, optimized) and "forward" in state:
+            undo.append(functools.partial(state.__setitem__, "forward", state["forward"]))
+            state["forward"] = module._orig_mod.__call__  # what the compiled forward traced
+        if state.get("_compiled_call_impl") is not None:
+            undo.append(functools.partial(
+                state.__setitem__, "_compiled_call_impl", state["_compiled_call_impl"]
+            ))
+            state["_compiled_call_impl"] = None
 
 
 def _num(value: Any) -> str:

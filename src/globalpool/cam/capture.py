@@ -49,12 +49,22 @@ class Site:
 @dataclasses.dataclass
 class Seen:
     """What one forward showed: the feature map (a tensor that requires grad), the mask the
-    head received (None if none) and how many times the hooked module ran."""
+    head received (None if none) and how many times the hooked module ran.
+
+    For a layer's output, ``feature`` is that output as the layer returned it, kept apart from
+    the tensor the rest of the model goes on with (``passed``, a copy whose graph leads to
+    ``feature``): an in-place op after the layer (``nn.ReLU(inplace=True)``) changes ``passed``,
+    never ``feature``. ``reads_passed`` says whether the head's input was ``passed`` itself,
+    unchanged by any in-place op (then the feature map is exactly what the head pooled).
+    """
 
     feature: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     calls: int = 0
     head_input: torch.Tensor | None = None
+    passed: torch.Tensor | None = None
+    passed_version: int = -1
+    reads_passed: bool = False
 
 
 def _last_head(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -142,11 +152,20 @@ def capture(model: nn.Module, site: Site, *, head_hook: bool = True) -> Iterator
             )
         feature = _leaf(output)
         seen.feature = feature
-        return feature
+        # the model goes on with a copy, so that an in-place op after the layer (a ReLU with
+        # inplace=True) changes that copy, not the layer's output the maps are made of; the
+        # gradient reaches ``feature`` through the copy. A frozen model's output is a detached
+        # leaf here, which an in-place op could not touch at all.
+        passed = feature.clone()
+        seen.passed, seen.passed_version = passed, passed._version
+        return passed
 
     def head_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if args and isinstance(args[0], torch.Tensor):
             seen.head_input = args[0]
+            seen.reads_passed = (
+                args[0] is seen.passed and args[0]._version == seen.passed_version
+            )
             mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
             seen.mask = mask if isinstance(mask, torch.Tensor) else None
 

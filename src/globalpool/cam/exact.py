@@ -101,8 +101,9 @@ def exact_maps(
     dims = tuple(range(2, xf.ndim))
     n = real.expand(xf.shape[0], 1, *xf.shape[2:]).sum(dims, keepdim=True).to(xf.dtype)
     weight = head.fc.weight[targets].to(xf.dtype)  # (N, F)
-    shape = (xf.shape[0], -1, *([1] * len(dims)))
     channels = xf.shape[1]
+    # (N, C, 1, ..): C spelled out, since -1 cannot be inferred from an empty batch (N = 0)
+    shape = (xf.shape[0], channels, *([1] * len(dims)))
     if kind == "avg":
         per_channel = weight.reshape(shape) * xf
     elif kind == "max":

@@ -25,6 +25,8 @@ Padded positions are 0 in every map and enter no sum or mean.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam")
@@ -42,7 +44,7 @@ def gradient_maps(
         n = mask.sum(tuple(range(1, mask.ndim)), dtype=A.dtype).clamp(min=1)
         n = n.reshape(-1, 1, *([1] * len(dims)))
     else:
-        n = torch.tensor(float(A[0, 0].numel()), dtype=A.dtype, device=A.device)
+        n = torch.tensor(float(math.prod(A.shape[2:])), dtype=A.dtype, device=A.device)
     if method == "gradcam":
         weights = G.sum(dims, keepdim=True) / n
         out = torch.relu((weights * A).sum(1))

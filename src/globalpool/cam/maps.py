@@ -61,6 +61,13 @@ def class_activation_maps(
     mean or sum. ``upsample`` (an int or a size per spatial dim) resizes the maps with
     :func:`~globalpool.cam.upsample_maps`.
 
+    The maps are of ``layer``'s own output, as the layer returned it: the rest of the model goes
+    on with a copy, so an in-place op after the layer (``nn.ReLU(inplace=True)`` after a ResNet
+    block's last batch norm) changes the copy, not the map, and ``"gradcam"`` equals captum's
+    ``LayerGradCam(model, layer)`` there too. ``method="cam"`` applies only where the head
+    received that output unchanged. A frozen model (``model.requires_grad_(False)``) gives the
+    same maps. An empty batch (N = 0) gives empty maps ``(0, *S)``.
+
     Call ``model.eval()`` first: dropout or batch statistics in training mode change the maps.
     No hook stays on the model and no parameter's ``.grad`` changes, even under
     ``torch.no_grad()``.
@@ -94,9 +101,7 @@ def class_activation_maps(
     with torch.no_grad() if no_grad else torch.enable_grad():
         with capture(model, site) as seen:
             out = model(x) if call_mask is None else model(x, mask=call_mask)
-        reads_head_input = site.pre or (
-            seen.feature is not None and seen.head_input is seen.feature
-        )
+        reads_head_input = site.pre or (seen.feature is not None and seen.reads_passed)
         layout = _layout(site, layout, reads_head_input)
         feature = _checked_feature(seen, site, out, layout)
         mask = _checked_mask(mask, seen, feature, layout)
