@@ -463,7 +463,7 @@ def test_a_registered_kind_runs_in_the_keras_layers():
     gp.register_kind("absmax_k", absmax, keras=absmax_keras)
     try:
         x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype("float32")
-        y = GlobalPooling2D("absmax_k")(x)
+        y = gpk.GlobalPooling2D("absmax_k")(x)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(y), np.abs(x).max(axis=(1, 2)),
                                    rtol=1e-6)
         from globalpool.keras import _ops

@@ -82,9 +82,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalpool import registry
 from globalpool.contract import kinds_of
 from globalpool.heads import TORCH_ADAPTIVE_POOLS, NiNHead
-from globalpool.kinds import KIND_DEFS
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, LSEPool
 
 #: Module types :func:`monitor` records.
@@ -133,7 +133,7 @@ def _fixed_gem(module: nn.Module) -> dict[str, Any] | None:
     """``p`` and ``eps`` of the ``gem`` of a :class:`GlobalPool` or :class:`AdaptivePool` whose
     kind is ``gem`` or a tuple holding it (its defaults where not given); None otherwise."""
     if isinstance(module, (GlobalPool, AdaptivePool)) and "gem" in kinds_of(module.kind):
-        return {**KIND_DEFS["gem"].defaults, **module.params}
+        return {**registry.spec("gem").defaults, **module.params}
     return None
 
 
@@ -154,7 +154,7 @@ def _dead_floor(module: nn.Module) -> float | tuple[tuple[int, float], ...]:
     floor = float(gem["eps"]) * 1.001
     if isinstance(module.kind, str):
         return floor
-    return tuple((KIND_DEFS[k].width, floor if k == "gem" else 0.0) for k in module.kind)
+    return tuple((registry.spec(k).width, floor if k == "gem" else 0.0) for k in module.kind)
 
 
 def _check_include(include: Any) -> tuple[str, ...] | None:

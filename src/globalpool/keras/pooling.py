@@ -6,8 +6,8 @@ from typing import Any
 
 import keras
 
-from globalpool.keras._base import LAYER_KWARGS, Pooling
 from globalpool import registry
+from globalpool.keras._base import LAYER_KWARGS, Pooling
 from globalpool.keras._checks import check_kind, check_params
 
 

@@ -76,8 +76,8 @@ def warmup(
     ] = "float32",
 ) -> list[dict]:
     """Compile the fused CPU kernels for these kinds, layouts and dtypes into numba's cache."""
-    from globalpool.kernels import cpu_kernels, launch
     from globalpool import registry
+    from globalpool.kernels import cpu_kernels, launch
 
     FUSED_KINDS = tuple(k for k in registry.kinds() if "cpu" in registry.kernels_of(k))
 

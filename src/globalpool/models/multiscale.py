@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool.heads import NiNHead
 from globalpool import KINDS
+from globalpool.heads import NiNHead
 from globalpool.layers import make_pool
 from globalpool.models.base import check_head, check_spatial_size
 
