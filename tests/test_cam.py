@@ -17,7 +17,9 @@ from torch import nn
 import globalpool as gp
 from globalpool.cam import class_activation_maps as cam
 
-EXACT = ("avg", "max", "avgmax", "catavgmax", "attention")
+# every built-in kind with a credit in the registry, and a tuple of them
+EXACT = ("avg", "max", "avgmax", "catavgmax", "attention", "sum", "first", "last",
+         ("avg", "max", "last"))
 HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -41,9 +43,9 @@ def no_hooks(model: nn.Module) -> bool:
     return True
 
 
-def make_head(kind: str, c: int, k: int, layout: str, seed: int) -> nn.Module:
+def make_head(kind, c: int, k: int, layout: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if kind.startswith("nin"):  # nin: softplus maps; nin-relu-bn: batch norm, then ReLU
+    if isinstance(kind, str) and kind.startswith("nin"):  # nin: softplus maps; nin-relu-bn: batch norm, then ReLU
         options = dict(activation="relu", norm=True) if kind == "nin-relu-bn" else {}
         head = gp.NiNHead(c, k, layout=layout, backend="torch", **options)
     else:
@@ -92,7 +94,7 @@ def test_exact_map_mean_is_logit_minus_bias(kind, rank, layout, masked, integer,
     maps = cam(head, x, targets, method="cam", mask=mask)
     assert maps.shape == (n, *spatial) and maps.dtype == torch.float64
     logits = head(x, mask=mask)[torch.arange(n), targets]
-    bias = 0.0 if kind.startswith("nin") else head.fc.bias[targets]
+    bias = 0.0 if isinstance(kind, str) and kind.startswith("nin") else head.fc.bias[targets]
     torch.testing.assert_close(real_mean(maps, mask), logits - bias, rtol=1e-10, atol=1e-10)
     if mask is not None:
         assert (maps[~mask] == 0).all()  # padded positions exactly 0 (no NaN leaks)
@@ -481,3 +483,32 @@ def test_cam_doctests_pass(name):
 
     result = doctest.testmod(importlib.import_module(f"globalpool.{name}"))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_exact_kinds_are_those_with_a_credit_and_a_registered_kind_can_have_one():
+    from globalpool import registry
+    from globalpool.cam.maps import exact_kinds
+
+    assert set(exact_kinds()) == {k for k in registry.kinds() if registry.spec(k).credit}
+    assert "gem" not in exact_kinds() and "lse" not in exact_kinds()
+
+    def absmax(x, mask):
+        return (x.abs() if mask is None else torch.where(mask, x.abs(), 0.0)).amax(-1)
+
+    def absmax_credit(x, mask):  # the largest magnitude, credited to where it is (n * |x|)
+        a = x.abs() if mask is None else torch.where(mask, x.abs(), -1.0)
+        top = a.amax(-1, keepdim=True)
+        n = x.shape[-1] if mask is None else mask.sum(-1, keepdim=True).to(x.dtype)
+        ties = (a == top).to(x.dtype)
+        return ties * n * top / ties.sum(-1, keepdim=True)
+
+    gp.register_kind("absmax_cam", absmax, credit=absmax_credit)
+    try:
+        head = make_head("absmax_cam", 4, 3, "channels_first", 0)
+        x = features(2, 4, (5, 3), "channels_first", 0, False)
+        targets = torch.tensor([0, 2])
+        maps = cam(head, x, targets, method="cam")
+        logits = head(x)[torch.arange(2), targets] - head.fc.bias[targets]
+        torch.testing.assert_close(maps.mean((1, 2)), logits, rtol=1e-10, atol=1e-10)
+    finally:
+        gp.unregister_kind("absmax_cam")

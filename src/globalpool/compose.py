@@ -183,3 +183,85 @@ def _at_end(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, last: bool) 
     picked = flat.gather(-1, index.expand(*flat.shape[:-1], 1))
     y = torch.where(real.any(-1, keepdim=True), picked, 0.0)
     return y.reshape(kept)
+
+
+# --------------------------------------------------------------------------------------------
+# credits: what each real position contributes, for exact class activation maps
+#
+# Over the canonical view (x (N, C, L), mask (N, 1, L) or None), a kind's credit is a
+# (N, width * C, L) tensor whose mean over a row's real positions is exactly its pooled value
+# (0 at padded positions). A classifier's logit, linear in the pooled values, is then the mean of
+# a map over positions: the exact class activation map.
+
+
+def _real_count(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The number of real positions per row, ``(N, 1, 1)`` in x's dtype."""
+    if mask is None:
+        return torch.full((x.shape[0], 1, 1), x.shape[-1], dtype=x.dtype, device=x.device)
+    return mask.sum(-1, keepdim=True, dtype=x.dtype)
+
+
+def _zero_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else torch.where(mask, x, 0.0)
+
+
+def avg_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each real position credits its own value (Zhou et al.'s class activation map)."""
+    return _zero_padded(x, mask)
+
+
+def max_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The maximum credited to the position(s) it came from, ``n * max / ties`` there."""
+    real = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand_as(x)
+    held = torch.where(real, x, -torch.inf)
+    top = held.amax(-1, keepdim=True)
+    ties = (held == top) & real
+    count = ties.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return torch.where(ties, _real_count(x, mask) * top / count, 0.0)
+
+
+def avgmax_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return (avg_credit(x, mask) + max_credit(x, mask)) / 2
+
+
+def catavgmax_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.cat([avg_credit(x, mask), max_credit(x, mask)], dim=1)
+
+
+def sum_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _real_count(x, mask) * _zero_padded(x, mask)
+
+
+def attention_credit(
+    x: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor
+) -> torch.Tensor:
+    """``n * w_s / sum(w)`` times each value (``weights`` ``(N, 1, L)``); 0 where the weights
+    sum to 0."""
+    w = _zero_padded(weights.to(x.dtype), mask)
+    total = w.sum(-1, keepdim=True)
+    share = torch.where(total > 0, _real_count(x, mask) * w / torch.where(total > 0, total, 1.0),
+                        0.0)
+    return _zero_padded(x, mask) * share
+
+
+def _end_credit(x: torch.Tensor, mask: torch.Tensor | None, last: bool) -> torch.Tensor:
+    length = x.shape[-1]
+    pos = torch.arange(length, device=x.device)
+    if mask is None:
+        chosen = pos == (length - 1 if last else 0)
+        return torch.where(chosen, length * x, 0.0)
+    real = mask.expand_as(x)
+    if last:
+        index = torch.where(real, pos, -1).amax(-1, keepdim=True)
+    else:
+        index = torch.where(real, pos, length).amin(-1, keepdim=True)
+    return torch.where((pos == index) & real, _real_count(x, mask) * x, 0.0)
+
+
+def first_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _end_credit(x, mask, last=False)
+
+
+def last_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _end_credit(x, mask, last=True)

@@ -50,6 +50,7 @@ __all__ = [
     "kinds",
     "register_kind",
     "run_composition",
+    "run_credit",
     "spec",
     "unregister_kind",
 ]
@@ -125,6 +126,10 @@ class KindSpec:
             (grad_xs, {name: grad})`` for ``g`` of shape ``(width * C,)``.
         keras: optional ``keras.ops`` composition of the same canonical view
             (``keras(x, mask, **params)`` with ``x`` ``(N, C, L)``), for the Keras layers.
+        credit: optional exact decomposition over positions, for class activation maps:
+            ``credit(x, mask, **params) -> (N, width * C, L)`` whose mean over a row's real
+            positions is the pooled value (0 at padded positions). A classifier head on a kind
+            with a credit has exact maps (``method="cam"``); the others take gradient maps.
         kernels: the kernel families that serve it, among :data:`KERNEL_FAMILIES`.
         summary: one line saying what it computes.
         builtin: whether globalpool registers it itself.
@@ -137,6 +142,7 @@ class KindSpec:
     reference: Callable[..., Any] | None = None
     reference_grad: Callable[..., Any] | None = None
     keras: Callable[..., Any] | None = None
+    credit: Callable[..., Any] | None = None
     kernels: frozenset[str] = frozenset()
     summary: str = ""
     builtin: bool = False
@@ -165,6 +171,11 @@ def run_composition(
     tensor([[0.5000, 3.5000, 1.0000, 4.0000]])
     """
     entry = spec(kind)
+    args = _canonical_params(entry, x, params)
+    return entry.compose(x, None if mask is None else mask.unsqueeze(1), **args)
+
+
+def _canonical_params(entry: KindSpec, x: torch.Tensor, params: dict[str, Any]) -> dict:
     args = {}
     for q in entry.params:
         v = params[q.name]
@@ -174,7 +185,20 @@ def run_composition(
             elif v.ndim == 1:  # one value per channel
                 v = v.reshape(1, -1, 1)
         args[q.name] = v
-    return entry.compose(x, None if mask is None else mask.unsqueeze(1), **args)
+    return args
+
+
+def run_credit(
+    kind: str, x: torch.Tensor, mask: torch.Tensor | None, params: dict[str, Any]
+) -> torch.Tensor | None:
+    """``kind``'s credit (see :class:`KindSpec`) on the canonical view, as
+    :func:`run_composition` takes its arguments: ``(N, width * C, L)``, or None for a kind
+    without one."""
+    entry = spec(kind)
+    if entry.credit is None:
+        return None
+    args = _canonical_params(entry, x, params)
+    return entry.credit(x, None if mask is None else mask.unsqueeze(1), **args)
 
 
 _REGISTRY: dict[str, KindSpec] = {}
@@ -269,6 +293,7 @@ def register_kind(
     reference: Callable[..., Any] | None = None,
     reference_grad: Callable[..., Any] | None = None,
     keras: Callable[..., Any] | None = None,
+    credit: Callable[..., Any] | None = None,
     kernels: Sequence[str] = (),
     summary: str = "",
     replace: bool = False,
@@ -293,6 +318,8 @@ def register_kind(
             tests check the composition against it.
         reference_grad: optional gradient of ``reference``.
         keras: optional ``keras.ops`` composition, for the Keras layers.
+        credit: optional exact decomposition over positions (see :class:`KindSpec`), for
+            exact class activation maps.
         kernels: kernel families that serve it; only globalpool's own kinds have kernels.
         summary: one line saying what it computes.
         replace: allow replacing a kind registered earlier by the user (never a built-in).
@@ -310,8 +337,8 @@ def register_kind(
     torch.Size([2, 3])
     >>> gp.unregister_kind("softmax")
     """
-    entry = _build(name, compose, params, width, reference, reference_grad, keras, kernels,
-                   summary, builtin=False)
+    entry = _build(name, compose, params, width, reference, reference_grad, keras, credit,
+                   kernels, summary, builtin=False)
     old = _REGISTRY.get(name)
     if old is not None and (old.builtin or not replace):
         what = "a built-in kind" if old.builtin else "already registered (pass replace=True)"
@@ -344,7 +371,7 @@ def _as_params(params: Sequence[Param] | dict[str, Any]) -> tuple[Param, ...]:
 
 def _build(
     name: Any, composition: Any, params: Any, width: Any, reference: Any, reference_grad: Any,
-    keras: Any, kernels: Any, summary: Any, builtin: bool,
+    keras: Any, credit: Any, kernels: Any, summary: Any, builtin: bool,
 ) -> KindSpec:
     """Check a registration's arguments (each error names the argument) and build its entry."""
     if not isinstance(name, str) or not name.isidentifier():
@@ -396,7 +423,7 @@ def _build(
             f"name {name!r} collides with a parameter or argument name; choose another name"
         )
     for arg, value in (("reference", reference), ("reference_grad", reference_grad),
-                       ("keras", keras)):
+                       ("keras", keras), ("credit", credit)):
         if value is not None and not callable(value):
             raise TypeError(f"{arg} for kind {name!r} must be callable or None, got {value!r}")
     families = frozenset(kernels)
@@ -410,14 +437,15 @@ def _build(
             f"kernels for kind {name!r}: only globalpool's own kinds have fused kernels; leave "
             "kernels empty (the composition runs everywhere)"
         )
-    return KindSpec(name, composition, ps, width, reference, reference_grad, keras, families,
-                    summary, builtin)
+    return KindSpec(name, composition, ps, width, reference, reference_grad, keras, credit,
+                    families, summary, builtin)
 
 
 def _builtin(name: str, composition: Composition, *, params: tuple[Param, ...] = (),
-             width: int = 1, kernels: str = "cpu packed cuda", summary: str) -> None:
+             width: int = 1, kernels: str = "cpu packed cuda", credit: Callable | None = None,
+             summary: str) -> None:
     _add(_build(name, composition, params, width, ref.FORWARD.get(name), ref.GRAD.get(name),
-                None, kernels.split(), summary, builtin=True))
+                None, credit, kernels.split(), summary, builtin=True))
 
 
 # -- the built-in kinds -----------------------------------------------------------------------
@@ -431,13 +459,17 @@ def _flat(y: torch.Tensor) -> torch.Tensor:
     return y.flatten(1)
 
 
-_builtin("avg", lambda x, mask: _flat(compose.avg(x, mask, _L)), summary="mean over positions")
-_builtin("max", lambda x, mask: _flat(compose.max_(x, mask, _L)), summary="max over positions")
-_builtin("avgmax", lambda x, mask: _flat(compose.avgmax(x, mask, _L)), summary="(avg + max) / 2")
+_builtin("avg", lambda x, mask: _flat(compose.avg(x, mask, _L)), credit=compose.avg_credit,
+         summary="mean over positions")
+_builtin("max", lambda x, mask: _flat(compose.max_(x, mask, _L)), credit=compose.max_credit,
+         summary="max over positions")
+_builtin("avgmax", lambda x, mask: _flat(compose.avgmax(x, mask, _L)),
+         credit=compose.avgmax_credit, summary="(avg + max) / 2")
 _builtin(
     "catavgmax",
     lambda x, mask: _flat(compose.catavgmax(x, mask, _L, 1)),
     width=2,
+    credit=compose.catavgmax_credit,
     summary="concat([avg, max]) along channels",
 )
 _builtin(
@@ -460,11 +492,14 @@ _builtin(
     "attention",
     lambda x, mask, weights: _flat(compose.attention(x, mask, _L, weights)),
     params=(Param("weights", None, per_position=True),),
+    credit=compose.attention_credit,
     summary="weighted mean sum(w x) / sum(w)",
 )
 _builtin("sum", lambda x, mask: _flat(compose.sum_(x, mask, _L)), kernels="cpu packed",
-         summary="sum over positions")
+         credit=compose.sum_credit, summary="sum over positions")
 _builtin("first", lambda x, mask: _flat(compose.first(x, mask, _L)), kernels="packed",
+         credit=compose.first_credit,
          summary="the value at the first real position (row-major order)")
 _builtin("last", lambda x, mask: _flat(compose.last(x, mask, _L)), kernels="packed",
+         credit=compose.last_credit,
          summary="the value at the last real position (row-major order)")

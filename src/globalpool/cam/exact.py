@@ -1,7 +1,10 @@
 """Exact class activation maps of heads whose logit is linear in the positions.
 
 For a head whose logit is ``z_k = sum_c W_kc pooled_c + b_k`` the map ``M_k(s)`` is defined so
-that its mean over the real positions is exactly ``z_k - b_k`` (for a NiN head, ``z_k`` itself):
+that its mean over the real positions is exactly ``z_k - b_k`` (for a NiN head, ``z_k`` itself).
+It is ``M_k(s) = sum_j W_kj credit_j(s)`` with the pool kind's credit from its registry entry
+(the contribution of each position, whose mean over real positions is the pooled value); every
+kind with a credit has exact maps, a tuple of such kinds too. The built-in credits:
 
 - ``avg``: ``M_k(s) = sum_c W_kc x_cs`` (Zhou et al., 2016, "Learning Deep Features for
   Discriminative Localization");
@@ -10,6 +13,7 @@ that its mean over the real positions is exactly ``z_k - b_k`` (for a NiN head, 
 - ``avgmax``: half the ``avg`` map plus half the ``max`` map;
 - ``catavgmax``: the ``avg`` map of the first ``C`` weight columns plus the ``max`` map of the last;
 - ``attention``: ``M_k(s) = n w_s / (sum_t w_t) * sum_c W_kc x_cs`` with the pool's weights ``w``;
+- ``sum``: ``n`` times the ``avg`` map; ``first`` / ``last``: ``n`` times the chosen position's;
 - NiN: the head's own class map (its logit is that map's global average).
 
 >>> import torch, globalpool as gp
@@ -26,16 +30,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from globalpool import registry
+from globalpool.contract import kinds_of
 from globalpool.heads import ClassifierHead, NiNHead
 from globalpool.layers import AttentionPool, GlobalPool
 
-#: Pool kinds of a :class:`~globalpool.ClassifierHead` with an exact map.
-EXACT_KINDS = ("avg", "max", "avgmax", "catavgmax", "attention")
 
-
-def head_kind(head: nn.Module | None) -> str | None:
-    """``"nin"``, the pool kind of a :class:`~globalpool.ClassifierHead` (``"gem"`` for GeM), or
-    None for anything else."""
+def head_kind(head: nn.Module | None) -> str | tuple[str, ...] | None:
+    """``"nin"``, the pool kind of a :class:`~globalpool.ClassifierHead` (a name or a tuple of
+    names; ``"gem"`` for GeM), or None for anything else."""
     if isinstance(head, NiNHead):
         return "nin"
     if isinstance(head, ClassifierHead):
@@ -48,25 +51,41 @@ def head_kind(head: nn.Module | None) -> str | None:
     return None
 
 
+def _has_credit(kind: str | tuple[str, ...] | None) -> bool:
+    if kind is None:
+        return False
+    return all(registry.spec(k).credit is not None for k in kinds_of(kind))
+
+
 def is_exact(head: nn.Module | None) -> bool:
-    """True when :func:`exact_maps` applies to ``head`` (a ClassifierHead whose logits are one
-    Linear of the pooled features, :attr:`~globalpool.ClassifierHead.is_linear`)."""
+    """True when :func:`exact_maps` applies to ``head``: a NiN head, or a ClassifierHead whose
+    logits are one Linear of the pooled features (:attr:`~globalpool.ClassifierHead.is_linear`)
+    and whose pool kind(s) have a credit in the registry."""
     kind = head_kind(head)
     if isinstance(head, ClassifierHead) and not head.is_linear:
         return False
-    return kind == "nin" or kind in EXACT_KINDS
+    if kind == "nin":
+        return True
+    return _has_credit(kind) and (
+        not isinstance(head.pool, GlobalPool) or not _learned(head.pool)
+    )
 
 
-def _max_credit(x: torch.Tensor, real: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``n * max_c * [s is an arg-max] / ties`` per channel, ``(N, C, *S)``; 0 where padded or
-    the sample is empty. ``x`` channels-first, ``real`` ``(N, 1, *S)``, ``n`` ``(N, 1, 1..)``."""
-    dims = tuple(range(2, x.ndim))
-    held = torch.where(real, x, -torch.inf)
-    top = held.amax(dims, keepdim=True)
-    ties = (held == top) & real
-    count = ties.sum(dims, keepdim=True).clamp(min=1).to(x.dtype)
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    return torch.where(ties, n * top / count, 0.0)
+def _learned(pool: nn.Module) -> bool:
+    """A pool with learned parameters has no credit of its own kind (GeM, a learnable lse)."""
+    return any(True for _ in pool.parameters())
+
+
+def _pool_params(head: ClassifierHead, x: torch.Tensor, mask: torch.Tensor | None,
+                 kind: str) -> dict:
+    """The parameters of ``kind`` as the head's pool uses them, per-position ones flattened
+    to ``(N, L)``."""
+    pool = head.pool
+    if isinstance(pool, AttentionPool):
+        return {"weights": pool.weights(x, mask).flatten(1)}
+    given = getattr(pool, "params", {})
+    full = {**registry.spec(kind).defaults, **given}
+    return {q.name: full[q.name] for q in registry.spec(kind).params}
 
 
 def exact_maps(
@@ -75,9 +94,9 @@ def exact_maps(
     mask: torch.Tensor | None,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """Exact maps ``(N, *S)`` of ``head`` (a NiN head or a :class:`ClassifierHead` with a kind in
-    :data:`EXACT_KINDS`) for class ``targets[i]`` of sample ``i``; ``x`` is the head's input in
-    its layout, ``mask`` ``(N, *S)`` or None. Padded positions are exactly 0."""
+    """Exact maps ``(N, *S)`` of ``head`` (a NiN head or a :class:`ClassifierHead` whose kind
+    has a credit: :func:`is_exact`) for class ``targets[i]`` of sample ``i``; ``x`` is the
+    head's input in its layout, ``mask`` ``(N, *S)`` or None. Padded positions are exactly 0."""
     kind = head_kind(head)
     first = head.layout == "channels_first"
     rows = torch.arange(x.shape[0], device=x.device)
@@ -86,38 +105,20 @@ def exact_maps(
         maps = maps if first else maps.movedim(-1, 1)
         out = maps[rows, targets]
         return out if mask is None else torch.where(mask, out, 0.0)
-    if kind not in EXACT_KINDS or not head.is_linear:
+    if not is_exact(head):
         raise ValueError(
             f"no exact map for a head pooling with {kind!r}"
             + ("" if head.is_linear else " and a norm, a hidden layer or no classifier")
         )
     xf = x if first else x.movedim(-1, 1)  # (N, C, *S)
-    real = (
-        torch.ones((1, 1, *xf.shape[2:]), dtype=torch.bool, device=x.device)
-        if mask is None
-        else mask.unsqueeze(1)
-    )
-    xf = torch.where(real, xf, 0.0)  # select, not multiply: what padding holds never counts
-    dims = tuple(range(2, xf.ndim))
-    n = real.expand(xf.shape[0], 1, *xf.shape[2:]).sum(dims, keepdim=True).to(xf.dtype)
-    weight = head.fc.weight[targets].to(xf.dtype)  # (N, F)
-    channels = xf.shape[1]
-    # (N, C, 1, ..): C spelled out, since -1 cannot be inferred from an empty batch (N = 0)
-    shape = (xf.shape[0], channels, *([1] * len(dims)))
-    if kind == "avg":
-        per_channel = weight.reshape(shape) * xf
-    elif kind == "max":
-        per_channel = weight.reshape(shape) * _max_credit(xf, real, n)
-    elif kind == "avgmax":
-        per_channel = weight.reshape(shape) * (xf + _max_credit(xf, real, n)) / 2
-    elif kind == "catavgmax":
-        w_avg, w_max = weight[:, :channels], weight[:, channels:]
-        per_channel = w_avg.reshape(shape) * xf + w_max.reshape(shape) * _max_credit(xf, real, n)
-    else:  # attention
-        w = head.pool.weights(x, mask).to(xf.dtype).unsqueeze(1)  # (N, 1, *S)
-        w = torch.where(real, w, 0.0)
-        total = w.sum(dims, keepdim=True)
-        share = torch.where(total > 0, n * w / torch.where(total > 0, total, 1.0), 0.0)
-        per_channel = weight.reshape(shape) * xf * share
-    out = per_channel.sum(1)
+    spatial = xf.shape[2:]
+    view = xf.flatten(2) if xf.ndim > 3 else xf  # the canonical (N, C, L)
+    flat_mask = None if mask is None else mask.flatten(1)
+    credits = [
+        registry.run_credit(k, view, flat_mask, _pool_params(head, x, mask, k))
+        for k in kinds_of(kind)
+    ]
+    credit = torch.cat(credits, dim=1) if len(credits) > 1 else credits[0]  # (N, F, L)
+    weight = head.fc.weight[targets].to(credit.dtype)  # (N, F)
+    out = (weight.unsqueeze(-1) * credit).sum(1).reshape(xf.shape[0], *spatial)
     return out if mask is None else torch.where(mask, out, 0.0)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from globalpool import registry
 from globalpool.cam.capture import Seen, Site, capture, find_site
-from globalpool.cam.exact import EXACT_KINDS, exact_maps, head_kind, is_exact
+from globalpool.cam.exact import exact_maps, head_kind, is_exact
 from globalpool.cam.gradient import GRADIENT_METHODS, gradient_maps
 from globalpool.cam.resize import upsample_maps
 from globalpool.contract import LAYOUTS
@@ -145,9 +146,15 @@ def _not_exact(site: Site) -> str:
         "ClassifierHead or NiNHead"
     )
     return (
-        f"method='cam' is exact only for a ClassifierHead pooling with one of {EXACT_KINDS} or a "
-        f"NiNHead; got {what}; use method='gradcam' (or 'auto')"
+        f"method='cam' is exact only for a ClassifierHead pooling with a kind that has a credit "
+        f"({exact_kinds()}, or a tuple of them) or a NiNHead; got {what}; use method='gradcam' "
+        "(or 'auto')"
     )
+
+
+def exact_kinds() -> tuple[str, ...]:
+    """The registered kinds whose ClassifierHead has exact maps (those with a credit)."""
+    return tuple(k for k in registry.kinds() if registry.spec(k).credit is not None)
 
 
 def _layout(site: Site, layout: str | None, reads_head_input: bool) -> str:
