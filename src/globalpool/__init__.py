@@ -8,7 +8,7 @@ torch.Size([8, 64])
 ('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention', 'sum', 'first', 'last')
 """
 
-from globalpool import cam
+from globalpool import cam, registry
 from globalpool.cam import class_activation_maps
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
@@ -58,6 +58,7 @@ __all__ = [
     "pool_nested",
     "pool_packed",
     "register_kind",
+    "registry",
     "swap_pool",
     "unregister_kind",
 ]

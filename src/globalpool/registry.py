@@ -20,7 +20,7 @@ them before any non-linear op), and a row with no real position must give 0.
 ...     if mask is not None:
 ...         x = torch.where(mask, x, 0.0)
 ...     return x.abs().amax(-1)
->>> gp.register_kind("absmax", absmax, summary="largest magnitude")
+>>> _ = gp.register_kind("absmax", absmax, summary="largest magnitude")
 >>> gp.pool(torch.tensor([[[1.0, -3.0, 2.0]]]), "absmax")
 tensor([[3.]])
 >>> "absmax" in gp.KINDS
@@ -133,6 +133,11 @@ class KindSpec:
         kernels: the kernel families that serve it, among :data:`KERNEL_FAMILIES`.
         summary: one line saying what it computes.
         builtin: whether globalpool registers it itself.
+
+    >>> import globalpool as gp
+    >>> entry = gp.registry.spec("gem")
+    >>> entry.width, [q.name for q in entry.params], sorted(entry.kernels)
+    (1, ['p', 'eps'], ['cpu', 'cuda', 'packed'])
     """
 
     name: str
@@ -348,7 +353,17 @@ def register_kind(
 
 
 def unregister_kind(name: str) -> None:
-    """Remove a kind added with :func:`register_kind` (built-in kinds stay)."""
+    """Remove a kind added with :func:`register_kind` (built-in kinds stay).
+
+    Args:
+        name: the kind's name.
+
+    >>> import torch, globalpool as gp
+    >>> _ = gp.register_kind("median", lambda x, mask: x.median(-1).values)
+    >>> gp.unregister_kind("median")
+    >>> "median" in gp.KINDS
+    False
+    """
     entry = spec(name)
     if entry.builtin:
         raise ValueError(f"name {name!r} is a built-in kind and cannot be unregistered")
