@@ -7,7 +7,7 @@
 (0, 'globalpool')
 """
 
-from globalpool.cli import app
+from globalpool.lab.cli import app
 
 if __name__ == "__main__":
     app(prog_name="globalpool")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from globalpool.cli_errors import usage_error
+from globalpool.lab.cli_errors import usage_error
 
 __all__ = ["compile_item", "warmup"]
 
