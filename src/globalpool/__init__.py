@@ -19,6 +19,7 @@ from globalpool.heads import (
     make_head,
     swap_pool,
 )
+from globalpool.kernels.warmup import warmup
 from globalpool.kinds import KINDS
 from globalpool.layers import (
     AdaptivePool,
@@ -56,4 +57,5 @@ __all__ = [
     "pool_nested",
     "pool_packed",
     "swap_pool",
+    "warmup",
 ]

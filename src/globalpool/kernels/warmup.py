@@ -1,113 +1,115 @@
-"""``globalpool warmup``: compile the fused CPU kernels ahead of time (into numba's cache).
+"""Compile the fused CPU kernels ahead of time (into numba's cache): :func:`warmup`.
 
 The first fused call of a kind, layout and dtype compiles its kernels (seconds each, README
 "First call and caching"); numba caches them on disk, so a later process loads them in a
 fraction of that. :func:`warmup` makes those first calls now, on tiny inputs: inference
-(under ``no_grad``) and training (forward and backward) for every selected item.
+(under ``no_grad``) and training (forward and backward) for every selected item. The
+``globalpool warmup`` command (:mod:`globalpool.lab`) runs it with a progress bar.
 
->>> import inspect
->>> sorted(inspect.signature(warmup).parameters)
-['dtype', 'kind', 'layout']
+>>> import torch
+>>> rows = warmup("avg", layouts="channels_first", dtypes=torch.float32)
+>>> [(r["kind"], r["layout"], r["dtype"]) for r in rows], rows[0]["seconds"] > 0
+([('avg', 'channels_first', 'float32')], True)
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from globalpool.lab.cli_errors import usage_error
+from globalpool.functional import pool
+from globalpool.kinds import FUSED_KINDS
 
-__all__ = ["compile_item", "warmup"]
+__all__ = ["DTYPES", "FUSED_KINDS", "LAYOUTS", "cache_location", "threading_layer", "warmup"]
 
-_LAYOUTS = ("channels_first", "channels_last")
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+LAYOUTS = ("channels_first", "channels_last")
+#: The dtypes the fused CPU kernels take.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def compile_item(kind: str, layout: str, dtype: torch.dtype) -> float:
     """Run the fused forward (inference and training) and backward of ``kind`` once on a tiny
     input; returns the seconds it took (compile or cache load included)."""
-    import globalpool as gp
-
     shape = (2, 8, 4, 4) if layout == "channels_first" else (2, 4, 4, 8)
     x = torch.rand(shape).to(dtype) + 0.5
     params = {"weights": torch.rand(2, 4, 4).to(dtype)} if kind == "attention" else {}
     start = time.perf_counter()
     with torch.no_grad():
-        gp.pool(x, kind, layout=layout, backend="fused", **params)
+        pool(x, kind, layout=layout, backend="fused", **params)
     x.requires_grad_(True)
-    gp.pool(x, kind, layout=layout, backend="fused", **params).sum().backward()
+    pool(x, kind, layout=layout, backend="fused", **params).sum().backward()
     return time.perf_counter() - start
 
 
-def _split(values: list[str] | None, allowed: tuple[str, ...], what: str) -> list[str]:
-    out: list[str] = []
-    for v in values or ["all"]:
-        for part in (p.strip() for p in v.split(",")):
-            if part == "all":
-                out.extend(allowed)
-            elif part in allowed:
-                out.append(part)
-            elif part:
-                raise usage_error(f"--{what}", f"must be among {allowed} or 'all', got {part!r}")
-    return list(dict.fromkeys(out))
+def cache_location() -> str | None:
+    """The folder where numba caches the fused CPU kernels; None where it cannot cache them
+    (they are then compiled in memory in every process)."""
+    from globalpool.kernels import cpu_kernels, launch  # imports numba: only when asked
+
+    return launch.cache_dir(cpu_kernels._cache_probe) if cpu_kernels.CACHE else None
+
+
+def threading_layer() -> str:
+    """numba's threading layer that runs the kernels (as configured if none started yet)."""
+    from globalpool.kernels import launch  # imports numba: only when asked
+
+    return launch.layer_info()[0]
+
+
+def _selection(values: Any, allowed: tuple, default: tuple, what: str) -> tuple:
+    """``values`` (one value, several, or None for ``default``) checked against ``allowed``."""
+    if values is None:
+        return default
+    chosen = (values,) if isinstance(values, (str, torch.dtype)) else tuple(values)
+    for v in chosen:
+        if v not in allowed:
+            raise ValueError(f"{what} must be among {allowed}, got {v!r}")
+    return tuple(dict.fromkeys(chosen))
 
 
 def warmup(
-    kind: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--kind", help="Kind to compile (repeatable, or comma-separated; default all)."
-        ),
-    ] = None,
-    layout: Annotated[str, typer.Option(help="channels_first, channels_last, or all.")] = "all",
-    dtype: Annotated[
-        str, typer.Option(help="Comma-separated dtypes among float32, float64, float16, bfloat16.")
-    ] = "float32",
+    kinds: str | Iterable[str] | None = None,
+    layouts: str | Iterable[str] | None = None,
+    dtypes: torch.dtype | Iterable[torch.dtype] | None = None,
 ) -> list[dict]:
-    """Compile the fused CPU kernels for these kinds, layouts and dtypes into numba's cache."""
-    from globalpool.kernels import cpu_kernels, launch
-    from globalpool.kinds import FUSED_KINDS
+    """Compile the fused CPU kernels of these kinds, layouts and dtypes now, or load them from
+    numba's cache, so that no later call pays for it (in a Docker image build, before a
+    benchmark).
 
-    kinds = _split(kind, FUSED_KINDS, "kind")
-    layouts = _split([layout], _LAYOUTS, "layout")
-    dtypes = _split([dtype], tuple(_DTYPES), "dtype")
-    out = Console(emoji=False, highlight=False)
-    where = launch.cache_dir(cpu_kernels._cache_probe) if cpu_kernels.CACHE else None
-    out.print(
-        f"numba cache: {where}"
-        if where
-        else "numba cache: off (compiled in memory; set "
-        "NUMBA_CACHE_DIR to a writable directory to cache)"
-    )
-    out.print(f"threading layer: {launch.layer_info()[0]}")
-    items = [(k, lay, d) for d in dtypes for lay in layouts for k in kinds]
-    rows = []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True, emoji=False),
-    )
-    total = time.perf_counter()
-    with progress:
-        task = progress.add_task("warmup", total=len(items))
-        for k, lay, d in items:
-            progress.update(task, description=escape(f"{k} {lay} {d}"))
-            seconds = compile_item(k, lay, _DTYPES[d])
-            rows.append({"kind": k, "layout": lay, "dtype": d, "seconds": seconds})
-            progress.console.print(f"{k:<10} {lay:<15} {d:<9} {seconds:6.2f} s")
-            progress.advance(task)
-    out.print(f"{len(items)} items in {time.perf_counter() - total:.1f} s")
-    return rows
+    Args:
+        kinds: a kind or kinds with a fused kernel (default: all of them, :data:`FUSED_KINDS`).
+        layouts: ``"channels_first"``, ``"channels_last"`` or both (default both).
+        dtypes: a dtype or dtypes among :data:`DTYPES` (default ``torch.float32``).
+
+    Returns:
+        One dict per item (dtypes outermost, then layouts, then kinds): ``kind``, ``layout``,
+        ``dtype`` (its name, such as ``"float32"``) and ``seconds`` (the first inference call
+        and one training step, compile or cache load included).
+
+    Raises:
+        ValueError: for a kind without a fused kernel, or an unknown layout or dtype (before
+            anything is compiled).
+
+    >>> import globalpool as gp
+    >>> gp.warmup("median")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: kinds must be among ('avg', ...), got 'median'
+    """
+    kinds = _selection(kinds, FUSED_KINDS, FUSED_KINDS, "kinds")
+    layouts = _selection(layouts, LAYOUTS, LAYOUTS, "layouts")
+    dtypes = _selection(dtypes, DTYPES, (torch.float32,), "dtypes")
+    return [
+        {
+            "kind": kind,
+            "layout": layout,
+            "dtype": str(dtype).removeprefix("torch."),
+            "seconds": compile_item(kind, layout, dtype),
+        }
+        for dtype in dtypes
+        for layout in layouts
+        for kind in kinds
+    ]

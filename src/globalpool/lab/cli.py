@@ -18,11 +18,11 @@ from typing import Annotated
 
 import typer
 
-from globalpool.kernels.warmup import warmup
 from globalpool.lab.bench.command import bench, bench_memory
 from globalpool.lab.cam.command import cam
 from globalpool.lab.cli_group import GlobalpoolGroup
 from globalpool.lab.experiments.command import compare
+from globalpool.lab.warmup import warmup
 
 
 def version() -> str:

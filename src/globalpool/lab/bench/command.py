@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from globalpool.kernels.warmup import FUSED_KINDS as KINDS  # first / last have no kernel
 from globalpool.lab.bench.cache import CACHE_MODES
 from globalpool.lab.bench.memory import MEMORY_SHAPE, run_memory, write_memory_report
 from globalpool.lab.bench.methods import default_methods
@@ -54,8 +55,6 @@ def _option(option: str, parse: Callable[[str], T], text: str) -> T:
 
 
 def _kinds(text: str) -> tuple[str, ...]:
-    from globalpool.kinds import FUSED_KINDS as KINDS  # first / last have no kernel to measure
-
     if text.strip() == "all":
         return tuple(KINDS)
     out = tuple(k.strip() for k in text.split(",") if k.strip())
