@@ -46,7 +46,7 @@ def cam(
 ) -> None:
     """Draw test samples with each head's class activation maps (PNG grid + JSON) for the
     models a compare run kept."""
-    from globalpool.cam.maps import METHODS
+    from globalpool.cam import METHODS
 
     if method not in METHODS:
         raise usage_error("--method", f"must be one of {', '.join(METHODS)}, got {method!r}")
@@ -94,7 +94,7 @@ def _pick_runs(path: Path, seed: int) -> dict[str, list[Path]]:
             f"no run of seed {seed} with kept weights under {path / 'runs'}; run "
             f"'globalpool compare --out {path}' first (weights are kept unless --no-save-models)"
         )
-    from globalpool.heads import HEADS
+    from globalpool import HEADS
 
     by_dataset: dict[str, list[Path]] = {}
     order = {h: i for i, h in enumerate(HEADS)}
@@ -120,10 +120,10 @@ def _samples(y: Any, count: int) -> list[int]:
 
 def _layer_for(model: Any) -> str | None:
     """None where the model has a globalpool head; else (flatten + FC) its last feature map."""
-    from globalpool.cam.capture import find_site
+    from globalpool.cam import auto_method
 
     try:
-        find_site(model, None)
+        auto_method(model)  # refuses a model without a globalpool head or pool
         return None
     except ValueError:
         if hasattr(model, "backbone"):
@@ -138,9 +138,7 @@ def _draw(
 ) -> list[Path]:
     import torch
 
-    from globalpool.cam.capture import find_site
-    from globalpool.cam.exact import is_exact
-    from globalpool.cam.maps import class_activation_maps
+    from globalpool.cam import auto_method, class_activation_maps
     from globalpool.lab.cam.render import render_grid
     from globalpool.lab.data import load_dataset
     from globalpool.lab.experiments.results import atomic_write, dataset_slug
@@ -162,7 +160,7 @@ def _draw(
             raise runtime_error(str(err)) from None
         head = record["spec"]["head"]
         layer = _layer_for(model)
-        exact = layer is None and is_exact(find_site(model, None).head)
+        exact = layer is None and auto_method(model) == "cam"
         used = method
         if method == "auto" or (method == "cam" and not exact):
             used = "cam" if exact else "gradcam"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from globalpool.cam.resize import normalize_maps, upsample_maps
+from globalpool.cam import normalize_maps, upsample_maps
 
 
 def _image(x: torch.Tensor) -> torch.Tensor:

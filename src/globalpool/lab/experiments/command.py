@@ -52,7 +52,7 @@ def parse_heads(text: str) -> list[str]:
     >>> parse_heads("avg, gem,avg")
     ['avg', 'gem']
     """
-    from globalpool.heads import HEADS
+    from globalpool import HEADS
 
     if text.strip().lower() == "all":
         return list(HEADS)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from globalpool.heads import HEADS
+from globalpool import HEADS
 from globalpool.lab.experiments.monitoring import head_summary
 
 METRICS = (("dead_fraction", "dead-channel fraction"), ("std", "pooled-feature std"))

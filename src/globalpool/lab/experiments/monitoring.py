@@ -36,10 +36,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool.monitor import find_pools, monitor
+import globalpool as gp
 
 #: Samples of the test set the statistics are taken on.
 MONITOR_SAMPLES = 256
+
+
+def _has_pools(model: nn.Module) -> bool:
+    """Whether :func:`globalpool.monitor` finds a pooling module under ``model.head`` (it
+    refuses a model without one; building the monitor installs no hook)."""
+    model.get_submodule("head")  # a model without a head is a mistake, not "no pools"
+    try:
+        gp.monitor(model, include="head")
+    except ValueError:
+        return False
+    return True
 
 
 class EpochMonitor:
@@ -48,7 +59,7 @@ class EpochMonitor:
     def __init__(self, model: nn.Module, x_test: torch.Tensor, device: torch.device) -> None:
         self.model = model
         self.x = x_test[:MONITOR_SAMPLES].to(device)
-        self.has_pools = bool(find_pools(model, "head"))
+        self.has_pools = _has_pools(model)
         self.epochs: list[dict[str, Any]] = []
 
     @torch.no_grad()
@@ -59,7 +70,7 @@ class EpochMonitor:
             was_training = self.model.training
             self.model.eval()
             try:
-                with monitor(self.model, include="head") as stats:
+                with gp.monitor(self.model, include="head") as stats:
                     self.model(self.x)
             finally:
                 self.model.train(was_training)

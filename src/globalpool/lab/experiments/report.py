@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from globalpool.heads import HEADS
+from globalpool import HEADS
 from globalpool.lab.experiments.labels import labels_of, ordered
 from globalpool.lab.experiments.monitor_plot import monitor_markdown, plot_monitor
 from globalpool.lab.experiments.plots import CLIP_NOTE, plot_accuracy, plot_sweep

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool.heads import HEADS, make_head
+from globalpool import HEADS, make_head
 
 
 def check_head(head: Any) -> str:

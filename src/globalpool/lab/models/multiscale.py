@@ -24,10 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool.heads import NiNHead
-from globalpool.kinds import KINDS
+from globalpool import KINDS, NiNHead, make_pool
 from globalpool.lab.models.base import check_head, check_spatial_size
-from globalpool.layers import make_pool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
