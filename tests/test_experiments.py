@@ -477,16 +477,16 @@ def test_experiment_doctests(name):
 
 
 def test_a_failing_run_keeps_the_finished_ones(tmp_path, monkeypatch):
-    import globalpool.lab.experiments.execute as execute
+    import globalpool.lab.experiments.runner as runner
 
-    real = execute.train_and_evaluate
+    real = runner.train_and_evaluate
 
     def flaky(spec, *args, **kwargs):
         if spec.head == "fc":
             raise RuntimeError("simulated failure\nwith a second line")
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(execute, "train_and_evaluate", flaky)
+    monkeypatch.setattr(runner, "train_and_evaluate", flaky)
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.md").write_text("earlier results\n")
@@ -500,7 +500,7 @@ def test_a_failing_run_keeps_the_finished_ones(tmp_path, monkeypatch):
     assert [p.name for p in (out / "runs").rglob("*.json")] == ["avg-seed0-n200.json"]
     assert (out / "results.md").read_text() == "earlier results\n"
 
-    monkeypatch.setattr(execute, "train_and_evaluate", real)
+    monkeypatch.setattr(runner, "train_and_evaluate", real)
     again = invoke(*TINY, "--out", str(out), *SEQUENTIAL)
     assert again.exit_code == 0, again.output
     assert "3 runs trained, 1 reused" in again.stdout

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from globalpool.lab.cam.localization_plot import plot_localization
+
 DIGIT = 8
 #: The map methods scored, and the order of the test sets in the table.
 METHODS = ("cam", "gradcam", "gradcam++", "layercam")
@@ -118,9 +120,7 @@ def evaluate(
     """One row per (run, method, set) of the digits-shifted runs with kept weights under
     ``results`` (per head and seed the run of the largest training set, the newest of equals);
     ``cam`` only where it is exact. Maps of the true class, upsampled to the canvas."""
-    from globalpool.cam.capture import find_site
-    from globalpool.cam.exact import is_exact
-    from globalpool.cam.maps import class_activation_maps
+    from globalpool.cam import auto_method, class_activation_maps
     from globalpool.lab.data import load_dataset
     from globalpool.lab.experiments.saved import find_runs, load_run, read_record
 
@@ -142,7 +142,7 @@ def evaluate(
     for _, path in sorted(chosen.values(), key=lambda item: str(item[1])):
         model, record = load_run(path)
         try:
-            exact, layer = is_exact(find_site(model, None).head), None
+            exact, layer = auto_method(model) == "cam", None
         except ValueError:  # flatten + FC: no pooling head, take the backbone's output
             exact, layer = False, "backbone"
         for method in methods:
@@ -177,7 +177,7 @@ def evaluate(
 def _order(head: str, method: str, name: str) -> tuple:
     """Sort key: heads in :data:`globalpool.HEADS` order (others after, by name), then
     :data:`METHODS`, then :data:`SETS`."""
-    from globalpool.heads import HEADS
+    from globalpool import HEADS
 
     def rank(value: str, known: tuple[str, ...]) -> tuple[int, str]:
         return (known.index(value), "") if value in known else (len(known), value)
@@ -235,8 +235,6 @@ def table(summary: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m globalpool.lab.cam.localization RESULTS [OUT]``: write and print the table."""
-    from globalpool.lab.cam.localization_plot import plot_localization
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 2):
         print("usage: python -m globalpool.lab.cam.localization RESULTS [OUT]", file=sys.stderr)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from globalpool.cam import METHODS as MAP_METHODS  # the bars' order: the library's
+
 SCORES = (("pointing_game", "pointing game %"), ("energy_in_box", "energy in box %"))
 SET_TITLES = {
     "test": "same region as training",
@@ -35,12 +37,12 @@ def plot_localization(summary: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from globalpool.lab.cam.localization import METHODS
     from globalpool.lab.experiments.plots import _save
 
     heads = _unique([r["head"] for r in summary])
     present = _unique([r["method"] for r in summary])
-    methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
+    methods = [m for m in MAP_METHODS if m in present]
+    methods += [m for m in present if m not in MAP_METHODS]
     sets = _unique([r["set"] for r in summary])
     index = {(r["head"], r["method"], r["set"]): r for r in summary}
     fig, axes = plt.subplots(

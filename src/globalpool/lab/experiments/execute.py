@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -25,7 +25,7 @@ from globalpool.lab.data import Dataset, load_dataset
 from globalpool.lab.experiments.distributed import DistContext
 from globalpool.lab.experiments.pool import Worker, one_line, start_workers, stop_workers
 from globalpool.lab.experiments.results import ResultStore
-from globalpool.lab.experiments.runner import ProgressFn, train_and_evaluate
+from globalpool.lab.experiments.runner import run_one
 from globalpool.lab.experiments.spec import RunSpec
 
 
@@ -58,30 +58,6 @@ class ProgressSink:
     def start(self, label: str, steps: int) -> None: ...
     def update(self, label: str, done: int, steps: int) -> None: ...
     def finish(self, label: str, record: dict[str, Any]) -> None: ...
-
-
-def run_one(
-    spec: RunSpec,
-    data: Dataset,
-    *,
-    device: torch.device,
-    ctx: DistContext | None = None,
-    progress: ProgressFn | None = None,
-    on_model: Callable[[nn.Module], None] | None = None,
-) -> dict[str, Any]:
-    """:func:`train_and_evaluate` on ``spec.env.threads`` torch threads (restored afterwards)."""
-    ctx = ctx or DistContext()
-    if spec.env is not None and spec.env.world_size != ctx.world_size:
-        raise ValueError(f"run made for {spec.env.world_size} processes, not {ctx.world_size}")
-    before = torch.get_num_threads()
-    if spec.env is not None:
-        torch.set_num_threads(spec.env.threads)
-    try:
-        return train_and_evaluate(
-            spec, data, device=device, ctx=ctx, progress=progress, on_model=on_model
-        )
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_sequential(

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from globalpool.lab.experiments import interrupt
+from globalpool.lab.experiments.runner import run_one
 
 _JOIN_S = 2.0  # how long a worker told to exit may take before it is killed
 
@@ -50,8 +51,6 @@ def _worker_main(conn: Connection, parent: int, source: Any, store: Any, device:
     interrupt.ignore_in_child()
     _die_with_parent(parent)
     import torch
-
-    from globalpool.lab.experiments.execute import run_one
 
     torch.set_num_threads(1)  # each run sets its own count (its RunEnv's) while it trains
     try:

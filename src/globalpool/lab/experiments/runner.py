@@ -370,3 +370,27 @@ def train_and_evaluate(
         "globalpool": globalpool_version,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def run_one(
+    spec: RunSpec,
+    data: Dataset,
+    *,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    progress: ProgressFn | None = None,
+    on_model: Callable[[nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`train_and_evaluate` on ``spec.env.threads`` torch threads (restored afterwards)."""
+    ctx = ctx or DistContext()
+    if spec.env is not None and spec.env.world_size != ctx.world_size:
+        raise ValueError(f"run made for {spec.env.world_size} processes, not {ctx.world_size}")
+    before = torch.get_num_threads()
+    if spec.env is not None:
+        torch.set_num_threads(spec.env.threads)
+    try:
+        return train_and_evaluate(
+            spec, data, device=device, ctx=ctx, progress=progress, on_model=on_model
+        )
+    finally:
+        torch.set_num_threads(before)
