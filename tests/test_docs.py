@@ -24,23 +24,25 @@ except ImportError:  # pragma: no cover
 
 MODULES = [
     "globalpool",
+    "globalpool._entry",
     "globalpool.adaptive",
-    "globalpool.lab.bench.report",
     "globalpool.compose",
     "globalpool.contract",
-    "globalpool.lab.data.folder_archive",
-    "globalpool.lab.data.folder_cache",
-    "globalpool.lab.data.folder_layout",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",
     "globalpool.kernels.ops",
+    "globalpool.kernels.warmup",
     "globalpool.heads",
     "globalpool.kinds",
     "globalpool.layers",
     "globalpool.monitor",
     "globalpool.packed",
     "globalpool.reference",
+    "globalpool.lab.bench.report",
+    "globalpool.lab.data.folder_archive",
+    "globalpool.lab.data.folder_cache",
+    "globalpool.lab.data.folder_layout",
 ]
 
 
@@ -161,7 +163,7 @@ def test_a_failing_block_fails():
 
 
 def globalpool_invocations(body: str) -> list[list[str]]:
-    """The arguments after ``globalpool`` (or ``-m globalpool.lab.cli``) of every command in a shell
+    """The arguments after ``globalpool`` (or ``-m globalpool``) of every command in a shell
     block; ``&&``, ``;`` and ``|`` separate commands, ``#`` starts a comment."""
     found = []
     for line in body.replace("\\\n", " ").splitlines():
@@ -186,7 +188,7 @@ def _globalpool_args(words: list[str]) -> list[str] | None:
     if "-m" in words:
         module = words[words.index("-m") + 1]
         if module.startswith("globalpool"):
-            assert module == "globalpool.lab.cli", f"{module} has no command line; use globalpool.lab.cli"
+            assert module == "globalpool", f"{module} has no command line; use -m globalpool"
             return words[words.index("-m") + 2 :]
     return None
 
@@ -217,7 +219,7 @@ def test_doc_globalpool_commands_parse(path, body, line):
 def test_a_bad_command_fails_to_parse():
     assert globalpool_invocations(
         "pip install -e . && globalpool compare  # run\n"
-        "torchrun --nproc_per_node=2 -m globalpool.lab.cli compare --heads avg\n"
+        "torchrun --nproc_per_node=2 -m globalpool compare --heads avg\n"
         "globalpool warmup --kind gem --dtype float32,bfloat16; echo done\n"
     ) == [
         ["compare"],
