@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import globalpool as gp
 from globalpool.adaptive import adaptive_compose
-from globalpool.bench.report import machine_info
+from globalpool.lab.bench.report import machine_info
 
 CASES = [  # (shape, output size): common head and pyramid sizes, divisible and not
     ((32, 2048, 7, 7), 1),

@@ -47,7 +47,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _machine() -> dict[str, object]:
-    from globalpool.bench.report import cpu_name, machine_info
+    from globalpool.lab.bench.report import cpu_name, machine_info
 
     info = machine_info()
     cpu = cpu_name(info)

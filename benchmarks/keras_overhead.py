@@ -39,7 +39,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _cpu_model() -> str:
-    from globalpool.bench.report import cpu_name, machine_info
+    from globalpool.lab.bench.report import cpu_name, machine_info
 
     info = machine_info()
     return cpu_name(info)

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 import globalpool as gp
-from globalpool.bench.report import cpu_name, machine_info
-from globalpool.models import build_model
+from globalpool.lab.bench.report import cpu_name, machine_info
+from globalpool.lab.models import build_model
 
 OUT = Path(__file__).resolve().parent / "results" / "monitor"
 TARGET = 0.05

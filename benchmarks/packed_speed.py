@@ -34,7 +34,7 @@ import torch
 
 import globalpool as gp
 from globalpool import packed
-from globalpool.bench.report import machine_info
+from globalpool.lab.bench.report import machine_info
 
 N, C, LMAX_CLIP = 256, 768, 512
 KINDS = ("avg", "max", "gem", "lse", "first")

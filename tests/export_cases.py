@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import globalpool as gp
-from globalpool.models.multiscale import MultiScaleNet
+from globalpool.lab.models.multiscale import MultiScaleNet
 
 CHANNELS = 4
 CLASSES = 3

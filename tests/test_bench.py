@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from globalpool.bench.cache import cache_flusher
-from globalpool.bench.check import ReferenceCache, check_method
-from globalpool.bench.command import bench, bench_memory
-from globalpool.bench.memory import saved_bytes
-from globalpool.bench.methods import SEED_METHODS, Method, default_methods
-from globalpool.bench.report import machine_info, write_report
-from globalpool.bench.runner import run_case
-from globalpool.bench.shapes import Case, Shape, parse_shapes
-from globalpool.bench.timing import time_backward, time_forward
+from globalpool.lab.bench.cache import cache_flusher
+from globalpool.lab.bench.check import ReferenceCache, check_method
+from globalpool.lab.bench.command import bench, bench_memory
+from globalpool.lab.bench.memory import saved_bytes
+from globalpool.lab.bench.methods import SEED_METHODS, Method, default_methods
+from globalpool.lab.bench.report import machine_info, write_report
+from globalpool.lab.bench.runner import run_case
+from globalpool.lab.bench.shapes import Case, Shape, parse_shapes
+from globalpool.lab.bench.timing import time_backward, time_forward
 
 TINY = Case(Shape("tiny", (3, 8, 5, 4)), "channels_first", torch.float32, "cpu")
 
@@ -203,7 +203,7 @@ def test_fused_avg_saves_no_input_sized_bytes(tmp_path):
 
 
 def test_cli_registration_and_bad_arguments(tmp_path):
-    from globalpool.cli import app
+    from globalpool.lab.cli import app
 
     runner = CliRunner()
     res = runner.invoke(
@@ -303,8 +303,8 @@ def test_speedup_table_has_no_rows_for_baselines_that_did_not_run(tmp_path):
 
 
 def test_console_omits_targets_when_the_run_has_none(tmp_path, monkeypatch):
-    from globalpool.bench import command
-    from globalpool.cli import app
+    from globalpool.lab.bench import command
+    from globalpool.lab.cli import app
 
     monkeypatch.setattr(command, "default_methods", lambda kinds, compile: SEED_METHODS[:1])
     args = ["bench", "--shapes", "2x4x3x3", "--layout", "channels_first", "--repeats", "1"]
@@ -335,7 +335,7 @@ def _plot_case(layout: str, dtype: str = "float32") -> dict:
 def test_plot_legend_has_no_empty_families_and_target_lines_are_labelled():
     import matplotlib.pyplot as plt
 
-    from globalpool.bench.plot import figure
+    from globalpool.lab.bench.plot import figure
 
     targets = [
         {"device": "cpu", "target": f"{d} ratio to ceiling", "kind": "avg", "layout": lay,

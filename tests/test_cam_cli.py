@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 import globalpool as gp
-from globalpool.cam.render import render_grid
-from globalpool.cli import app
-from globalpool.data import load_dataset
-from globalpool.experiments import find_runs, load_run
+from globalpool.lab.cam.render import render_grid
+from globalpool.lab.cli import app
+from globalpool.lab.data import load_dataset
+from globalpool.lab.experiments import find_runs, load_run
 
 TINY = ["--train-sizes", "200", "--epochs", "1", "--seeds", "1", "--threads", "1", "--workers", "1"]
 

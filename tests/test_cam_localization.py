@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from globalpool.cam.localization import (
+from globalpool.lab.cam.localization import (
     energy_in_box,
     evaluate,
     main,
@@ -18,7 +18,7 @@ from globalpool.cam.localization import (
     summarize,
     table,
 )
-from globalpool.cli import app
+from globalpool.lab.cli import app
 
 
 def test_scores_match_a_numpy_oracle():
@@ -80,3 +80,12 @@ def test_summary_is_mean_and_t_interval_over_seeds_in_percent():
     assert first["pointing_game"]["ci95"] == pytest.approx(4.302653 * 20 / 3**0.5, rel=1e-5)
     assert first["energy_in_box"]["ci95"] == pytest.approx(4.302653 * 10 / 3**0.5, rel=1e-5)
     assert "| `avg` | cam | everywhere | 3 | 70.0 ± 49.7 | 20.0 ± 24.8 |" in table(summary)
+
+
+@pytest.mark.parametrize("name", ["render", "localization", "localization_plot"])
+def test_lab_cam_doctests_pass(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"globalpool.lab.cam.{name}"))
+    assert result.failed == 0 and result.attempted > 0

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from globalpool.cli import app
-from globalpool.data import Dataset, load_dataset
-from globalpool.data.invariance import place_on_canvas, shift_images, with_invariance_tests
-from globalpool.experiments.report import markdown_table, summarize
-from globalpool.experiments.runner import count_correct, precision_context
-from globalpool.experiments.spec import RECIPES, TrainConfig
-from globalpool.models import build_model, count_parameters
+from globalpool.lab.cli import app
+from globalpool.lab.data import Dataset, load_dataset
+from globalpool.lab.data.invariance import place_on_canvas, shift_images, with_invariance_tests
+from globalpool.lab.experiments.report import markdown_table, summarize
+from globalpool.lab.experiments.runner import count_correct, precision_context
+from globalpool.lab.experiments.spec import RECIPES, TrainConfig
+from globalpool.lab.models import build_model, count_parameters
 from helpers import image_archive
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from globalpool.bench import command as bench_command
-from globalpool.bench.methods import SEED_METHODS
-from globalpool.cli import app
-from globalpool.data import cifar10 as cifar10_module
-from globalpool.data import write_cifar10_fixture
+from globalpool.lab.bench import command as bench_command
+from globalpool.lab.bench.methods import SEED_METHODS
+from globalpool.lab.cli import app
+from globalpool.lab.data import cifar10 as cifar10_module
+from globalpool.lab.data import write_cifar10_fixture
 from helpers import image_archive
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from globalpool.data import (
+from globalpool.lab.data import (
     DATASET_NAMES,
     Dataset,
     DatasetError,
@@ -28,9 +28,9 @@ from globalpool.data import (
     subsample_indices,
     write_cifar10_fixture,
 )
-from globalpool.data import cifar10 as cifar10_module
-from globalpool.data import folder as folder_module
-from globalpool.data.digits_shifted import split_indices
+from globalpool.lab.data import cifar10 as cifar10_module
+from globalpool.lab.data import folder as folder_module
+from globalpool.lab.data.digits_shifted import split_indices
 
 
 def _one_line(err: pytest.ExceptionInfo[DatasetError]) -> str:

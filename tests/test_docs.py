@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 import globalpool as gp
-from globalpool.cli import app
+from globalpool.lab.cli import app
 
 try:  # typer >= 0.2x runs on its own copy of click, older typer on click itself
     from typer._click.exceptions import UsageError
@@ -24,17 +24,15 @@ except ImportError:  # pragma: no cover
 
 MODULES = [
     "globalpool",
+    "globalpool._entry",
     "globalpool.adaptive",
-    "globalpool.bench.report",
     "globalpool.compose",
     "globalpool.contract",
-    "globalpool.data.folder_archive",
-    "globalpool.data.folder_cache",
-    "globalpool.data.folder_layout",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",
     "globalpool.kernels.ops",
+    "globalpool.warmup",
     "globalpool.heads",
     "globalpool.registry",
     "globalpool.reference_defs",
@@ -42,6 +40,10 @@ MODULES = [
     "globalpool.monitor",
     "globalpool.packed",
     "globalpool.reference",
+    "globalpool.lab.bench.report",
+    "globalpool.lab.data.folder_archive",
+    "globalpool.lab.data.folder_cache",
+    "globalpool.lab.data.folder_layout",
 ]
 
 
@@ -162,7 +164,7 @@ def test_a_failing_block_fails():
 
 
 def globalpool_invocations(body: str) -> list[list[str]]:
-    """The arguments after ``globalpool`` (or ``-m globalpool.cli``) of every command in a shell
+    """The arguments after ``globalpool`` (or ``-m globalpool``) of every command in a shell
     block; ``&&``, ``;`` and ``|`` separate commands, ``#`` starts a comment."""
     found = []
     for line in body.replace("\\\n", " ").splitlines():
@@ -187,7 +189,7 @@ def _globalpool_args(words: list[str]) -> list[str] | None:
     if "-m" in words:
         module = words[words.index("-m") + 1]
         if module.startswith("globalpool"):
-            assert module == "globalpool.cli", f"{module} has no command line; use globalpool.cli"
+            assert module == "globalpool", f"{module} has no command line; use -m globalpool"
             return words[words.index("-m") + 2 :]
     return None
 
@@ -218,7 +220,7 @@ def test_doc_globalpool_commands_parse(path, body, line):
 def test_a_bad_command_fails_to_parse():
     assert globalpool_invocations(
         "pip install -e . && globalpool compare  # run\n"
-        "torchrun --nproc_per_node=2 -m globalpool.cli compare --heads avg\n"
+        "torchrun --nproc_per_node=2 -m globalpool compare --heads avg\n"
         "globalpool warmup --kind gem --dtype float32,bfloat16; echo done\n"
     ) == [
         ["compare"],

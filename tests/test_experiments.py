@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from globalpool.data import write_cifar10_fixture
-from globalpool.experiments.command import parse_heads, parse_train_sizes
-from globalpool.experiments.report import markdown_table, summarize
-from globalpool.experiments.results import OutputError, ResultStore, check_writable
-from globalpool.experiments.spec import RunSpec, TrainConfig
-from globalpool.experiments.stats import mean_ci
+from globalpool.lab.data import write_cifar10_fixture
+from globalpool.lab.experiments.command import parse_heads, parse_train_sizes
+from globalpool.lab.experiments.report import markdown_table, summarize
+from globalpool.lab.experiments.results import OutputError, ResultStore, check_writable
+from globalpool.lab.experiments.spec import RunSpec, TrainConfig
+from globalpool.lab.experiments.stats import mean_ci
 
 # A tiny MNIST-1D config: 200 training samples, 40 steps of batch 100, ~0.2 s per run.
 TINY = ["--train-sizes", "200", "--epochs", "1", "--heads", "avg,fc", "--seeds", "2"]
@@ -40,7 +40,7 @@ RECORD_KEYS = {
 
 def invoke(*args: str):
     """``globalpool compare ARGS`` through the real command line (its error style)."""
-    from globalpool.cli import app as cli
+    from globalpool.lab.cli import app as cli
 
     return CliRunner().invoke(cli, ["compare", *args])
 
@@ -177,8 +177,8 @@ def test_best_head_is_bold_only_when_its_ci_clears_the_next_best():
 
 
 def test_report_defines_every_column_and_states_the_test_size(tmp_path):
-    from globalpool.experiments.labels import describe_test_sets
-    from globalpool.experiments.report import markdown_report
+    from globalpool.lab.experiments.labels import describe_test_sets
+    from globalpool.lab.experiments.report import markdown_report
 
     names = {"test": 450, "everywhere": 450, "right": 450, "larger-canvas": 450}
     rows = [_row("avg", [0.9, 0.8]), _row("fc", [0.7, 0.6])]
@@ -217,7 +217,7 @@ def _record(head: str, seed: int, train_size: int, accuracy: float) -> dict:
 
 
 def test_files_respect_the_umask(tmp_path):
-    from globalpool.experiments.report import write_report
+    from globalpool.lab.experiments.report import write_report
 
     old = os.umask(0o022)
     try:
@@ -234,8 +234,8 @@ def test_files_respect_the_umask(tmp_path):
 
 
 def test_error_bars_are_clipped_to_the_metric_range(tmp_path):
-    from globalpool.experiments.plots import clip_errors
-    from globalpool.experiments.report import write_report
+    from globalpool.lab.experiments.plots import clip_errors
+    from globalpool.lab.experiments.report import write_report
 
     below, above, clipped = clip_errors([97.0, 3.0, 50.0], [10.0, 10.0, 10.0])
     assert below == [10.0, 3.0, 10.0] and above == [3.0, 10.0, 10.0]
@@ -420,7 +420,7 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     tiny = ["--train-sizes", "200", "--epochs", "1", "--heads", "avg", "--seeds", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [*cmd, "--standalone", "--nproc_per_node=2", "-m", "globalpool.experiments"]
+    launch = [*cmd, "--standalone", "--nproc_per_node=2", "-m", "globalpool.lab.experiments"]
     proc = subprocess.run(
         [*launch, *tiny, "--out", str(tmp_path / "ddp")],
         capture_output=True,
@@ -472,21 +472,21 @@ def test_experiment_doctests(name):
     import doctest
     import importlib
 
-    module = importlib.import_module(f"globalpool.experiments.{name}")
+    module = importlib.import_module(f"globalpool.lab.experiments.{name}")
     assert doctest.testmod(module).failed == 0
 
 
 def test_a_failing_run_keeps_the_finished_ones(tmp_path, monkeypatch):
-    import globalpool.experiments.execute as execute
+    import globalpool.lab.experiments.runner as runner
 
-    real = execute.train_and_evaluate
+    real = runner.train_and_evaluate
 
     def flaky(spec, *args, **kwargs):
         if spec.head == "fc":
             raise RuntimeError("simulated failure\nwith a second line")
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(execute, "train_and_evaluate", flaky)
+    monkeypatch.setattr(runner, "train_and_evaluate", flaky)
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.md").write_text("earlier results\n")
@@ -500,7 +500,7 @@ def test_a_failing_run_keeps_the_finished_ones(tmp_path, monkeypatch):
     assert [p.name for p in (out / "runs").rglob("*.json")] == ["avg-seed0-n200.json"]
     assert (out / "results.md").read_text() == "earlier results\n"
 
-    monkeypatch.setattr(execute, "train_and_evaluate", real)
+    monkeypatch.setattr(runner, "train_and_evaluate", real)
     again = invoke(*TINY, "--out", str(out), *SEQUENTIAL)
     assert again.exit_code == 0, again.output
     assert "3 runs trained, 1 reused" in again.stdout
@@ -610,7 +610,7 @@ def _start_compare(out: Path) -> subprocess.Popen:
 
     src = str(Path(globalpool.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "globalpool.cli", "compare", *STOP_ARGS, "--workers", "2"]
+    cmd = [sys.executable, "-m", "globalpool.lab.cli", "compare", *STOP_ARGS, "--workers", "2"]
     return subprocess.Popen(
         [*cmd, "--out", str(out)],
         stdout=subprocess.PIPE,

@@ -39,7 +39,7 @@ def _env(backend: str | None = None) -> dict:
 
 def test_the_core_package_never_imports_keras():
     code = (
-        "import sys, globalpool, globalpool.cli, globalpool.heads\n"
+        "import sys, globalpool, globalpool.lab.cli, globalpool.heads\n"
         "assert 'keras' not in sys.modules, sorted(m for m in sys.modules if 'keras' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=120)

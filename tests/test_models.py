@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from globalpool import HEADS
-from globalpool.models import (
+from globalpool.lab.models import (
     CNN1D,
     DATASET_MODELS,
     MODELS,
@@ -117,6 +117,6 @@ def test_model_doctests(name):
     import importlib
 
     module = importlib.import_module(
-        "globalpool.models" if name == "__init__" else f"globalpool.models.{name}"
+        "globalpool.lab.models" if name == "__init__" else f"globalpool.lab.models.{name}"
     )
     assert doctest.testmod(module).failed == 0

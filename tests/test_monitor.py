@@ -15,7 +15,7 @@ from rich.table import Table
 from torch import nn
 
 import globalpool as gp
-from globalpool.models import build_model
+from globalpool.lab.models import build_model
 from globalpool.monitor import FLUSH_BYTES, FLUSH_CALLS, call_stats
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def test_views(tmp_path):
 def test_compare_monitor_records_every_epoch_and_plots(tmp_path):
     from typer.testing import CliRunner
 
-    from globalpool.cli import app
+    from globalpool.lab.cli import app
 
     def compare(*extra: str):
         args = ["compare", "--train-sizes", "200", "--epochs", "2", "--heads", "gem,attention,fc",
@@ -382,8 +382,8 @@ def test_compare_monitor_records_every_epoch_and_plots(tmp_path):
             assert ("p" in stats) == (head == "gem")
             assert ("attention_entropy" in stats) == (head == "attention")
     # the last epoch's statistics are those of the trained model on that batch
-    from globalpool.data import load_dataset
-    from globalpool.experiments.saved import find_runs, load_run
+    from globalpool.lab.data import load_dataset
+    from globalpool.lab.experiments.saved import find_runs, load_run
 
     x = load_dataset("mnist1d").x_test[:256]
     for path in find_runs(out):

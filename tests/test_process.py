@@ -182,7 +182,7 @@ def test_read_only_install_compiles_in_memory_with_one_warning(tmp_path):
 def test_warmup_compiles_the_selection(kind, tmp_path):
     from typer.testing import CliRunner
 
-    from globalpool.cli import app
+    from globalpool.lab.cli import app
 
     result = CliRunner().invoke(
         app, ["warmup", "--kind", kind, "--layout", "channels_first", "--dtype", "float32"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from globalpool.cli import app
-from globalpool.data import load_dataset
-from globalpool.experiments import find_runs, load_run
-from globalpool.experiments.runner import count_correct
+from globalpool.lab.cli import app
+from globalpool.lab.data import load_dataset
+from globalpool.lab.experiments import find_runs, load_run
+from globalpool.lab.experiments.runner import count_correct
 
 TINY = ["--train-sizes", "200", "--epochs", "1", "--seeds", "1", "--threads", "1"]
 
@@ -68,7 +68,7 @@ def test_no_save_models_and_broken_weights(tmp_path):
 def test_saved_doctests_pass():
     import doctest
 
-    import globalpool.experiments.saved as saved
+    import globalpool.lab.experiments.saved as saved
 
     result = doctest.testmod(saved)
     assert result.failed == 0 and result.attempted > 0

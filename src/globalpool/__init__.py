@@ -30,6 +30,7 @@ from globalpool.layers import (
 from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
 from globalpool.registry import KINDS, KindSpec, Param, register_kind, unregister_kind
+from globalpool.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -61,4 +62,5 @@ __all__ = [
     "registry",
     "swap_pool",
     "unregister_kind",
+    "warmup",
 ]

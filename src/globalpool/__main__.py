@@ -1,4 +1,5 @@
-"""``python -m globalpool``: the same command line as the ``globalpool`` script.
+"""``python -m globalpool``: the same command line as the ``globalpool`` script
+(:mod:`globalpool._entry`).
 
 >>> import subprocess, sys
 >>> out = subprocess.run([sys.executable, "-m", "globalpool", "--version"],
@@ -7,7 +8,7 @@
 (0, 'globalpool')
 """
 
-from globalpool.cli import app
+from globalpool._entry import main
 
 if __name__ == "__main__":
-    app(prog_name="globalpool")
+    main()

@@ -8,12 +8,13 @@ torch.Size([2, 5, 5])
 """
 
 from globalpool.cam.gradient import GRADIENT_METHODS
-from globalpool.cam.maps import METHODS, class_activation_maps
+from globalpool.cam.maps import METHODS, auto_method, class_activation_maps
 from globalpool.cam.resize import normalize_maps, upsample_maps
 
 __all__ = [
     "GRADIENT_METHODS",
     "METHODS",
+    "auto_method",
     "class_activation_maps",
     "normalize_maps",
     "upsample_maps",

@@ -24,6 +24,30 @@ from globalpool.contract import LAYOUTS
 METHODS: tuple[str, ...] = ("auto", "cam", *GRADIENT_METHODS)
 
 
+def auto_method(model: nn.Module) -> str:
+    """The method :func:`class_activation_maps` uses for ``model`` by default (``method="auto"``,
+    ``layer=None``): ``"cam"`` where the exact maps apply to the model's last globalpool head or
+    pool, else ``"gradcam"``.
+
+    Args:
+        model: a ``torch.nn.Module`` holding a globalpool head or pool.
+
+    Returns:
+        ``"cam"`` or ``"gradcam"``.
+
+    Raises:
+        ValueError: ``model`` has no globalpool head or pool to take the feature map from (for
+            such a model, :func:`class_activation_maps` needs ``layer=``).
+
+    >>> import globalpool as gp
+    >>> gp.cam.auto_method(gp.ClassifierHead(8, 3, pool="avg"))
+    'cam'
+    >>> gp.cam.auto_method(gp.ClassifierHead(8, 3, pool="gem"))
+    'gradcam'
+    """
+    return "cam" if is_exact(find_site(model, None).head) else "gradcam"
+
+
 def class_activation_maps(
     model: nn.Module,
     x: Any,
