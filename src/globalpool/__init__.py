@@ -10,6 +10,7 @@ torch.Size([8, 64])
 
 from globalpool import cam
 from globalpool.cam import class_activation_maps
+from globalpool.clip_attention_pool import CLIPAttentionPool
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -19,6 +20,7 @@ from globalpool.heads import (
     make_head,
     swap_pool,
 )
+from globalpool.latent_attention_pool import LatentAttentionPool
 from globalpool.layers import (
     AdaptivePool,
     AttentionPool,
@@ -30,6 +32,7 @@ from globalpool.layers import (
 from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
 from globalpool.registry import KINDS, KindSpec, Param, register_kind, unregister_kind
+from globalpool.simpool import SimPool
 
 __version__ = "0.1.0"
 
@@ -40,13 +43,16 @@ __all__ = [
     "Param",
     "AdaptivePool",
     "AttentionPool",
+    "CLIPAttentionPool",
     "ClassifierHead",
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
     "LSEPool",
+    "LatentAttentionPool",
     "MonitorStats",
     "NiNHead",
+    "SimPool",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
