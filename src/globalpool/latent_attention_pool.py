@@ -74,17 +74,19 @@ class LatentAttentionPool(nn.Module):
     ``kv.weight/.bias``     ``kv.weight/.bias`` (keys, then values) ``(2C, C)`` / ``(2C,)``
     ``q_norm``, ``k_norm``  same (``qk_norm=True``; else Identity)  ``(C / num_heads,)``
     ``proj.weight/.bias``   ``proj.weight/.bias``                   ``(C, C)`` / ``(C,)``
-    ``norm``                ``norm`` (``norm=True``; else Identity) ``(C,)``
+    ``norm``                ``norm`` (``mlp_norm``; else Identity)  ``(C,)``
     ``mlp.fc1``/``.fc2``    ``mlp.fc1``/``.fc2``                    ``(hidden, C)``/``(C, hidden)``
     ======================  ======================================  ==========================
 
     timm's arguments map as: ``in_features`` = ``channels`` (its ``embed_dim`` and
     ``out_features`` default to that, the only case supported here), ``num_heads``,
     ``mlp_ratio``, ``qkv_bias``, ``qk_norm``, ``latent_len``, ``pool_type`` = ``pool``,
-    ``norm_layer=LayerNorm(eps=1e-6)`` = ``norm=True`` (the ViT head; timm's standalone default
-    ``norm_layer=None`` is ``norm=False``), ``act_layer`` = ``act`` (``"gelu_tanh"`` for
-    SigLIP). Not supported: ``pos_embed="abs"``, ``latent_dim``/``embed_dim`` other than
-    ``in_features``, dropout. Also ``mlp_ratio=0`` drops the MLP residual (and ``norm``).
+    ``norm_layer=LayerNorm(eps=1e-6)`` = ``mlp_norm=True`` (the ViT head; timm's standalone
+    default ``norm_layer=None`` is ``mlp_norm=False``), ``act_layer`` = ``mlp_act``
+    (``"gelu_tanh"`` for SigLIP). Not supported: ``pos_embed="abs"``, ``latent_dim`` or
+    ``embed_dim`` other than ``in_features``, dropout. Also ``mlp_ratio=0`` drops the MLP
+    residual (and ``norm``). In a head (``ClassifierHead(C, K, pool="map")``) the reduction is
+    given as ``latent_pool``.
 
     Args:
         channels: ``C``, the input (and output) width; divisible by ``num_heads``.
@@ -93,8 +95,8 @@ class LatentAttentionPool(nn.Module):
         mlp_ratio: MLP hidden width over ``C`` (0: no MLP residual).
         qkv_bias: biases in ``q`` and ``kv``.
         qk_norm: LayerNorm of each head's queries and keys.
-        norm: LayerNorm (eps 1e-6) before the MLP.
-        act: ``"gelu"`` or ``"gelu_tanh"``.
+        mlp_norm: LayerNorm (eps 1e-6, the module ``norm``) before the MLP.
+        mlp_act: the MLP's activation, ``"gelu"`` or ``"gelu_tanh"``.
         pool: ``"token"`` (first latent), ``"avg"`` (mean of the latents), ``""`` or None (all).
         layout: ``"channels_first"`` or ``"channels_last"``.
 
@@ -127,8 +129,8 @@ class LatentAttentionPool(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         qk_norm: bool = False,
-        norm: bool = True,
-        act: str = "gelu",
+        mlp_norm: bool = True,
+        mlp_act: str = "gelu",
         pool: str | None = "token",
         layout: str = "channels_first",
     ) -> None:
@@ -140,10 +142,12 @@ class LatentAttentionPool(nn.Module):
                 f"latent_len must be an int >= 1 (learned queries), got {latent_len!r}"
             )
         mlp_ratio = check_non_negative(mlp_ratio, "mlp_ratio")
-        for name, value in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("norm", norm)):
+        for name, value in (
+            ("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("mlp_norm", mlp_norm)
+        ):
             check_bool(value, name)
-        if act not in LATENT_ACTIVATIONS:
-            raise ValueError(f"act must be one of {LATENT_ACTIVATIONS}, got {act!r}")
+        if mlp_act not in LATENT_ACTIVATIONS:
+            raise ValueError(f"mlp_act must be one of {LATENT_ACTIVATIONS}, got {mlp_act!r}")
         self.pool = _check_latent_pool(pool)
         check_layout(layout)
         self.channels, self.num_heads, self.latent_len = channels, num_heads, latent_len
@@ -158,8 +162,8 @@ class LatentAttentionPool(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(channels, channels)
         hidden = int(channels * mlp_ratio)
-        self.norm = nn.LayerNorm(channels, eps=1e-6) if norm and hidden else nn.Identity()
-        self.mlp = _Mlp(channels, hidden, act) if hidden else None
+        self.norm = nn.LayerNorm(channels, eps=1e-6) if mlp_norm and hidden else nn.Identity()
+        self.mlp = _Mlp(channels, hidden, mlp_act) if hidden else None
 
     def output_width(self, channels: int) -> int:
         """Features per latent: ``channels`` (a head's pooled width)."""
