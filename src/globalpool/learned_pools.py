@@ -5,14 +5,9 @@ pools a :class:`~globalpool.ClassifierHead` builds from ``pool="map"``, ``"simpo
 Their names are reserved in the registry, so no kind can take one (and a kind registered before
 this module is imported under such a name is an error here).
 
->>> import globalpool as gp
->>> make_learned_pool("simpool", 16, "channels_first", {"gamma": 2.0})
-SimPool(
-  channels=16, num_heads=1, gamma=2.0, layout='channels_first'
-  (norm_patches): LayerNorm((16,), eps=1e-06, elementwise_affine=True)
-  (wq): Linear(in_features=16, out_features=16, bias=False)
-  (wk): Linear(in_features=16, out_features=16, bias=False)
-)
+>>> pool = make_learned_pool("simpool", 16, "channels_first", {"gamma": 2.0})
+>>> type(pool).__name__, pool.gamma, pool.output_width(16)
+('SimPool', 2.0, 16)
 """
 
 from __future__ import annotations
