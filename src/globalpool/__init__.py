@@ -4,11 +4,12 @@
 >>> x = torch.randn(8, 64, 7, 7)
 >>> gp.pool(x, "gem", p=3.0).shape
 torch.Size([8, 64])
->>> gp.KINDS
-('avg', 'max', 'avgmax', 'catavgmax', 'gem', 'lse', 'attention', 'sum', 'first', 'last')
+>>> "gem" in gp.KINDS and "catavgmax" in gp.KINDS   # every registered kind (a live view)
+True
 """
 
 from globalpool import cam, registry
+from globalpool.attention import CLIPAttentionPool, LatentAttentionPool, SimPool
 from globalpool.cam import class_activation_maps
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
@@ -41,13 +42,16 @@ __all__ = [
     "Param",
     "AdaptivePool",
     "AttentionPool",
+    "CLIPAttentionPool",
     "ClassifierHead",
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
     "LSEPool",
+    "LatentAttentionPool",
     "MonitorStats",
     "NiNHead",
+    "SimPool",
     "adaptive_pool",
     "cam",
     "class_activation_maps",

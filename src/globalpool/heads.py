@@ -37,6 +37,7 @@ from globalpool.layers import (
     check_channels,
     make_pool,
 )
+from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 
 #: The image / signal heads that ``globalpool compare`` trains by default. :func:`make_head`
 #: builds a head of every registered kind (``sum``, ``first``, ``last``, a kind of your own) and
@@ -210,6 +211,8 @@ class ClassifierHead(nn.Module):
                 "(gem) or r (lse) per channel"
             )
         _check_pool_keepdim(pool_params)
+        if isinstance(pool, str) and pool in LEARNED_POOLS:  # a query-based attention pool
+            return make_learned_pool(pool, self.in_channels, self.layout, pool_params)
         return make_pool(pool, self.in_channels, layout=self.layout, **pool_params)
 
     def _build_neck(self) -> None:
@@ -452,7 +455,9 @@ def make_head(
     **pool_params: Any,
 ) -> nn.Module:
     """Build the head called ``name`` (one of :data:`HEADS`, a token kind ``sum``/``first``/
-    ``last``, or a tuple of kinds: a :class:`ClassifierHead` pooling with them).
+    ``last``, or a tuple of kinds: a :class:`ClassifierHead` pooling with them; or a learned
+    attention pool of :data:`~globalpool.learned_pools.LEARNED_POOLS`, ``map``, ``simpool`` or
+    ``clip``, whose ``spatial_size`` is the size of its positional table).
 
     Every head takes ``layout`` and ``backend`` (``fc`` does no pooling and only checks it).
     ``fc`` needs ``spatial_size`` and uses ``hidden``; pooling heads accept any spatial size, so
@@ -480,7 +485,7 @@ def make_head(
     TypeError: head 'nin' got unexpected argument(s) ['p']; it takes layout, backend
     """
     if not isinstance(name, (tuple, list)):
-        check_kind(name, ("fc", "nin", *registry.kinds()), name="head")
+        check_kind(name, ("fc", "nin", *registry.kinds(), *LEARNED_POOLS), name="head")
     check_layout(layout)
     check_backend(backend)
     _check_dropout(dropout)
@@ -503,6 +508,13 @@ def make_head(
         )
     if name == "nin":
         return NiNHead(in_channels, num_classes, layout=layout, backend=backend)
+    if isinstance(name, str) and name in LEARNED_POOLS:  # no fused backend: learned modules
+        if name == "clip":
+            pool_params["spatial_size"] = spatial_size
+        return ClassifierHead(
+            in_channels, num_classes, name, dropout=dropout, layout=layout, norm=norm,
+            hidden=mlp_hidden, act=act, **pool_params,
+        )
     return ClassifierHead(
         in_channels,
         num_classes,

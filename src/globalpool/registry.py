@@ -342,6 +342,8 @@ def register_kind(
     torch.Size([2, 3])
     >>> gp.unregister_kind("softmax")
     """
+    if name in _HELD:
+        raise ValueError(f"name {name!r} is reserved: it is {_HELD[name]}")
     entry = _build(name, compose, params, width, reference, reference_grad, keras, credit,
                    kernels, summary, builtin=False)
     old = _REGISTRY.get(name)
@@ -350,6 +352,18 @@ def register_kind(
         raise ValueError(f"name {name!r} is {what}")
     _add(entry)
     return entry
+
+
+#: Names no kind may take, with what holds them (the learned pools of globalpool.learned_pools).
+_HELD: dict[str, str] = {}
+
+
+def reserve_name(name: str, holder: str) -> None:
+    """Keep ``name`` from ever becoming a kind: ``holder`` (said in the error) uses it in the same
+    namespace, such as ``ClassifierHead(pool=...)``. A kind of that name is an error here."""
+    if name in _REGISTRY:
+        raise ValueError(f"name {name!r} is a registered kind and cannot be reserved for {holder}")
+    _HELD[name] = holder
 
 
 def unregister_kind(name: str) -> None:

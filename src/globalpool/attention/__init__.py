@@ -1,0 +1,13 @@
+"""Query-based attention pooling: latent queries (MAP), SimPool and CLIP-style pooling, one
+contract for masks, layouts, ranks and dtypes (``F.scaled_dot_product_attention`` underneath).
+
+>>> import torch, globalpool as gp
+>>> gp.LatentAttentionPool(64, num_heads=4)(torch.randn(2, 64, 7, 7)).shape
+torch.Size([2, 64])
+"""
+
+from globalpool.attention.clip import CLIPAttentionPool
+from globalpool.attention.latent import LatentAttentionPool
+from globalpool.attention.simpool import SimPool
+
+__all__ = ["CLIPAttentionPool", "LatentAttentionPool", "SimPool"]

@@ -1,0 +1,156 @@
+"""The parts every query-based attention pool shares: feature maps as tokens under the mask
+contract, multi-head splitting, and masked attention with a float32 (or wider) softmax.
+
+The contract (as :func:`globalpool.pool`): ``x`` is ``(N, C, *S)`` or ``(N, *S, C)`` with 1 to
+3 spatial dims; ``mask`` ``(N, *S)`` bool is True at real positions. Padded positions are
+replaced by 0 *before* any projection (a select, so NaN or inf there never reach a value or a
+gradient) and get zero attention (an additive ``-inf``). A sample with no real position attends
+over its zeroed positions instead (so no softmax row is empty, and nothing is NaN) and its
+output is then replaced by exactly 0, which also gives it zero gradient.
+
+>>> import torch
+>>> tokens = as_tokens(torch.randn(2, 4, 3, 5), None, "channels_first")
+>>> tokens.values.shape, tokens.key_mask, tokens.has_real
+(torch.Size([2, 15, 4]), None, None)
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from globalpool.contract import check_input, check_mask, layout_dims
+from globalpool.layers import check_channel_count
+
+
+class Tokens(NamedTuple):
+    """A feature map as a token sequence.
+
+    Attributes:
+        values: ``(N, L, C)`` with ``L = prod(S)``; 0 at padded positions.
+        key_mask: ``(N, L)`` bool, True where a position may be attended to (the real positions;
+            every position of a sample with none); None without a mask.
+        has_real: ``(N,)`` bool, whether a sample has a real position; None without a mask.
+    """
+
+    values: torch.Tensor
+    key_mask: torch.Tensor | None
+    has_real: torch.Tensor | None
+
+
+def check_pool_input(
+    x: Any, mask: Any, layout: str, channels: int, owner: str, arg: str = "channels"
+) -> None:
+    """``x`` a floating ``(N, C, *S)`` / ``(N, *S, C)`` tensor with ``channels`` channels, ``mask``
+    None or bool ``(N, *S)`` on x's device; the errors name the argument and what was expected."""
+    check_input(x)
+    check_channel_count(x, layout, channels, owner, arg)
+    check_mask(mask, x, layout)
+
+
+def check_num_heads(num_heads: Any, channels: int, arg: str = "channels") -> None:
+    """``num_heads`` a positive int that divides ``channels`` (each head gets ``C // num_heads``).
+
+    >>> check_num_heads(3, 16)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: channels=16 must be divisible by num_heads=3 (each head attends over C // ...
+    """
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if channels % num_heads:
+        raise ValueError(
+            f"{arg}={channels} must be divisible by num_heads={num_heads} (each head attends "
+            "over C // num_heads channels)"
+        )
+
+
+def check_bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+
+
+def check_non_negative(value: Any, name: str) -> float:
+    """A finite real number >= 0 (a ratio, a power); bools and NaN are refused."""
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not value >= 0
+        or value == float("inf")
+    ):
+        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
+    return float(value)
+
+
+def as_tokens(x: torch.Tensor, mask: torch.Tensor | None, layout: str) -> Tokens:
+    """``x`` as ``(N, L, C)`` tokens, padding replaced by 0 (see the module docstring)."""
+    channel_dim, _ = layout_dims(x.ndim, layout)
+    last = x if channel_dim == x.ndim - 1 else x.movedim(channel_dim, -1)
+    values = last.flatten(1, -2)
+    if mask is None:
+        return Tokens(values, None, None)
+    real = mask.flatten(1)
+    values = torch.where(real.unsqueeze(-1), values, 0.0)  # select, not multiply: 0 * NaN is NaN
+    has_real = real.any(1)
+    return Tokens(values, real | ~has_real.unsqueeze(1), has_real)
+
+
+def masked_mean(tokens: Tokens) -> torch.Tensor:
+    """Mean over the attendable positions, ``(N, C)`` (over every one of a sample with none)."""
+    if tokens.key_mask is None:
+        return tokens.values.mean(1)
+    weight = tokens.key_mask.to(tokens.values.dtype).unsqueeze(-1)
+    return (tokens.values * weight).sum(1) / weight.sum(1)
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(N, L, C)`` to ``(N, num_heads, L, C // num_heads)``."""
+    n, length, c = t.shape
+    return t.reshape(n, length, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """``(N, H, L, D)`` to ``(N, L, H * D)``."""
+    return t.transpose(1, 2).flatten(2)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``softmax(q kᵀ / √D) v`` per head through ``F.scaled_dot_product_attention``, computed in
+    float32 for half inputs (float64 stays float64) and returned in ``q``'s dtype.
+
+    Args:
+        q: queries ``(N, H, Lq, D)``.
+        k: keys ``(N, H, L, D)``.
+        v: values ``(N, H, L, Dv)``.
+        key_mask: ``(N, L)`` bool, True where a key may be attended to, or None; every row must
+            hold a True (:func:`as_tokens` makes it so).
+
+    Returns:
+        ``(N, H, Lq, Dv)``.
+    """
+    out_dtype = q.dtype
+    work = torch.promote_types(q.dtype, torch.float32)
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=work, device=q.device)
+        bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), attn_mask=bias)
+    return out.to(out_dtype)
+
+
+def zero_empty(out: torch.Tensor, has_real: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (``(N, ...)``) with the samples that have no real position replaced by 0."""
+    if has_real is None:
+        return out
+    keep = has_real.reshape(-1, *([1] * (out.ndim - 1)))
+    return torch.where(keep, out, 0.0)
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype the pool computes in: its parameters' (float32 unless converted)."""
+    return next(module.parameters()).dtype
