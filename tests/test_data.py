@@ -386,6 +386,77 @@ def test_folder_without_split_dirs_is_split_80_20(tmp_path: Path) -> None:
     assert load_dataset(f"folder:{tmp_path}", train_size=9).train_size == 9
 
 
+def _png_rgb16(path: Path, values: np.ndarray) -> None:
+    """Write ``values`` (uint16, (H, W, 3)) as a 16-bit-per-channel RGB PNG (Pillow cannot)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w, _ = values.shape
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_folder_16bit_images_keep_their_high_byte(tmp_path: Path) -> None:
+    # convert("RGB") clips 16-bit values to 255: nearly every pixel turned white.
+    rng = np.random.default_rng(0)
+    gray = {k: rng.integers(0, 1 << 16, (8, 8), dtype=np.uint16) for k in range(4)}
+    rgb = rng.integers(0, 1 << 16, (8, 8, 3), dtype=np.uint16)
+    files = {
+        ("train", "a", "0.png"): gray[0],  # Pillow mode I;16
+        ("train", "b", "0.png"): gray[1],
+        ("test", "a", "0.png"): gray[2],
+        ("test", "b", "0.png"): rgb,  # Pillow reduces 16-bit RGB itself: the same rule
+    }
+    for parts, values in files.items():
+        path = tmp_path.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if values.ndim == 3:
+            _png_rgb16(path, values)
+        else:
+            Image.fromarray(values).save(path)
+    big_endian = tmp_path / "train" / "b" / "1.tif"  # Pillow mode I;16B
+    Image.fromarray(gray[3].astype(">u2")).save(big_endian)
+    files[("train", "b", "1.tif")] = gray[3]
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode == "I;16"
+    assert Image.open(big_endian).mode == "I;16B"
+
+    ds = load_folder(tmp_path, image_size=8, cache=False)
+    mean = torch.tensor(ds.info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(ds.info["std"]).view(1, 3, 1, 1)
+
+    def expected(*keys: tuple[str, str, str]) -> torch.Tensor:
+        high = [files[k] >> 8 for k in keys]
+        stack = [v if v.ndim == 3 else np.broadcast_to(v[..., None], (8, 8, 3)) for v in high]
+        return torch.from_numpy(np.stack(stack).transpose(0, 3, 1, 2).astype(np.float32) / 255)
+
+    train = [("train", "a", "0.png"), ("train", "b", "0.png"), ("train", "b", "1.tif")]
+    test = [("test", "a", "0.png"), ("test", "b", "0.png")]
+    torch.testing.assert_close(ds.x_train * std + mean, expected(*train), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ds.x_test * std + mean, expected(*test), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode"),
+    [(np.int32, "I"), (np.float32, "F")],
+    ids=["32-bit-integer", "float"],
+)
+def test_folder_refuses_pixels_of_unknown_range(tmp_path: Path, pixels, mode) -> None:
+    for name in ("a", "b"):
+        _write_image(tmp_path / name / "0.png", (1, 2, 3))
+    odd = tmp_path / "b" / "odd.tif"
+    Image.fromarray(np.full((4, 4), 70000, dtype=pixels)).save(odd)
+    assert Image.open(odd).mode == mode
+    with pytest.raises(DatasetError, match=f"image {odd} has .* pixels \\(Pillow mode {mode}\\)"):
+        load_folder(tmp_path, cache=False)
+
+
 def test_folder_errors(tmp_path: Path) -> None:
     cases: list[tuple[str, str]] = []
     cases.append((str(tmp_path / "missing"), "is not a directory"))

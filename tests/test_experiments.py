@@ -704,3 +704,80 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert seconds < 3.0, f"took {seconds:.1f} s to stop"
     assert "Traceback" not in err
     _assert_clean(proc, out, done)
+
+
+# --- the workers' side of a stop ----------------------------------------------------------------
+
+
+class _NoData:
+    """A data source that loads nothing (a worker's data are never used by these tests)."""
+
+    def load(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("closed", ["before-ready", "after-ready"])
+def test_a_worker_ends_quietly_when_the_parent_has_closed_the_pipe(monkeypatch, closed):
+    # A parent that stops closes its end of the pipe: the worker's next send was a
+    # BrokenPipeError, its next recv an EOFError, and either ended it with a traceback on stderr
+    # under the parent's one-line "interrupted" message. Now the worker just returns.
+    import multiprocessing as mp
+    import threading
+
+    import torch
+
+    from globalpool.lab.experiments import interrupt, pool
+
+    monkeypatch.setattr(interrupt, "ignore_in_child", lambda: None)  # not in the test process
+    monkeypatch.setattr(pool, "_die_with_parent", lambda parent: None)
+    parent, child = mp.Pipe(duplex=True)
+    seen = []
+    if closed == "before-ready":
+        parent.close()
+    else:  # the parent reads "ready", then goes away while the worker waits for a run
+
+        def read_then_close() -> None:
+            seen.append(parent.recv())
+            parent.close()
+
+        threading.Thread(target=read_then_close, daemon=True).start()
+    threads = torch.get_num_threads()
+    try:
+        pool._worker_main(child, os.getpid(), _NoData(), ResultStore("unused"), "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == ([("ready",)] if closed == "after-ready" else [])
+
+
+def test_a_graceful_stop_cut_short_by_a_signal_kills_the_workers_left(monkeypatch):
+    # SIGTERM just after the last run: the signal's KeyboardInterrupt came while the first
+    # worker was being told to exit; the others were left to find the pipe closed at exit.
+    from types import SimpleNamespace
+
+    from globalpool.lab.experiments import interrupt, pool
+
+    calls: list[tuple[str, object]] = []
+
+    class FakeWorker:
+        def __init__(self, name: str, pid: int, interrupted: bool = False) -> None:
+            self.name, self.interrupted = name, interrupted
+            self.process = SimpleNamespace(pid=pid, exitcode=None)
+
+        def stop(self, *, gracefully: bool) -> None:
+            calls.append((self.name, gracefully))
+            if gracefully and self.interrupted:
+                raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(interrupt, "kill_now", lambda pids: calls.append(("kill", list(pids))))
+    monkeypatch.setattr(pool, "_stop_resource_tracker", lambda: calls.append(("tracker", None)))
+    workers = [FakeWorker("a", 11), FakeWorker("b", 12, interrupted=True), FakeWorker("c", 13)]
+    with pytest.raises(KeyboardInterrupt):
+        pool.stop_workers(workers, gracefully=True)
+    assert calls == [
+        ("a", True),
+        ("b", True),  # interrupted here
+        ("kill", [12, 13]),
+        ("b", False),
+        ("c", False),
+        ("tracker", None),
+    ]

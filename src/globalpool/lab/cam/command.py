@@ -5,6 +5,12 @@ the largest training-set size), a few test samples (the first of each class in t
 one PNG grid per dataset (rows: samples, columns: heads) beside a JSON file with the maps.
 A single run's ``.json`` or ``.pt`` as ``--results`` draws that run alone. Errors are one
 ``Error:`` line.
+
+The test samples come from the dataset the runs recorded (``folder:`` with its absolute path),
+and must be the data they were trained on: data whose digest is not the one each run recorded
+(``spec.env.data``) is refused, naming both. Runs recorded before ``compare`` made ``folder:``
+paths absolute read a relative path from the working directory: run ``cam`` where ``compare``
+ran (the digest check refuses another folder of the same name).
 """
 
 from __future__ import annotations
@@ -133,6 +139,60 @@ def _layer_for(model: Any) -> str | None:
         raise
 
 
+def _where(dataset: str) -> str:
+    """The dataset, and for a relative ``folder:`` path (an older run record) where it is read."""
+    from globalpool.lab.data.registry import absolute_spec, is_relative_spec
+
+    if is_relative_spec(dataset):
+        return f"{dataset} (a relative path, read here as {absolute_spec(dataset)})"
+    return dataset
+
+
+_RELATIVE_HINT = (
+    "; its runs recorded a path relative to the directory compare ran in (globalpool did not "
+    "record absolute paths then): run cam from that directory"
+)
+
+
+def _load_data(dataset: str) -> Any:
+    """The dataset the runs named, as ``compare`` loaded it; a one-line error if it cannot be."""
+    from globalpool.lab.data import load_dataset
+    from globalpool.lab.data.registry import is_relative_spec
+
+    try:
+        return load_dataset(dataset, download=False)
+    except Exception as err:
+        hint = _RELATIVE_HINT if is_relative_spec(dataset) else ""
+        raise runtime_error(
+            f"cannot load {_where(dataset)} to draw its maps: {err}{hint}"
+        ) from None
+
+
+def _check_data(record: dict[str, Any], dataset: str, digest: str) -> None:
+    """Refuse data whose digest is not the one the run recorded (``spec.env.data``): its maps
+    would be those of a model on other images. Runs that recorded none get a warning."""
+    from globalpool.lab.data.registry import is_relative_spec
+
+    run = record.get("label") or record.get("_path")
+    recorded = (record["spec"].get("env") or {}).get("data")
+    if recorded is None:
+        typer.echo(
+            f"warning: run {run} recorded no data digest (an older globalpool): cannot check "
+            f"that {_where(dataset)} holds the images it was trained on",
+            err=True,
+        )
+    elif recorded != digest:
+        hint = (
+            _RELATIVE_HINT
+            if is_relative_spec(dataset)
+            else "; the data changed since the run: restore it, or re-run compare on it"
+        )
+        raise runtime_error(
+            f"{_where(dataset)} is not the data run {run} was trained on: its digest is "
+            f"{digest}, the run recorded data digest {recorded}{hint}"
+        )
+
+
 def _draw(
     dataset: str, paths: list[Path], out: Path, *, samples: int, method: str, target: str
 ) -> list[Path]:
@@ -140,14 +200,12 @@ def _draw(
 
     from globalpool.cam import auto_method, class_activation_maps
     from globalpool.lab.cam.render import render_grid
-    from globalpool.lab.data import load_dataset
+    from globalpool.lab.experiments.provenance import data_digest
     from globalpool.lab.experiments.results import atomic_write, dataset_slug
     from globalpool.lab.experiments.saved import load_run
 
-    try:
-        data = load_dataset(dataset, download=False)
-    except Exception as err:
-        raise runtime_error(f"cannot load {dataset} to draw its maps: {err}") from None
+    data = _load_data(dataset)
+    digest = data_digest(data)
     idx = _samples(data.y_test, samples)
     x, y = data.x_test[idx], data.y_test[idx]
     maps: dict[str, torch.Tensor] = {}
@@ -158,6 +216,7 @@ def _draw(
             model, record = load_run(path)
         except ValueError as err:
             raise runtime_error(str(err)) from None
+        _check_data(record, dataset, digest)
         head = record["spec"]["head"]
         layer = _layer_for(model)
         exact = layer is None and auto_method(model) == "cam"

@@ -12,9 +12,10 @@ the compression is read from the file's first bytes). It is streamed, never extr
 top-level directory (``cifar10/train/<class>/*``; a lone ``train/``, ``test/`` or ``val/`` is
 not taken for such a wrapper). Links inside an archive are skipped.
 
-Images (png, jpg, jpeg, bmp, gif, webp, tif, tiff; hidden files skipped) are converted to RGB,
-resized to ``image_size`` x ``image_size`` (bilinear), scaled to [0, 1] and standardised per
-channel with the training set's mean and std.
+Images (png, jpg, jpeg, bmp, gif, webp, tif, tiff; hidden files skipped) are converted to 8-bit
+RGB (16-bit ones keep their high byte, ``value >> 8``; 32-bit integer or float pixels, whose range
+is unknown, are refused naming the file), resized to ``image_size`` x ``image_size``
+(bilinear), scaled to [0, 1] and standardised per channel with the training set's mean and std.
 
 The decoded uint8 pixels are cached (:mod:`globalpool.lab.data.folder_cache`) in ``cache_dir``
 (default ``default_cache_dir() / "folder"``), one ``.npz`` per source and image size. An archive
@@ -49,12 +50,50 @@ from .folder_layout import IMAGE_EXTENSIONS, ArchiveTree, DirTree, Entry, plan_l
 __all__ = ["IMAGE_EXTENSIONS", "load_folder"]
 
 
+#: Pillow modes of 16-bit unsigned single-channel pixels (grayscale PNG, TIFF).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _bits_per_sample(img: Image.Image) -> int | None:
+    """Bits per sample of a mode ``"I"`` image where the file says so: a PNG in mode ``"I"`` is
+    16-bit grayscale (older Pillows open those as ``"I"``), a TIFF has ``BitsPerSample``."""
+    if img.format == "PNG":
+        return 16
+    bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    if isinstance(bits, tuple) and len(bits) == 1:
+        bits = bits[0]
+    return bits if isinstance(bits, int) else None
+
+
+def _to_rgb(img: Image.Image, where: str) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale keeps its high byte (``value >> 8``), as Pillow itself
+    reduces 16-bit RGB; ``convert("RGB")`` would clip it to 255. Pixels whose scale cannot be
+    told (32-bit integers, floats) are refused."""
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and _bits_per_sample(img) == 16):
+        values = np.asarray(img)
+        if values.size and (int(values.min()) < 0 or int(values.max()) > 0xFFFF):
+            raise DatasetError(
+                f"folder: image {where} is 16-bit (mode {img.mode}) but holds values from "
+                f"{int(values.min())} to {int(values.max())}, outside 0..65535"
+            )
+        return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+        kind = "floating-point" if img.mode.startswith("F") else "32-bit integer"
+        raise DatasetError(
+            f"folder: image {where} has {kind} pixels (Pillow mode {img.mode}), whose range "
+            "is unknown; expected 8-bit or 16-bit images (save it as 8- or 16-bit PNG)"
+        )
+    return img.convert("RGB")
+
+
 def _decode(source: Path | IO[bytes], size: int, where: str) -> np.ndarray:
     try:
         with Image.open(source) as img:
-            rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            rgb = _to_rgb(img, where).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        if isinstance(err, DatasetError):
+            raise
         reason = f"{type(err).__name__}: {err}"
         raise DatasetError(f"folder: cannot read image {where} ({reason})") from err
 

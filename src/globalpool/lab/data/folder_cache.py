@@ -17,7 +17,7 @@ written is a warning, never a failure.
 ...                 ("cat", "dog"), "train/test")
 >>> path = cache_file(Path(tempfile.mkdtemp()), "tar", "ab" * 32, 4)  # ident: hex digest
 >>> path.name
-'tar-abababababababab-4px-v1.npz'
+'tar-abababababababab-4px-v2.npz'
 >>> write_cache(path, entry, key="ab" * 32)
 True
 >>> read_cache(path, key="ab" * 32, image_size=4).class_names
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 # Bump when what is decoded or how it is stored changes: older files then no longer match.
-FORMAT_VERSION = 1
+# 2: 16-bit images keep their high byte (version 1 clipped them to 255).
+FORMAT_VERSION = 2
 TRAIN, TEST, UNSPLIT = 0, 1, 2
 LAYOUTS = ("train/test", "split")
 

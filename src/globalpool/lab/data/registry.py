@@ -16,6 +16,33 @@ def _unknown(spec: Any) -> DatasetError:
     return DatasetError(f"unknown dataset {spec!r}; expected one of: {', '.join(DATASET_NAMES)}")
 
 
+def absolute_spec(spec: str) -> str:
+    """``folder:PATH`` with ``PATH`` made absolute (``~`` expanded, against the working
+    directory), so a run record names the same images from any directory; other specs as given.
+
+    >>> absolute_spec("mnist1d"), absolute_spec("folder:/data/../data/pets")
+    ('mnist1d', 'folder:/data/pets')
+    >>> absolute_spec("folder:pets") == "folder:" + os.path.join(os.getcwd(), "pets")
+    True
+    """
+    head, sep, rest = spec.strip().partition(":")
+    if not sep or head.strip().lower() != "folder" or not rest.strip():
+        return spec
+    return f"{head}:{os.path.abspath(Path(rest.strip()).expanduser())}"
+
+
+def is_relative_spec(spec: str) -> bool:
+    """Whether ``spec`` is ``folder:PATH`` with a relative ``PATH`` (read from the working
+    directory; run records before globalpool recorded absolute paths hold such specs).
+
+    >>> is_relative_spec("folder:pets"), is_relative_spec("folder:/data/pets")
+    (True, False)
+    """
+    head, sep, rest = spec.strip().partition(":")
+    relative = not Path(rest.strip()).expanduser().is_absolute()
+    return bool(sep) and head.strip().lower() == "folder" and bool(rest.strip()) and relative
+
+
 def load_dataset(
     spec: str,
     *,

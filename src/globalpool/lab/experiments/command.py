@@ -104,12 +104,17 @@ def parse_train_sizes(text: str | None) -> list[int | None]:
 
 
 def check_dataset_name(dataset: str) -> str:
-    """The dataset spec, stripped, if its name is known; else :class:`CompareError`."""
+    """The dataset spec, stripped, if its name is known; else :class:`CompareError`.
+
+    A ``folder:PATH`` comes back with ``PATH`` absolute: the runs record it, so ``cam`` reads
+    the same images from any working directory."""
+    from globalpool.lab.data.registry import absolute_spec
+
     base = dataset_base(dataset)
     if base not in DEFAULTS or (base == "folder") != (":" in dataset):
         names = "mnist1d, digits-shifted, cifar10, folder:PATH"
         raise CompareError(f"unknown dataset {dataset!r}; expected one of: {names}", "--dataset")
-    return dataset.strip()
+    return absolute_spec(dataset.strip())
 
 
 def _fail(message: str, code: int = 1, usage: bool = False) -> Exception:

@@ -46,10 +46,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+#: What the pipe raises once the parent has closed its end (it stopped, or it is exiting).
+PARENT_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
 def _worker_main(conn: Connection, parent: int, source: Any, store: Any, device: str) -> None:
-    """Entry point of a worker process (see the module docstring)."""
+    """Entry point of a worker process (see the module docstring).
+
+    A parent that stops (a signal, the end of the plan) may close its end of the pipe before
+    it tells or kills this worker: the worker then just ends, with no traceback of its own over
+    the parent's one-line message (finished runs are already on disk).
+    """
     interrupt.ignore_in_child()
     _die_with_parent(parent)
+    with contextlib.suppress(*PARENT_GONE):
+        _serve(conn, source, store, device)
+
+
+def _serve(conn: Connection, source: Any, store: Any, device: str) -> None:
+    """Load the data, then train and save each run the parent sends until it sends ``None``."""
     import torch
 
     torch.set_num_threads(1)  # each run sets its own count (its RunEnv's) while it trains
@@ -153,11 +168,22 @@ def start_workers(count: int, source: Any, store: Any, device: str) -> list[Work
 def stop_workers(workers: list[Worker], *, gracefully: bool) -> None:
     """Stop every worker: all are killed first (no waiting one by one), then reaped; then the
     helper process that ``spawn`` starts (multiprocessing's resource tracker) is ended too, so
-    nothing this pool started outlives it."""
+    nothing this pool started outlives it. A graceful stop cut short by a signal kills the
+    workers it had not stopped yet, then lets the signal's exception go on."""
     if not gracefully:
-        interrupt.kill_now(w.process.pid for w in workers if w.process.pid is not None)
-    for worker in workers:
-        worker.stop(gracefully=gracefully)
+        running = [w for w in workers if w.process.pid is not None and w.process.exitcode is None]
+        interrupt.kill_now(w.process.pid for w in running)  # never a reaped pid, perhaps reused
+    stopped = 0
+    try:
+        for worker in workers:
+            worker.stop(gracefully=gracefully)
+            stopped += 1
+    except BaseException:
+        # A signal (KeyboardInterrupt) in the middle of a graceful stop: the workers not yet
+        # stopped must not be left to find the pipe closed as the parent exits; kill them now.
+        if gracefully:
+            stop_workers(workers[stopped:], gracefully=False)
+        raise
     _stop_resource_tracker()
 
 
