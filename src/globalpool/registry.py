@@ -88,12 +88,14 @@ class Param:
     learnable: bool = False
     per_position: bool = False
 
-    @property
-    def expected(self) -> str:
-        """The allowed range in words, for error messages."""
-        if self.minimum is None:
-            return "a real number"
-        return f"{'>=' if self.inclusive else '>'} {self.minimum:g}"
+    #: The allowed range in words, for error messages (a plain string, set once: checks inside
+    #: a torch.compile graph read it as a constant).
+    expected: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        words = ("a real number" if self.minimum is None
+                 else f"{'>=' if self.inclusive else '>'} {self.minimum:g}")
+        object.__setattr__(self, "expected", words)
 
     def in_range(self, value: float) -> bool:
         """Whether the number ``value`` is allowed (finiteness is checked by the caller)."""
