@@ -31,6 +31,7 @@ MODULES = [
     "globalpool.data.folder_archive",
     "globalpool.data.folder_cache",
     "globalpool.data.folder_layout",
+    "globalpool.dispatch",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",
@@ -41,6 +42,7 @@ MODULES = [
     "globalpool.monitor",
     "globalpool.packed",
     "globalpool.reference",
+    "globalpool.registry",
 ]
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 import globalpool as gp
 from globalpool import kernels
-from globalpool.kinds import GATHER_KINDS
+from globalpool.registry import spec
 from helpers import (
     DTYPES,
     KIND_PARAMS,
@@ -31,7 +31,7 @@ BACKENDS = ("torch", "fused")
 
 def _skip_unless_backend(backend: str, x: torch.Tensor, kind: str) -> None:
     # first / last have no kernel: backend="fused" runs their gather, tested like the rest
-    if backend == "fused" and kind not in GATHER_KINDS and not kernels.supports(x, kind):
+    if backend == "fused" and spec(kind).kernels and not kernels.supports(x, kind):
         pytest.skip(f"no fused kernel for {kind} on {x.device}/{x.dtype}")
 
 
@@ -222,21 +222,23 @@ def test_gem_large_p_on_dead_channel_stays_finite(backend):
 def test_auto_backend_choice():
     """auto: fused for large inputs, except an unmasked CPU avg that needs no gradient and is
     stored channels-first (x.mean is as fast there); torch for small inputs."""
-    from globalpool.functional import _choose_backend
+    from globalpool.dispatch import plan
+
+    def path(backend, x, kind, mask, layout):
+        return plan(backend, x, kind, mask, {}, layout).path
 
     cf = "channels_first"
     big = torch.randn(2, 64, 32, 32)
     stored_last = big.contiguous(memory_format=torch.channels_last)
     mask = torch.ones(2, 32, 32, dtype=torch.bool)
-    assert _choose_backend("auto", big, "avg", None, {}, cf) == "torch"
-    assert _choose_backend("auto", stored_last, "avg", None, {}, cf) == "fused"
-    assert _choose_backend("auto", big.movedim(1, -1), "avg", None, {}, "channels_last") == "torch"
-    assert _choose_backend("auto", stored_last.movedim(1, -1), "avg", None, {},
-                           "channels_last") == "fused"
-    assert _choose_backend("auto", big, "avg", mask, {}, cf) == "fused"
-    assert _choose_backend("auto", big, "max", None, {}, cf) == "fused"
-    assert _choose_backend("auto", big.requires_grad_(), "avg", None, {}, cf) == "fused"
+    assert path("auto", big, "avg", None, cf) == "compose"
+    assert path("auto", stored_last, "avg", None, cf) == "cpu"
+    assert path("auto", big.movedim(1, -1), "avg", None, "channels_last") == "compose"
+    assert path("auto", stored_last.movedim(1, -1), "avg", None, "channels_last") == "cpu"
+    assert path("auto", big, "avg", mask, cf) == "cpu"
+    assert path("auto", big, "max", None, cf) == "cpu"
+    assert path("auto", big.requires_grad_(), "avg", None, cf) == "cpu"
     with torch.no_grad():
-        assert _choose_backend("auto", big, "avg", None, {}, cf) == "torch"
-    assert _choose_backend("auto", torch.randn(2, 4, 8, 8), "gem", None, {}, cf) == "torch"
-    assert _choose_backend("fused", torch.randn(2, 4, 8, 8), "avg", None, {}, cf) == "fused"
+        assert path("auto", big, "avg", None, cf) == "compose"
+    assert path("auto", torch.randn(2, 4, 8, 8), "gem", None, cf) == "compose"
+    assert path("fused", torch.randn(2, 4, 8, 8), "avg", None, cf) == "cpu"

@@ -54,7 +54,9 @@ def _option(option: str, parse: Callable[[str], T], text: str) -> T:
 
 
 def _kinds(text: str) -> tuple[str, ...]:
-    from globalpool.kinds import FUSED_KINDS as KINDS  # first / last have no kernel to measure
+    from globalpool.kernels import served
+
+    KINDS = served("cpu")  # noqa: N806 - kinds with a kernel to measure (not first / last)
 
     if text.strip() == "all":
         return tuple(KINDS)

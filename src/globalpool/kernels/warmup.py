@@ -76,10 +76,9 @@ def warmup(
     ] = "float32",
 ) -> list[dict]:
     """Compile the fused CPU kernels for these kinds, layouts and dtypes into numba's cache."""
-    from globalpool.kernels import cpu_kernels, launch
-    from globalpool.kinds import FUSED_KINDS
+    from globalpool.kernels import cpu_kernels, launch, served
 
-    kinds = _split(kind, FUSED_KINDS, "kind")
+    kinds = _split(kind, served("cpu"), "kind")
     layouts = _split([layout], _LAYOUTS, "layout")
     dtypes = _split([dtype], tuple(_DTYPES), "dtype")
     out = Console(emoji=False, highlight=False)
