@@ -256,9 +256,10 @@ def fused_pool(
     """Global pooling of ``x`` with the fused kernel; same meaning as ``globalpool.pool``.
 
     ``params``: ``p`` and ``eps`` for gem, ``r`` for lse (each a float or a 0-dim tensor; a
-    tensor that requires grad gets a gradient), ``weights`` ``(N, *S)`` for attention.
-    ``plan``: the :class:`globalpool.dispatch.Plan` that chose this kernel (its ``mode`` says
-    how to run it); a direct call without one runs the kernel as
+    tensor that requires grad gets a gradient), ``weights`` ``(N, *S)`` for attention (read in
+    the accumulation dtype, float32 or float64, whatever their own dtype, as the composition
+    reads them). ``plan``: the :class:`globalpool.dispatch.Plan` that chose this kernel (its
+    ``mode`` says how to run it); a direct call without one runs the kernel as
     :func:`globalpool.dispatch.direct` says. ``acc``: the output in the accumulation dtype
     (float32 for half inputs) instead of x's, for callers that derive further results from it.
 
@@ -284,7 +285,8 @@ def fused_pool(
     r = _param(params.get("r"), 1.0)
     w = params.get("weights") if kind == "attention" else None
     if w is not None:  # each skipped no-op call saves a dispatcher round trip (~20 us cold)
-        w = (w if w.dtype == x.dtype else w.to(x.dtype)).reshape(n, length)
+        wdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = (w if w.dtype == wdt else w.to(wdt)).reshape(n, length)
         w = w if w.is_contiguous() else w.contiguous()
     if graph:  # one custom op in the graph; its numbers are 0-dim tensors
         wdt = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -279,10 +279,13 @@ def _check(
     if kind == "attention":
         if weights is None:
             raise ValueError("weights must be given for kind='attention', got None")
-        if tuple(weights.shape) != (n, length) or weights.dtype != x.dtype:
+        # the weights keep (at least) the accumulation dtype's precision: float32 weights of
+        # a float16 x are read as they are, as the composition reads them
+        dtypes = (x.dtype, _acc_dtype(x))
+        if tuple(weights.shape) != (n, length) or weights.dtype not in dtypes:
             raise ValueError(
-                f"weights must have shape (N, L) = {(n, length)} and dtype {x.dtype}, "
-                f"got {weights.dtype} {tuple(weights.shape)}"
+                f"weights must have shape (N, L) = {(n, length)} and dtype {x.dtype} or "
+                f"{_acc_dtype(x)}, got {weights.dtype} {tuple(weights.shape)}"
             )
         if weights.device != x.device or not weights.is_contiguous():
             raise ValueError(f"weights must be contiguous on {x.device}, got {weights.device}")
