@@ -418,10 +418,12 @@ def pool_packed(
 def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Tensor:
     """Pool a jagged nested tensor ``(N, j, C)`` of token sequences over its ragged dim.
 
-    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); its
-    ``values()`` ``(T, C)`` and ``offsets()`` go to :func:`pool_packed`, with ``backend`` and
-    the kind's parameters. Attention ``weights`` may be a ``(T,)`` tensor or a jagged nested
-    tensor ``(N, j)`` with the same offsets.
+    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); each
+    sequence's own tokens (rows ``offsets()[n]`` to ``offsets()[n] + lengths()[n]`` of
+    ``values()`` for a non-contiguous one, as ``torch.nested.narrow`` makes; to
+    ``offsets()[n + 1]`` otherwise) go to :func:`pool_packed`, with ``backend`` and the kind's
+    parameters. Attention ``weights`` may be a tensor with one weight per row of ``values()``
+    or a jagged nested tensor ``(N, j)`` with the same offsets and lengths.
 
     >>> import torch
     >>> nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)], layout=torch.jagged)
@@ -448,10 +450,44 @@ def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Ten
             f"x must be a jagged nested tensor (N, j, C) ragged in dim 1, got {nt.dim()} dims "
             f"ragged in dim {getattr(nt, '_ragged_idx', '?')}"
         )
-    offsets = nt.offsets()
+    values, offsets, lengths = nt.values(), nt.offsets(), nt.lengths()
     w = params.get("weights")
     if isinstance(w, torch.Tensor) and w.is_nested:
-        if w.layout != jagged or not torch.equal(w.offsets(), offsets):
-            raise ValueError("weights as a nested tensor must be jagged with x's offsets")
-        params = {**params, "weights": w.values()}
-    return pool_packed(nt.values(), offsets, kind, **params)
+        if (w.layout != jagged or not torch.equal(w.offsets(), offsets)
+                or (w.lengths() is None) != (lengths is None)
+                or (lengths is not None and not torch.equal(w.lengths(), lengths))):
+            raise ValueError("weights as a nested tensor must be jagged with x's offsets and "
+                             "lengths")
+        w = w.values()
+    if lengths is not None:  # non-contiguous: each sequence's tokens, not the rows between
+        rows, offsets = _own_rows(offsets, lengths, values.shape[0])
+        values = values.index_select(0, rows)
+        if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] == nt.values().shape[0]:
+            w = w.index_select(0, rows)
+    if isinstance(w, torch.Tensor):
+        params = {**params, "weights": w}
+    return pool_packed(values, offsets, kind, **params)
+
+
+def _own_rows(
+    offsets: torch.Tensor, lengths: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``values()`` that hold a non-contiguous jagged tensor's tokens, sequence by
+    sequence, and the ``cu_seqlens`` of those rows packed together.
+
+    >>> _own_rows(torch.tensor([1, 10, 22]), torch.tensor([3, 2]), 30)
+    (tensor([ 1,  2,  3, 10, 11]), tensor([0, 3, 5]))
+    """
+    n = lengths.shape[0]
+    lengths = lengths.to(torch.int64)
+    starts = offsets[:n].to(torch.int64)
+    if bool(((lengths < 0) | (starts < 0) | (starts + lengths > rows)).any()):
+        raise ValueError(
+            f"x's offsets and lengths must lie within its {rows} rows of values(), got offsets "
+            f"{offsets.tolist()} and lengths {lengths.tolist()}"
+        )
+    cu = torch.zeros(n + 1, dtype=torch.int64, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1])
+    shift = torch.repeat_interleave(starts - cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=lengths.device) + shift, cu
