@@ -244,6 +244,20 @@ def test_cuda_auto_composes_until_verified_and_fused_warns_once(monkeypatch):
         second = dispatch.plan("fused", x, "max")
     assert len(record) == 1
     assert first.path == second.path == "cuda"
+    # inside torch.compile the plan cannot warn (a traced warning breaks fullgraph): the
+    # kernels' entry does, untraced, with the same one flag
+    monkeypatch.setattr(dispatch, "_cuda_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert dispatch.plan("fused", x, "gem").mode == "graph"
+    from globalpool.kernels import ops
+
+    with pytest.warns(UserWarning, match="not yet been verified") as record:
+        ops.backend_for(x)
+        ops.backend_for(x)
+    assert len(record) == 1
     monkeypatch.setattr(dispatch, "CUDA_VERIFIED", True)
     assert dispatch.plan("auto", x, "gem").path == "cuda"
 

@@ -206,9 +206,14 @@ def _no_kernel(fused: bool, kind: str, reason: str) -> Plan:
 _cuda_warned = False
 
 
-def _warn_unverified() -> None:
+def warn_unverified() -> None:
+    """Warn once per process that the CUDA kernels run unverified (until :data:`CUDA_VERIFIED`).
+
+    The plan warns for eager ``backend="fused"`` calls; the kernels' own entry
+    (``kernels.ops.backend_for``) warns for the rest (``torch.compile``, where a warning cannot
+    be traced, and direct kernel calls). One flag: one warning in all."""
     global _cuda_warned
-    if _cuda_warned:
+    if _cuda_warned or CUDA_VERIFIED:
         return
     _cuda_warned = True
     warnings.warn(
@@ -280,7 +285,8 @@ def plan(
             return NATIVE_MEAN
         return _AUTO["cpu", mode]
     if fused:
-        _warn_unverified()
+        if mode != "graph":  # inside torch.compile the kernel's entry warns, untraced
+            warn_unverified()
         return _FUSED["cuda", mode]
     if not CUDA_VERIFIED:
         return CUDA_UNVERIFIED

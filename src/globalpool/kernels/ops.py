@@ -80,8 +80,10 @@ def backend_for(x: Tensor) -> ModuleType:
 
         return cpu_numba
     if x.is_cuda:
+        from globalpool.dispatch import warn_unverified
         from globalpool.kernels import cuda_triton
 
+        warn_unverified()  # once per process, until the kernels have run on a GPU
         return cuda_triton
     raise ValueError(f"x must be on a cpu or cuda device for the fused kernels, got {x.device}")
 
