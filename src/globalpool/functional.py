@@ -129,6 +129,9 @@ def _pool_one(
     return _kernels.fused_pool(x, spec.kind, spec.layout, mask, keepdim, plan=plan, **spec.params)
 
 
+_NO_PARAMS: dict[str, Any] = {}
+
+
 def _pool_many(
     x: torch.Tensor, spec: Any, mask: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
@@ -136,9 +139,7 @@ def _pool_many(
     catavgmax pass, the kinds it gives (``kernels.shared_pass``: avg, max, avgmax, catavgmax,
     sum) share one read of x; the others take their own call."""
     done: dict[str, torch.Tensor] = {}
-    if len(_kernels.shared_pass(spec.kind, "cpu")) > 1 or len(
-        _kernels.shared_pass(spec.kind, "cuda")
-    ) > 1:
+    if len(_kernels.shared_pass(spec.kind)) > 1:
         plan = dispatch.plan(backend, x, "catavgmax", mask, _NO_PARAMS, spec.layout)
         if plan.path != "compose":
             shared = _kernels.shared_pass(spec.kind, plan.path)
@@ -152,8 +153,6 @@ def _pool_many(
         parts.append(done[k])
     return torch.cat(parts, dim=1)
 
-
-_NO_PARAMS: dict[str, Any] = {}
 
 
 def _from_avg_max(

@@ -138,14 +138,16 @@ def served(family: str = "cpu") -> tuple[str, ...]:
     return tuple(k for k in kinds() if family in spec(k).kernels)
 
 
-def shared_pass(kinds: tuple[str, ...], family: str) -> tuple[str, ...]:
+def shared_pass(kinds: tuple[str, ...], family: str | None = None) -> tuple[str, ...]:
     """The kinds of ``kinds`` that one catavgmax pass of ``family``'s kernel gives (avg, max,
-    avgmax, catavgmax and sum, where the family serves them); the caller reads x once for
-    them when there are two or more.
+    avgmax, catavgmax and sum, where the family serves them; ``family=None``: the candidates,
+    whatever the family); the caller reads x once for them when there are two or more.
 
     >>> shared_pass(("gem", "avg", "sum", "max"), "cpu"), shared_pass(("avg", "sum"), "cuda")
     (('avg', 'sum', 'max'), ('avg',))
     """
+    if family is None:
+        return tuple(k for k in kinds if k in _FROM_AVG_MAX)
     if family not in spec("catavgmax").kernels:
         return ()
     return tuple(k for k in kinds if k in _FROM_AVG_MAX and family in spec(k).kernels)
