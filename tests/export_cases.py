@@ -199,4 +199,4 @@ assert all(
     any(s % o for s, o in zip(size, ADAPTIVE_OUTPUT[r], strict=True))
     for r in RANKS for _, size in [(EXPORT_BATCH, EXPORT_SIZE[r]), *NEW_SIZES[r]]
 )
-assert math.prod(EXPORT_SIZE[3]) * CHANNELS * EXPORT_BATCH < gp.functional.FUSED_MIN_ELEMENTS
+assert math.prod(EXPORT_SIZE[3]) * CHANNELS * EXPORT_BATCH < gp.dispatch.FUSED_MIN_ELEMENTS

@@ -249,6 +249,27 @@ def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(channels_la
 
 
 @pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("scale", [1e5, 1e-8])
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
+def test_attention_reads_float32_weights_of_a_half_x(channels_last, scale):
+    """fused_pool hands the kernel float32 weights for a float16 x (the composition's
+    precision): rounded to float16 their sum overflowed at 1e5 and they vanished at 1e-8."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 40, generator=gen).to(torch.float16)
+    w = torch.rand(2, 40, generator=gen) * scale
+    g = torch.randn(2, 3, generator=gen)
+    xk = x.transpose(1, 2).contiguous() if channels_last else x
+    out, aux = ct.forward(xk, channels_last, "attention", None, weights=w)
+    wd = w.double().requires_grad_(True)
+    yd = (x.double() * wd[:, None, :]).sum(-1) / wd.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, yd.detach().to(torch.float16))
+    gw = ct.backward(g, xk, out, aux, channels_last, "attention", None, weights=w)[2]
+    (expected,) = torch.autograd.grad(yd, wd, g.double())
+    assert gw.dtype == torch.float32
+    torch.testing.assert_close(gw.double(), expected, rtol=2e-2, atol=1e-3 / scale)
+
+
+@pytest.mark.usefixtures("interp")
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["cf", "cl"])
 def test_lse_grad_in_bfloat16_avoids_the_rounded_output(channels_last):
     """d lse / dx = exp(r (x - out)) / L: from the output rounded to bfloat16 near 100 (a step of

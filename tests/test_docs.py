@@ -28,6 +28,7 @@ MODULES = [
     "globalpool.adaptive",
     "globalpool.compose",
     "globalpool.contract",
+    "globalpool.dispatch",
     "globalpool.functional",
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",

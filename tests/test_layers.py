@@ -471,7 +471,7 @@ def test_per_channel_p_has_no_kernel_auto_composes_and_fused_refuses():
     assert not kernels.supports(x, "gem", p=p) and not kernels.supports(x, "lse", r=p)
     expected = reference.pool_forward(x.numpy(), "gem", p=p.numpy())
     torch.testing.assert_close(gp.pool(x, "gem", p=p), torch.from_numpy(expected).float())
-    message = r"backend='fused' has no kernel for a per-channel p \(shape \(64,\)\).*backend='auto'"
+    message = r"backend='fused' .*a per-channel p \(shape \(64,\)\) has no kernel.*backend='auto'"
     with pytest.raises(ValueError, match=message):
         gp.pool(x, "gem", p=p, backend="fused")
     with pytest.raises(ValueError, match=r"per-channel r .*'torch'"):

@@ -370,22 +370,40 @@ def test_auto_takes_the_kernel_for_large_cpu_inputs(monkeypatch):
 
 @needs_numba
 def test_fused_refuses_what_it_cannot_serve(monkeypatch):
+    from globalpool import kernels
+
     x = torch.randn(4, 3)
     cu = torch.tensor([0, 4])
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
         with pytest.raises(ValueError, match="forward-mode AD.*backend='auto'"):
             gp.pool_packed(dual, cu, "avg", backend="fused")
-    eps = torch.tensor(1e-6, requires_grad=True)
-    with pytest.raises(ValueError, match="tensor eps.*'torch'"):
-        gp.pool_packed(x, cu, "gem", backend="fused", eps=eps)
-    y = gp.pool_packed(x.abs(), cu, "gem", eps=eps)  # auto: the composition gives eps a grad
-    y.sum().backward()
-    assert eps.grad is not None
-    monkeypatch.setattr(packed, "_HAS_NUMBA", False)
-    with pytest.raises(ValueError, match="no packed kernel.*'torch'"):
+    monkeypatch.setattr(kernels, "_HAS_NUMBA", False)
+    with pytest.raises(ValueError, match="numba is not installed.*'torch'"):
         gp.pool_packed(x, cu, "avg", backend="fused")
     assert torch.equal(gp.pool_packed(x, cu, "avg"), x.mean(0, keepdim=True))
+
+
+@needs_numba
+@pytest.mark.parametrize("backend", ("auto", "fused"))
+def test_tensor_eps_and_r_get_their_gradient(backend):
+    """The kernel gives no gradient for eps or r: the one autograd Function takes it from the
+    composition in the backward (backend='fused' refused these calls before)."""
+    x, _ = _inputs((300, 0, 500), torch.float64, seed=3)
+    x = x.abs() + 0.1
+    cu = _cu((300, 0, 500))
+    for kind, name, value in (("gem", "eps", 0.5), ("lse", "r", 1.7)):
+        v = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        xg = x.clone().requires_grad_()
+        y = gp.pool_packed(xg, cu, kind, backend=backend, **{name: v})
+        g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        got = torch.autograd.grad(y, (xg, v), g)
+        vt = v.detach().requires_grad_()
+        xt = x.clone().requires_grad_()
+        want = torch.autograd.grad(gp.pool_packed(xt, cu, kind, backend="torch", **{name: vt}),
+                                   (xt, vt), g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 @needs_numba
@@ -522,7 +540,7 @@ def test_per_channel_parameter_takes_the_composition(kind):
     torch.testing.assert_close(y, _padded_pool(x, LENGTHS, kind, **{name: v}))
     torch.autograd.gradcheck(lambda a, b: gp.pool_packed(a, _cu(LENGTHS), kind, **{name: b}),
                              (x, v))
-    with pytest.raises(ValueError, match="no packed kernel for a per-channel p or r"):
+    with pytest.raises(ValueError, match=rf"a per-channel {name} \(shape \({C},\)\) has no kernel"):
         gp.pool_packed(x, _cu(LENGTHS), kind, backend="fused", **{name: v})
     with pytest.raises(ValueError, match=rf"{name} for kind '{kind}' must have shape \(C,\)"):
         gp.pool_packed(x, _cu(LENGTHS), kind, **{name: v[:2]})

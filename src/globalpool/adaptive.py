@@ -23,7 +23,6 @@ ONNX exporter and ``torch.jit.trace``.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from globalpool import registry
+from globalpool.dispatch import deploying
 
 
 def window_length(in_size: Any, out_size: int) -> Any:
@@ -53,24 +53,6 @@ def window_length(in_size: Any, out_size: int) -> Any:
 def _in_graph() -> bool:
     """torch.compile is compiling, or an exporter or tracer is recording (:func:`deploying`)."""
     return torch.compiler.is_compiling() or deploying()
-
-
-def deploying() -> bool:
-    """Whether an exporter or tracer is recording the call: ``torch.export`` (and the ONNX dynamo
-    exporter built on it), the TorchScript ONNX exporter, or ``torch.jit.trace``.
-
-    ``pool`` then takes the torch composition whatever the backend, so that the recorded graph
-    holds standard ops only and runs where globalpool is not installed; ``torch.compile`` (not
-    exporting) keeps the fused kernel.
-
-    >>> deploying()
-    False
-    """
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return True
-    # no ONNX export runs before torch.onnx is imported; is_in_onnx_export costs ~1.6 us
-    onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def bin_windows(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from globalpool import registry
-from globalpool.adaptive import adaptive_compose, deploying, torch_adaptive, torch_adaptive_applies
+from globalpool import dispatch, registry
+from globalpool import kernels as _kernels
+from globalpool.adaptive import adaptive_compose, torch_adaptive, torch_adaptive_applies
 from globalpool.contract import (
     adaptive_spec,
     check_keepdim,
@@ -15,18 +17,7 @@ from globalpool.contract import (
     kinds_of,
     pool_spec,
 )
-
-BACKENDS = ("auto", "fused", "torch")
-
-try:  # the kernels import numba/triton lazily; this only fails if the package is incomplete
-    from globalpool import kernels as _kernels
-except ImportError:  # pragma: no cover
-    _kernels = None
-
-# Below this many elements the fused kernel's fixed cost (about 25 us forward on the 2-core CPU,
-# ten times that when a preceding op has flushed the caches) exceeds the few small torch ops it
-# replaces, so ``auto`` keeps the composition.
-FUSED_MIN_ELEMENTS = 1 << 16
+from globalpool.dispatch import BACKENDS  # noqa: F401  (layers' backend check)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,72 +31,6 @@ def output_width(kind: str | tuple[str, ...], channels: int) -> int:
     (1024, 1536)
     """
     return sum(registry.spec(k).width for k in kinds_of(check_kinds(kind))) * channels
-
-
-def _fused_available(x: torch.Tensor, kind: str, mask: Any, params: dict) -> bool:
-    return _kernels is not None and _kernels.supports(x, kind, mask, **params)
-
-
-def _choose_backend(
-    backend: str, x: torch.Tensor, kind: str, mask: Any, params: dict, layout: str
-) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or deploying():
-        # the fused kernel is an optimisation of the composition, never a different function:
-        # an exported or traced graph gets the composition, in standard ops only
-        return "torch"
-    if not registry.kernels_of(kind) and backend == "auto":
-        return "torch"  # a kind without kernels (first / last, a user's kind) runs its composition
-    available = _fused_available(x, kind, mask, params)
-    if available:
-        graph = torch.compiler.is_compiling()
-        # the kernels give no gradient for eps or r: eager calls take it from the composition
-        # inside their backward, a graph cannot
-        graph_grad = graph and any(
-            isinstance(params.get(k), torch.Tensor) and params[k].requires_grad
-            for k in ("eps", "r")
-        )
-        mode = None if graph else _kernels.ops.unsupported_mode(x, mask, *params.values())
-    if backend == "fused":
-        per_channel = None if _kernels is None else _kernels.per_channel_param(params)
-        if per_channel is not None:
-            raise ValueError(
-                f"backend='fused' has no kernel for a per-channel {per_channel} (shape "
-                f"{tuple(params[per_channel].shape)}) of kind {kind!r}; use backend='auto' (which "
-                f"takes the torch composition there) or 'torch', or one {per_channel} for every "
-                "channel"
-            )
-        if not available:
-            raise ValueError(
-                f"backend='fused' has no kernel for kind {kind!r} on device {x.device} with "
-                f"dtype {x.dtype}; use backend='auto' or 'torch'"
-            )
-        if graph_grad:
-            raise ValueError(
-                "backend='fused' cannot give a gradient for a tensor eps or r inside "
-                "torch.compile; use backend='auto' or 'torch'"
-            )
-        if mode is not None:
-            raise ValueError(
-                f"backend='fused' cannot run under {mode}; use backend='auto' (which takes the "
-                "torch composition there) or 'torch'"
-            )
-        return "fused"
-    # auto: the autograd modes the kernels cannot serve get the composition
-    if not available or mode is not None or graph_grad:
-        return "torch"
-    if not x.is_cpu:
-        return "fused"
-    if x.numel() < FUSED_MIN_ELEMENTS:
-        return "torch"
-    inference = not (torch.is_grad_enabled() and x.requires_grad)
-    if kind in ("avg", "sum") and mask is None and inference:
-        # inference average on CPU: where the spatial dims are innermost in memory torch's mean
-        # is one native pass as fast as the kernel (benchmarks/results/cpu: 0.94-0.98 of x.sum()
-        # vs 0.90-0.98); stored channels-last it reads 0.39-0.98 against the kernel's 0.81-0.92
-        return "fused" if _kernels.stored_channels_last(x, layout) else "torch"
-    return "fused"
 
 
 def pool(
@@ -136,13 +61,17 @@ def pool(
         keepdim: keep singleton spatial dims in the layout's own positions.
         mask: bool ``(N, *S)``, True at real positions. Padded positions never reach the output
             or the gradient; a sample with no real position pools to 0.
-        backend: ``auto`` (fused kernel where one exists and the input has >= 64K elements; the
-            torch composition otherwise and for an unmasked ``avg`` on the CPU that needs no
-            gradient and whose spatial dims are innermost in memory, where ``x.mean`` is as
-            fast), ``fused`` or ``torch``. Whatever the backend, ``torch.export``, ONNX export
-            and ``torch.jit.trace`` record the torch composition (standard ops only); ``first``
-            and ``last`` are one gather on every backend; ``sum`` has a fused kernel on the CPU
-            only (CUDA takes ``x.sum``).
+        backend: ``auto``: on the CPU the fused kernel where one exists and the input has
+            >= 64K elements, the torch composition otherwise and for an unmasked ``avg`` or
+            ``sum`` that needs no gradient and whose spatial dims are innermost in memory
+            (``x.mean`` is as fast there); on a GPU the torch composition, as the GPU kernels
+            have not yet been checked on GPU hardware. ``fused``: the kernel, or a ValueError
+            saying why none can serve the call; on a GPU it runs the unchecked kernels, with a
+            warning the first time. ``torch``: the composition. Whatever the backend,
+            ``torch.export``, ONNX export and ``torch.jit.trace`` record the torch composition
+            (standard ops only), and ``first`` and ``last`` are one gather (they have no
+            kernel); ``sum`` has a kernel on the CPU only. The choice is made once per call
+            (``globalpool.dispatch.plan``).
 
     Returns:
         ``(N, C)`` (``(N, 2C)`` for ``catavgmax``; :func:`output_width` for a tuple), or with
@@ -193,55 +122,63 @@ def _pool_nested(
 def _pool_one(
     x: torch.Tensor, spec: Any, mask: torch.Tensor | None, keepdim: bool, backend: str
 ) -> torch.Tensor:
-    if _choose_backend(backend, x, spec.kind, mask, spec.params, spec.layout) == "fused":
-        return _kernels.fused_pool(x, spec.kind, spec.layout, mask, keepdim, **spec.params)
-    return _compose(x, spec, mask, keepdim)
+    plan = dispatch.plan(backend, x, spec.kind, mask, spec.params, spec.layout)
+    if plan.path == "compose":
+        return _compose(x, spec, mask, keepdim)
+    return _kernels.fused_pool(x, spec.kind, spec.layout, mask, keepdim, plan=plan, **spec.params)
 
 
-# kinds that one fused avg + max pass gives (catavgmax's kernel: the sum and the running max)
-_ONE_PASS = frozenset({"avg", "max", "avgmax", "catavgmax", "sum"})
+_NO_PARAMS: dict[str, Any] = {}
 
 
 def _pool_many(
     x: torch.Tensor, spec: Any, mask: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    """Several kinds side by side, ``(N, sum of widths)``. On the fused path the kinds of
-    :data:`_ONE_PASS` share one read of x; the others take their own call."""
-    shared = [k for k in spec.kind if k in _ONE_PASS]
+    """Several kinds side by side, ``(N, sum of widths)``. Where a kernel serves the shared
+    catavgmax pass, the kinds it gives (``kernels.shared_pass``: avg, max, avgmax, catavgmax,
+    sum) share one read of x; the others take their own call."""
     done: dict[str, torch.Tensor] = {}
-    one_pass = len(shared) > 1
-    if one_pass and _choose_backend(backend, x, "catavgmax", mask, {}, spec.layout) == "fused":
-        done = _from_avg_max(x, spec, mask, shared)
+    if len(_kernels.shared_pass(spec.kind)) > 1:
+        plan = dispatch.plan(backend, x, "catavgmax", mask, _NO_PARAMS, spec.layout)
+        if plan.path != "compose":
+            shared = _kernels.shared_pass(spec.kind, plan.path)
+            if len(shared) > 1:
+                done = _from_avg_max(x, spec, mask, shared, plan)
     parts = []
     for k in spec.kind:
         if k not in done:
             own = {name: spec.params[name] for name in registry.spec(k).defaults}
             # in a tuple, backend="fused" asks for the kernels of the kinds that have one; a
             # kind without (first / last: one gather) runs its composition
-            b = "torch" if backend == "fused" and "cpu" not in registry.kernels_of(k) else backend
+            grid = registry.kernels_of(k) - {"packed"}
+            b = "torch" if backend == "fused" and not grid else backend
             done[k] = _pool_one(x, spec._replace(kind=k, params=own), mask, False, b)
         parts.append(done[k])
     return torch.cat(parts, dim=1)
 
 
+
 def _from_avg_max(
-    x: torch.Tensor, spec: Any, mask: torch.Tensor | None, kinds: list[str]
+    x: torch.Tensor, spec: Any, mask: torch.Tensor | None, kinds: tuple[str, ...], plan: Any
 ) -> dict[str, torch.Tensor]:
     """avg, max, avgmax, catavgmax and sum from one fused catavgmax pass (differentiable: the
-    kernel's backward gets the gradients of both halves)."""
-    both = _kernels.fused_pool(x, "catavgmax", spec.layout, mask, False)
+    kernel's backward gets the gradients of both halves). The pass's output stays in the
+    accumulation dtype (float32 for half inputs) until each kind is rounded once: the sum is
+    the float32 mean times the count, never a rounded mean times the count."""
+    both = _kernels.fused_pool(x, "catavgmax", spec.layout, mask, False, plan=plan, acc=True)
     c = both.shape[1] // 2
     avg, top = both[:, :c], both[:, c:]
-    out = {"avg": avg, "max": top, "catavgmax": both}
-    acc = _accumulation_dtype(x.dtype)
+    dtype = x.dtype
+    out = {"avg": avg.to(dtype), "max": top.to(dtype), "catavgmax": both.to(dtype)}
     if "avgmax" in kinds:
-        out["avgmax"] = ((avg.to(acc) + top.to(acc)) / 2).to(x.dtype)
+        out["avgmax"] = ((avg + top) / 2).to(dtype)
     if "sum" in kinds:
-        if mask is None:
-            count = float(x[0, 0].numel() if spec.channel_dim == 1 else x[0, ..., 0].numel())
+        if mask is None:  # the number of positions, from the shape (N or C may be 0)
+            shape = x.shape[2:] if spec.channel_dim == 1 else x.shape[1:-1]
+            count: float | torch.Tensor = float(math.prod(shape))
         else:
-            count = mask.flatten(1).sum(1, keepdim=True, dtype=acc)
-        out["sum"] = (avg.to(acc) * count).to(x.dtype)
+            count = mask.flatten(1).sum(1, keepdim=True, dtype=both.dtype)
+        out["sum"] = (avg * count).to(dtype)
     return out
 
 

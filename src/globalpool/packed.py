@@ -9,13 +9,17 @@ float64, tied maxima share the gradient. :func:`pool_nested` takes a jagged nest
 
 Two paths compute it:
 
-- the composition: the padded tensor and its mask are built (one scatter) and ``gp.pool(...,
-  backend="torch")`` pools them; every autograd mode works there (double backward, forward AD,
-  ``torch.func``), and it is the path on CUDA and inside ``torch.compile`` and exporters.
+- the composition: the padded tensor and its mask are built (one scatter) and the kind's torch
+  composition pools them (what ``gp.pool(..., backend="torch")`` does); every autograd mode
+  works there (double backward, forward AD, ``torch.func``), and it is the path on CUDA and
+  inside ``torch.compile`` and exporters.
 - the fused CPU kernel (numba, :mod:`globalpool.kernels.cpu_packed`): one read of ``x`` in the
   forward, no padded copy, parallel over sequences, with backward kernels for every kind
   (gradients of x, of the attention weights and of a tensor ``p``). A backward that is itself
-  recorded (``create_graph=True``) is taken through the composition again.
+  recorded (``create_graph=True``) or batched is taken through the composition again
+  (one autograd Function for every kernel: ``globalpool.kernels.ops.FusedPool``).
+
+The choice between them is ``globalpool.dispatch.plan_packed``'s.
 
 >>> import torch, globalpool as gp
 >>> x = torch.tensor([[1.0], [3.0], [5.0], [7.0], [9.0]])
@@ -30,20 +34,18 @@ torch.Size([3, 2])
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from globalpool import contract, registry
-from globalpool.adaptive import deploying
-from globalpool.kernels import _HAS_NUMBA, ops
+from globalpool import contract, dispatch, registry
+from globalpool.dispatch import BACKENDS, deploying  # noqa: F401  (BACKENDS: public name)
+from globalpool.kernels import ops
 from globalpool.kernels.huge_pages import empty_huge
-from globalpool.registry import kernels_of
 
 __all__ = ["pool_nested", "pool_packed"]
 
-BACKENDS = ("auto", "fused", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -137,8 +139,11 @@ def padded(
 
 
 def _compose(x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, params: dict) -> torch.Tensor:
-    """The kind's composition on the padded sequences: ``(N, Lmax, C)`` seen as the canonical
-    ``(N, C, Lmax)``, the padding masked; per-position parameters padded alike."""
+    """The composition: the padded sequences and their mask through the kind's torch
+    composition (what ``gp.pool(padded, kind, layout="channels_last", mask=mask,
+    backend="torch")`` computes), in x's dtype: ``(N, Lmax, C)`` seen as the canonical
+    ``(N, C, Lmax)``, per-position parameters padded alike. Any registered kind, whatever its
+    parameters."""
     per_position = [q.name for q in registry.spec(kind).params if q.per_position]
     full = dict(params)
     xp, mask, _ = padded(x, cu_seqlens, None)
@@ -146,6 +151,14 @@ def _compose(x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, params: dict)
         _, _, full[name] = padded(x, cu_seqlens, params[name])
     acc = xp.to(torch.float32) if xp.dtype in (torch.float16, torch.bfloat16) else xp
     return registry.run_composition(kind, acc.transpose(1, 2), mask, full).to(x.dtype)
+
+
+def _compose_acc(x, cu_seqlens, kind, p, eps, r, weights) -> torch.Tensor:
+    """The composition of a kind the packed kernel serves, in the accumulation dtype (float32
+    for half inputs), from the kernel's own arguments: its backward's composed gradients."""
+    weights = weights if "weights" in registry.spec(kind).defaults else None
+    xp, mask, wp = padded(x, cu_seqlens, weights)
+    return ops.compose3(xp, True, kind, mask, p, eps, r, wp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,57 +274,70 @@ def _gem_grad_p(g: np.ndarray, st: _State, s0: np.ndarray, s1: np.ndarray) -> fl
     return float((g * np.where(real, dydp, 0.0)).sum())
 
 
-class _FusedPacked(torch.autograd.Function):
-    """The fused packed pooling for eager autograd: kernels forward and backward; a recorded
-    backward (``create_graph=True``) goes through the composition on the saved inputs."""
+def _seq_ids(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
+    """The sequence index of each of the T rows."""
+    cu = cu_seqlens.to(torch.int64)
+    n = cu.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(n, device=cu.device), cu[1:] - cu[:-1],
+                                   output_size=t)
 
-    @staticmethod
-    def forward(ctx, x, weights, p, cu_seqlens, kind, eps, r):
+
+def _nan_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+              kind: str) -> torch.Tensor | None:
+    """``(N, C)`` bool: the (sequence, channel) rows of a max kind whose maximum is NaN, or None
+    (see ``globalpool.kernels.ops``: their gradient is NaN at every position of the row)."""
+    c = x.shape[1]
+    rows = torch.isnan(out[:, c:] if kind == "catavgmax" else out)
+    if not bool(rows.any()):
+        return None
+    if kind == "avgmax":  # inf - inf in the average is NaN too: only a NaN in x counts
+        seen = torch.zeros(rows.shape, dtype=torch.float32)
+        seen.index_add_(0, _seq_ids(cu_seqlens, x.shape[0]), torch.isnan(x).float())
+        rows = rows & (seen > 0)
+        if not bool(rows.any()):
+            return None
+    return rows
+
+
+class PackedKernel(NamedTuple):
+    """The executor of the packed CPU kernel for :class:`globalpool.kernels.ops.FusedPool`
+    (its index is ``cu_seqlens``); a recorded or batched backward goes through the padded
+    composition on the saved inputs."""
+
+    kind: str
+
+    def forward(self, x, cu_seqlens, p, eps, r, weights):
+        kind = self.kind
         cu = cu_seqlens.detach().to(torch.int64).contiguous().numpy()
         out, st = _fused_forward(x, cu, kind, float(p), float(eps), float(r), weights)
-        ctx.st, ctx.kind, ctx.eps, ctx.r = st, kind, eps, r
-        ctx.p_value = None if isinstance(p, torch.Tensor) else p
-        ctx.save_for_backward(x, weights, p if isinstance(p, torch.Tensor) else None, cu_seqlens)
-        return out
+        nan = _nan_rows(x, cu_seqlens, out, kind) if kind in ops.MAX_KINDS else None
+        return out, (x, weights if kind == "attention" else None, nan), st
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weights, p_t, cu_seqlens = ctx.saved_tensors
-        p = p_t if ctx.p_value is None else ctx.p_value
-        need_x, need_w, need_p = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # recorded: differentiable again, through the composition
-            return (*_composed_grads(ctx, x, weights, p, cu_seqlens, grad_out), None, None, None,
-                    None)
-        gx, gp, gw = _fused_backward(grad_out, x, ctx.st, need_p, need_w)
-        grad_p = None if gp is None or not need_p else torch.tensor(gp, dtype=p_t.dtype)
+    def backward(self, g, inputs, extra, st, need_p, need_w):
+        x, _, p, _, _, weights = inputs
+        gx, gp, gw = _fused_backward(g, x, st, need_p, need_w)
+        grad_p = None if gp is None or not need_p else torch.tensor(gp, dtype=p.dtype)
         grad_w = None if gw is None else torch.from_numpy(gw).to(weights.dtype)
-        return (gx if need_x else None), grad_w, grad_p, None, None, None, None
+        return gx, grad_p, grad_w
 
+    def compose(self, x, cu_seqlens, p, eps, r, weights):
+        return _compose_acc(x, cu_seqlens, self.kind, p, eps, r, weights)
 
-def _composed_grads(ctx, x, weights, p, cu_seqlens, grad_out) -> tuple:
-    inputs = (x, weights, p)
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
-    params = _params_of(ctx.kind, p, ctx.eps, ctx.r, weights)
-    y = _compose(x, cu_seqlens, ctx.kind, params)
-    got = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_out, create_graph=True,
-                              allow_unused=True)
-    grads = [None, None, None]
-    for i, gi in zip(wanted, got, strict=True):
-        grads[i] = gi if gi is not None else torch.zeros_like(inputs[i])
-    return tuple(grads)
+    def fill_nan(self, grad, rows, cu_seqlens):
+        return torch.where(rows[_seq_ids(cu_seqlens, grad.shape[0])], torch.nan, grad)
 
-
-def _params_of(kind: str, p, eps, r, weights) -> dict:
-    """The kind's own parameters from the kernel's (p, eps, r, weights)."""
-    given = {"p": p, "eps": eps, "r": r, "weights": weights}
-    return {k: given[k] for k in registry.spec(kind).defaults if k in given}
+    def linear_grad(self, g, index, nan, extra, state):  # pragma: no cover - x is always kept
+        raise AssertionError("the packed kernel keeps x")
 
 
 def fused_packed(
-    x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, **params: Any
+    x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, *, plan: Any = None, **params: Any
 ) -> torch.Tensor:
-    """The fused CPU kernel on checked arguments (every kind of the registry has one);
-    differentiable in x, the weights and a tensor ``p``.
+    """The fused CPU kernel on checked arguments, run as ``plan`` says (``plan.mode``; a direct
+    call without a plan: as :func:`globalpool.dispatch.direct` says). The kernel has a mode for
+    every built-in kind (``first`` and ``last`` too, though ``pool_packed`` composes them: their
+    registry entry names no kernel); differentiable in x, the weights and a tensor ``p`` (and a
+    tensor ``eps`` or ``r``, through the composition in the backward).
 
     >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 4.0]])
     >>> fused_packed(x, torch.tensor([0, 2, 3]), "sum")
@@ -323,57 +349,15 @@ def fused_packed(
     """
     p, eps, r = params.get("p", 3.0), params.get("eps", 1e-6), params.get("r", 1.0)
     weights = params.get("weights") if kind == "attention" else None
-    if ops.needs_grad(x, p, eps, r, weights):
-        return _FusedPacked.apply(x, weights, p, cu_seqlens, kind, eps, r)
-    cu = cu_seqlens.detach().to(torch.int64).contiguous().numpy()
-    return _fused_forward(x, cu, kind, float(p), float(eps), float(r), weights)[0]
+    mode = dispatch.direct(x, params).mode if plan is None else plan.mode
+    if mode == "inference":
+        cu = cu_seqlens.detach().to(torch.int64).contiguous().numpy()
+        return _fused_forward(x, cu, kind, float(p), float(eps), float(r), weights)[0]
+    return ops.FusedPool.apply(PackedKernel(kind), x, cu_seqlens, p, eps, r, weights)
 
 
 # --------------------------------------------------------------------------------------------
-# backend choice and the public functions
-
-
-def _min_elements() -> int:
-    from globalpool.functional import FUSED_MIN_ELEMENTS
-
-    return FUSED_MIN_ELEMENTS
-
-
-def _choose_backend(backend: Any, x: torch.Tensor, kind: str, params: dict) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or deploying():  # exported / traced graphs record the composition
-        return "torch"
-    per_channel = any(contract.is_per_channel(params.get(k)) for k in ("p", "r"))
-    available = _HAS_NUMBA and x.is_cpu and not per_channel and "packed" in kernels_of(kind)
-    compiling = torch.compiler.is_compiling()
-    # under torch.compile the kernel runs outside the graph (torch.compiler.disable: a graph
-    # break), so only backend="fused" takes it there; the autograd modes need eager tensors
-    mode = None if compiling else ops.unsupported_mode(x, *params.values())
-    # the kernels give no gradient for eps or r: those calls take the composition
-    extra = [k for k in ("eps", "r") if isinstance(params.get(k), torch.Tensor)
-             and params[k].requires_grad and torch.is_grad_enabled()]
-    if backend == "fused":
-        if not available:
-            what = "a per-channel p or r" if per_channel else f"kind {kind!r} on device {x.device}"
-            raise ValueError(
-                f"backend='fused' has no packed kernel for {what} (numba CPU kernels, one p or r "
-                "for every channel); use backend='auto' or 'torch'"
-            )
-        if mode is not None:
-            raise ValueError(
-                f"backend='fused' cannot run under {mode}; use backend='auto' (which takes the "
-                "torch composition there) or 'torch'"
-            )
-        if extra:
-            raise ValueError(
-                f"backend='fused' gives no gradient for a tensor {extra[0]} that requires grad; "
-                "use backend='auto' or 'torch'"
-            )
-        return "fused"
-    if compiling or not available or mode is not None or extra or x.numel() < _min_elements():
-        return "torch"
-    return "fused"
+# the public functions
 
 
 def pool_packed(
@@ -397,11 +381,13 @@ def pool_packed(
         backend: ``auto`` (the fused CPU kernel for inputs of >= 64K elements where numba is
             installed and the call's autograd mode is one it serves; the composition
             otherwise), ``fused`` (raises a ValueError where it cannot serve) or ``torch`` (the
-            composition: padding to ``(N, Lmax, C)`` + mask through ``gp.pool``). On CUDA, under
-            ``torch.compile``, exporters and tracers, ``torch.func`` transforms and forward-mode
-            AD, and when a tensor ``eps`` or ``r`` requires grad, ``auto`` takes the composition
-            (``fused`` refuses all but ``torch.compile``, where the kernel runs outside the
-            graph, and exporters, which record the composition whatever the backend). The
+            composition: padding to ``(N, Lmax, C)`` + mask, pooled as ``gp.pool`` pools). On
+            CUDA, under ``torch.compile``, exporters and tracers, ``torch.func`` transforms and
+            forward-mode AD, and for ``first`` and ``last`` (which have no kernel), ``auto``
+            takes the composition (``fused`` refuses CUDA and those autograd modes, runs the
+            kernel outside the graph under ``torch.compile``, and records the composition under
+            exporters). A tensor ``eps`` or ``r`` that requires grad gets its gradient on
+            either path. The
             composition reads ``Lmax`` from ``cu_seqlens`` on the host (one sync on CUDA, a graph
             break under ``torch.compile``).
 
@@ -430,18 +416,21 @@ def pool_packed(
                         **{n: full[n] for n in registry.spec(k).defaults})
             for k in kind
         ], dim=1)
-    if _choose_backend(backend, x, kind, full) == "fused":
-        return fused_packed(x, cu_seqlens, kind, **full)
-    return _compose(x, cu_seqlens, kind, full)
+    plan = dispatch.plan_packed(backend, x, kind, full)
+    if plan.path == "compose":
+        return _compose(x, cu_seqlens, kind, full)
+    return fused_packed(x, cu_seqlens, kind, plan=plan, **full)
 
 
 def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Tensor:
     """Pool a jagged nested tensor ``(N, j, C)`` of token sequences over its ragged dim.
 
-    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); its
-    ``values()`` ``(T, C)`` and ``offsets()`` go to :func:`pool_packed`, with ``backend`` and
-    the kind's parameters. Attention ``weights`` may be a ``(T,)`` tensor or a jagged nested
-    tensor ``(N, j)`` with the same offsets.
+    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); each
+    sequence's own tokens (rows ``offsets()[n]`` to ``offsets()[n] + lengths()[n]`` of
+    ``values()`` for a non-contiguous one, as ``torch.nested.narrow`` makes; to
+    ``offsets()[n + 1]`` otherwise) go to :func:`pool_packed`, with ``backend`` and the kind's
+    parameters. Attention ``weights`` may be a tensor with one weight per row of ``values()``
+    or a jagged nested tensor ``(N, j)`` with the same offsets and lengths.
 
     >>> import torch
     >>> nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)], layout=torch.jagged)
@@ -468,10 +457,44 @@ def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Ten
             f"x must be a jagged nested tensor (N, j, C) ragged in dim 1, got {nt.dim()} dims "
             f"ragged in dim {getattr(nt, '_ragged_idx', '?')}"
         )
-    offsets = nt.offsets()
+    values, offsets, lengths = nt.values(), nt.offsets(), nt.lengths()
     w = params.get("weights")
     if isinstance(w, torch.Tensor) and w.is_nested:
-        if w.layout != jagged or not torch.equal(w.offsets(), offsets):
-            raise ValueError("weights as a nested tensor must be jagged with x's offsets")
-        params = {**params, "weights": w.values()}
-    return pool_packed(nt.values(), offsets, kind, **params)
+        if (w.layout != jagged or not torch.equal(w.offsets(), offsets)
+                or (w.lengths() is None) != (lengths is None)
+                or (lengths is not None and not torch.equal(w.lengths(), lengths))):
+            raise ValueError("weights as a nested tensor must be jagged with x's offsets and "
+                             "lengths")
+        w = w.values()
+    if lengths is not None:  # non-contiguous: each sequence's tokens, not the rows between
+        rows, offsets = _own_rows(offsets, lengths, values.shape[0])
+        values = values.index_select(0, rows)
+        if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] == nt.values().shape[0]:
+            w = w.index_select(0, rows)
+    if isinstance(w, torch.Tensor):
+        params = {**params, "weights": w}
+    return pool_packed(values, offsets, kind, **params)
+
+
+def _own_rows(
+    offsets: torch.Tensor, lengths: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``values()`` that hold a non-contiguous jagged tensor's tokens, sequence by
+    sequence, and the ``cu_seqlens`` of those rows packed together.
+
+    >>> _own_rows(torch.tensor([1, 10, 22]), torch.tensor([3, 2]), 30)
+    (tensor([ 1,  2,  3, 10, 11]), tensor([0, 3, 5]))
+    """
+    n = lengths.shape[0]
+    lengths = lengths.to(torch.int64)
+    starts = offsets[:n].to(torch.int64)
+    if bool(((lengths < 0) | (starts < 0) | (starts + lengths > rows)).any()):
+        raise ValueError(
+            f"x's offsets and lengths must lie within its {rows} rows of values(), got offsets "
+            f"{offsets.tolist()} and lengths {lengths.tolist()}"
+        )
+    cu = torch.zeros(n + 1, dtype=torch.int64, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1])
+    shift = torch.repeat_interleave(starts - cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=lengths.device) + shift, cu

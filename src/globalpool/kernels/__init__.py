@@ -1,12 +1,15 @@
 """Fused single-pass global-pooling kernels: numba on CPU, Triton on CUDA.
 
-:func:`supports` tells whether a fused kernel exists for a tensor's device and dtype;
-:func:`fused_pool` runs it (differentiable; inside a graph, through the ``globalpool::pool_forward``
-custom op, which ``torch.compile`` keeps as one node). ``globalpool.pool`` never calls it while
-exporting or tracing (``torch.export``, ONNX, ``torch.jit.trace``): deployed graphs get the torch
-composition, in standard ops.
-Both expect arguments already checked by :mod:`globalpool.contract`; ``globalpool.pool(...,
-backend="auto"|"fused")`` is the public way in.
+:func:`unsupported` says why no fused kernel serves a kind on a tensor (kind, device, dtype,
+per-channel parameters), :func:`supports` whether one does: a kind is served by the kernel
+families its registry entry names (``globalpool.registry.spec(kind).kernels``), each family's own
+mode table mapping it to a kernel mode. :func:`fused_pool` runs the kernel as the call's plan
+(:mod:`globalpool.dispatch`) says: inside a graph through the ``globalpool::pool_forward`` custom
+op, which ``torch.compile`` keeps as one node; eagerly through the kernels' one autograd Function
+(:class:`globalpool.kernels.ops.FusedPool`) or the forward alone. ``globalpool.pool`` never calls
+it while exporting or tracing (``torch.export``, ONNX, ``torch.jit.trace``): deployed graphs get
+the torch composition, in standard ops. Both expect arguments already checked by
+:mod:`globalpool.contract`; ``globalpool.pool(..., backend="auto"|"fused")`` is the public way in.
 
 The input is handed to the kernel in its *physical* layout: a channels-first tensor stored in
 ``torch.channels_last`` memory format is pooled as ``(N, L, C)`` without a copy (and a declared
@@ -29,16 +32,24 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 from typing import Any
 
 import torch
 
 from globalpool.kernels import ops
-from globalpool.registry import kernels_of
+from globalpool.kernels.plan import direct
+from globalpool.registry import KINDS, kinds, spec
 
-__all__ = ["fused_pool", "stored_channels_last", "supports"]
+__all__ = [
+    "fused_pool", "served", "shared_pass", "stored_channels_last", "supports", "unsupported",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FAMILY_NAMES = {"cpu": "CPU", "cuda": "CUDA", "packed": "packed"}
+#: the kinds one catavgmax pass gives (its kernel's sum and running max): a tuple of kinds reads
+#: x once for those of them that the family serves
+_FROM_AVG_MAX = frozenset({"avg", "max", "avgmax", "catavgmax", "sum"})
 
 
 def _has(module: str) -> bool:
@@ -52,15 +63,107 @@ def _has(module: str) -> bool:
 # supports() traceable by torch.compile
 _HAS_NUMBA = _has("numba")
 _HAS_TRITON = _has("triton")
+_NO_PARAMS: dict[str, Any] = {}
+
+
+def unsupported(
+    x: torch.Tensor, kind: str, params: dict[str, Any] = _NO_PARAMS, family: str | None = None
+) -> str | None:
+    """Why no fused kernel serves ``kind`` on ``x``, in words, or None when one does.
+
+    ``family``: ``"cpu"`` or ``"cuda"`` (the grid kernels; by default from x's device) or
+    ``"packed"`` (the packed-sequence kernel, CPU only). A kind is served by the families in its
+    registry entry (``spec(kind).kernels``); then the family must be installed (numba for the
+    CPU and packed kernels, triton for CUDA), the dtype float16, bfloat16, float32 or float64,
+    and ``p`` / ``r`` one number (a 0-dim tensor or a float), not one per channel.
+
+    >>> import torch
+    >>> unsupported(torch.ones(2, 3, 4), "lse") is None
+    True
+    >>> unsupported(torch.ones(2, 3, 4), "last")
+    "kind 'last' has no CPU kernel"
+    """
+    served = spec(kind).kernels
+    if family is None:
+        if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
+            family = "cpu"
+        elif x.is_cuda:
+            family = "cuda"
+        else:
+            return f"device {x.device} has no kernel (the kernels run on cpu and cuda)"
+    elif family == "packed" and not x.is_cpu:
+        return f"the packed kernel runs on the CPU, not on device {x.device}"
+    if family not in served:
+        if not served:
+            return f"kind {kind!r} has no kernel (its torch composition runs on every path)"
+        return f"kind {kind!r} has no {_FAMILY_NAMES[family]} kernel"
+    if family == "cuda":
+        if not _HAS_TRITON:
+            return "triton is not installed (the CUDA kernels need it: pip install '.[cuda]')"
+    elif not _HAS_NUMBA:
+        return f"numba is not installed (the {_FAMILY_NAMES[family]} kernels need it)"
+    elif not cpu_kernels_load():
+        return f"the CPU kernels could not load ({_LOAD_ERROR[0]})"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} has no kernel (float16, bfloat16, float32 and float64 have)"
+    if family != "packed" and x.ndim not in (3, 4, 5):
+        return f"x has {x.ndim} dims; the kernels take 1 to 3 spatial dims"
+    name = per_channel_param(params)
+    if name is not None:
+        return (
+            f"a per-channel {name} (shape {tuple(params[name].shape)}) has no kernel: the "
+            f"kernels take one {name} for every channel"
+        )
+    return None
+
+
+_LOAD_ERROR: list[str] = []
+_LOADS: list[bool] = []  # the answer, once known
+
+
+def cpu_kernels_load() -> bool:
+    """Whether the numba CPU kernels import here (checked once per process). Their launcher
+    uses some numba internals (see ``launch.py``); numba is pinned to the versions tested, but
+    if an installed numba moved one, the kernels cannot load: globalpool then warns once and
+    every call runs its torch composition.
+
+    >>> cpu_kernels_load()
+    True
+    """
+    if _LOADS:
+        return _LOADS[0]
+    if torch.compiler.is_compiling():  # no import inside a trace: the eager calls decide
+        return True
+    try:
+        from globalpool.kernels import cpu_numba  # noqa: F401
+    except Exception as error:  # any failure to build the kernels' module: fall back, say why
+        _LOAD_ERROR.append(f"{type(error).__name__}: {error}")
+        warnings.warn(
+            f"globalpool's fused CPU kernels could not load with numba "
+            f"{_numba_version()} ({_LOAD_ERROR[0]}); every call runs the torch composition "
+            "(the same results, slower). Install a numba version globalpool supports "
+            "(see its requirements) to get the kernels back.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _LOADS.append(False)
+        return False
+    _LOADS.append(True)
+    return True
+
+
+def _numba_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("numba")
+    except Exception:  # pragma: no cover - metadata missing
+        return "(unknown version)"
 
 
 def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **params: Any) -> bool:
-    """True when a fused kernel exists for ``x``'s device and dtype and for ``kind``: the kind's
-    registry entry names the family (``"cpu"`` or ``"cuda"``) among its ``kernels``.
-
-    CPU needs numba; CUDA needs triton. float16, bfloat16, float32 and float64 are supported.
-    ``first`` / ``last`` have no kernel: they are one gather. The kernels take ``p`` and ``r``
-    as one number: a per-channel one (a ``(C,)`` tensor) has no kernel.
+    """True when a fused kernel exists for ``x``'s device and dtype and for ``kind`` (see
+    :func:`unsupported`).
 
     >>> import torch
     >>> supports(torch.ones(2, 3, 4), "lse"), supports(torch.ones(2, 3, 4).int(), "avg")
@@ -68,20 +171,34 @@ def supports(x: torch.Tensor, kind: str, mask: torch.Tensor | None = None, **par
     >>> supports(torch.ones(2, 3, 4), "gem", p=torch.full((3,), 3.0))
     False
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+    if not isinstance(x, torch.Tensor) or kind not in KINDS:
         return False
-    families = kernels_of(kind)
-    if not families:
-        return False
-    if x.ndim not in (3, 4, 5):
-        return False
-    if per_channel_param(params) is not None:
-        return False
-    if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
-        return _HAS_NUMBA and "cpu" in families
-    if x.is_cuda:
-        return _HAS_TRITON and "cuda" in families
-    return False
+    return unsupported(x, kind, params) is None
+
+
+def served(family: str = "cpu") -> tuple[str, ...]:
+    """The registered kinds that ``family``'s kernels serve (``spec(kind).kernels``), in
+    registration order.
+
+    >>> served("cuda")[-1], "sum" in served("cpu"), "first" in served("cpu")
+    ('attention', True, False)
+    """
+    return tuple(k for k in kinds() if family in spec(k).kernels)
+
+
+def shared_pass(kinds: tuple[str, ...], family: str | None = None) -> tuple[str, ...]:
+    """The kinds of ``kinds`` that one catavgmax pass of ``family``'s kernel gives (avg, max,
+    avgmax, catavgmax and sum, where the family serves them; ``family=None``: the candidates,
+    whatever the family); the caller reads x once for them when there are two or more.
+
+    >>> shared_pass(("gem", "avg", "sum", "max"), "cpu"), shared_pass(("avg", "sum"), "cuda")
+    (('avg', 'sum', 'max'), ('avg',))
+    """
+    if family is None:
+        return tuple(k for k in kinds if k in _FROM_AVG_MAX)
+    if family not in spec("catavgmax").kernels:
+        return ()
+    return tuple(k for k in kinds if k in _FROM_AVG_MAX and family in spec(k).kernels)
 
 
 def per_channel_param(params: dict[str, Any]) -> str | None:
@@ -181,24 +298,34 @@ def fused_pool(
     layout: str = "channels_first",
     mask: torch.Tensor | None = None,
     keepdim: bool = False,
+    *,
+    plan: Any = None,
+    acc: bool = False,
     **params: Any,
 ) -> torch.Tensor:
     """Global pooling of ``x`` with the fused kernel; same meaning as ``globalpool.pool``.
 
     ``params``: ``p`` and ``eps`` for gem, ``r`` for lse (each a float or a 0-dim tensor; a
-    tensor that requires grad gets a gradient), ``weights`` ``(N, *S)`` for attention.
+    tensor that requires grad gets a gradient), ``weights`` ``(N, *S)`` for attention (read in
+    the accumulation dtype, float32 or float64, whatever their own dtype, as the composition
+    reads them). ``plan``: the :class:`globalpool.dispatch.Plan` that chose this kernel (its
+    ``mode`` says how to run it); a direct call without one runs the kernel as
+    :func:`globalpool.dispatch.direct` says. ``acc``: the output in the accumulation dtype
+    (float32 for half inputs) instead of x's, for callers that derive further results from it.
 
     >>> import torch
     >>> x = torch.tensor([[[1.0, 2.0, 4.0]]])
     >>> fused_pool(x, "gem", p=1.0), fused_pool(x, "catavgmax", "channels_first")
     (tensor([[2.3333]]), tensor([[2.3333, 4.0000]]))
     """
+    if plan is None:
+        plan = direct(x, params)
+    mode = plan.mode
     n = x.shape[0]
     spatial_rank = x.ndim - 2
-    graph = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    tracing = graph or torch.jit.is_tracing()
-    plan = (_storage_plan if graph else _cached_plan)(x.shape, x.stride(), layout)
-    how, perm, shape3, channels_last = plan
+    graph = mode == "graph"
+    st = (_storage_plan if graph else _cached_plan)(x.shape, x.stride(), layout)
+    how, perm, shape3, channels_last = st
     length = shape3[2] if not channels_last else shape3[1]
     m = None if mask is None else mask.reshape(n, length).contiguous()
     p = _param(params.get("p"), 3.0)
@@ -206,24 +333,24 @@ def fused_pool(
     r = _param(params.get("r"), 1.0)
     w = params.get("weights") if kind == "attention" else None
     if w is not None:  # each skipped no-op call saves a dispatcher round trip (~20 us cold)
-        w = (w if w.dtype == x.dtype else w.to(x.dtype)).reshape(n, length)
+        wdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = (w if w.dtype == wdt else w.to(wdt)).reshape(n, length)
         w = w if w.is_contiguous() else w.contiguous()
-    if tracing:  # one custom op in the graph; its numbers are 0-dim tensors
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if graph:  # one custom op in the graph; its numbers are 0-dim tensors
+        wdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         p, eps, r = (
-            v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=acc)
+            v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=wdt)
             for v in (p, eps, r)
         )
-        out, _ = ops.pool_forward(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
-    elif x.is_cpu and how != "copy" and not ops.needs_grad(x, p, eps, r, w):
-        # inference on the CPU: the kernel takes x's 3-D view in NumPy (no torch view op)
-        cpu = ops.backend_for(x)
-        view = (perm, shape3)
-        out = cpu.forward(
-            x, channels_last, kind, m, float(p), float(eps), float(r), w, False, view=view
-        )[0]
+        out, _ = ops.pool_forward(_view3(x, st), channels_last, kind, m, p, eps, r, w, acc)
+    elif mode == "inference":
+        if x.is_cpu and how != "copy":  # the kernel takes x's 3-D view in NumPy (no torch op)
+            out = ops.forward_only(x, channels_last, kind, m, p, eps, r, w, acc,
+                                   view=(perm, shape3))
+        else:
+            out = ops.forward_only(_view3(x, st), channels_last, kind, m, p, eps, r, w, acc)
     else:
-        out = ops.eager_pool(_view3(x, plan), channels_last, kind, m, p, eps, r, w)
+        out = ops.grid_pool(_view3(x, st), channels_last, kind, m, p, eps, r, w, acc)
     if not keepdim:
         return out
     width = out.shape[1]

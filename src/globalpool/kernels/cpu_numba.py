@@ -225,6 +225,7 @@ def forward(
     need_aux: bool = True,
     *,
     view: tuple[tuple[int, ...] | None, tuple[int, int, int]] | None = None,
+    acc_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool ``x`` over L in one read; returns ``(out, aux)``.
 
@@ -236,7 +237,8 @@ def forward(
     ``torch.empty(0)``. ``need_aux=False`` (no backward will follow): aux is None.
     ``view=(perm, shape3)``: x is given in its original N-D shape and its 3-D form is
     ``x.permute(perm).reshape(shape3)`` (perm None: no permute), taken here on the NumPy array
-    (a view; the plan comes from ``globalpool.kernels._storage_plan``).
+    (a view; the plan comes from ``globalpool.kernels._storage_plan``). ``acc_out``: ``out`` in
+    the accumulation dtype (float32 for half inputs), not rounded to x's.
 
     >>> import torch
     >>> forward(torch.tensor([[[1.0, 2.0], [5.0, 5.0]]]), False, "avg", None)[0]
@@ -266,7 +268,7 @@ def forward(
         out[...] = 0
         if table:
             aux[..., 0], aux[..., 1] = -1, 0
-    out_t = torch.from_numpy(out) if xa.dtype.kind == "f" else _to_torch(out, x.dtype)
+    out_t = torch.from_numpy(out) if acc_out or xa.dtype.kind == "f" else _to_torch(out, x.dtype)
     if not need_aux:
         return out_t, None
     if table or kind == "lse":

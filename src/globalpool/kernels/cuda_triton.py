@@ -279,10 +279,13 @@ def _check(
     if kind == "attention":
         if weights is None:
             raise ValueError("weights must be given for kind='attention', got None")
-        if tuple(weights.shape) != (n, length) or weights.dtype != x.dtype:
+        # the weights keep (at least) the accumulation dtype's precision: float32 weights of
+        # a float16 x are read as they are, as the composition reads them
+        dtypes = (x.dtype, _acc_dtype(x))
+        if tuple(weights.shape) != (n, length) or weights.dtype not in dtypes:
             raise ValueError(
-                f"weights must have shape (N, L) = {(n, length)} and dtype {x.dtype}, "
-                f"got {weights.dtype} {tuple(weights.shape)}"
+                f"weights must have shape (N, L) = {(n, length)} and dtype {x.dtype} or "
+                f"{_acc_dtype(x)}, got {weights.dtype} {tuple(weights.shape)}"
             )
         if weights.device != x.device or not weights.is_contiguous():
             raise ValueError(f"weights must be contiguous on {x.device}, got {weights.device}")
@@ -326,10 +329,13 @@ def forward(
     eps: float = 1e-6,
     r: float = 1.0,
     weights: torch.Tensor | None = None,
+    *,
+    acc_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``x`` over L in one pass; returns ``(out, aux)``.
 
-    ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype; ``aux`` is int32
+    ``out`` is ``(N, C)`` (``(N, 2C)`` for catavgmax) in x's dtype (``acc_out``: in the
+    accumulation dtype, float32 for half inputs); ``aux`` is int32
     ``(N, C, 2)`` = (first arg-max along L, tie count; -1 and 0 for an empty sample) for the
     max kinds; ``(N, C, 2)`` in the accumulation dtype = (maximum of x, log2 of the mean of
     2**(r log2(e) (x - maximum))) for lse, which its backward reads instead of the rounded output;
@@ -341,7 +347,8 @@ def forward(
     ...     forward(x, False, "max", None)[1]
     tensor([[[1, 2]]], dtype=torch.int32)
     """
-    return _forward(x, channels_last, kind, mask, p, eps, r, weights)
+    out_dtype = _acc_dtype(x) if acc_out else None
+    return _forward(x, channels_last, kind, mask, p, eps, r, weights, out_dtype=out_dtype)
 
 
 def _forward(
@@ -447,13 +454,13 @@ def backward(
     """Gradients from ``grad_out`` (shaped like ``out``), x, out and aux in one write of grad_x.
 
     Returns ``(grad_x, grad_p, grad_weights)``: grad_p is a 0-dim float32 tensor for gem (else
-    None), grad_weights is ``(N, L)`` in x's dtype for attention (else None). Padded positions
-    and empty samples get exactly 0. x is read by gem, lse, attention (only for grad_weights)
-    and the max kinds' tied rows; for avg it may be a placeholder of the right shape and dtype
-    (e.g. an expanded scalar), and ``out``/``aux`` may be None where unused (out is read by gem
-    and lse only; aux by the max kinds). ``need_p=False`` / ``need_weights=False`` skip grad p /
-    grad weights (returned as None); without grad weights the attention backward does not read
-    x at all.
+    None), grad_weights is ``(N, L)`` in the weights' dtype for attention (else None). Padded
+    positions and empty samples get exactly 0. x is read by gem, lse, attention (only for
+    grad_weights) and the max kinds' tied rows; for avg it may be a placeholder of the right
+    shape and dtype (e.g. an expanded scalar), and ``out``/``aux`` may be None where unused (out
+    is read by gem and lse only; aux by the max kinds). ``need_p=False`` /
+    ``need_weights=False`` skip grad p / grad weights (returned as None); without grad weights
+    the attention backward does not read x at all.
 
     >>> import os, torch
     >>> x = torch.tensor([[[1.0, 3.0, 3.0]]])
