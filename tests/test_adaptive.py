@@ -405,3 +405,42 @@ def test_onnx_binned_form_keeps_non_finite_values_in_their_bins(layout, tmp_path
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-6,
                                    equal_nan=True)
         assert torch.isfinite(torch.from_numpy(got)).all() != poison
+
+
+@pytest.mark.parametrize("kind", sorted(BINNED_KINDS))
+def test_torch_export_binned_form_runs_at_batch_one(kind):
+    """torch.export with a dynamic batch and spatial sizes (binned sums, their exact redo under
+    ``torch.cond``) re-run at batch 1 and 3, inf and NaN included: the cond's output keeps the
+    input's batch size (no unbacked size asserted >= 2, the export size's batch)."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = gp.AdaptivePool((3, 2), kind)
+
+        def forward(self, x, mask, weights):
+            extra = {"weights": weights} if kind == "attention" else {}
+            return self.pool(x, mask, **extra)
+
+    model = Model().eval()
+    batch = torch.export.Dim("N", min=1, max=64)
+    h, w = torch.export.Dim("H", min=2, max=256), torch.export.Dim("W", min=2, max=256)
+    per_position = {0: batch, 1: h, 2: w}
+
+    def inputs(n, sizes, poison=False):
+        x = torch.randn(n, 4, *sizes)
+        if poison:
+            x.view(-1)[[0, 57, 130]] = torch.tensor([torch.inf, -torch.inf, torch.nan])
+        mask = torch.rand(n, *sizes) > 0.2
+        mask.view(n, -1)[:, :2] = True
+        return x, mask, torch.rand(n, *sizes) + 0.1
+
+    program = torch.export.export(model, inputs(2, (7, 5)),
+                                  dynamic_shapes=({0: batch, 2: h, 3: w}, per_position,
+                                                  per_position))
+    run = program.module()
+    for n, sizes in [(1, (6, 11)), (3, (10, 9))]:
+        for poison in (False, True):
+            args = inputs(n, sizes, poison)
+            torch.testing.assert_close(run(*args), model(*args), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)

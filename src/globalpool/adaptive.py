@@ -339,7 +339,13 @@ def _exact_bin_sum(values: torch.Tensor, bins: Any) -> torch.Tensor:
     graph: ``torch.cond``, an ONNX ``If``) are the sums redone exactly: the finite values with
     the others zeroed, the non-finite ones counted apart (all of them, and +inf minus -inf), so
     that a bin holding only +inf (-inf) among them gives +inf (-inf), any NaN or both
-    infinities NaN. ``jit.trace`` records no ``cond``: there the exact sums always run."""
+    infinities NaN. ``jit.trace`` records no ``cond``: there the exact sums always run.
+
+    Both branches of the ``cond`` return a tensor of ``plain``'s shape, the exact one reshaped
+    to it (a no-op at run time): ``torch.export`` traces each operand of a ``cond`` with sizes of
+    its own, so an exact result shaped after ``values`` would not be provably the size of
+    ``plain``, and the ``cond``'s output would get an unbacked size (asserted >= 2, the export
+    then fails at batch 1)."""
     plain = bins(values)
     if torch.jit.is_tracing():
         return _exact_sums(values, plain, bins)
@@ -348,7 +354,7 @@ def _exact_bin_sum(values: torch.Tensor, bins: Any) -> torch.Tensor:
     return torch.cond(
         torch.isfinite(plain).all(),
         lambda v, y: y.clone(),
-        lambda v, y: _exact_sums(v, y, bins),
+        lambda v, y: _exact_sums(v, y, bins).reshape(y.shape),
         (values, plain),
     )
 
