@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import globalpool as gp
 from globalpool import reference
+from globalpool.adaptive import BINNED_KINDS
 from globalpool.contract import LAYOUTS
 from helpers import (
     KIND_PARAMS,
@@ -257,23 +258,71 @@ def test_bad_arguments_name_themselves():
         gp.AdaptivePool((2, 2, 2))(x)
 
 
+def _as_graph(monkeypatch, dynamic: bool) -> None:
+    """Make adaptive pooling take the form a graph records: with ``dynamic``, as if every size
+    were a dynamic dim of the export (binned sums for the sum kinds, gathered windows else)."""
+    monkeypatch.setattr("globalpool.adaptive._in_graph", lambda: True)
+    if dynamic:
+        monkeypatch.setattr("globalpool.adaptive.fixed", lambda size: False)
+
+
+@pytest.mark.parametrize("mask_mode", ["none", "random"])
 @pytest.mark.parametrize("kind", gp.KINDS)
-def test_graph_form_equals_eager_form(kind, monkeypatch):
-    """Eager mode views equal, disjoint bins without a gather; graphs always gather windows
-    with padded slots. Both forms give the same numbers and gradients."""
+def test_graph_forms_equal_eager_form(kind, mask_mode, monkeypatch):
+    """Eager mode views equal, disjoint bins without a gather; a graph with fixed divisible
+    sizes does too (or records torch's ops), one with dynamic sizes gathers windows with padded
+    slots or (avg, sum, attention) sums over bin-membership matrices. Every form gives the same
+    numbers and gradients."""
     x = make_input(2, 3, (8, 6, 4), "channels_first", torch.float64, 5).abs() + 0.1
-    mask = make_mask(2, (8, 6, 4), "random", 5)
+    mask = None if mask_mode == "none" else make_mask(2, (8, 6, 4), "random", 5)
     params = dict(KIND_PARAMS.get(kind, {}))
     if kind == "attention":
         params["weights"] = make_weights(x, "channels_first", 5)
     results = []
-    for graph in (False, True):
-        monkeypatch.setattr("globalpool.adaptive._in_graph", lambda graph=graph: graph)
+    for form in ("eager", "fixed", "dynamic"):
+        if form != "eager":
+            _as_graph(monkeypatch, form == "dynamic")
         xg = x.clone().requires_grad_()
         y = gp.adaptive_pool(xg, (4, 3, None), kind, mask=mask, **params)
         y.backward(torch.ones_like(y))
         results.append((y.detach(), xg.grad))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0], results[2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_mode", MASKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kind", sorted(BINNED_KINDS))
+def test_binned_form_matches_reference(kind, rank, case, layout, mask_mode, monkeypatch):
+    """The bin-membership form a graph with dynamic sizes records: forward and gradients
+    against the NumPy reference, NaN and inf in the padded positions."""
+    _as_graph(monkeypatch, dynamic=True)
+    spatial, out = CASES[rank][case]
+    _check(kind, spatial, out, layout, torch.float64, mask_mode, seed=10 * rank + case)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", sorted(BINNED_KINDS))
+def test_binned_form_keeps_non_finite_values_in_their_bins(kind, layout, monkeypatch):
+    """inf * 0 is NaN: a matmul with a 0/1 matrix would spread an inf (or NaN) over every bin
+    of its row. The binned form gives what the windows give: +inf, -inf, NaN or a mix (NaN) in
+    the bins holding them, the other bins untouched."""
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    x[0, 0, 0, 0] = torch.inf  # one corner bin
+    x[0, 1, 4, 3] = -torch.inf  # the middle, in overlapping bins
+    x[0, 2, 8, 6], x[0, 2, 8, 5] = torch.inf, -torch.inf  # both: NaN
+    x[1, 0, 2, 2] = torch.nan
+    params = {"weights": torch.rand(2, 9, 7, dtype=torch.float64) + 0.1} if kind == (
+        "attention") else {}
+    if layout == "channels_last":
+        x = x.movedim(1, -1)
+    want = gp.adaptive_pool(x, (4, 3), kind, layout=layout, **params)
+    _as_graph(monkeypatch, dynamic=True)
+    got = gp.adaptive_pool(x, (4, 3), kind, layout=layout, **params)
+    assert torch.isfinite(want).sum() > 0.8 * want.numel()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 @pytest.mark.parametrize("kind,rank", [("avg", 2), ("max", 3), ("gem", 1)])
@@ -330,3 +379,68 @@ def test_cuda_backward_is_deterministic_on_overlapping_bins(kind):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_onnx_binned_form_keeps_non_finite_values_in_their_bins(layout, tmp_path):
+    """The exported avg with dynamic sizes (bin-membership matmuls, exact sums redone in an
+    ONNX If only when a bin came out non-finite) runs in onnxruntime equal to eager, inf and NaN
+    included, at other sizes than the export's."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = gp.AdaptivePool((3, 2), "avg", layout=layout).eval()
+    first = layout == "channels_first"
+    dims = {0: torch.export.Dim("N", min=1, max=64)}
+    for i, name in enumerate(("H", "W")):
+        dims[(2 if first else 1) + i] = torch.export.Dim(name, min=2, max=256)
+    x = torch.rand(2, 4, 7, 5) if first else torch.rand(2, 7, 5, 4)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, input_names=["x"],
+                      dynamic_shapes=(dims,))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for poison in (False, True):
+        x = torch.randn(3, 4, 10, 9) if first else torch.randn(3, 10, 9, 4)
+        if poison:
+            x.view(-1)[[0, 57, 300]] = torch.tensor([torch.inf, -torch.inf, torch.nan])
+        (got,) = session.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-6,
+                                   equal_nan=True)
+        assert torch.isfinite(torch.from_numpy(got)).all() != poison
+
+
+@pytest.mark.parametrize("kind", sorted(BINNED_KINDS))
+def test_torch_export_binned_form_runs_at_batch_one(kind):
+    """torch.export with a dynamic batch and spatial sizes (binned sums, their exact redo under
+    ``torch.cond``) re-run at batch 1 and 3, inf and NaN included: the cond's output keeps the
+    input's batch size (no unbacked size asserted >= 2, the export size's batch)."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = gp.AdaptivePool((3, 2), kind)
+
+        def forward(self, x, mask, weights):
+            extra = {"weights": weights} if kind == "attention" else {}
+            return self.pool(x, mask, **extra)
+
+    model = Model().eval()
+    batch = torch.export.Dim("N", min=1, max=64)
+    h, w = torch.export.Dim("H", min=2, max=256), torch.export.Dim("W", min=2, max=256)
+    per_position = {0: batch, 1: h, 2: w}
+
+    def inputs(n, sizes, poison=False):
+        x = torch.randn(n, 4, *sizes)
+        if poison:
+            x.view(-1)[[0, 57, 130]] = torch.tensor([torch.inf, -torch.inf, torch.nan])
+        mask = torch.rand(n, *sizes) > 0.2
+        mask.view(n, -1)[:, :2] = True
+        return x, mask, torch.rand(n, *sizes) + 0.1
+
+    program = torch.export.export(model, inputs(2, (7, 5)),
+                                  dynamic_shapes=({0: batch, 2: h, 3: w}, per_position,
+                                                  per_position))
+    run = program.module()
+    for n, sizes in [(1, (6, 11)), (3, (10, 9))]:
+        for poison in (False, True):
+            args = inputs(n, sizes, poison)
+            torch.testing.assert_close(run(*args), model(*args), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)

@@ -38,6 +38,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from globalpool import kernels as _kernels
+from globalpool.kernels import plan as _plan
 from globalpool.kernels.plan import CUDA_VERIFIED, Plan, direct, needs_grad, warn_unverified
 
 __all__ = [
