@@ -157,13 +157,13 @@ def summarize(folder: str) -> str:
         rows.append(
             f"| {name[:-5]} | {d['head']} | {d['seed']} | {_change(d['config'])} | "
             f"{d['steps_run']} | {recs[0]['pooled_mean']:.2f} | {recs[0]['grad_fc_weight']:.1f} | "
-            f"{max(losses[:20]):.1f} | {dead(50)} | {dead(100)} | {dead(400)} | "
+            f"{max(losses[:20]):.1f} | {dead(50)} | {dead(100)} | {dead(400) or dead(399)} | "
             f"{last['dead_fraction_monitor']:.2f} | "
             f"{sum(losses[-100:]) / len(losses[-100:]):.3f} | {100 * d['test_accuracy']:.1f} |"
         )
     head = (
         "| run | head | seed | change from the recipe | steps run | pooled mean, step 0 | "
-        "‖∇W_fc‖, step 0 | max loss, steps 0-19 | dead @50 | dead @100 | dead @400 | dead @last | "
+        "‖∇W_fc‖, step 0 | max loss, steps 0-19 | dead @50 | dead @100 | dead @399/400 | dead @last | "
         "mean loss, last 100 steps | test acc % (where it stopped) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
