@@ -144,11 +144,12 @@ def summarize(folder: str) -> str:
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".json"):
             continue
-        d = json.load(open(os.path.join(folder, name)))
+        with open(os.path.join(folder, name)) as f:
+            d = json.load(f)
         recs = {r["step"]: r for r in d["records"]}
         losses = d["loss_per_step"]
 
-        def dead(step):
+        def dead(step, recs=recs):
             r = recs.get(step)
             return "" if r is None or r["dead_fraction_monitor"] is None else (
                 f"{r['dead_fraction_monitor']:.2f}")
@@ -163,7 +164,8 @@ def summarize(folder: str) -> str:
         )
     head = (
         "| run | head | seed | change from the recipe | steps run | pooled mean, step 0 | "
-        "‖∇W_fc‖, step 0 | max loss, steps 0-19 | dead @50 | dead @100 | dead @399/400 | dead @last | "
+        "‖∇W_fc‖, step 0 | max loss, steps 0-19 | dead @50 | dead @100 | dead @399/400 | "
+        "dead @last | "
         "mean loss, last 100 steps | test acc % (where it stopped) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
