@@ -350,6 +350,10 @@ BAD = [
     ("bad-epochs", lambda d: ["--epochs", "0"], "--epochs: must be a positive int", 2),
     ("bad-device", lambda d: ["--device", "tpu"], "--device: must be one of", 2),
     ("not-an-int", lambda d: ["--seeds", "two"], "--seeds: ", 2),
+    ("lr-nan", lambda d: ["--lr", "nan"], "--lr: must be a finite number > 0, got nan", 2),
+    ("lr-zero", lambda d: ["--lr", "0"], "--lr: must be a finite number > 0, got 0.0", 2),
+    ("lr-negative", lambda d: ["--lr", "-1"], "--lr: must be a finite number > 0, got -1.0", 2),
+    ("lr-inf", lambda d: ["--lr", "inf"], "--lr: must be a finite number > 0, got inf", 2),
     ("too-large", lambda d: ["--train-sizes", "99999"], "exceeds the 4000 training samples", 1),
     (
         "data-dir-empty",
