@@ -50,6 +50,11 @@ class TrainConfig:
     CPUs with AVX-512 BF16, and on recent GPUs); the head always runs in float32, so the
     pooling heads are compared at full precision. ``channels_last=True`` stores images and
     convolution weights channels-last, the layout oneDNN and cuDNN convolve fastest.
+
+    ``warmup`` is a linear learning-rate warm-up over that many optimiser steps (the factor
+    ``(step + 1) / warmup`` times the schedule's, see
+    :func:`~globalpool.lab.experiments.runner.lr_factor`); 0 (the default) is none. Only
+    ``compare --tune lr,warmup`` sets it.
     """
 
     epochs: int
@@ -64,6 +69,7 @@ class TrainConfig:
     monitor: bool = False
     precision: str = "fp32"
     channels_last: bool = False
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -86,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.channels_last, bool):
             raise TypeError(f"channels_last must be a bool, got {self.channels_last!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
