@@ -487,7 +487,7 @@ def _tune(
             "seeds": [T.TUNE_SEED_BASE + k for k in range(tuning.seeds)],
             "train_size": split.train_size if size is None else size,
             "validation": {**split.info["validation"], "chance": chance},
-            "dir": str(root),
+            "dir": "tuning",  # under --out, beside results.json
             "env": dataclasses.asdict(env),
             "runs": len(plan),
             "runs_this_call": len(pending),
@@ -762,7 +762,9 @@ def _run(
         "globalpool": env.globalpool,
     }
     paths = write_report(Path(out).expanduser(), records, meta)
-    print(markdown_table(summarize(records), labels_of(meta)), end="")
+    from globalpool.lab.experiments.report import tuned_settings
+
+    print(markdown_table(summarize(records), labels_of(meta), tuned_settings(meta)), end="")
     written = ", ".join(str(p) for p in paths.values())
     if tuned is not None:
         meta_t = tuned["meta"]
