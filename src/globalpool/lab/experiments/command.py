@@ -259,7 +259,9 @@ def compare(
     parameters, training time, peak memory and throughput as Markdown, JSON and PNG.
     Finished runs are cached in --out and reused by a later call made the same way. Ctrl-C
     stops at once and keeps every finished run (exit code 130; a second Ctrl-C skips any
-    clean-up); run the same command again to train the rest."""
+    clean-up); run the same command again to train the rest. With --tune, each head's
+    learning rate (and warm-up) is first picked on a validation split of the training set
+    (Tuning in results.md)."""
     from globalpool.lab.experiments import interrupt
 
     try:
