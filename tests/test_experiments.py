@@ -770,6 +770,7 @@ def test_tune_selection_rule():
     by_lr = {p["lr"]: p for p in out["points"]}
     assert by_lr[0.01]["val_accuracy"] == pytest.approx(0.82) and by_lr[0.01]["chosen"]
     assert by_lr[0.04]["diverged"] == "non-finite training loss"
+    assert out["lr_at_edge"] is None
     assert [r["val_accuracy"] for r in by_lr[0.005]["runs"]] == [0.70, 0.72]
     # A tie goes to the recipe's lr, then to the lower of two equally close ones.
     tie = {Point(0.01): [rec(0.8)], Point(0.02): [rec(0.8)], Point(0.04): [rec(0.8)]}
@@ -862,6 +863,7 @@ def test_tune_picks_the_best_point_and_never_reads_the_test_set(tmp_path, monkey
     assert not list((out / "tuning").rglob("*.pt"))
     text = (out / "results.md").read_text()
     assert "## Tuning" in text and "| `avg` | 200 | 2 | lr 0.02 |" in text and "diverged" in text
+    assert "At an end of the lr grid" not in text  # 0.02 is the middle of the grid
 
     # Untuned, same arguments: exactly the runs of before (the chosen lr is the recipe's, so
     # the tuned runs are the untuned ones), no tuning anywhere in the report.

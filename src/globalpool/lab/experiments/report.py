@@ -365,6 +365,14 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         "there are several); `diverged`: a run of that point diverged (see the rule), so the "
         "point was not eligible; ✓: the chosen point.",
     ]
+    edges = [h for h in heads if h.get("lr_at_edge")]
+    if edges:
+        named = ", ".join(f"`{h['head']}` ({h['lr_at_edge']})" for h in edges)
+        notes.append(
+            f"At an end of the lr grid: {named}. The best lr may lie beyond it; a wider "
+            "`--tune-grid` would tell (and a reduced-budget tuning run may prefer another lr "
+            "than a full run would)."
+        )
     if notes:
         lines += ["", *notes]
     return [*lines, ""]

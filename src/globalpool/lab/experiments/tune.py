@@ -330,10 +330,13 @@ def select(
     >>> runs = {Point(0.01): [rec(0.8)], Point(0.02): [rec(0.9)], Point(0.04): [rec(0.9)]}
     >>> select("avg", runs, Point(0.02), 0.1)["chosen"]
     {'lr': 0.02, 'warmup': 0}
+
+    ``lr_at_edge`` is ``"lowest"`` or ``"highest"`` when the chosen lr is an end of the grid
+    (the best may lie beyond it), else ``None``.
     >>> runs[Point(0.02)] = [rec(0.1)]
     >>> out = select("avg", runs, Point(0.02), 0.1)
-    >>> out["chosen"], [p["diverged"] is not None for p in out["points"]]
-    ({'lr': 0.04, 'warmup': 0}, [False, True, False])
+    >>> out["chosen"], [p["diverged"] is not None for p in out["points"]], out["lr_at_edge"]
+    ({'lr': 0.04, 'warmup': 0}, [False, True, False], 'highest')
     """
     points = []
     for point, recs in runs.items():
@@ -372,11 +375,16 @@ def select(
     for p in points:
         p["chosen"] = not all_diverged and p["_point"] == chosen
         del p["_point"]
+    lrs = sorted({point.lr for point in runs})
+    edge = None
+    if not all_diverged and len(lrs) > 1 and chosen.lr in (lrs[0], lrs[-1]):
+        edge = "lowest" if chosen.lr == lrs[0] else "highest"
     return {
         "head": head,
         "points": points,
         "chosen": {"lr": chosen.lr, "warmup": chosen.warmup},
         "all_diverged": all_diverged,
+        "lr_at_edge": edge,
     }
 
 
