@@ -350,6 +350,10 @@ BAD = [
     ("bad-epochs", lambda d: ["--epochs", "0"], "--epochs: must be a positive int", 2),
     ("bad-device", lambda d: ["--device", "tpu"], "--device: must be one of", 2),
     ("not-an-int", lambda d: ["--seeds", "two"], "--seeds: ", 2),
+    ("lr-nan", lambda d: ["--lr", "nan"], "--lr: must be a finite number > 0, got nan", 2),
+    ("lr-zero", lambda d: ["--lr", "0"], "--lr: must be a finite number > 0, got 0.0", 2),
+    ("lr-negative", lambda d: ["--lr", "-1"], "--lr: must be a finite number > 0, got -1.0", 2),
+    ("lr-inf", lambda d: ["--lr", "inf"], "--lr: must be a finite number > 0, got inf", 2),
     ("too-large", lambda d: ["--train-sizes", "99999"], "exceeds the 4000 training samples", 1),
     (
         "data-dir-empty",
@@ -370,6 +374,27 @@ BAD = [
         1,
     ),
     ("missing-folder", lambda d: ["--dataset", f"folder:{d / 'nope'}"], "folder", 1),
+    ("tune-unknown", lambda d: ["--tune", "momentum"], "--tune: expected 'lr' or", 2),
+    ("tune-grid-alone", lambda d: ["--tune-grid", "lr=0.1"], "--tune-grid: needs --tune", 2),
+    ("tune-seeds-alone", lambda d: ["--tune-seeds", "2"], "--tune-seeds: needs --tune", 2),
+    (
+        "tune-grid-bad-lr",
+        lambda d: ["--tune", "lr", "--tune-grid", "lr=0.1,inf"],
+        "--tune-grid: lr must be finite numbers > 0",
+        2,
+    ),
+    (
+        "tune-grid-warmup-untuned",
+        lambda d: ["--tune", "lr", "--tune-grid", "lr=0.1;warmup=0,10"],
+        "--tune-grid: warmup values given but --tune does not include warmup",
+        2,
+    ),
+    (
+        "tune-budget",
+        lambda d: ["--tune", "lr", "--tune-budget", "0"],
+        "--tune-budget: must be a fraction in (0, 1]",
+        2,
+    ),
 ]
 
 
@@ -466,6 +491,7 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
         "plots",
         "monitoring",
         "monitor_plot",
+        "tune",
     ],
 )
 def test_experiment_doctests(name):
@@ -781,3 +807,192 @@ def test_a_graceful_stop_cut_short_by_a_signal_kills_the_workers_left(monkeypatc
         ("c", False),
         ("tracker", None),
     ]
+
+
+# --- tuning (--tune) --------------------------------------------------------------------------
+
+# The untuned runs' cache keys, as before --tune existed (warm-up, left at 0, is not hashed).
+FINGERPRINTS = {"mnist1d": "525312f853", "digits-shifted": "8e3d8ca372", "cifar10": "f61249b407"}
+
+
+def test_untuned_run_keys_are_unchanged():
+    from globalpool.lab.experiments.provenance import RunEnv
+    from globalpool.lab.experiments.spec import DEFAULTS
+
+    env = RunEnv(1, 1, "cpu", "AVX2", "2.4", "0.1.0", "0123456789ab")
+    for name, fingerprint in FINGERPRINTS.items():
+        spec = RunSpec("mnist1d", "cnn1d", "avg", 0, None, DEFAULTS[name]["config"], env)
+        assert spec.fingerprint == fingerprint, name
+    warm = TrainConfig(1, 100, 0.01, warmup=10)
+    assert RunSpec("m", "cnn1d", "avg", 0, None, warm).fingerprint != RunSpec(
+        "m", "cnn1d", "avg", 0, None, TrainConfig(1, 100, 0.01)
+    ).fingerprint
+
+
+def test_tune_selection_rule():
+    from globalpool.lab.experiments.tune import Point, select
+
+    def rec(acc, loss=0.5):
+        return {"accuracy": acc, "final_train_loss": loss, "spec": {"seed": 10000}}
+
+    recipe = Point(0.02)
+    runs = {
+        Point(0.005): [rec(0.70), rec(0.72)],
+        Point(0.01): [rec(0.80), rec(0.84)],  # best mean: 0.82
+        Point(0.02): [rec(0.81), rec(0.81)],
+        Point(0.04): [rec(0.95), rec(0.5, float("nan"))],  # one seed's loss is NaN: diverged
+    }
+    out = select("max", runs, recipe, chance=0.1)
+    assert out["chosen"] == {"lr": 0.01, "warmup": 0} and not out["all_diverged"]
+    by_lr = {p["lr"]: p for p in out["points"]}
+    assert by_lr[0.01]["val_accuracy"] == pytest.approx(0.82) and by_lr[0.01]["chosen"]
+    assert by_lr[0.04]["diverged"] == "non-finite training loss"
+    assert out["lr_at_edge"] is None
+    assert [r["val_accuracy"] for r in by_lr[0.005]["runs"]] == [0.70, 0.72]
+    # A tie goes to the recipe's lr, then to the lower of two equally close ones.
+    tie = {Point(0.01): [rec(0.8)], Point(0.02): [rec(0.8)], Point(0.04): [rec(0.8)]}
+    assert select("avg", tie, recipe, 0.1)["chosen"]["lr"] == 0.02
+    del tie[Point(0.02)]
+    assert select("avg", tie, recipe, 0.1)["chosen"]["lr"] == 0.01
+    # ... then to the shorter warm-up.
+    warm = {Point(0.02, 100): [rec(0.8)], Point(0.02, 0): [rec(0.8)]}
+    assert select("avg", warm, recipe, 0.1)["chosen"] == {"lr": 0.02, "warmup": 0}
+    # At chance (majority class + 1 pp) counts as diverged; all diverged: the recipe, flagged.
+    dead = {Point(0.01): [rec(0.105)], Point(0.04): [rec(0.3, float("inf"))]}
+    out = select("max", dead, recipe, chance=0.1)
+    assert out["all_diverged"] and out["chosen"] == {"lr": 0.02, "warmup": 0}
+    assert all(p["diverged"] and not p["chosen"] for p in out["points"])
+
+
+def test_tune_grid_and_validation_split():
+    from globalpool.lab.data import load_dataset
+    from globalpool.lab.experiments.tune import carve_validation, parse_grid, parse_tune
+
+    assert parse_tune("lr") == ("lr",) and parse_tune("lr,warmup") == ("lr", "warmup")
+    grid = parse_grid(None, ("lr",), recipe_lr=0.1, epoch=391)
+    assert grid.lr == (0.0125, 0.025, 0.05, 0.1, 0.2) and grid.warmup == (0,)
+    assert parse_grid("0.3, 0.1", ("lr",), recipe_lr=0.1, epoch=1).lr == (0.3, 0.1)
+    both = parse_grid("warmup=0,50", ("lr", "warmup"), recipe_lr=0.1, epoch=391)
+    assert both.lr == grid.lr and both.warmup == (0, 50) and len(both.points()) == 10
+
+    data = load_dataset("mnist1d")
+    split = carve_validation(data)
+    assert (split.train_size, len(split.y_test)) == (3600, 400)
+    assert list(split.test_sets()) == ["test"] and not split.extra_tests
+    rows = {tuple(r) for r in data.x_train.flatten(1).tolist()}
+    fit = {tuple(r) for r in split.x_train.flatten(1).tolist()}
+    val = {tuple(r) for r in split.x_test.flatten(1).tolist()}
+    assert fit | val == rows and not fit & val
+    assert carve_validation(data).x_test.equal(split.x_test)  # fixed by the split seed
+
+
+def _tune_guard(monkeypatch):
+    """Check every run's data: tuning runs must see only the training set, split in two."""
+    import globalpool.lab.experiments.runner as runner
+    from globalpool.lab.data import load_dataset
+
+    full = load_dataset("mnist1d")
+    train_rows = {tuple(r) for r in full.x_train.flatten(1).tolist()}
+    test_rows = {tuple(r) for r in full.x_test.flatten(1).tolist()}
+    real = runner.train_and_evaluate
+    calls: list[str] = []
+
+    def guarded(spec, data, *args, **kwargs):
+        calls.append(spec.label)
+        if spec.label.startswith("tune/"):
+            assert list(data.test_sets()) == ["test"]  # the validation split alone
+            fit = {tuple(r) for r in data.x_train.flatten(1).tolist()}
+            val = {tuple(r) for r in data.x_test.flatten(1).tolist()}
+            assert val <= train_rows and fit <= train_rows and not fit & val
+            assert not (fit | val) & test_rows
+            assert not any(c.startswith("mnist1d/") for c in calls)  # tuning comes first
+        return real(spec, data, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_and_evaluate", guarded)
+    return calls
+
+
+TUNE = [*TINY, "--tune", "lr", "--tune-grid", "lr=2e-4,x1,1e4"]
+
+
+def test_tune_picks_the_best_point_and_never_reads_the_test_set(tmp_path, monkeypatch):
+    calls = _tune_guard(monkeypatch)
+    out = tmp_path / "out"
+    result = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)
+    assert result.exit_code == 0, result.output
+    assert "tuning: 6 tuning runs trained, 0 reused; chosen: avg lr 0.02, fc lr 0.02" in (
+        result.stdout
+    )
+    assert "4 runs trained, 0 reused" in result.stdout
+    assert sum(c.startswith("tune/") for c in calls) == 6 and len(calls) == 10
+    summary = json.loads((out / "results.json").read_text())
+    tuning = summary["meta"]["tuning"]
+    assert tuning["grid"]["lr"] == [2e-4, 0.02, 1e4] and tuning["seeds"] == [10000]
+    assert tuning["validation"]["size"] == 400 and tuning["epochs"] == 1
+    for head in tuning["heads"]:
+        by_lr = {p["lr"]: p for p in head["points"]}
+        assert head["chosen"] == {"lr": 0.02, "warmup": 0} and by_lr[0.02]["chosen"]
+        assert by_lr[0.02]["val_accuracy"] > by_lr[2e-4]["val_accuracy"]  # known: too slow
+        assert by_lr[1e4]["diverged"]  # known: blows up
+        assert all(len(p["runs"]) == 1 for p in head["points"])
+    assert {r["spec"]["config"]["lr"] for r in summary["runs"]} == {0.02}
+    assert len(list((out / "tuning" / "runs").rglob("*.json"))) == 6
+    assert not list((out / "tuning").rglob("*.pt"))
+    text = (out / "results.md").read_text()
+    assert "## Tuning" in text and "| `avg` | 200 | 2 | lr 0.02 |" in text and "diverged" in text
+    assert "At an end of the lr grid" not in text  # 0.02 is the middle of the grid
+
+    # Untuned, same arguments: exactly the runs of before (the chosen lr is the recipe's, so
+    # the tuned runs are the untuned ones), no tuning anywhere in the report.
+    plain = invoke(*TINY, "--out", str(out), *SEQUENTIAL)
+    assert plain.exit_code == 0, plain.output
+    assert "0 runs trained, 4 reused" in plain.stdout and "tuning" not in plain.stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert "tuning" not in summary["meta"]
+    assert "## Tuning" not in (out / "results.md").read_text()
+
+
+def test_tune_resumes_without_retraining(tmp_path, monkeypatch):
+    import globalpool.lab.experiments.runner as runner
+
+    real = runner.train_and_evaluate
+
+    def flaky(spec, *args, **kwargs):
+        if spec.label.startswith("tune/") and spec.head == "fc" and spec.config.lr == 1e4:
+            raise RuntimeError("simulated failure")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_and_evaluate", flaky)
+    out = tmp_path / "out"
+    result = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)
+    assert result.exit_code == 1
+    assert "tune/mnist1d/cnn1d/fc/lr=10000,warmup=0/seed10000/n200 failed" in result.stderr
+    kept = run_files(out / "tuning")
+    assert len(kept) == 5 and not (out / "runs").exists()  # no final run before tuning ends
+
+    monkeypatch.setattr(runner, "train_and_evaluate", real)
+    again = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)
+    assert again.exit_code == 0, again.output
+    assert "tuning: 1 tuning runs trained, 5 reused" in again.stdout
+    assert all(run_files(out / "tuning")[k] == v for k, v in kept.items())
+    files = {**run_files(out), **run_files(out / "tuning")}
+    third = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)
+    assert "tuning: 0 tuning runs trained, 6 reused" in third.stdout
+    assert "0 runs trained, 4 reused" in third.stdout
+    assert {**run_files(out), **run_files(out / "tuning")} == files
+    heads = json.loads((out / "results.json").read_text())["meta"]["tuning"]["heads"]
+    assert all(r["reused"] for h in heads for p in h["points"] for r in p["runs"])
+
+
+def test_tune_lr_and_warmup(tmp_path):
+    out = tmp_path / "out"
+    grid = "lr=x1;warmup=0,1000"
+    args = [*TINY[:-1], "1", "--tune", "lr,warmup", "--tune-grid", grid, "--tune-seeds", "2"]
+    result = invoke(*args, "--out", str(out), *SEQUENTIAL)
+    assert result.exit_code == 0, result.output
+    tuning = json.loads((out / "results.json").read_text())["meta"]["tuning"]
+    assert tuning["grid"] == {"params": ["lr", "warmup"], "lr": [0.02], "warmup": [0, 1000]}
+    assert tuning["seeds"] == [10000, 10001] and tuning["runs"] == 8
+    for head in tuning["heads"]:
+        assert [len(p["runs"]) for p in head["points"]] == [2, 2]
+    assert "warm-up" in (out / "results.md").read_text()

@@ -25,6 +25,7 @@ import typer
 
 from globalpool.lab.cli_errors import debug
 from globalpool.lab.experiments.spec import DEFAULTS, RECIPES, RunSpec, TrainConfig, dataset_base
+from globalpool.lab.experiments.tune import chosen_config as tuning_config
 
 
 class CompareError(ValueError):
@@ -233,12 +234,39 @@ def compare(
             "results.json and monitor.png. Part of the cache key.",
         ),
     ] = False,
+    tune: Annotated[
+        str | None,
+        typer.Option(
+            help="Tune each head's settings before training its seeds: 'lr' or 'lr,warmup'. "
+            "Each grid point trains at --tune-budget of the epochs on 90% of the training set "
+            "and is scored on the other 10% (never the test set); the head's seeds then train "
+            "on the full training set at its best point. Tuning runs are cached under "
+            "OUT/tuning/. See docs/compare.md."
+        ),
+    ] = None,
+    tune_grid: Annotated[
+        str | None,
+        typer.Option(
+            help="Grid for --tune, e.g. 'lr=0.005,0.01,0.02' or 'lr=x0.25,x1,x4;warmup=0,200' "
+            "(xF: F times the recipe's lr; warmup in optimiser steps). Default: the recipe's "
+            "lr times 1/8, 1/4, 1/2, 1, 2; warmup 0 and one epoch."
+        ),
+    ] = None,
+    tune_budget: Annotated[
+        float,
+        typer.Option(help="Fraction of --epochs each tuning run trains (at least one epoch)."),
+    ] = 0.25,
+    tune_seeds: Annotated[
+        int, typer.Option(help="Tuning runs per grid point and head (seeds 10000 ..).")
+    ] = 1,
 ) -> None:
     """Train the same backbone once per head and seed; report accuracy (mean ± 95% CI),
     parameters, training time, peak memory and throughput as Markdown, JSON and PNG.
     Finished runs are cached in --out and reused by a later call made the same way. Ctrl-C
     stops at once and keeps every finished run (exit code 130; a second Ctrl-C skips any
-    clean-up); run the same command again to train the rest."""
+    clean-up); run the same command again to train the rest. With --tune, each head's
+    learning rate (and warm-up) is first picked on a validation split of the training set
+    (Tuning in results.md)."""
     from globalpool.lab.experiments import interrupt
 
     try:
@@ -263,6 +291,10 @@ def compare(
                     backend=backend,
                     save_models=save_models,
                     monitor=monitor,
+                    tune=tune,
+                    tune_grid=tune_grid,
+                    tune_budget=tune_budget,
+                    tune_seeds=tune_seeds,
                 )
             except KeyboardInterrupt as err:  # still inside: a second signal exits at once
                 raise _interrupted(err, interrupt.received(), out) from None
@@ -297,6 +329,182 @@ def _config(defaults: dict[str, Any], **options: Any) -> TrainConfig:
         raise CompareError(rest, f"--{name.replace('_', '-')}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    """``--tune``, ``--tune-grid``, ``--tune-budget`` and ``--tune-seeds``, checked."""
+
+    params: tuple[str, ...]
+    grid: str | None
+    budget: float
+    seeds: int
+
+
+def _tune_options(
+    tune: str | None, grid: str | None, budget: float, seeds: int, config: TrainConfig
+) -> TuneOptions | None:
+    """The checked tuning options, or ``None`` without ``--tune`` (then the others are refused
+    when set off their defaults)."""
+    from globalpool.lab.experiments.tune import parse_grid, parse_tune
+
+    if tune is None:
+        for name, value, default in (
+            ("--tune-grid", grid, None), ("--tune-budget", budget, 0.25),
+            ("--tune-seeds", seeds, 1),
+        ):
+            if value != default:
+                raise CompareError("needs --tune lr (or --tune lr,warmup)", name)
+        return None
+    params = parse_tune(tune)
+    parse_grid(grid, params, recipe_lr=config.lr, epoch=1)  # refuse a bad grid before training
+    if isinstance(budget, bool) or not (0 < budget <= 1):
+        raise CompareError(f"must be a fraction in (0, 1], got {budget!r}", "--tune-budget")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CompareError(f"must be a positive int, got {seeds!r}", "--tune-seeds")
+    return TuneOptions(params, grid, float(budget), seeds)
+
+
+def _point_text(summary: dict[str, Any]) -> str:
+    chosen = summary["chosen"]
+    text = f"lr {chosen['lr']:g}" + (f" warmup {chosen['warmup']}" if chosen["warmup"] else "")
+    return text + (" (every grid point diverged: recipe)" if summary["all_diverged"] else "")
+
+
+def _tune(
+    ctx: Any,
+    tuning: TuneOptions,
+    *,
+    dataset: str,
+    head_list: list[str],
+    sizes: list[int | None],
+    config: TrainConfig,
+    model_name: str,
+    torch_device: Any,
+    data: Any,
+    data_dir: Path | None,
+    out: Path,
+    workers: int | None,
+    threads: int,
+) -> dict[str, Any]:
+    """Run (or reuse) every tuning run and pick each head's grid point (:mod:`.tune`).
+
+    Returns ``{"by_head": {head: summary}, "meta": results.json's ``meta.tuning``}``, the same
+    on every rank.
+    """
+    import math
+
+    from globalpool.lab.experiments import distributed
+    from globalpool.lab.experiments import tune as T
+    from globalpool.lab.experiments.execute import (
+        DataSource,
+        run_parallel,
+        run_sequential,
+        usable_cpus,
+    )
+    from globalpool.lab.experiments.progress import RichSink
+    from globalpool.lab.experiments.provenance import current_env
+    from globalpool.lab.experiments.results import ResultStore
+    from globalpool.lab.experiments.runner import total_steps
+
+    # The tuning runs see only this split: its training set is 90% of the training set and
+    # its one evaluation set the other 10%; the test sets are not in it.
+    split = T.carve_validation(data)
+    epoch = math.ceil(data.train_size / config.batch_size)
+    grid = T.parse_grid(tuning.grid, tuning.params, recipe_lr=config.lr, epoch=epoch)
+    largest = None if None in sizes else max(s for s in sizes if s is not None)
+    size = None if largest is None or largest >= split.train_size else largest
+    env = current_env(torch_device, threads, ctx.world_size, split)
+    root = Path(out).expanduser() / "tuning"
+    store = ResultStore(root, save_models=False)
+    plan = T.tuning_plan(
+        dataset=dataset,
+        model=model_name,
+        heads=head_list,
+        grid=grid,
+        config=config,
+        budget=tuning.budget,
+        seeds=tuning.seeds,
+        train_size=size,
+        env=env,
+    )
+    pending = [spec for spec in plan if store.load(spec) is None] if ctx.is_main else None
+    pending = distributed.broadcast_object(pending, ctx)
+    if ctx.enabled or torch_device.type == "cuda":
+        n_workers = 1
+    else:
+        n_workers = min(workers or max(1, usable_cpus() // threads), max(1, len(pending)))
+    try:
+        with RichSink(
+            len(plan), len(plan) - len(pending), enabled=ctx.is_main, title="tuning runs",
+            metric="val acc",
+        ) as sink:
+            if ctx.is_main and len(pending) < len(plan):
+                sink.note(
+                    f"{len(plan) - len(pending)} of {len(plan)} tuning runs already in {root}; "
+                    "skipped"
+                )
+            if n_workers > 1:
+                source = T.DataSplitSource(
+                    DataSource(dataset, None if data_dir is None else str(data_dir))
+                )
+                run_parallel(
+                    pending, source, store=store, device=torch_device, workers=n_workers,
+                    sink=sink,
+                )
+            else:
+                run_sequential(
+                    pending, split, store=store, device=torch_device, ctx=ctx, sink=sink
+                )
+    except KeyboardInterrupt:
+        done = sum(store.load(spec) is not None for spec in plan) if ctx.is_main else 0
+        raise Interrupted(
+            f"{done} of {len(plan)} tuning runs are finished and kept under {root} "
+            f"({done - (len(plan) - len(pending))} trained by this call); run the same command "
+            f"again to train the other {len(plan) - done}, then the runs"
+        ) from None
+    distributed.barrier(ctx)
+
+    result: dict[str, Any] | None = None
+    if ctx.is_main:
+        loaded = {spec: store.load(spec) for spec in plan}
+        missing = [spec.label for spec, rec in loaded.items() if rec is None]
+        if missing:
+            raise CompareError(
+                f"results of {len(missing)} tuning runs are missing, e.g. {missing[0]}"
+            )
+        trained = set(pending)
+        chance = T.chance_level(split)
+        recipe = T.Point(config.lr, config.warmup)
+        heads = []
+        for head in head_list:
+            runs: dict[Any, list[dict[str, Any]]] = {p: [] for p in grid.points()}
+            for spec, rec in loaded.items():
+                if spec.head == head:
+                    point = T.Point(spec.config.lr, spec.config.warmup)
+                    runs[point].append({**rec, "reused": spec not in trained})
+            heads.append(T.select(head, runs, recipe, chance))
+        tune_config = plan[0].config
+        meta = {
+            "params": list(tuning.params),
+            "grid": grid.to_dict(),
+            "rule": T.RULE,
+            "recipe": {"lr": config.lr, "warmup": config.warmup},
+            "budget": tuning.budget,
+            "epochs": tune_config.epochs,
+            "steps": total_steps(tune_config, split.train_size),
+            "seeds": [T.TUNE_SEED_BASE + k for k in range(tuning.seeds)],
+            "train_size": split.train_size if size is None else size,
+            "validation": {**split.info["validation"], "chance": chance},
+            "dir": "tuning",  # under --out, beside results.json
+            "env": dataclasses.asdict(env),
+            "runs": len(plan),
+            "runs_this_call": len(pending),
+            "runs_reused": len(plan) - len(pending),
+            "heads": heads,
+        }
+        result = {"meta": meta, "by_head": {h["head"]: h for h in heads}}
+    return distributed.broadcast_object(result, ctx)
+
+
 def _compare(
     *,
     dataset: str,
@@ -317,6 +525,10 @@ def _compare(
     save_models: bool = True,
     monitor: bool = False,
     recipe: str | None = None,
+    tune: str | None = None,
+    tune_grid: str | None = None,
+    tune_budget: float = 0.25,
+    tune_seeds: int = 1,
 ) -> None:
     started = time.perf_counter()
     # 1. Arguments: cheap checks, identical on every rank, before anything is created.
@@ -337,6 +549,7 @@ def _compare(
         defaults, epochs=epochs, batch_size=batch_size, lr=lr, backend=backend,
         monitor=monitor or None,
     )
+    tuning = _tune_options(tune, tune_grid, tune_budget, tune_seeds, config)
 
     from globalpool.lab.experiments import distributed
     from globalpool.lab.experiments.runner import resolve_device
@@ -371,6 +584,7 @@ def _compare(
             threads=threads,
             started=started,
             save_models=save_models,
+            tuning=tuning,
         )
     finally:
         distributed.shutdown(ctx)
@@ -393,6 +607,7 @@ def _run(
     threads: int | None,
     started: float,
     save_models: bool = True,
+    tuning: TuneOptions | None = None,
 ) -> None:
     import torch
 
@@ -457,10 +672,29 @@ def _run(
     threads = threads or 1
     env = current_env(torch_device, threads, ctx.world_size, data)
     store = ResultStore(out, save_models=save_models)
+    configs = {head: config for head in head_list}
+    tuned: dict[str, Any] | None = None
+    if tuning is not None:  # 3a. Each head's settings, on the validation split (tune.py).
+        tuned = _tune(
+            ctx,
+            tuning,
+            dataset=dataset,
+            head_list=head_list,
+            sizes=sizes,
+            config=config,
+            model_name=model_name,
+            torch_device=torch_device,
+            data=data,
+            data_dir=data_dir,
+            out=out,
+            workers=workers,
+            threads=threads,
+        )
+        configs = {h: tuning_config(config, s) for h, s in tuned["by_head"].items()}
     # Seed-major order: each head's runs are spread over the whole call, so a busy spell on a
     # shared machine slows every head a little rather than one head a lot.
     plan = [
-        RunSpec(dataset, model_name, head, seed, size, config, env)
+        RunSpec(dataset, model_name, head, seed, size, configs[head], env)
         for size in sizes
         for seed in range(seeds)
         for head in head_list
@@ -529,11 +763,23 @@ def _run(
         "runs_this_call": len(pending),
         "runs_reused": len(plan) - len(pending),
         "wall_time_s": time.perf_counter() - started,
+        **({} if tuned is None else {"tuning": tuned["meta"]}),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "globalpool": env.globalpool,
     }
     paths = write_report(Path(out).expanduser(), records, meta)
-    print(markdown_table(summarize(records), labels_of(meta)), end="")
+    from globalpool.lab.experiments.report import tuned_settings
+
+    print(markdown_table(summarize(records), labels_of(meta), tuned_settings(meta)), end="")
     written = ", ".join(str(p) for p in paths.values())
+    if tuned is not None:
+        meta_t = tuned["meta"]
+        print(
+            f"\ntuning: {meta_t['runs_this_call']} tuning runs trained, "
+            f"{meta_t['runs_reused']} reused; chosen: "
+            + ", ".join(
+                f"{h['head']} {_point_text(h)}" for h in meta_t["heads"]
+            )
+        )
     print(f"\n{len(pending)} runs trained, {len(plan) - len(pending)} reused; wrote {written}")

@@ -20,7 +20,16 @@ from globalpool.lab.experiments.execute import ProgressSink
 class RichSink(ProgressSink):
     """Shows progress on stderr (rank 0 only); finished runs leave one line with their accuracy."""
 
-    def __init__(self, total_runs: int, done_runs: int, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        total_runs: int,
+        done_runs: int,
+        *,
+        enabled: bool = True,
+        title: str = "runs",
+        metric: str = "test acc",
+    ) -> None:
+        self.metric = metric
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"),
@@ -31,7 +40,7 @@ class RichSink(ProgressSink):
             disable=not enabled,
         )
         self.enabled = enabled
-        self.overall = self.progress.add_task("runs", total=total_runs, completed=done_runs)
+        self.overall = self.progress.add_task(title, total=total_runs, completed=done_runs)
         self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> RichSink:
@@ -58,6 +67,5 @@ class RichSink(ProgressSink):
         if task is not None:
             self.progress.remove_task(task)
         self.progress.advance(self.overall)
-        self.note(
-            f"  {label}: test acc {100 * record['accuracy']:.1f}% in {record['train_time_s']:.1f}s"
-        )
+        acc, seconds = 100 * record["accuracy"], record["train_time_s"]
+        self.note(f"  {label}: {self.metric} {acc:.1f}% in {seconds:.1f}s")

@@ -136,15 +136,21 @@ COLUMNS = [
 GAP_COLUMN = "train − test gap pp"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]],
+    labels: dict[str, str] | None = None,
+    tuned: dict[str, str] | None = None,
+) -> str:
     """The results table, then one line per training-set size on which head (if any) is bold.
 
     A head's test accuracy is bold only when it is the best mean and its 95% CI does not
-    overlap the next-best head's. ``labels`` renames test sets (``{name: label}``).
+    overlap the next-best head's. ``labels`` renames test sets (``{name: label}``). ``tuned``
+    (``compare --tune``) adds a column of each head's chosen settings (``{head: text}``).
     """
     labels = labels or {}
     names = ordered(rows[0]["accuracies"], labels) if rows else ["test"]
-    header = ["head", "train n", "seeds"] + [f"{labels.get(n, n)} acc %" for n in names]
+    header = ["head", "train n", "seeds"] + (["tuned"] if tuned else [])
+    header += [f"{labels.get(n, n)} acc %" for n in names]
     gaps = any(row.get("gap") for row in rows)
     header += [GAP_COLUMN] if gaps else []
     header += [name for name, _ in COLUMNS]
@@ -153,6 +159,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], labels: dict[str, str] | None
     verdicts = {n: winner([r for r in rows if r["train_size"] == n]) for n in sizes}
     for row in rows:
         cells = [f"`{row['head']}`", str(row["train_size"]), str(row["seeds"])]
+        if tuned:
+            cells.append(tuned.get(row["head"], "n/a"))
         for name in names:
             acc = row["accuracy"] if name == "test" else row["accuracies"].get(name)
             cell = _fmt_acc(acc)
@@ -209,6 +217,11 @@ def _legend(names: Sequence[str], meta: dict[str, Any]) -> list[str]:
     memory = MEMORY_NOTES.get(meta.get("memory_method"), "not measured.")
     for name, text in COLUMNS:
         out.append(f"- **{name}**: {(text + '.') if text else memory}")
+    if meta.get("tuning"):
+        out.append(
+            "- **tuned**: the settings the head's runs trained at, chosen on the validation "
+            "split (see Tuning)."
+        )
     out.append("- **n/a**: not measured; for an accuracy, the head cannot take that input size.")
     return out
 
@@ -267,6 +280,104 @@ def _sizes_line(meta: dict[str, Any]) -> str:
     return f"Test sets (samples each, the same for every run): {parts}."
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def tuned_settings(meta: dict[str, Any]) -> dict[str, str] | None:
+    """``{head: "lr 0.01"}`` (and the warm-up when tuned) of a ``--tune`` call, else ``None``."""
+    tuning = meta.get("tuning")
+    if not tuning:
+        return None
+    warm = "warmup" in tuning["params"]
+    out = {}
+    for head in tuning["heads"]:
+        chosen = head["chosen"]
+        text = f"lr {chosen['lr']:g}" + (f", warm-up {chosen['warmup']}" if warm else "")
+        out[head["head"]] = text + (" (recipe; all diverged)" if head["all_diverged"] else "")
+    return out
+
+
+def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
+    """The "Tuning" section of ``results.md`` from ``meta["tuning"]`` (:mod:`.tune`)."""
+    grid, val = tuning["grid"], tuning["validation"]
+    warm = "warmup" in tuning["params"]
+    heads = tuning["heads"]
+    points = heads[0]["points"] if heads else []
+
+    def name(p: dict[str, Any]) -> str:
+        return f"lr {p['lr']:g}" + (f", warm-up {p['warmup']}" if warm else "")
+
+    header = ["head", *(f"{name(p)} val acc %" for p in points), "chosen"]
+    lines = [
+        "## Tuning",
+        "",
+        f"`--tune {','.join(tuning['params'])}`: each head's "
+        f"{' and '.join('learning rate' if p == 'lr' else 'warm-up' for p in tuning['params'])} "
+        "picked on a validation split, then its seeds trained at that point on the full "
+        "training set (the table above). The test set played no part in the choice.",
+        "",
+        f"- **Grid**: lr {', '.join(f'{v:g}' for v in grid['lr'])} (recipe "
+        f"{tuning['recipe']['lr']:g})"
+        + (f"; warm-up {', '.join(str(v) for v in grid['warmup'])} optimiser steps (linear)"
+           if warm else "")
+        + ".",
+        f"- **Validation split**: {val['size']} of the {val['of']} training samples "
+        f"({100 * val['fraction']:g}%, class-stratified, split seed {val['seed']}); the tuning "
+        f"runs train on {tuning['train_size']} of the others and never on these. Chance "
+        f"(majority class): {100 * val['chance']:.1f}%.",
+        f"- **Budget**: {tuning['epochs']} epoch(s) per tuning run ({tuning['steps']} optimiser "
+        f"steps, {tuning['budget']:g} of the runs' epochs), tuning seed(s) "
+        f"{', '.join(str(s) for s in tuning['seeds'])}; {tuning['runs']} tuning runs "
+        f"({tuning['runs_this_call']} trained by this call, {tuning['runs_reused']} reused), "
+        f"cached under `{tuning['dir']}/` beside this file.",
+        f"- **Rule**: {tuning['rule']}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    notes: list[str] = []
+    for head in heads:
+        cells = [f"`{head['head']}`"]
+        for p in head["points"]:
+            runs = [r["val_accuracy"] for r in p["runs"]]
+            cell = _pct(p["val_accuracy"])
+            if len(runs) > 1:
+                cell += " (" + ", ".join(_pct(v) for v in runs) + ")"
+            if p["diverged"]:
+                cell += " diverged"
+            if p.get("chosen"):
+                cell += " ✓"
+            cells.append(cell)
+        chosen = head["chosen"]
+        text = f"lr {chosen['lr']:g}" + (f", warm-up {chosen['warmup']}" if warm else "")
+        if head["all_diverged"]:
+            text += " (recipe: every grid point diverged)"
+            notes.append(
+                f"`{head['head']}`: every grid point diverged; its runs used the recipe's "
+                "settings."
+            )
+        cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cells: mean validation accuracy over the tuning seeds (each seed's in brackets when "
+        "there are several); `diverged`: a run of that point diverged (see the rule), so the "
+        "point was not eligible; ✓: the chosen point.",
+    ]
+    edges = [h for h in heads if h.get("lr_at_edge")]
+    if edges:
+        named = ", ".join(f"`{h['head']}` ({h['lr_at_edge']})" for h in edges)
+        notes.append(
+            f"At an end of the lr grid: {named}. The best lr may lie beyond it; a wider "
+            "`--tune-grid` would tell (and a reduced-budget tuning run may prefer another lr "
+            "than a full run would)."
+        )
+    if notes:
+        lines += ["", *notes]
+    return [*lines, ""]
+
+
 def markdown_report(
     rows: Sequence[dict[str, Any]],
     meta: dict[str, Any],
@@ -296,7 +407,13 @@ def markdown_report(
         _sizes_line(meta) + "  ",
         f"Training (every run): seeds {meta.get('seeds')}; epochs {cfg.get('epochs')} "
         f"({meta.get('steps')} optimiser steps of batch {cfg.get('batch_size')}); "
-        f"{cfg.get('optimizer')} lr {cfg.get('lr')} ({cfg.get('schedule')}), "
+        f"{cfg.get('optimizer')} "
+        + (
+            f"lr tuned per head (recipe lr {cfg.get('lr')}; see Tuning) "
+            if meta.get("tuning")
+            else f"lr {cfg.get('lr')} "
+        )
+        + f"({cfg.get('schedule')}), "
         f"weight decay {cfg.get('weight_decay')}; augmentation {cfg.get('augment', 'none')}; "
         f"precision {cfg.get('precision', 'fp32')}"
         f"{', channels-last' if cfg.get('channels_last') else ''}.  ",
@@ -304,7 +421,7 @@ def markdown_report(
         f"This call: {len(records) - reused} run(s) trained with {meta.get('workers')} worker "
         f"process(es), {reused} reused from the cache (marked `reused (cached)` below).",
         "",
-        markdown_table(rows, labels),
+        markdown_table(rows, labels, tuned_settings(meta)),
         *_legend(names, meta),
         "",
     ]
@@ -314,6 +431,8 @@ def markdown_report(
         lines += [f"![{kind}]({name})", "", f"`{name}`: mean ± 95% CI; dots: seeds.{note}", ""]
     if meta.get("monitor_plot"):
         lines += monitor_markdown(records)
+    if meta.get("tuning"):
+        lines += tuning_markdown(meta["tuning"])
     if records:
         lines += ["## Runs", "", *_runs_table(records, labels.get("test", "test")), ""]
     return "\n".join(lines)

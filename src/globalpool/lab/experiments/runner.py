@@ -97,15 +97,19 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
-def lr_factor(schedule: str, step: int, steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` of ``steps`` (cosine decays to 0).
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``steps`` (cosine decays to 0),
+    times a linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps.
 
     >>> lr_factor("cosine", 0, 10), lr_factor("cosine", 10, 10), lr_factor("constant", 5, 10)
     (1.0, 0.0, 1.0)
+    >>> lr_factor("constant", 0, 10, warmup=4), lr_factor("constant", 3, 10, warmup=4)
+    (0.25, 1.0)
     """
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
-    return 1.0
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    return ramp
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -286,7 +290,7 @@ def train_and_evaluate(
             idx = chunk.tensor_split(ctx.world_size)[ctx.rank] if ctx.enabled else chunk
             idx = idx.to(device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, steps)
+                group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, steps, cfg.warmup)
             if step == probe and cuda_peak is None:
                 optimizer.zero_grad(set_to_none=True)
                 persistent = state_bytes(model, optimizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 from globalpool.lab.experiments.provenance import RunEnv
@@ -49,6 +50,11 @@ class TrainConfig:
     CPUs with AVX-512 BF16, and on recent GPUs); the head always runs in float32, so the
     pooling heads are compared at full precision. ``channels_last=True`` stores images and
     convolution weights channels-last, the layout oneDNN and cuDNN convolve fastest.
+
+    ``warmup`` is a linear learning-rate warm-up over that many optimiser steps (the factor
+    ``(step + 1) / warmup`` times the schedule's, see
+    :func:`~globalpool.lab.experiments.runner.lr_factor`); 0 (the default) is none. Only
+    ``compare --tune lr,warmup`` sets it.
     """
 
     epochs: int
@@ -63,14 +69,15 @@ class TrainConfig:
     monitor: bool = False
     precision: str = "fp32"
     channels_last: bool = False
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):  # nan, 0, -1 and inf refused
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -85,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.channels_last, bool):
             raise TypeError(f"channels_last must be a bool, got {self.channels_last!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
