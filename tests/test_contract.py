@@ -313,3 +313,42 @@ def test_fraction_and_numpy_scalars_are_taken_as_floats():
     torch.testing.assert_close(gp.pool(x, "lse", r=Fraction(1, 2)), expected)
     torch.testing.assert_close(gp.pool(x, "lse", r=np.float64(0.5)), expected)
     torch.testing.assert_close(gp.pool(x, "gem", p=Fraction(3)), gp.pool(x, "gem", p=3.0))
+
+
+def test_a_sparse_x_is_refused_naming_the_layout():
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor, got layout "
+                                        r"torch.sparse_coo; convert it with x.to_dense\(\)"):
+        gp.pool(torch.rand(2, 3, 6).to_sparse(), "avg")
+
+
+@pytest.mark.parametrize("kind", ["max", "avgmax", "catavgmax"])
+def test_masked_max_at_minus_inf_shares_its_gradient_among_real_positions(kind):
+    from globalpool import reference
+
+    inf = float("inf")
+    x = torch.tensor([[[-inf, -inf, 5.0, 7.0], [1.0, -inf, 9.0, 9.0]]], dtype=torch.float64,
+                     requires_grad=True)
+    mask = torch.tensor([[True, True, False, False]])
+    y = gp.pool(x, kind, mask=mask, backend="torch")
+    y.sum().backward()
+    g = reference.pool_backward(x.detach().numpy(), torch.ones_like(y).numpy(), kind,
+                                mask=mask.numpy())["x"]
+    torch.testing.assert_close(x.grad, torch.from_numpy(g))
+
+
+def test_vmap_over_weights_p_and_r_equals_a_loop():
+    from torch.func import vmap
+
+    x = torch.rand(2, 3, 4, 5) + 0.1
+    w = torch.rand(4, 2, 4, 5)
+    cases = [
+        (lambda wi: gp.pool(x, "attention", weights=wi), w),
+        (lambda pi: gp.pool(x, "gem", p=pi), torch.tensor([1.5, 3.0, 5.0])),
+        (lambda ri: gp.pool(x, "lse", r=ri), torch.tensor([0.5, 1.0, 2.0])),
+        (lambda mi: gp.pool(x, "attention", weights=w[0], mask=mi), torch.rand(3, 2, 4, 5) > 0.3),
+    ]
+    for fn, batch in cases:
+        torch.testing.assert_close(vmap(fn)(batch), torch.stack([fn(b) for b in batch]))
+    with pytest.raises(ValueError, match=r"p for kind 'gem' must be finite and >= 1, got 0.5 in "
+                                         r"the batch of values vmap passes"):
+        vmap(lambda pi: gp.pool(x, "gem", p=pi))(torch.tensor([3.0, 0.5]))

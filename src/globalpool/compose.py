@@ -66,6 +66,12 @@ def max_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor
     if mask is None:
         return x.amax(dims, keepdim=True)
     y = torch.where(mask, x, -torch.inf).amax(dims, keepdim=True)
+    # a row whose real values are all -inf ties with its padded slots (they hold -inf): its
+    # gradient goes to its real positions alone, shared equally, as the ties of any other row
+    ties = mask & (x == -torch.inf)
+    count = ties.sum(dims, keepdim=True, dtype=x.dtype).clamp(min=1)
+    at_minus_inf = torch.where(ties, x, 0.0).sum(dims, keepdim=True) / count
+    y = torch.where(y == -torch.inf, at_minus_inf, y)
     return _where_nonempty(_nonempty(mask, dims), y)
 
 
@@ -89,7 +95,9 @@ def gem(
     if isinstance(p, torch.Tensor):
         p = p.to(x.dtype)
     if mask is not None:
-        x = torch.where(mask, x, 1.0)
+        # padded slots take the clamp floor, the smallest value a real one can have: the scale
+        # below (the row's maximum) is then a real position's, whatever the padding held
+        x = torch.where(mask, x, eps)
     clamped = x.clamp(min=eps)
     # GeM is 1-homogeneous: scaling by the (detached) max keeps clamp(x)^p from underflowing to 0
     # (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN gradient.

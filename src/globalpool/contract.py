@@ -51,6 +51,12 @@ def check_input(x: Any, name: str = "x") -> None:
     """Check that ``x`` is a floating tensor of rank 3 to 5 with no empty spatial dim."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {x.layout}; convert it with "
+            f"{name}.to_dense() (a jagged nested tensor of token sequences goes to gp.pool or "
+            "gp.pool_nested)"
+        )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
@@ -205,7 +211,13 @@ def check_param_value(kind: str, name: str, value: Any) -> None:
         )
         return
     if isinstance(value, torch.Tensor) and readable(value).ndim:  # a batch of values (vmap)
-        _check_channel_values(kind, name, value)
+        v = readable(value).flatten()
+        bad = ~(torch.isfinite(v) & q.tensor_in_range(v))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} for kind {kind!r} must be finite and {q.expected}, got "
+                f"{float(v[int(bad.nonzero()[0, 0])])} in the batch of values vmap passes"
+            )
         return
     v = _as_float(value)
     if not abs(v) < math.inf:  # not math.isfinite: torch.compile(dynamic=True) makes v symbolic

@@ -54,8 +54,8 @@ def max_(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
 
 
 def gem(x: Any, mask: Any, axes: tuple[int, ...], p: Any, eps: float) -> Any:
-    if mask is not None:
-        x = ops.where(mask, x, 1.0)
+    if mask is not None:  # padded slots at the clamp floor: the scale is a real position's
+        x = ops.where(mask, x, eps)
     clamped = ops.where(x < eps, eps, x)  # torch's clamp(min=eps): gradient 1 where x >= eps
     # 1-homogeneous: scaling by the (constant) max keeps clamp(x)^p from underflowing to 0
     top = ops.stop_gradient(ops.max(clamped, axis=axes, keepdims=True))
