@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import globalpool as gp  # noqa: E402
 
 SHAPE = (32, 2048, 7, 7)
-NOTE = ("CPU: AMD EPYC family 26 (Zen 5), AVX-512, 2 cores, shared with other jobs while this "
-        "ran (see the load average): eager torch's threads suffer more from the contention than "
-        "onnxruntime's non-spinning ones, so ratios below 1 overstate onnxruntime's lead.")
+NOTE = ("A load average above 1 means other jobs shared the machine: eager torch's threads "
+        "suffer more from the contention than onnxruntime's non-spinning ones, so ratios below 1 "
+        "then overstate onnxruntime's lead.")
 
 
 
