@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from globalpool import kernels
-from globalpool.kernels import cpu_kernels, cpu_numba, ops
+from globalpool.kernels import cpu_kernels, cpu_numba, cpu_simd, ops
 from helpers import (
     DTYPES,
     KIND_PARAMS,
@@ -107,7 +107,7 @@ def test_exp2_and_log2_match_numpy_at_ties_and_edges():
     the result), the clamps at -126 / 128, 0, inf and NaN."""
     from numba import njit
 
-    K = cpu_kernels
+    K = cpu_simd
 
     @njit
     def run(u, e_s, e_v, x, l_s, l_v):

@@ -173,3 +173,24 @@ def test_kernels_are_cached_under_their_helpers_digest(monkeypatch):
         names.append(set(kernel._by_name))
     assert names[0].isdisjoint(names[1])
 
+
+def test_every_cpu_kernel_names_the_shared_helpers():
+    """Each kernel of the grid and packed families inlines cpu_simd's helpers, so each names it
+    (see above); the serial kernels too, in the name numba caches them under."""
+    from globalpool.kernels import cpu_kernels, cpu_packed, cpu_simd
+
+    parallel = serial = 0
+    for module in (cpu_kernels, cpu_packed):
+        for obj in vars(module).values():
+            if isinstance(obj, launch.ParallelKernel):
+                assert obj._helpers == (cpu_simd,), obj.__name__
+                parallel += 1
+            elif hasattr(obj, "py_func") and obj.py_func.__module__ == module.__name__:
+                if obj.targetoptions.get("inline") == "always":
+                    continue  # a helper, inlined into a kernel (its code is in the kernel's)
+                assert obj.py_func.__qualname__.endswith(
+                    f"__{launch._digest((cpu_simd,))}"
+                ) or not module.CACHE, obj.py_func.__qualname__
+                serial += 1
+    assert parallel >= 13 and serial >= 1
+    assert cpu_simd.CACHE == cpu_kernels.CACHE == cpu_packed.CACHE  # one directory, one verdict

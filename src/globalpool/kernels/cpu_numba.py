@@ -37,6 +37,7 @@ import torch
 
 from globalpool import reference
 from globalpool.kernels import cpu_kernels as K
+from globalpool.kernels.cpu_simd import LN2, LOG2E
 from globalpool.kernels.huge_pages import empty_huge
 
 __all__ = ["DTYPES", "MAX_KINDS", "backward", "forward"]
@@ -353,7 +354,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
             K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux, long_rows)
         return
     if kind == "lse":
-        rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
+        rl = acc(r * LOG2E)  # the kernels work in base 2 and write the finished result
         atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
@@ -582,7 +583,7 @@ def _backward_nl(g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
         y, yv = None, a[1]
         tv = np.where(np.isfinite(a[0]), a[0], 0.0)  # the maximum the forward's sums used
         mode = K.NL_LSE
-        r = r * K.LOG2E  # the kernel works in base 2
+        r = r * LOG2E  # the kernel works in base 2
     shape = (n, nch, c) if with_p else (1, 1, 1)
     p0 = np.zeros(shape, dtype=acc)
     p1 = np.zeros(shape, dtype=acc)
@@ -613,7 +614,7 @@ def _gem_grad_p(g: np.ndarray, den: np.ndarray, p: float, y: np.ndarray, partial
     mean of z^p is 1, so dy/dp = y * (S1 / (p S0) - log(M) / p^2) becomes y * S1 / (p S0)
     (S0 = sum z^p, S1 = sum z^p log z): no power of an unscaled x, so none overflows."""
     s0 = partials[0].astype(np.float64).sum(1)
-    s1 = partials[1].astype(np.float64).sum(1) * K.LN2  # the kernel sums z^p log2 z
+    s1 = partials[1].astype(np.float64).sum(1) * LN2  # the kernel sums z^p log2 z
     real = (den[:, None] > 0) & (s0 > 0) & np.isfinite(y)
     dydp = np.where(real, y * s1 / (p * np.where(real, s0, 1.0)), 0.0)
     return float((g * dydp).sum())
