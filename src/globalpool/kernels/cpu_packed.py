@@ -10,9 +10,9 @@ Tasks are runs of whole sequences of about equal row counts (``bounds``: task ``
 sequences ``bounds[j]:bounds[j + 1]``), so that sequences of very different lengths still share
 the cores evenly.
 
-The helpers shared with :mod:`globalpool.kernels.cpu_kernels` (conversions, the fast exp, integer
-powers) come from :mod:`globalpool.kernels.cpu_simd`, named in the kernels' ``helpers`` (numba
-caches by source file: see :mod:`globalpool.kernels.launch`); cached the same way
+The helpers shared with :mod:`globalpool.kernels.cpu_kernels` (conversions, the fast exp) come
+from :mod:`globalpool.kernels.cpu_simd`, named in the kernels' ``helpers`` (numba caches by
+source file: see :mod:`globalpool.kernels.launch`); cached the same way
 (:func:`globalpool.kernels.launch.can_cache`); launched through
 :func:`globalpool.kernels.launch.parallel_kernel`, so that a ``fork()``ed child of an OpenMP
 process runs them on its calling thread. ``group`` is the kernel's compile-time mode
