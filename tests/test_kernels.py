@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from globalpool import kernels
-from globalpool.kernels import cpu_kernels, cpu_numba, ops
+from globalpool.kernels import cpu_kernels, cpu_numba, cpu_simd, ops
 from helpers import (
     DTYPES,
     KIND_PARAMS,
@@ -48,6 +48,49 @@ def _check(x, kind, layout, mask, params, *, keepdim=False, grad_seed=3):
     test_functional.py (backend="fused"); this file adds the kernel-specific cases."""
     return check_against_reference(kernels.fused_pool, x, kind, layout, mask, params,
                                    keepdim=keepdim, grad_seed=grad_seed)
+
+
+def test_each_family_serves_the_kinds_its_registry_entries_name():
+    """Which kinds a kernel family serves is declared once, in each kind's registry entry
+    (``kernels``); each family's own table of kinds (grid CPU: its modes, ``cpu_numba.KINDS``;
+    packed CPU: ``cpu_packed.MODES``; CUDA: ``cuda_triton.KIND_CODES``) holds exactly those."""
+    from globalpool import registry
+    from globalpool.kernels import cpu_packed, cuda_triton
+
+    def served(family: str) -> set[str]:
+        return {k for k in registry.kinds() if family in registry.kernels_of(k)}
+
+    assert set(cpu_numba.KINDS) == served("cpu")
+    assert set(cpu_packed.MODES) == served("packed")
+    assert set(cuda_triton.KIND_CODES) == served("cuda")
+    assert set(registry.KERNEL_FAMILIES) == {"cpu", "packed", "cuda"}
+
+
+def test_gem_grad_p_finisher_against_finite_differences():
+    """The one d/dp finisher of the CPU kernels, from the sums over u = max(x, eps) / y, against
+    a central difference of y(p) = (mean max(x, eps)^p)^(1/p) in float64; y rounded to float32
+    (mu != 1) still gives d/dp of the exact y, and empty rows add 0."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.0, 4.0, size=(3, 2, 7))
+    x[0, 0, :3] = 0.0  # below eps
+    eps, p = 1e-6, 2.7
+    z = np.maximum(x, eps)
+
+    def y_of(q):
+        return (z**q).mean(-1) ** (1.0 / q)
+
+    g = rng.normal(size=(3, 2))
+    y = y_of(p).astype(np.float32).astype(np.float64)
+    u = z / y[..., None]
+    s0, s1 = (u**p).sum(-1), (u**p * np.log(u)).sum(-1)
+    got = cpu_numba.gem_grad_p(g, y, np.full(3, 7), p, s0, s1)
+    h = 1e-6
+    want = (g * (y_of(p + h) - y_of(p - h)) / (2 * h)).sum()
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-8)
+    count = np.array([7, 0, 7])  # the middle row empty: its terms drop out
+    got = cpu_numba.gem_grad_p(g, y, count, p, s0, s1)
+    rest = want - (g[1] * (y_of(p + h) - y_of(p - h))[1] / (2 * h)).sum()
+    assert got == pytest.approx(rest, rel=1e-6, abs=1e-8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,7 +150,7 @@ def test_exp2_and_log2_match_numpy_at_ties_and_edges():
     the result), the clamps at -126 / 128, 0, inf and NaN."""
     from numba import njit
 
-    K = cpu_kernels
+    K = cpu_simd
 
     @njit
     def run(u, e_s, e_v, x, l_s, l_v):

@@ -155,3 +155,42 @@ def test_each_piece_of_a_real_kernel_compiles_once(kind, layout, tmp_path):
     main = {k: v for k, v in counts.items() if k != "bwd_tied"}  # bwd_tied: where ties occur
     assert len(main) == 2 and set(main.values()) == {2}, counts  # forward and backward
     assert run == sum(counts.values()), proc.stdout + proc.stderr
+
+
+def test_kernels_are_cached_under_their_helpers_digest(monkeypatch):
+    """numba keys a cached kernel on its own file only: a kernel naming ``helpers`` has their
+    digest in the names it is cached under, so that an edited helper module gives new names
+    (a fresh compile) instead of loading code built against the old helpers."""
+    helpers = (sys.modules[__name__],)  # any module: its digest is stood in for below
+    x = np.array([1.0, 2.0, 3.0])
+    names = []
+    for digest in ("before", "after"):
+        monkeypatch.setattr(launch, "_digest", lambda helpers, d=digest: d if helpers else "")
+        kernel = launch.parallel_kernel(("mode",), helpers=helpers)(_toy)
+        out = np.zeros(3)
+        kernel(x, out, 0, 0.5)
+        np.testing.assert_allclose(out, _expected(x, 0, 0.5))
+        names.append(set(kernel._by_name))
+    assert names[0].isdisjoint(names[1])
+
+
+def test_every_cpu_kernel_names_the_shared_helpers():
+    """Each kernel of the grid and packed families inlines cpu_simd's helpers, so each names it
+    (see above); the serial kernels too, in the name numba caches them under."""
+    from globalpool.kernels import cpu_kernels, cpu_packed, cpu_simd
+
+    parallel = serial = 0
+    for module in (cpu_kernels, cpu_packed):
+        for obj in vars(module).values():
+            if isinstance(obj, launch.ParallelKernel):
+                assert obj._helpers == (cpu_simd,), obj.__name__
+                parallel += 1
+            elif hasattr(obj, "py_func") and obj.py_func.__module__ == module.__name__:
+                if obj.targetoptions.get("inline") == "always":
+                    continue  # a helper, inlined into a kernel (its code is in the kernel's)
+                assert obj.py_func.__qualname__.endswith(
+                    f"__{launch._digest((cpu_simd,))}"
+                ) or not module.CACHE, obj.py_func.__qualname__
+                serial += 1
+    assert parallel >= 13 and serial >= 1
+    assert cpu_simd.CACHE == cpu_kernels.CACHE == cpu_packed.CACHE  # one directory, one verdict

@@ -37,15 +37,19 @@ import torch
 
 from globalpool import reference
 from globalpool.kernels import cpu_kernels as K
+from globalpool.kernels.cpu_simd import LN2, LOG2E
 from globalpool.kernels.huge_pages import empty_huge
 
-__all__ = ["DTYPES", "MAX_KINDS", "backward", "forward"]
+__all__ = ["DTYPES", "KINDS", "MAX_KINDS", "backward", "forward", "gem_grad_p"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_KINDS = frozenset({"max", "avgmax", "catavgmax"})
 _MAX_MODE = {"max": K.MAX_ONLY, "avgmax": K.MAX_AVGMAX, "catavgmax": K.MAX_CAT}
 # sum is the mean kernel with every count 1 (an empty sample's sum is 0 either way)
 _SUM_MODE = {"avg": K.SUM_AVG, "sum": K.SUM_AVG, "gem": K.SUM_GEM, "attention": K.SUM_WEIGHTED}
+#: The kinds these kernels serve (the registry's family "cpu"): the sum and max kernels' modes
+#: and log-sum-exp (its own kernels).
+KINDS = frozenset(_SUM_MODE) | MAX_KINDS | {"lse"}
 _TASKS_PER_THREAD = 4
 _MIN_CHUNK = 256  # positions per chunk of L when the channels-last forward splits L
 _MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
@@ -355,7 +359,7 @@ def _forward(xa, channels_last, kind, mask, p, eps, r, weights, out, aux, need_a
             K.fwd_max_cf(xa, m, ms, _MAX_MODE[kind], den, out, aux, split, need_aux, long_rows)
         return
     if kind == "lse":
-        rl = acc(r * K.LOG2E)  # the kernels work in base 2 and write the finished result
+        rl = acc(r * LOG2E)  # the kernels work in base 2 and write the finished result
         atop, alog = aux.reshape(2, n * c)  # views: the kernels write aux through them
         if channels_last:
             pm, ps = np.empty(part, dtype=acc), np.empty(part, dtype=acc)
@@ -438,8 +442,9 @@ def backward(
             y, parts = _backward_nl(
                 g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch, with_p
             )
-            if with_p:
-                grad_p = torch.tensor(_gem_grad_p(g, den, p, y, parts), dtype=p_dtype)
+            if with_p:  # the kernels sum u^p and u^p log2 u per (n, chunk of L, c)
+                s0, s1 = (part.astype(np.float64).sum(1) for part in parts)
+                grad_p = torch.tensor(gem_grad_p(g, y, den, p, s0, s1 * LN2), dtype=p_dtype)
             return gx, grad_p, grad_w
         gw = _backward_linear(
             g, x, aux, channels_last, kind, m, ms, den, weights, gxa, nch, need_weights, tied
@@ -584,7 +589,7 @@ def _backward_nl(g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
         y, yv = None, a[1]
         tv = np.where(np.isfinite(a[0]), a[0], 0.0)  # the maximum the forward's sums used
         mode = K.NL_LSE
-        r = r * K.LOG2E  # the kernel works in base 2
+        r = r * LOG2E  # the kernel works in base 2
     shape = (n, nch, c) if with_p else (1, 1, 1)
     p0 = np.zeros(shape, dtype=acc)
     p1 = np.zeros(shape, dtype=acc)
@@ -610,12 +615,29 @@ def _backward_nl(g, x, aux, channels_last, kind, m, ms, den, p, eps, r, gxa, nch
     return y, (p0, p1)
 
 
-def _gem_grad_p(g: np.ndarray, den: np.ndarray, p: float, y: np.ndarray, partials) -> float:
-    """d/dp sum(g * y) with y = M^(1/p), M = mean max(x, eps)^p. With z = max(x, eps) / y the
-    mean of z^p is 1, so dy/dp = y * (S1 / (p S0) - log(M) / p^2) becomes y * S1 / (p S0)
-    (S0 = sum z^p, S1 = sum z^p log z): no power of an unscaled x, so none overflows."""
-    s0 = partials[0].astype(np.float64).sum(1)
-    s1 = partials[1].astype(np.float64).sum(1) * K.LN2  # the kernel sums z^p log2 z
-    real = (den[:, None] > 0) & (s0 > 0) & np.isfinite(y)
-    dydp = np.where(real, y * s1 / (p * np.where(real, s0, 1.0)), 0.0)
-    return float((g * dydp).sum())
+def gem_grad_p(
+    g: np.ndarray, y: np.ndarray, count: np.ndarray, p: float, s0: np.ndarray, s1: np.ndarray
+) -> float:
+    """GeM's d/dp of ``sum(g * y)``, finished from the sums the CPU backward kernels (grid and
+    packed) take over each row's real positions: ``s0 = sum u^p`` and ``s1 = sum u^p ln u`` with
+    ``u = max(x, eps) / y``. ``g``, ``y``, ``s0``, ``s1`` are ``(N, C)``, ``count`` ``(N,)`` the
+    real positions per row.
+
+    With ``y = M^(1/p)``, ``M = mean max(x, eps)^p`` and ``mu = s0 / count`` (1 up to the rounding
+    of y), ``dy/dp = y (s1 / (p s0) - ln(mu) / p^2)`` exactly: no power of an unscaled x, so none
+    overflows. Rows that are empty, whose sums vanish or whose y is not finite add 0.
+
+    >>> u = np.array([0.5, 1.5])  # x = (1, 3), p = 1: y = 2
+    >>> round(gem_grad_p(np.ones((1, 1)), np.full((1, 1), 2.0), np.array([2]), 1.0,
+    ...                  np.full((1, 1), u.sum()), np.full((1, 1), (u * np.log(u)).sum())), 6)
+    0.261624
+    """
+    k = np.asarray(count, dtype=np.float64).reshape(-1, 1)
+    y = np.asarray(y, dtype=np.float64)
+    s0, s1 = np.asarray(s0, dtype=np.float64), np.asarray(s1, dtype=np.float64)
+    p = float(p)
+    real = (k > 0) & (s0 > 0) & np.isfinite(y)
+    with np.errstate(all="ignore"):
+        mu = s0 / np.where(k > 0, k, 1.0)
+        dydp = y * (s1 / np.where(real, s0, 1.0) / p - np.log(np.where(real, mu, 1.0)) / p**2)
+    return float((g * np.where(real, dydp, 0.0)).sum())

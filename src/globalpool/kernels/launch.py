@@ -13,7 +13,10 @@ that two Python threads never launch at once.
 Caching. Kernels are cached on disk by numba (``__pycache__`` beside the source, else the
 user's cache directory, or ``NUMBA_CACHE_DIR``). Where none is writable (a read-only install
 in a container, ``HOME`` unset), :func:`can_cache` says so once with a warning and the kernels
-are compiled in memory on every run.
+are compiled in memory on every run. numba keys a cached function on its own file only, not on
+the helpers and intrinsics it inlines from other files: a kernel names those files' modules in
+``helpers`` (:func:`parallel_kernel`, :func:`serial_kernel`), and a digest of their source is
+part of the name it is cached under, so that editing a helper recompiles the kernels using it.
 
 Compile-time modes. :func:`parallel_kernel` compiles a kernel with ``modal`` arguments (a
 ``mode`` number, a ``need_aux`` flag) once per value of them, on first use of that value: the
@@ -49,6 +52,7 @@ import textwrap
 import threading
 import warnings
 from collections.abc import Callable
+from types import FunctionType, ModuleType
 from typing import Any
 
 import numba
@@ -60,7 +64,10 @@ from numba.core import cgutils
 from numba.core.typing.typeof import Purpose, typeof
 from numba.extending import intrinsic
 
-__all__ = ["LAUNCH_LOCK", "cache_dir", "can_cache", "layer_info", "parallel_kernel", "serial"]
+__all__ = [
+    "LAUNCH_LOCK", "cache_dir", "can_cache", "layer_info", "parallel_kernel", "serial",
+    "serial_kernel",
+]
 
 LAUNCH_LOCK = threading.RLock()
 # parts: how many slices each parallel loop is cut into (numba's pool size; 1 where kernels run
@@ -126,8 +133,15 @@ def _launch_guard() -> contextlib.AbstractContextManager:
 # caching
 
 
+_cacheable: dict[str, bool] = {}  # directory of a probed file -> whether numba caches there
+
+
 def can_cache(probe: Callable) -> bool:
-    """Whether numba can cache functions of ``probe``'s source file; warns once if not."""
+    """Whether numba can cache functions of ``probe``'s source file; warns once if not (once
+    per directory: numba's cache locators decide by the file's directory)."""
+    where = os.path.dirname(os.path.abspath(inspect.getfile(probe)))
+    if where in _cacheable:
+        return _cacheable[where]
     try:
         from numba.core.caching import FunctionCache
 
@@ -141,7 +155,9 @@ def can_cache(probe: Callable) -> bool:
             RuntimeWarning,
             stacklevel=2,
         )
+        _cacheable[where] = False
         return False
+    _cacheable[where] = True
     return True
 
 
@@ -274,6 +290,15 @@ def _stamp() -> str:
     return hashlib.sha1(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:8]
 
 
+@functools.cache
+def _digest(helpers: tuple[ModuleType, ...]) -> str:
+    """A digest of the source of the modules in ``helpers`` ("" for none)."""
+    if not helpers:
+        return ""
+    sources = "\0".join(inspect.getsource(m) for m in helpers)
+    return hashlib.sha1(sources.encode()).hexdigest()[:8]
+
+
 class ParallelKernel:
     """A kernel whose ``prange`` loops run on numba's thread pool, compiled as a body (see
     above) per value of its ``modal`` arguments and argument types; launched by :func:`_run`
@@ -284,10 +309,16 @@ class ParallelKernel:
     """
 
     def __init__(
-        self, fn: Callable, options: dict[str, Any], modal: tuple[str, ...], noalias: bool
+        self,
+        fn: Callable,
+        options: dict[str, Any],
+        modal: tuple[str, ...],
+        noalias: bool,
+        helpers: tuple[ModuleType, ...] = (),
     ) -> None:
         self.py_func = fn
         self._noalias = noalias
+        self._helpers = tuple(helpers)
         self.__name__ = fn.__name__
         self.__qualname__ = fn.__qualname__
         self.__doc__ = fn.__doc__
@@ -328,7 +359,8 @@ class ParallelKernel:
             self._run, launcher = _runner(bool(self._options.get("cache")))
             self._launcher = launcher.address
         argtypes = types.Tuple([typeof(a, Purpose.argument) for a in free])
-        digest = hashlib.sha1(f"{_stamp()} {argtypes}".encode()).hexdigest()[:12]
+        stamp = f"{_stamp()} {_digest(self._helpers)} {argtypes}"
+        digest = hashlib.sha1(stamp.encode()).hexdigest()[:12]
         name = f"{self.__name__}__{self._tag(key)}__body_{digest}"
         found = self._by_name.get(name)
         if found is None:
@@ -525,13 +557,34 @@ def _constant(v: Any) -> bool | int:
 
 
 def parallel_kernel(
-    modal: tuple[str, ...] = ("mode",), noalias: bool = False, **options: Any
+    modal: tuple[str, ...] = ("mode",),
+    noalias: bool = False,
+    helpers: tuple[ModuleType, ...] = (),
+    **options: Any,
 ) -> Callable:
     """Decorator: ``fn`` as a :class:`ParallelKernel` compiled with ``options`` (numba's, as
     for ``njit``; ``parallel`` is implied). With ``noalias`` its arrays are promised not to
-    overlap (faster code for some loops that store, compiled in about 0.3 s more)."""
+    overlap (faster code for some loops that store, compiled in about 0.3 s more). ``helpers``:
+    the modules, other than ``fn``'s own, whose jitted helpers it inlines (their digest is in
+    the names it is cached under)."""
 
     def wrap(fn: Callable) -> ParallelKernel:
-        return ParallelKernel(fn, options, modal, noalias)
+        return ParallelKernel(fn, options, modal, noalias, helpers)
+
+    return wrap
+
+
+def serial_kernel(helpers: tuple[ModuleType, ...] = (), **options: Any) -> Callable:
+    """Decorator: ``fn`` compiled by ``njit(**options)``, run on the calling thread, cached
+    under its name with the digest of ``helpers`` (see :func:`parallel_kernel`) appended."""
+
+    def wrap(fn: Callable) -> Any:
+        if not helpers or not options.get("cache"):
+            return njit(**options)(fn)
+        named = FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+        named.__qualname__ = f"{fn.__qualname__}__{_digest(tuple(helpers))}"
+        named.__doc__, named.__module__ = fn.__doc__, fn.__module__
+        return njit(**options)(named)
 
     return wrap
