@@ -243,6 +243,7 @@ def _fused_backward(
 ) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
     from globalpool.kernels import cpu_packed as K
     from globalpool.kernels.cpu_numba import _np as _np_raw
+    from globalpool.kernels.cpu_numba import gem_grad_p
 
     acc = st.acc
     n, c = st.cu.shape[0] - 1, x.shape[1]
@@ -257,21 +258,8 @@ def _fused_backward(
     p1 = np.empty_like(p0)
     K.backward(ga, xa, st.cu, st.bounds, st.w, st.group, st.mode, st.p, st.ip, st.eps, st.r,
                st.out, st.A, st.B, st.cnt, st.wsum, _np_raw(gx), gw, p0, p1, need_p, need_w)
-    grad_p = _gem_grad_p(ga, st, p0, p1) if need_p else None
+    grad_p = gem_grad_p(ga, st.out, np.diff(st.cu), st.p, p0, p1) if need_p else None
     return gx, grad_p, (gw if need_w else None)
-
-
-def _gem_grad_p(g: np.ndarray, st: _State, s0: np.ndarray, s1: np.ndarray) -> float:
-    """d/dp sum(g y) with y = (mean z^p)^(1/p): with u = z / y and mu = mean u^p (1 up to
-    rounding), dy/dp = y (mean(u^p log u) / (p mu) - log(mu) / p^2); no power of an unscaled z."""
-    k = np.diff(st.cu).astype(np.float64)[:, None]
-    y, p = st.out.astype(np.float64), float(st.p)
-    s0, s1 = s0.astype(np.float64), s1.astype(np.float64)
-    real = (k > 0) & (s0 > 0) & np.isfinite(y)
-    with np.errstate(all="ignore"):
-        mu = s0 / np.where(k > 0, k, 1.0)
-        dydp = y * (s1 / np.where(real, s0, 1.0) / p - np.log(np.where(real, mu, 1.0)) / p**2)
-    return float((g * np.where(real, dydp, 0.0)).sum())
 
 
 def _seq_ids(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
