@@ -173,6 +173,20 @@ def _no_kernel(fused: bool, kind: str, reason: str) -> Plan:
     return Plan("compose", reason)
 
 
+def _before_kernels(backend: Any, x: Tensor) -> tuple[bool, Plan | None]:
+    """What every plan settles before asking the kernels: whether ``backend`` is ``"fused"``,
+    and the composition's plan where it needs no kernel question (``"torch"``, a recording
+    exporter, an input below the size threshold under ``auto``), else None."""
+    if backend == "torch":
+        return False, TORCH
+    fused = _parse(backend)
+    if deploying():
+        return fused, DEPLOY
+    if not fused and x.numel() < FUSED_MIN_ELEMENTS:
+        return fused, SMALL
+    return fused, None
+
+
 def _parse(backend: Any) -> bool:
     """True for ``"fused"``, False for ``"auto"``; raises for an unknown backend."""
     if backend == "auto":
@@ -199,13 +213,9 @@ def plan(
     :data:`CUDA_VERIFIED`. Raises ValueError for an unknown backend, and under ``fused`` where
     no kernel can serve the call (see the module docstring).
     """
-    if backend == "torch":
-        return TORCH
-    fused = _parse(backend)
-    if deploying():
-        return DEPLOY
-    if not fused and x.numel() < FUSED_MIN_ELEMENTS:
-        return SMALL
+    fused, early = _before_kernels(backend, x)
+    if early is not None:
+        return early
     why = _kernels.unsupported(x, kind, params)
     if why is not None:
         return _no_kernel(fused, kind, why)
@@ -248,13 +258,9 @@ def plan_packed(backend: str, x: Tensor, kind: str, params: dict[str, Any] = _NO
     As :func:`plan`, and: inside ``torch.compile`` ``auto`` keeps the composition (the kernel
     would run outside the graph) while ``fused`` runs the kernel there, eagerly.
     """
-    if backend == "torch":
-        return TORCH
-    fused = _parse(backend)
-    if deploying():
-        return DEPLOY
-    if not fused and x.numel() < FUSED_MIN_ELEMENTS:
-        return SMALL
+    fused, early = _before_kernels(backend, x)
+    if early is not None:
+        return early
     why = _kernels.unsupported(x, kind, params, family="packed")
     if why is not None:
         return _no_kernel(fused, kind, why)
