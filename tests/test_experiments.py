@@ -78,6 +78,63 @@ def test_parse_heads_and_sizes():
         parse_train_sizes("100,-3")
 
 
+LEARNED = ("map", "simpool", "clip")
+
+
+def test_learned_pool_heads_are_opt_in():
+    from globalpool.learned_pools import LEARNED_POOLS
+
+    assert set(LEARNED) == set(LEARNED_POOLS)
+    assert not set(LEARNED) & set(parse_heads("all"))  # the default run keeps its heads
+    assert parse_heads("avg,map,simpool,clip,map") == ["avg", "map", "simpool", "clip"]
+    with pytest.raises(ValueError, match="unknown head 'median'.*map, simpool, clip"):
+        parse_heads("map,median")
+
+
+@pytest.mark.parametrize(
+    ("model", "size"), [("cnn1d", (40,)), ("cnn2d", (24, 24)), ("multiscale", (40,))]
+)
+@pytest.mark.parametrize("head", LEARNED)
+def test_learned_pool_heads_build_and_train_a_step(model, size, head):
+    import torch
+
+    from globalpool.lab.models import build_model, count_parameters
+
+    torch.manual_seed(0)
+    net = build_model(model, head, 10, in_channels=1, spatial_size=size, backend="torch")
+    base = build_model(model, "avg", 10, in_channels=1, spatial_size=size, backend="torch")
+    assert net.head_name == head and count_parameters(net) > count_parameters(base)
+    assert net.fixed_input_size == (head == "clip")  # clip's positional table has one size
+    x, y = torch.randn(4, 1, *size), torch.randint(0, 10, (4,))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    moved = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("head") for n in moved), moved  # the pool's weights train
+
+
+def test_unknown_head_is_still_a_clear_model_error():
+    from globalpool.lab.models import build_model
+
+    with pytest.raises(ValueError, match=r"head must be one of .*clip; got 'median'"):
+        build_model("cnn1d", "median", 10, in_channels=1, spatial_size=(40,))
+    with pytest.raises(ValueError, match=r"head must be one of .*clip; got 'median'"):
+        build_model("multiscale", "median", 10, in_channels=1, spatial_size=(40,))
+
+
+def test_compare_runs_the_learned_pool_heads(tmp_path):
+    args = ["--train-sizes", "200", "--epochs", "1", "--heads", "avg,map,simpool,clip"]
+    result = invoke(*args, "--seeds", "1", "--out", str(tmp_path), *SEQUENTIAL)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["head"] for r in rows] == ["avg", *LEARNED]
+    for row in rows:
+        assert row["accuracy"]["mean"] > 0.1, row  # trained past chance on 10 classes
+
+
 # --- store ------------------------------------------------------------------------------------
 
 

@@ -50,11 +50,18 @@ class Interrupted(KeyboardInterrupt):
 def parse_heads(text: str) -> list[str]:
     """``"all"`` or a comma list of head names, validated and de-duplicated.
 
+    ``all`` is :data:`globalpool.HEADS`; the learned attention pools (``map``, ``simpool``,
+    ``clip``: :data:`~globalpool.lab.models.base.LAB_HEADS`) run only when named.
+
     >>> parse_heads("avg, gem,avg")
     ['avg', 'gem']
+    >>> parse_heads("avg,map,simpool,clip")
+    ['avg', 'map', 'simpool', 'clip']
     """
     from globalpool import HEADS
+    from globalpool.lab.models.base import LAB_HEADS
 
+    expected = f"expected 'all' or some of: {', '.join(LAB_HEADS)}"
     if text.strip().lower() == "all":
         return list(HEADS)
     heads: list[str] = []
@@ -62,14 +69,12 @@ def parse_heads(text: str) -> list[str]:
         name = item.strip().lower()
         if not name:
             continue
-        if name not in HEADS:
-            raise CompareError(
-                f"unknown head {name!r}; expected 'all' or some of: {', '.join(HEADS)}", "--heads"
-            )
+        if name not in LAB_HEADS:
+            raise CompareError(f"unknown head {name!r}; {expected}", "--heads")
         if name not in heads:
             heads.append(name)
     if not heads:
-        raise CompareError(f"empty; expected 'all' or some of: {', '.join(HEADS)}", "--heads")
+        raise CompareError(f"empty; {expected}", "--heads")
     return heads
 
 
@@ -150,7 +155,11 @@ def compare(
         ),
     ] = "mnist1d",
     heads: Annotated[
-        str, typer.Option(help="Comma list of heads (fc, avg, max, ..., nin) or 'all'.")
+        str,
+        typer.Option(
+            help="Comma list of heads (fc, avg, max, ..., nin) or 'all'; the learned attention "
+            "pools map, simpool and clip run only when named."
+        ),
     ] = "all",
     seeds: Annotated[int, typer.Option(help="Seeds per head (seeds 0 .. N-1).")] = 3,
     epochs: Annotated[

@@ -22,6 +22,7 @@ from typing import Any
 
 from globalpool import HEADS
 from globalpool.lab.experiments.monitoring import head_summary
+from globalpool.learned_pools import LEARNED_POOLS
 
 METRICS = (("dead_fraction", "dead-channel fraction"), ("std", "pooled-feature std"))
 
@@ -51,7 +52,7 @@ def monitor_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, lis
             )
             for metric, _ in METRICS:
                 cell[metric].append(summary[metric])
-    order = {h: i for i, h in enumerate(HEADS)}
+    order = {h: i for i, h in enumerate((*HEADS, *LEARNED_POOLS))}
     curves = {}
     for head in sorted(by_head, key=lambda h: (order.get(h, 99), h)):
         epochs = sorted(by_head[head])

@@ -30,6 +30,7 @@ from globalpool.lab.experiments.plots import CLIP_NOTE, plot_accuracy, plot_swee
 from globalpool.lab.experiments.ranking import winner
 from globalpool.lab.experiments.results import atomic_write
 from globalpool.lab.experiments.stats import mean_ci
+from globalpool.learned_pools import LEARNED_POOLS
 
 MEMORY_NOTES = {
     "tensor-peak-cpu": "peak bytes of live tensors in a training step (parameters, optimiser "
@@ -76,7 +77,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for rec in records:
         groups.setdefault((int(rec["train_size"]), rec["spec"]["head"]), []).append(rec)
-    order = {h: i for i, h in enumerate(HEADS)}
+    order = {h: i for i, h in enumerate((*HEADS, *LEARNED_POOLS))}
     names = test_set_names(records)
     rows = []
     for (size, head), recs in sorted(

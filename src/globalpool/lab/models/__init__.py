@@ -1,4 +1,5 @@
-"""Models for ``globalpool compare``; each takes ``head=`` by name (one of ``globalpool.HEADS``).
+"""Models for ``globalpool compare``; each takes ``head=`` by name (one of
+``globalpool.HEADS`` or a learned attention pool, ``map``/``simpool``/``clip``: ``base.LAB_HEADS``).
 
 >>> import torch
 >>> from globalpool.lab.models import build_model

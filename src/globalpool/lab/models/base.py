@@ -15,13 +15,43 @@ import torch
 from torch import nn
 
 from globalpool import HEADS, make_head
+from globalpool.learned_pools import LEARNED_POOLS
+
+#: Heads the lab's models build: :data:`globalpool.HEADS` (``compare``'s default list), then the
+#: learned attention pools of :data:`globalpool.learned_pools.LEARNED_POOLS` (``map``,
+#: ``simpool``, ``clip``), which ``compare`` runs only when named in ``--heads``.
+LAB_HEADS: tuple[str, ...] = (*HEADS, *LEARNED_POOLS)
 
 
 def check_head(head: Any) -> str:
-    """Return ``head`` if it names a head in :data:`globalpool.HEADS`, else raise ``ValueError``."""
-    if not isinstance(head, str) or head not in HEADS:
-        raise ValueError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
+    """Return ``head`` if it names a head in :data:`LAB_HEADS`, else raise ``ValueError``.
+
+    >>> check_head("simpool")
+    'simpool'
+    """
+    if not isinstance(head, str) or head not in LAB_HEADS:
+        raise ValueError(f"head must be one of {', '.join(LAB_HEADS)}; got {head!r}")
     return head
+
+
+#: Learned pools that split channels over attention heads (``num_heads`` must divide ``C``).
+_MULTIHEAD_POOLS = ("map", "clip")
+
+
+def learned_pool_kwargs(head: str, channels: int, head_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``head_kwargs`` with a ``num_heads`` that divides ``channels`` for ``map``/``clip`` when
+    none is given: the largest divisor of ``channels`` up to 8 (the pools' default of 8 does not
+    divide the widths of every lab backbone, e.g. the MNIST-1D CNN's 25 channels).
+
+    >>> learned_pool_kwargs("map", 25, {})
+    {'num_heads': 5}
+    >>> learned_pool_kwargs("clip", 64, {}), learned_pool_kwargs("avg", 25, {})
+    ({'num_heads': 8}, {})
+    """
+    if head not in _MULTIHEAD_POOLS or "num_heads" in head_kwargs:
+        return dict(head_kwargs)
+    heads = max(d for d in range(1, 9) if channels % d == 0)
+    return {**head_kwargs, "num_heads": heads}
 
 
 def check_spatial_size(spatial_size: Any, rank: int | None = None) -> tuple[int, ...]:
@@ -86,13 +116,14 @@ class HeadedNet(nn.Module):
             self.feature_shape[0],
             num_classes,
             spatial_size=self.feature_shape[1:],
-            **head_kwargs,
+            **learned_pool_kwargs(head, self.feature_shape[0], head_kwargs),
         )
 
     @property
     def fixed_input_size(self) -> bool:
-        """True when the head only accepts the spatial size the model was built for."""
-        return self.head_name == "fc"
+        """True when the head only accepts the spatial size the model was built for: ``fc``
+        (flatten) and ``clip`` (a positional table learned at the feature map's size)."""
+        return self.head_name in ("fc", "clip")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map ``(N, C, *S)``."""

@@ -6,7 +6,9 @@ Each stage halves the spatial size (after the first) and doubles the channels. T
 - a pooling kind (``avg`` ... ``attention``): one pooling module per stage, the pooled vectors
   concatenated (width ``sum`` of each stage's pool width), dropout, then one ``Linear``;
 - ``fc``: every stage flattened and concatenated, then a hidden FC layer and the class layer;
-- ``nin``: a 1x1 class-map convolution per stage, averaged globally, the logits summed.
+- ``nin``: a 1x1 class-map convolution per stage, averaged globally, the logits summed;
+- a learned attention pool (``map``, ``simpool``, ``clip``): one per stage, joined as a
+  pooling kind (``clip`` learns its positional table at each stage's size).
 
 Works for 1, 2 or 3 spatial dims (the rank of ``spatial_size``).
 
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from globalpool import KINDS, NiNHead, make_pool
-from globalpool.lab.models.base import check_head, check_spatial_size
+from globalpool.lab.models.base import check_head, check_spatial_size, learned_pool_kwargs
+from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -61,8 +64,20 @@ class MultiScaleHead(nn.Module):
         self.shapes = [tuple(s) for s in shapes]
         channels = [s[0] for s in self.shapes]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if head in KINDS:
-            self.pools = nn.ModuleList(make_pool(head, c, **pool_params) for c in channels)
+        if head in KINDS or head in LEARNED_POOLS:
+            if head in KINDS:
+                pools = [make_pool(head, c, **pool_params) for c in channels]
+            else:  # learned modules take no backend (they have no fused kernels)
+                params = {k: v for k, v in pool_params.items() if k != "backend"}
+                pools = [
+                    make_learned_pool(
+                        head, s[0], "channels_first",
+                        {**learned_pool_kwargs(head, s[0], params),
+                         **({"spatial_size": s[1:]} if head == "clip" else {})},
+                    )
+                    for s in self.shapes
+                ]
+            self.pools = nn.ModuleList(pools)
             self.feature_width = sum(
                 p.output_width(c) for p, c in zip(self.pools, channels, strict=True)
             )
@@ -77,7 +92,7 @@ class MultiScaleHead(nn.Module):
             self.nin = nn.ModuleList(NiNHead(c, num_classes, backend=backend) for c in channels)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        if self.name in KINDS:
+        if self.name in KINDS or self.name in LEARNED_POOLS:
             pooled = torch.cat([pool(f) for pool, f in zip(self.pools, maps, strict=True)], dim=1)
             return self.fc(self.dropout(pooled))
         if self.name == "fc":
@@ -134,8 +149,9 @@ class MultiScaleNet(nn.Module):
 
     @property
     def fixed_input_size(self) -> bool:
-        """True when the head only accepts the spatial size the model was built for."""
-        return self.head_name == "fc"
+        """True when the head only accepts the spatial size the model was built for: ``fc`` and
+        ``clip`` (positional tables learned at each stage's size)."""
+        return self.head_name in ("fc", "clip")
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map after each stage, finest first."""

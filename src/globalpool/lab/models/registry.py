@@ -65,9 +65,10 @@ def build_model(
     """Build a model (``cnn1d``, ``cnn2d``, ``resnet18``, ``resnet18-w16``, ``multiscale``) or a
     dataset's default.
 
-    ``head`` is one of :data:`globalpool.HEADS`; ``spatial_size`` is the training input size
-    (the flatten-FC head is sized from it). ``kwargs`` go to the model (``width``, ``hidden``,
-    ``dropout`` ...). Every model has ``head_name`` and ``fixed_input_size``.
+    ``head`` is one of :data:`~globalpool.lab.models.base.LAB_HEADS` (:data:`globalpool.HEADS`
+    or a learned attention pool ``map``/``simpool``/``clip``); ``spatial_size`` is the training
+    input size (the flatten-FC head is sized from it). ``kwargs`` go to the model (``width``,
+    ``hidden``, ``dropout`` ...). Every model has ``head_name`` and ``fixed_input_size``.
     """
     cls = MODELS[resolve_model_name(name_or_dataset)]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
