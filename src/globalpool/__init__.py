@@ -28,6 +28,7 @@ from globalpool.layers import (
     LSEPool,
     make_pool,
 )
+from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
 from globalpool.registry import KINDS, KindSpec, Param, register_kind, unregister_kind
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HEADS",
     "KINDS",
+    "LEARNED_POOLS",
     "KindSpec",
     "Param",
     "AdaptivePool",
@@ -56,6 +58,7 @@ __all__ = [
     "cam",
     "class_activation_maps",
     "make_head",
+    "make_learned_pool",
     "make_pool",
     "monitor",
     "output_width",

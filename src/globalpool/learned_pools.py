@@ -54,6 +54,11 @@ def make_learned_pool(
 
     Returns:
         The module; ``module.output_width(channels)`` is its pooled width.
+
+    >>> import torch, globalpool as gp
+    >>> pool = gp.make_learned_pool("simpool", 16, "channels_first", {})
+    >>> pool(torch.randn(2, 16, 5, 5)).shape
+    torch.Size([2, 16])
     """
     cls = LEARNED_POOLS[name]
     takes = _arguments(cls)

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from globalpool import HEADS
+from globalpool import HEADS, LEARNED_POOLS
 from globalpool.lab.experiments.monitoring import head_summary
-from globalpool.learned_pools import LEARNED_POOLS
 
 METRICS = (("dead_fraction", "dead-channel fraction"), ("std", "pooled-feature std"))
 

@@ -23,14 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from globalpool import HEADS
+from globalpool import HEADS, LEARNED_POOLS
 from globalpool.lab.experiments.labels import labels_of, ordered
 from globalpool.lab.experiments.monitor_plot import monitor_markdown, plot_monitor
 from globalpool.lab.experiments.plots import CLIP_NOTE, plot_accuracy, plot_sweep
 from globalpool.lab.experiments.ranking import winner
 from globalpool.lab.experiments.results import atomic_write
 from globalpool.lab.experiments.stats import mean_ci
-from globalpool.learned_pools import LEARNED_POOLS
 
 MEMORY_NOTES = {
     "tensor-peak-cpu": "peak bytes of live tensors in a training step (parameters, optimiser "

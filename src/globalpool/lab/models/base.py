@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool import HEADS, make_head
-from globalpool.learned_pools import LEARNED_POOLS
+from globalpool import HEADS, LEARNED_POOLS, make_head
 
 #: Heads the lab's models build: :data:`globalpool.HEADS` (``compare``'s default list), then the
-#: learned attention pools of :data:`globalpool.learned_pools.LEARNED_POOLS` (``map``,
+#: learned attention pools of :data:`globalpool.LEARNED_POOLS` (``map``,
 #: ``simpool``, ``clip``), which ``compare`` runs only when named in ``--heads``.
 LAB_HEADS: tuple[str, ...] = (*HEADS, *LEARNED_POOLS)
 

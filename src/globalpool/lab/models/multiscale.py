@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from globalpool import KINDS, NiNHead, make_pool
+from globalpool import KINDS, LEARNED_POOLS, NiNHead, make_learned_pool, make_pool
 from globalpool.lab.models.base import check_head, check_spatial_size, learned_pool_kwargs
-from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
