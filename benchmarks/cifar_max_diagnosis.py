@@ -53,33 +53,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import globalpool as gp
-
-try:  # the lab modules are moving under globalpool.lab
-    from globalpool.lab.data import load_dataset  # type: ignore[import-not-found]
-    from globalpool.lab.experiments.provenance import weights_digest  # type: ignore
-    from globalpool.lab.experiments.runner import (  # type: ignore[import-not-found]
-        _warm_up,
-        count_correct,
-        crop_flip,
-        lr_factor,
-        precision_context,
-        seed_everything,
-        to_layout,
-    )
-    from globalpool.lab.models import build_model  # type: ignore[import-not-found]
-except ImportError:
-    from globalpool.data import load_dataset
-    from globalpool.experiments.provenance import weights_digest
-    from globalpool.experiments.runner import (
-        _warm_up,
-        count_correct,
-        crop_flip,
-        lr_factor,
-        precision_context,
-        seed_everything,
-        to_layout,
-    )
-    from globalpool.models import build_model
+from globalpool.lab.data import load_dataset
+from globalpool.lab.experiments.provenance import weights_digest
+from globalpool.lab.experiments.runner import (
+    _warm_up,
+    count_correct,
+    crop_flip,
+    lr_factor,
+    precision_context,
+    seed_everything,
+    to_layout,
+)
+from globalpool.lab.models import build_model
 
 DATA = "folder:/work/shared/data/cifar10-jpeg.tar.gz"
 

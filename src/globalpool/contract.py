@@ -211,13 +211,7 @@ def check_param_value(kind: str, name: str, value: Any) -> None:
         )
         return
     if isinstance(value, torch.Tensor) and readable(value).ndim:  # a batch of values (vmap)
-        v = readable(value).flatten()
-        bad = ~(torch.isfinite(v) & q.tensor_in_range(v))
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name} for kind {kind!r} must be finite and {q.expected}, got "
-                f"{float(v[int(bad.nonzero()[0, 0])])} in the batch of values vmap passes"
-            )
+        _check_channel_values(kind, name, value, batched=True)
         return
     v = _as_float(value)
     if not abs(v) < math.inf:  # not math.isfinite: torch.compile(dynamic=True) makes v symbolic
@@ -351,8 +345,11 @@ def check_channel_param(
     _check_channel_values(kind, name, value)
 
 
-def _check_channel_values(kind: str, name: str, value: torch.Tensor) -> None:
-    """A per-channel tensor's dtype, and (eager) every value finite and in range."""
+def _check_channel_values(
+    kind: str, name: str, value: torch.Tensor, batched: bool = False
+) -> None:
+    """A per-channel tensor's dtype, and (eager) every value finite and in range. ``batched``:
+    the values are the batch ``vmap`` passes for a scalar, said so in the error."""
     if not value.is_floating_point():
         raise TypeError(
             f"{name} for kind {kind!r} must be a floating tensor, got dtype {value.dtype}"
@@ -369,9 +366,11 @@ def _check_channel_values(kind: str, name: str, value: torch.Tensor) -> None:
     bad = ~(torch.isfinite(v) & q.tensor_in_range(v))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
+        where = "in the batch of values vmap passes" if batched else f"at channel {i}"
+        every = "" if batched else " in every channel"
         raise ValueError(
-            f"{name} for kind {kind!r} must be finite and {q.expected} in every channel, got "
-            f"{float(v[i])} at channel {i}"
+            f"{name} for kind {kind!r} must be finite and {q.expected}{every}, got "
+            f"{float(v[i])} {where}"
         )
 
 

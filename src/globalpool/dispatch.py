@@ -166,7 +166,7 @@ def _refuse(reason: str) -> ValueError:
     )
 
 
-def _no_kernel(fused: bool, kind: str, reason: str) -> Plan:
+def _no_kernel(fused: bool, reason: str) -> Plan:
     """The composition for ``reason``; under ``backend="fused"`` a refusal that says why."""
     if fused:
         raise _refuse(reason)
@@ -218,15 +218,15 @@ def plan(
         return early
     why = _kernels.unsupported(x, kind, params)
     if why is not None:
-        return _no_kernel(fused, kind, why)
+        return _no_kernel(fused, why)
     if torch.compiler.is_compiling():
         if _param_grad_in_graph(params):
-            return _no_kernel(fused, kind, GRAPH_PARAM_GRAD)
+            return _no_kernel(fused, GRAPH_PARAM_GRAD)
         mode = "graph"
     else:
         why = unsupported_mode(x, mask, params)
         if why is not None:
-            return _no_kernel(fused, kind, why)
+            return _no_kernel(fused, why)
         mode = "grad" if needs_grad(x, params) else "inference"
     if x.is_cpu:  # not x.device: building a device object costs ~20 us with cold caches
         if fused:
@@ -263,13 +263,13 @@ def plan_packed(backend: str, x: Tensor, kind: str, params: dict[str, Any] = _NO
         return early
     why = _kernels.unsupported(x, kind, params, family="packed")
     if why is not None:
-        return _no_kernel(fused, kind, why)
+        return _no_kernel(fused, why)
     if torch.compiler.is_compiling():
         if not fused:
             return PACKED_IN_GRAPH
     else:
         why = unsupported_mode(x, None, params)
         if why is not None:
-            return _no_kernel(fused, kind, why)
+            return _no_kernel(fused, why)
     mode = "grad" if needs_grad(x, params) else "inference"
     return (_PACKED_FUSED if fused else _PACKED_AUTO)[mode]

@@ -20,15 +20,13 @@ from typing import Any
 
 import torch
 
-from globalpool import registry
 from globalpool.functional import pool
+from globalpool.kernels import served
 
 __all__ = ["DTYPES", "FUSED_KINDS", "LAYOUTS", "cache_location", "threading_layer", "warmup"]
 
-#: The kinds with a fused CPU grid kernel (from the registry: ``"cpu"`` among their kernels).
-FUSED_KINDS: tuple[str, ...] = tuple(
-    k for k in registry.kinds() if "cpu" in registry.kernels_of(k)
-)
+#: The kinds with a fused CPU grid kernel (the registry's ``"cpu"`` family).
+FUSED_KINDS: tuple[str, ...] = served("cpu")
 
 LAYOUTS = ("channels_first", "channels_last")
 #: The dtypes the fused CPU kernels take.
