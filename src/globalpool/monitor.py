@@ -40,10 +40,22 @@ module registered under several names is recorded once, under its first name):
   uniform, 0 = one position), averaged over the samples with more than one real position.
   It comes from a hook on the module's scorer (``score``), whose output ``z`` gives the weights
   ``w = sigmoid(z)``: nothing is recomputed and ``AttentionPool`` stores nothing.
+- for the query-based attention pools (:class:`LatentAttentionPool`, :class:`SimPool`,
+  :class:`CLIPAttentionPool`), the normalised entropy of each query's attention distribution
+  ``a = softmax(q kᵀ / √d)`` over the keys it may attend to: ``-sum a log a / log n`` with ``n``
+  the sample's real positions (plus CLIP's mean token, which is a key too; 1 = uniform, 0 = one
+  position), for each head and each latent query, averaged over the samples (and calls) with a
+  real position and ``n > 1``. ``attention_entropy_heads`` lists one value per head (averaged
+  over the latent queries), ``attention_entropy`` is their mean (the table's column), and a
+  :class:`LatentAttentionPool` with ``latent_len > 1`` adds ``attention_entropy_latents``, one
+  list of per-head values per latent query. The probabilities are those of the pool's own
+  forward (:func:`globalpool.attention.query.recording_attention`, open only during a
+  monitored call): nothing is recomputed outside the pool, and the forward's result is unchanged.
 
 Recognised modules (:data:`POOL_TYPES`): globalpool's :class:`GlobalPool` (every kind,
-``lse`` included), :class:`GeM`, :class:`AttentionPool`, :class:`AdaptivePool` and
-:class:`NiNHead` (whose output is the global average of its class maps), and torch's
+``lse`` included), :class:`GeM`, :class:`AttentionPool`, :class:`AdaptivePool`,
+:class:`NiNHead` (whose output is the global average of its class maps) and the query-based
+attention pools (a ``(N, latent_len, C)`` output counts ``C`` channels), and torch's
 ``nn.AdaptiveAvgPool1/2/3d`` and ``nn.AdaptiveMaxPool1/2/3d``. A model with none of them
 (after ``include``) is refused with a ``ValueError``: monitoring nothing is a mistake.
 
@@ -83,9 +95,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from globalpool import registry
-from globalpool.contract import kinds_of
+from globalpool.attention import QUERY_POOLS, LatentAttentionPool
+from globalpool.attention.query import start_recording, stop_recording
+from globalpool.contract import kinds_of, spatial_shape
 from globalpool.heads import TORCH_ADAPTIVE_POOLS, NiNHead
 from globalpool.layers import AdaptivePool, AttentionPool, GeM, GlobalPool, LSEPool
+from globalpool.learned_pools import LEARNED_POOLS
 
 #: Module types :func:`monitor` records.
 POOL_TYPES: tuple[type[nn.Module], ...] = (
@@ -95,8 +110,11 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     AttentionPool,
     AdaptivePool,
     NiNHead,
+    *QUERY_POOLS,
     *TORCH_ADAPTIVE_POOLS,
 )
+#: The name of each query-based attention pool (its ``kind`` in a record).
+_QUERY_NAMES = {cls: name for name, cls in LEARNED_POOLS.items()}
 #: At most this many calls' pooled outputs are kept before they are reduced ...
 FLUSH_CALLS = 256
 #: ... and at most this many bytes of them: the size of each record's buffer, made once and
@@ -126,6 +144,8 @@ def _kind(module: nn.Module) -> str:
         return "attention"
     if isinstance(module, NiNHead):
         return "avg"
+    if isinstance(module, QUERY_POOLS):
+        return _QUERY_NAMES[type(module)]
     return "avg" if "Avg" in type(module).__name__ else "max"
 
 
@@ -447,13 +467,22 @@ class _Record:
         self.unseen: torch.Tensor | None = None  # the channels not alive yet (None: unknown)
         self.entropy_sum, self.entropy_count = 0.0, 0
         self.scores: torch.Tensor | None = None  # the scorer's output, until the pool's hook
+        # query pools: per (latent query, head) the sum of the samples' normalised entropies,
+        # and how many samples were counted (device tensors, read when viewed)
+        self.query_entropy: torch.Tensor | None = None
+        self.query_count: torch.Tensor | None = None
+        self.recording: list[torch.Tensor] | None = None  # attend's probabilities, in a call
+        self.probs: torch.Tensor | None = None  # the call's probabilities, until its hook
         self.errors, self.error = 0, None
         self.p: Any = None
         self.floor = _dead_floor(module)
         self._floors: dict[tuple[int, torch.device], float | torch.Tensor] = {}
         self.tail: torch.Size | None = None  # output shape (less N) taken as it came
         self.rank = _SPATIAL_RANK.get(type(module))
-        self.channels_last = getattr(module, "layout", "channels_first") == "channels_last"
+        self.channels_last = (  # a query pool gives (N, C) or (N, latent_len, C)
+            isinstance(module, QUERY_POOLS)
+            or getattr(module, "layout", "channels_first") == "channels_last"
+        )
 
     # -- in the hook -----------------------------------------------------------------------------
 
@@ -479,6 +508,52 @@ class _Record:
         if self.scores is not None:
             scores, self.scores = self.scores, None
             self._keep_scores(scores, mask)
+        if self.probs is not None:
+            probs, self.probs = self.probs, None
+            self._fold_query_entropy(probs, x, mask if isinstance(mask, torch.Tensor) else None)
+
+    def _fold_query_entropy(
+        self, probs: torch.Tensor, x: Any, mask: torch.Tensor | None
+    ) -> None:
+        """Add the normalised entropy of each query's attention ``probs`` ``(N, H, Lq, K)``
+        per (query, head), over the samples with a real position and more than one key to
+        attend to. The keys are the input's ``L`` positions and, first, any the pool adds (CLIP's
+        mean): ``K - L`` of them, always attended to."""
+        n, _, _, keys = probs.shape
+        p = probs.to(_acc_dtype(probs.device))
+        entropy = -torch.special.xlogy(p, p).sum(-1)  # (N, H, Lq); 0 log 0 = 0 at padding
+        if mask is None:
+            real = torch.full((n,), keys, dtype=p.dtype, device=p.device)
+            keep = real > 1
+        else:
+            positions = math.prod(spatial_shape(x, self.module.layout))
+            flat = mask.detach().reshape(n, -1).to(p.device)
+            real = (flat.sum(1) + (keys - positions)).to(p.dtype)
+            keep = flat.any(1) & (real > 1)
+        normalised = entropy / torch.log(real.clamp_min(2)).reshape(n, 1, 1)
+        total = torch.where(keep.reshape(n, 1, 1), normalised, 0.0).sum(0).T  # (Lq, H)
+        count = keep.sum()
+        if self.query_entropy is None or self.query_entropy.shape != total.shape:
+            self.query_entropy, self.query_count = total, count
+        else:
+            self.query_entropy = self.query_entropy + total
+            self.query_count = self.query_count + count
+
+    def query_entropies(self) -> dict[str, Any]:
+        """The attention entropy of a query pool: overall, per head, and (for more than one
+        latent query) per latent query and head; None where no sample was counted."""
+        out: dict[str, Any] = {"attention_entropy": None, "attention_entropy_heads": None}
+        many = isinstance(self.module, LatentAttentionPool) and self.module.latent_len > 1
+        if many:
+            out["attention_entropy_latents"] = None
+        if self.query_entropy is None or int(self.query_count) == 0:
+            return out
+        mean = (self.query_entropy / self.query_count).cpu()  # (Lq, H)
+        out["attention_entropy"] = float(mean.mean())
+        out["attention_entropy_heads"] = mean.mean(0).tolist()
+        if many:
+            out["attention_entropy_latents"] = mean.tolist()
+        return out
 
     def _keep_scores(self, scores: torch.Tensor, mask: Any) -> None:
         """Keep the scorer's output of the call (``(N, *S, 1)``), with the call's mask, for the
@@ -676,6 +751,8 @@ class _Record:
             out["attention_entropy"] = (
                 self.entropy_sum / self.entropy_count if self.entropy_count else None
             )
+        if isinstance(self.module, QUERY_POOLS):
+            out.update(self.query_entropies())
         return out
 
 
@@ -732,7 +809,10 @@ class MonitorStats:
     def __exit__(self, *exc: Any) -> None:
         self._remove()
         for record in self.records.values():
-            record.scores = None
+            record.scores = record.probs = None
+            if record.recording is not None:
+                stop_recording(record.recording)
+                record.recording = None
             _guard(record, record.read_p)
             _guard(record, record.flush)
         if exc[0] is None and sum(r.calls for r in self.records.values()) == self._calls_at_enter:
@@ -762,6 +842,29 @@ class MonitorStats:
                     record.scores = output
 
             self._handles.append(record.module.score.register_forward_hook(on_scores))
+        if isinstance(record.module, QUERY_POOLS):
+            self._hook_attention(record)
+
+    def _hook_attention(self, record: _Record) -> None:
+        """Record, during each call of a query pool, the attention probabilities its own
+        forward computes (see :func:`globalpool.attention.query.recording_attention`); the
+        recording closes when the call ends, also when it raises."""
+
+        def open_recording(module: nn.Module, args: tuple) -> None:
+            if record.recording is not None:
+                stop_recording(record.recording)
+            record.recording, record.probs = start_recording(), None
+
+        def close_recording(module: nn.Module, args: tuple, output: Any) -> None:
+            recorded, record.recording = record.recording, None
+            if recorded is not None:
+                stop_recording(recorded)
+                record.probs = recorded[-1] if recorded else None
+
+        self._handles.append(record.module.register_forward_pre_hook(open_recording))
+        self._handles.append(
+            record.module.register_forward_hook(close_recording, always_call=True, prepend=True)
+        )
 
     # -- views -----------------------------------------------------------------------------------
 

@@ -10,4 +10,8 @@ from globalpool.attention.clip import CLIPAttentionPool
 from globalpool.attention.latent import LatentAttentionPool
 from globalpool.attention.simpool import SimPool
 
-__all__ = ["CLIPAttentionPool", "LatentAttentionPool", "SimPool"]
+#: The query-based attention pools (what :func:`globalpool.monitor`, the attention maps of
+#: :func:`globalpool.class_activation_maps` and :func:`globalpool.swap_pool` recognise).
+QUERY_POOLS = (LatentAttentionPool, SimPool, CLIPAttentionPool)
+
+__all__ = ["QUERY_POOLS", "CLIPAttentionPool", "LatentAttentionPool", "SimPool"]

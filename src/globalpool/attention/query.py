@@ -16,7 +16,9 @@ output is then replaced by exactly 0, which also gives it zero gradient.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -140,7 +142,67 @@ def attend(
         bias = torch.zeros(key_mask.shape, dtype=work, device=q.device)
         bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
     out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), attn_mask=bias)
+    if _RECORDERS:  # only inside recording_attention(): a monitor or an attention map
+        probs = _probabilities(q.to(work), k.to(work), bias)
+        for recorder in _RECORDERS:
+            recorder.append(probs)
     return out.to(out_dtype)
+
+
+#: The lists :func:`attend` hands its attention probabilities to: one per open
+#: :func:`recording_attention` (or :func:`start_recording`); empty otherwise.
+_RECORDERS: list[list[torch.Tensor]] = []
+
+
+def _probabilities(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``softmax(q kᵀ / √D + bias)``, the weights ``attend``'s attention gave each key,
+    detached ``(N, H, Lq, L)``; exactly 0 at the keys it may not attend to."""
+    with torch.no_grad():
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if bias is not None:
+            scores = scores + bias
+        return torch.softmax(scores, -1)
+
+
+def start_recording() -> list[torch.Tensor]:
+    """Open a recording: until :func:`stop_recording`, every :func:`attend` call appends its
+    attention probabilities ``(N, H, Lq, L)`` (detached, in the softmax's dtype) to the list
+    returned. The forward's result and gradient are unchanged."""
+    recorder: list[torch.Tensor] = []
+    _RECORDERS.append(recorder)
+    return recorder
+
+
+def stop_recording(recorder: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Close the recording ``recorder`` (a list from :func:`start_recording`; closing one twice
+    is harmless) and return it."""
+    for i in range(len(_RECORDERS) - 1, -1, -1):
+        if _RECORDERS[i] is recorder:
+            del _RECORDERS[i]
+    return recorder
+
+
+@contextlib.contextmanager
+def recording_attention() -> Iterator[list[torch.Tensor]]:
+    """The attention probabilities of every :func:`attend` call inside the block, in call order.
+
+    Each is ``softmax(q kᵀ / √D)`` ``(N, H, Lq, L)`` with the very queries, keys and mask of
+    that call (0 at padded keys), detached; nothing is recorded outside a block.
+
+    >>> import torch, globalpool as gp
+    >>> pool = gp.SimPool(8, num_heads=2)
+    >>> with recording_attention() as probs:
+    ...     _ = pool(torch.randn(3, 8, 5))
+    >>> probs[0].shape, bool(torch.allclose(probs[0].sum(-1), torch.ones(3, 2, 1)))
+    (torch.Size([3, 2, 1, 5]), True)
+    """
+    recorder = start_recording()
+    try:
+        yield recorder
+    finally:
+        stop_recording(recorder)
 
 
 def zero_empty(out: torch.Tensor, has_real: torch.Tensor | None) -> torch.Tensor:
