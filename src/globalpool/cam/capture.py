@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from globalpool.attention import QUERY_POOLS
 from globalpool.heads import ClassifierHead, NiNHead
 from globalpool.layers import AttentionPool, GeM, GlobalPool, LSEPool
 
 #: Modules whose *input* is a feature map that is pooled globally.
-POOL_MODULES = (GlobalPool, GeM, LSEPool, AttentionPool)
+POOL_MODULES = (GlobalPool, GeM, LSEPool, AttentionPool, *QUERY_POOLS)
 
 
 @dataclasses.dataclass
@@ -93,8 +94,9 @@ def find_site(model: nn.Module, layer: nn.Module | str | None) -> Site:
         if head is None:
             raise ValueError(
                 "model has no globalpool head or pool (ClassifierHead, NiNHead, GlobalPool, GeM, "
-                "LSEPool, AttentionPool) to take the feature map from; pass layer= (the module, "
-                "or its dotted name, whose output is the (N, C, *S) feature map)"
+                "LSEPool, AttentionPool, LatentAttentionPool, SimPool, CLIPAttentionPool) to take "
+                "the feature map from; pass layer= (the module, or its dotted name, whose output "
+                "is the (N, C, *S) feature map)"
             )
         return Site(head[1], head[0], pre=True, head=head[1])
     names = {id(m): n for n, m in model.named_modules()}

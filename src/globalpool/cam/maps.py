@@ -15,25 +15,27 @@ import torch
 from torch import nn
 
 from globalpool import registry
+from globalpool.cam.attention import REDUCTIONS, attention_maps, query_pool_of, recording
 from globalpool.cam.capture import Seen, Site, capture, find_site
 from globalpool.cam.exact import exact_maps, head_kind, is_exact
 from globalpool.cam.gradient import GRADIENT_METHODS, gradient_maps
 from globalpool.cam.resize import upsample_maps
 from globalpool.contract import LAYOUTS
 
-METHODS: tuple[str, ...] = ("auto", "cam", *GRADIENT_METHODS)
+METHODS: tuple[str, ...] = ("auto", "cam", "attention", *GRADIENT_METHODS)
 
 
 def auto_method(model: nn.Module) -> str:
     """The method :func:`class_activation_maps` uses for ``model`` by default (``method="auto"``,
-    ``layer=None``): ``"cam"`` where the exact maps apply to the model's last globalpool head or
-    pool, else ``"gradcam"``.
+    ``layer=None``): ``"attention"`` where the model's last globalpool head or pool is (or pools
+    with) a query-based attention pool, ``"cam"`` where the exact maps apply to it, else
+    ``"gradcam"``.
 
     Args:
         model: a ``torch.nn.Module`` holding a globalpool head or pool.
 
     Returns:
-        ``"cam"`` or ``"gradcam"``.
+        ``"attention"``, ``"cam"`` or ``"gradcam"``.
 
     Raises:
         ValueError: ``model`` has no globalpool head or pool to take the feature map from (for
@@ -44,8 +46,13 @@ def auto_method(model: nn.Module) -> str:
     'cam'
     >>> gp.cam.auto_method(gp.ClassifierHead(8, 3, pool="gem"))
     'gradcam'
+    >>> gp.cam.auto_method(gp.ClassifierHead(8, 3, pool="simpool"))
+    'attention'
     """
-    return "cam" if is_exact(find_site(model, None).head) else "gradcam"
+    head = find_site(model, None).head
+    if query_pool_of(head) is not None:
+        return "attention"
+    return "cam" if is_exact(head) else "gradcam"
 
 
 def class_activation_maps(
@@ -58,6 +65,7 @@ def class_activation_maps(
     mask: torch.Tensor | None = None,
     upsample: int | tuple[int, ...] | None = None,
     layout: str | None = None,
+    reduce: str | None = None,
 ) -> torch.Tensor:
     """Class activation maps ``(N, *S)`` of ``model`` on ``x`` for the class ``targets``.
 
@@ -78,7 +86,17 @@ def class_activation_maps(
       a max is credited to its arg-max position(s), ties shared equally.
     - ``"gradcam"``, ``"gradcam++"``, ``"layercam"``: from the gradient of the target logit, for
       any head and any model (see :mod:`globalpool.cam.gradient` for the formulas).
-    - ``"auto"``: ``"cam"`` where it is exact, else ``"gradcam"``.
+    - ``"attention"``: for a query-based attention pool (:class:`~globalpool.LatentAttentionPool`,
+      :class:`~globalpool.SimPool`, :class:`~globalpool.CLIPAttentionPool`, alone or as a
+      ``ClassifierHead``'s ``pool="map"``/``"simpool"``/``"clip"``): the attention its forward
+      gave each position, ``(N, latent_len, num_heads, *S)`` (see
+      :mod:`globalpool.cam.attention`), or their mean ``(N, *S)`` with ``reduce="mean"``. The
+      same for every class: ``targets`` does not change it. Only with ``layer=None``.
+    - ``"auto"``: ``"attention"`` (averaged: ``(N, *S)``) for a query-based attention pool,
+      ``"cam"`` where it is exact, else ``"gradcam"``.
+
+    ``reduce``: None, or ``"mean"`` to average the attention maps over the latent queries and
+    heads; the other methods' maps are ``(N, *S)`` already (``"mean"`` leaves them as they are).
 
     ``mask`` ``(N, *S)`` (bool, True = real) marks the real positions of the feature map; by
     default the mask the head was called with, if any. When ``model`` is itself the head, it is
@@ -112,7 +130,20 @@ def class_activation_maps(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(
+            f"reduce must be None (a map per latent query and head) or 'mean' (their mean), "
+            f"got {reduce!r}"
+        )
     site = find_site(model, layer)
+    pool = query_pool_of(site.head) if site.pre else None
+    if method == "attention" or (method == "auto" and pool is not None):
+        reduce = "mean" if method == "auto" else reduce
+        maps = _attention(model, x, site, pool, mask, layout, reduce)
+        if upsample is None or reduce == "mean":
+            return maps if upsample is None else upsample_maps(maps, upsample)
+        out = upsample_maps(maps.flatten(0, 2), upsample)  # each query and head's map
+        return out.reshape(*maps.shape[:3], *out.shape[1:])
     exact = is_exact(site.head)
     if method == "cam" and not exact:
         raise ValueError(_not_exact(site))
@@ -157,6 +188,45 @@ def class_activation_maps(
     if not maps.is_floating_point() or maps.dtype in (torch.float16, torch.bfloat16):
         maps = maps.float()
     return maps if upsample is None else upsample_maps(maps, upsample)
+
+
+def _attention(
+    model: nn.Module,
+    x: torch.Tensor,
+    site: Site,
+    pool: nn.Module | None,
+    mask: torch.Tensor | None,
+    layout: str | None,
+    reduce: str | None,
+) -> torch.Tensor:
+    """``method="attention"``: the maps of the attention ``pool`` computed in ``model(x)``."""
+    if pool is None:
+        what = (
+            f"layer={site.name!r}" if not site.pre
+            else f"{type(site.head).__name__}" + (
+                f" pooling with {head_kind(site.head)!r}" if head_kind(site.head) else ""
+            )
+        )
+        raise ValueError(
+            "method='attention' maps the attention of a query-based attention pool "
+            "(LatentAttentionPool, SimPool, CLIPAttentionPool, or a ClassifierHead with "
+            f"pool='map', 'simpool' or 'clip') over its input, with layer=None; got {what}: "
+            "use method='gradcam' (or 'auto')"
+        )
+    call_mask = mask if model is site.head else None
+    with torch.no_grad(), capture(model, site) as seen, recording(pool) as probs:
+        model(x) if call_mask is None else model(x, mask=call_mask)
+    layout = _layout(site, layout, True)
+    feature = seen.feature
+    if seen.calls != 1 or feature is None:
+        raise ValueError(
+            f"the attention pool {site.name or type(pool).__name__!r} ran {seen.calls} times in "
+            "one forward; expected once"
+        )
+    spatial = tuple(feature.shape[2:] if layout == "channels_first" else feature.shape[1:-1])
+    mask = _checked_mask(mask, seen, feature, layout)
+    maps = attention_maps(probs, spatial, seen.mask, mask, reduce)
+    return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
 
 
 def _not_exact(site: Site) -> str:
