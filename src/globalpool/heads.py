@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from globalpool import registry
+from globalpool.attention import QUERY_POOLS
 from globalpool.class_map_norm import ClassMapNorm
 from globalpool.contract import (
     check_input,
@@ -32,6 +33,10 @@ from globalpool.contract import (
 )
 from globalpool.functional import output_width, pool
 from globalpool.layers import (
+    AttentionPool,
+    GeM,
+    GlobalPool,
+    LSEPool,
     check_backend,
     check_channel_count,
     check_channels,
@@ -556,6 +561,10 @@ CLASSIFIER_NAMES: tuple[str, ...] = ("fc", "head", "classifier", "head.fc")
 
 _POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1)"
 
+#: globalpool's own global pools: named (``name=``, or timm's ``global_pool``), such a module is
+#: replaced itself, in its own layout.
+_OWN_POOLS: tuple[type[nn.Module], ...] = (GlobalPool, GeM, LSEPool, AttentionPool, *QUERY_POOLS)
+
 
 def _check_names(name: Any) -> tuple[str, ...] | None:
     """``name`` as a tuple of dotted names (None: not given)."""
@@ -570,13 +579,18 @@ def _check_names(name: Any) -> tuple[str, ...] | None:
     )
 
 
-def _pools_to_swap(model: nn.Module, name: Any = None) -> list[tuple[str, nn.Module]]:
-    """Every registration ``(name, module)`` of the global adaptive pools to replace.
+def _pools_to_swap(
+    model: nn.Module, name: Any = None, layout: str | None = None
+) -> list[tuple[str, nn.Module]]:
+    """Every registration ``(name, module)`` of the global pools to replace.
 
     Args:
         model: the model.
         name: None, or the dotted name(s) of the pool(s) to replace (each a global adaptive pool
             or a module holding exactly one, as timm's ``global_pool``).
+        layout: the ``layout=`` given to :func:`swap_pool`: with it, a named module (or timm's
+            ``global_pool``) that holds no global adaptive pool is replaced itself (a token pool
+            of the model's own); globalpool's pools are so replaced without it.
 
     Returns:
         Every registration of the chosen pools (a module shared by two attributes is listed
@@ -616,8 +630,12 @@ def _pools_to_swap(model: nn.Module, name: Any = None) -> list[tuple[str, nn.Mod
         inside = {
             id(m): n for n, m in every if root == "" or n == root or n.startswith(root + ".")
         }
+        held_module = model.get_submodule(root)
+        if not inside and root and (layout is not None or isinstance(held_module, _OWN_POOLS)):
+            chosen.add(id(held_module))  # replaced itself: a token pool, or globalpool's own
+            continue
         if len(inside) != 1:
-            held = type(model.get_submodule(root)).__name__
+            held = type(held_module).__name__
             found = "no" if not inside else f"{len(inside)} ({sorted(inside.values())})"
             label = f"model's global_pool ({root}: {held})" if what == "global_pool" else (
                 f"name={root!r} ({held})"
@@ -627,6 +645,11 @@ def _pools_to_swap(model: nn.Module, name: Any = None) -> list[tuple[str, nn.Mod
                 "'catavgmax', has none): build the model with an 'avg' or 'max' global pool"
                 if what == "global_pool"
                 else f"; name a global pool: {_distinct_names(every)}"
+            ) + (
+                ", or pass layout= ('channels_last' for (N, L, C) tokens) to replace the module "
+                "itself"
+                if not inside and root
+                else ""
             )
             raise ValueError(
                 f"{label} holds {found} {_POOL_WORDS}; swap_pool replaces exactly one such "
@@ -634,7 +657,36 @@ def _pools_to_swap(model: nn.Module, name: Any = None) -> list[tuple[str, nn.Mod
             )
         chosen.update(inside)
     # every registration of a chosen pool, so that one shared under several names stays shared
-    return [(n, m) for n, m in every if id(m) in chosen]
+    return [
+        (n, m) for n, m in model.named_modules(remove_duplicate=False) if id(m) in chosen
+    ]
+
+
+def _swap_layout(found: list[tuple[str, nn.Module]], layout: str | None) -> str:
+    """The layout of the new pool: a torch adaptive pool's input is channels-first, globalpool's
+    pool has its own ``layout``, any other module the ``layout`` given; a contradiction is
+    refused."""
+    if layout is not None:
+        check_layout(layout)
+    layouts = {}
+    for where, module in found:
+        own = "channels_first" if _is_global(module) else getattr(module, "layout", None)
+        if own is not None and layout is not None and own != layout:
+            why = (
+                f"{type(module).__name__} pools (N, C, *S) maps"
+                if _is_global(module) else f"it is a {type(module).__name__} with layout={own!r}"
+            )
+            raise ValueError(
+                f"layout={layout!r} contradicts the pool {where!r} it replaces: {why}; leave "
+                "layout=None"
+            )
+        layouts[own or layout] = where
+    if len(layouts) > 1:
+        raise ValueError(
+            f"the pools to replace take different layouts {sorted(layouts)}; swap them one at a "
+            "time with name="
+        )
+    return next(iter(layouts))
 
 
 def _distinct_names(found: list[tuple[str, nn.Module]]) -> list[str]:
@@ -668,7 +720,9 @@ def _find_classifier(model: nn.Module, kind: Any) -> str:
 
 def _needs_classifier(kind: Any, params: dict[str, Any]) -> bool:
     """Whether the new pool needs the classifier: its width differs, or it learns per-channel
-    weights (attention, per-channel GeM / lse)."""
+    weights (attention, per-channel GeM / lse, a query-based attention pool)."""
+    if kind in LEARNED_POOLS:
+        return True
     per_position = any(q.per_position for k in kinds_of(kind) for q in registry.spec(k).params)
     return output_width(kind, 1) != 1 or per_position or params.get("per_channel") is True
 
@@ -746,17 +800,21 @@ def swap_pool(
     *,
     name: str | list[str] | tuple[str, ...] | None = None,
     classifier: str | None = None,
+    layout: str | None = None,
     **params: Any,
 ) -> nn.Module:
-    """Replace the ``AdaptiveAvg/MaxPool*d(1)`` global pool(s) of ``model`` by globalpool's
-    ``kind``, in place; the new modules get the model's device and dtype. Every check is made,
+    """Replace the ``AdaptiveAvg/MaxPool*d(1)`` global pool(s) of ``model`` (or a token pool, see
+    ``layout``) by globalpool's ``kind``, in place; the new modules get the model's device and
+    dtype. Every check is made,
     and every new module built, before anything changes: a refused call leaves the model as it
     was.
 
     Args:
         model: the model (or a lone ``AdaptiveAvg/MaxPool*d(1)``: then the new pool is
             returned, as there is nothing to replace it in).
-        kind: a kind or a tuple of kinds.
+        kind: a kind or a tuple of kinds, or a query-based attention pool: ``"map"``
+            (:class:`~globalpool.LatentAttentionPool`), ``"simpool"``, ``"clip"`` (which needs
+            ``spatial_size``), built by :func:`~globalpool.make_learned_pool`.
         name: which pool(s): the dotted name of a global adaptive pool (or of a module holding
             exactly one, such as timm's ``global_pool`` wrapper), or a list of them. By default:
             in a model with a module named ``global_pool`` (timm's convention, possibly a
@@ -769,20 +827,31 @@ def swap_pool(
             the kinds that need it (below); default: the one ``nn.Linear`` named ``fc``,
             ``head``, ``classifier`` or ``head.fc`` (:data:`CLASSIFIER_NAMES`; none or several
             is an error asking for ``classifier=``).
+        layout: where the new pool's input keeps its channels. None (default): found out from
+            the pool replaced: a torch adaptive pool takes ``(N, C, *S)`` (channels-first),
+            globalpool's own pools (``GlobalPool``, ``GeM``, ``LSEPool``, ``AttentionPool``
+            and the query-based ones) have their ``layout``. Given, it also lets ``name`` (or
+            the module named ``global_pool``) be a module of the model's own that holds no
+            adaptive pool, such as a ViT's class-token pool over ``(N, L, C)`` tokens
+            (``layout="channels_last"``): that module is replaced itself. A layout that
+            contradicts the pool replaced is refused.
         params: go to :func:`~globalpool.make_pool` (``p``, ``learnable``, ``per_channel``
+            ...), or to the query-based pool (``num_heads``, ``latent_pool``, ``spatial_size``
             ...).
 
     Returns:
         ``model``, changed in place; or the new pool when ``model`` is itself the pool.
 
-    The new pool keeps singleton spatial dims, so whatever flattening the model does still
-    works. A pool registered under several names (one module shared by several attributes) is
-    replaced under every name by one new module, so they stay shared.
+    The new pool keeps singleton spatial dims (and a globalpool pool's ``keepdim``), so whatever
+    flattening the model does still works; a query-based pool returns ``(N, C)``, which a
+    ``flatten(1)`` leaves as it is. A pool registered under several names (one module shared
+    by several attributes) is replaced under every name by one new module, so they stay shared.
     ``AdaptiveMaxPool*d(1, return_indices=True)`` is refused: its (values, indices) output has
     no globalpool equivalent.
 
     Kinds whose width differs (``catavgmax``, a tuple) or that learn per-channel weights
-    (``attention``, ``per_channel=True``) swap one pool and need the classifier. The pooled
+    (``attention``, ``per_channel=True``, the query-based pools) swap one pool and need the
+    classifier. The pooled
     width is the input width of the first fixed-width module (a ``Linear``, convolution, norm,
     or a module with its own parameters) registered after the pool, the classifier at the
     latest. A kind of another width rebuilds the classifier (newly initialised) at the new
@@ -809,11 +878,26 @@ def swap_pool(
     16
     >>> gp.swap_pool(torch.nn.AdaptiveAvgPool2d(1), "max")  # a lone pool: the new one
     GlobalPool(kind='max', layout='channels_first', keepdim=True)
+    >>> class Tokens(torch.nn.Module):  # a ViT's end: (N, L, C) tokens, the class token pooled
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.global_pool = gp.GlobalPool("first", layout="channels_last")
+    ...         self.head = torch.nn.Linear(8, 2)
+    ...     def forward(self, tokens):
+    ...         return self.head(self.global_pool(tokens))
+    >>> vit = gp.swap_pool(Tokens(), "map", num_heads=2)  # its layout: the pool's own
+    >>> vit.global_pool.layout, vit(torch.randn(3, 5, 8)).shape
+    ('channels_last', torch.Size([3, 2]))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    kind = check_kinds(kind)
-    found = _pools_to_swap(model, name)
+    learned = isinstance(kind, str) and kind in LEARNED_POOLS
+    if not learned:
+        kind = check_kinds(kind)
+    if layout is not None:
+        check_layout(layout)
+    found = _pools_to_swap(model, name, layout)
+    layout = _swap_layout(found, layout)
     for where, module in found:
         if getattr(module, "return_indices", False):
             raise ValueError(
@@ -823,7 +907,7 @@ def swap_pool(
             )
     needs = _needs_classifier(kind, params)
     if found[0][0] == "":  # the model is the pool: nothing to put the new one in, or size it by
-        return _lone_pool(model, kind, classifier, needs, params)
+        return _lone_pool(model, kind, classifier, needs, params, layout)
     if classifier is None and needs:
         classifier = _find_classifier(model, kind)
     fc = _classifier_module(model, classifier) if classifier is not None else None
@@ -840,9 +924,9 @@ def swap_pool(
         between = _between(model, found, classifier)
         if between and between[0][3] is not None:
             channels = between[0][3]
-        width = output_width(kind, channels)
+        width = _swapped_width(kind, channels, layout, params)
         if width != channels and between:
-            raise ValueError(_blocked(distinct[0], kind, classifier, between[0]))
+            raise ValueError(_blocked(distinct[0], kind, classifier, between[0], width, channels))
         if between and between[0][3] is None:
             raise ValueError(
                 f"cannot tell the channel count of {distinct[0]!r} for kind {kind!r}: "
@@ -854,9 +938,16 @@ def swap_pool(
     replacements: dict[int, nn.Module] = {}  # id(old pool) -> its one replacement
     for _, module in found:
         if id(module) not in replacements:
-            replacements[id(module)] = make_pool(kind, channels, keepdim=True, **params).to(**like)
+            if learned:
+                new = make_learned_pool(kind, channels, layout, params)
+            else:  # a torch pool's singleton dims are kept; globalpool's own keep its keepdim
+                keepdim = _is_global(module) or bool(getattr(module, "keepdim", False))
+                new = make_pool(kind, channels, keepdim=keepdim, layout=layout, **params)
+            replacements[id(module)] = new.to(**like)
     linear = None
-    width = output_width(kind, channels)
+    width = next(iter(replacements.values())).output_width(channels) if learned else (
+        output_width(kind, channels)
+    )
     if fc is not None and needs and width != channels:  # one pool, nothing between it and fc
         linear = nn.Linear(width, fc.out_features, bias=fc.bias is not None)
         linear = linear.to(fc.weight.device, fc.weight.dtype)
@@ -887,8 +978,22 @@ def _classifier_module(model: nn.Module, classifier: Any) -> nn.Linear:
     return fc
 
 
+def _swapped_width(kind: Any, channels: int, layout: str, params: dict[str, Any]) -> int:
+    """The width of the features the new pool gives, from ``channels`` channels."""
+    if kind not in LEARNED_POOLS:
+        return output_width(kind, channels)
+    if kind == "clip" and params.get("output_dim") is not None:
+        return params["output_dim"]  # make_learned_pool checks it, before anything changes
+    return channels
+
+
 def _blocked(
-    pool_name: str, kind: Any, classifier: str, blocker: tuple[str, nn.Module, str, int | None]
+    pool_name: str,
+    kind: Any,
+    classifier: str,
+    blocker: tuple[str, nn.Module, str, int | None],
+    width: int,
+    channels: int,
 ) -> str:
     """The refusal of a kind of another width whose output would reach ``blocker``."""
     name, module, attr, takes = blocker
@@ -899,10 +1004,13 @@ def _blocked(
         if isinstance(module, nn.Linear)
         else ""
     )
-    factor = output_width(kind, 1)
+    gives = (
+        f"{width} features from {channels} channels" if kind in LEARNED_POOLS
+        else f"{output_width(kind, 1)} features per channel"
+    )
     return (
-        f"cannot swap {pool_name!r} for kind {kind!r}, which gives {factor} features per "
-        f"channel: {name!r} ({type(module).__name__}, {what}) sits between the pool and the "
+        f"cannot swap {pool_name!r} for kind {kind!r}, which gives {gives}: {name!r} "
+        f"({type(module).__name__}, {what}) sits between the pool and the "
         f"classifier {classifier!r} and takes the pooled features at their present width, so "
         f"the model would no longer run; nothing was changed. Use a kind of the same width "
         f"(avg, max, avgmax, gem, lse, attention){hint}"
@@ -910,7 +1018,12 @@ def _blocked(
 
 
 def _lone_pool(
-    model: nn.Module, kind: Any, classifier: Any, needs: bool, params: dict[str, Any]
+    model: nn.Module,
+    kind: Any,
+    classifier: Any,
+    needs: bool,
+    params: dict[str, Any],
+    layout: str,
 ) -> nn.Module:
     """The new pool for a model that is itself the pool."""
     if classifier is not None:
@@ -918,13 +1031,14 @@ def _lone_pool(
             f"model is itself the pool ({type(model).__name__}) and has no classifier; got "
             f"classifier={classifier!r}"
         )
-    if needs and (kind == "attention" or params.get("per_channel") is True):
+    if needs and (kind in ("attention", *LEARNED_POOLS) or params.get("per_channel") is True):
         raise ValueError(
             f"model is itself the pool ({type(model).__name__}): nothing gives the channel "
             f"count that kind {kind!r} with its per-channel weights needs; build it with "
             f"gp.make_pool({kind!r}, channels, keepdim=True, ...)"
         )
-    return make_pool(kind, 0, keepdim=True, **params).to(**_like(model, None))
+    keepdim = _is_global(model) or bool(getattr(model, "keepdim", False))
+    return make_pool(kind, 0, keepdim=keepdim, layout=layout, **params).to(**_like(model, None))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
