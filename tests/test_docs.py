@@ -39,6 +39,7 @@ MODULES = [
     "globalpool.reference_defs",
     "globalpool.layers",
     "globalpool.monitor",
+    "globalpool.cam.attention",
     "globalpool.packed",
     "globalpool.reference",
     "globalpool.lab.bench.report",
