@@ -670,7 +670,9 @@ def _swap_layout(found: list[tuple[str, nn.Module]], layout: str | None) -> str:
         check_layout(layout)
     layouts = {}
     for where, module in found:
-        own = "channels_first" if _is_global(module) else getattr(module, "layout", None)
+        own = "channels_first" if _is_global(module) else (
+            module.layout if isinstance(module, _OWN_POOLS) else None
+        )
         if own is not None and layout is not None and own != layout:
             why = (
                 f"{type(module).__name__} pools (N, C, *S) maps"
