@@ -32,6 +32,10 @@ from globalpool.contract import (
 )
 from globalpool.functional import output_width, pool
 from globalpool.layers import (
+    AttentionPool,
+    GeM,
+    GlobalPool,
+    LSEPool,
     check_backend,
     check_channel_count,
     check_channels,
@@ -541,7 +545,15 @@ TORCH_ADAPTIVE_POOLS = (
 )
 
 
+#: globalpool's own global pools: swap_pool replaces one that keeps singleton spatial dims
+#: (``keepdim=True``, as swap_pool builds them), so a model can be swapped again, and a
+#: timm-style wrapper built on them (``globalpool.compat.timm``) is recognised.
+GLOBALPOOL_POOLS = (GlobalPool, GeM, LSEPool, AttentionPool)
+
+
 def _is_global(module: nn.Module) -> bool:
+    if isinstance(module, GLOBALPOOL_POOLS):
+        return module.keepdim is True
     if not isinstance(module, TORCH_ADAPTIVE_POOLS):
         return False
     size = module.output_size
@@ -554,7 +566,7 @@ def _is_global(module: nn.Module) -> bool:
 CLASSIFIER_NAMES: tuple[str, ...] = ("fc", "head", "classifier", "head.fc")
 
 
-_POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1)"
+_POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) or globalpool pool (keepdim=True)"
 
 
 def _check_names(name: Any) -> tuple[str, ...] | None:
@@ -776,8 +788,12 @@ def swap_pool(
         ``model``, changed in place; or the new pool when ``model`` is itself the pool.
 
     The new pool keeps singleton spatial dims, so whatever flattening the model does still
-    works. A pool registered under several names (one module shared by several attributes) is
-    replaced under every name by one new module, so they stay shared.
+    works. A globalpool pool that keeps them (``GlobalPool``, ``GeM``, ``LSEPool`` or
+    ``AttentionPool`` with ``keepdim=True``: what an earlier swap put in, or the pool inside
+    ``globalpool.compat.timm.SelectAdaptivePool``) is a global pool too, so a model can be
+    swapped again; its replacement keeps its ``layout``. A pool registered under several names
+    (one module shared by several attributes) is replaced under every name by one new module,
+    so they stay shared.
     ``AdaptiveMaxPool*d(1, return_indices=True)`` is refused: its (values, indices) output has
     no globalpool equivalent.
 
@@ -821,13 +837,15 @@ def swap_pool(
                 f"(values, indices) and globalpool's pools return values only; expected "
                 f"return_indices=False"
             )
-    needs = _needs_classifier(kind, params)
+    # an earlier swap may have put in a pool of another width (catavgmax: 2 features a channel)
+    mult = max(_features_per_channel(m) for _, m in found)
+    needs = _needs_classifier(kind, params) or mult != 1
     if found[0][0] == "":  # the model is the pool: nothing to put the new one in, or size it by
         return _lone_pool(model, kind, classifier, needs, params)
     if classifier is None and needs:
         classifier = _find_classifier(model, kind)
     fc = _classifier_module(model, classifier) if classifier is not None else None
-    channels = fc.in_features if fc is not None else 0
+    pooled = fc.in_features if fc is not None else 0  # the width the classifier takes
     if needs:
         distinct = _distinct_names(found)
         if len(distinct) > 1:
@@ -839,9 +857,9 @@ def swap_pool(
             )
         between = _between(model, found, classifier)
         if between and between[0][3] is not None:
-            channels = between[0][3]
-        width = output_width(kind, channels)
-        if width != channels and between:
+            pooled = between[0][3]
+        width = output_width(kind, pooled // mult)
+        if width != pooled and between:
             raise ValueError(_blocked(distinct[0], kind, classifier, between[0]))
         if between and between[0][3] is None:
             raise ValueError(
@@ -850,14 +868,23 @@ def swap_pool(
                 f"parameters of unknown input width, sits between it and the classifier "
                 f"{classifier!r}; nothing was changed"
             )
+        if pooled % mult:
+            raise ValueError(
+                f"cannot swap {distinct[0]!r}: it gives {mult} features per channel, but the "
+                f"classifier {classifier!r} takes {pooled} features, not a multiple of {mult}; "
+                "nothing was changed"
+            )
+    channels = pooled // mult
     like = _like(model, fc)
     replacements: dict[int, nn.Module] = {}  # id(old pool) -> its one replacement
     for _, module in found:
         if id(module) not in replacements:
-            replacements[id(module)] = make_pool(kind, channels, keepdim=True, **params).to(**like)
+            replacements[id(module)] = make_pool(
+                kind, channels, layout=_layout_of(module), keepdim=True, **params
+            ).to(**like)
     linear = None
     width = output_width(kind, channels)
-    if fc is not None and needs and width != channels:  # one pool, nothing between it and fc
+    if fc is not None and needs and width != pooled:  # one pool, nothing between it and fc
         linear = nn.Linear(width, fc.out_features, bias=fc.bias is not None)
         linear = linear.to(fc.weight.device, fc.weight.dtype)
     for where, module in found:  # every check passed, every module is built: change the model
@@ -924,7 +951,19 @@ def _lone_pool(
             f"count that kind {kind!r} with its per-channel weights needs; build it with "
             f"gp.make_pool({kind!r}, channels, keepdim=True, ...)"
         )
-    return make_pool(kind, 0, keepdim=True, **params).to(**_like(model, None))
+    return make_pool(kind, 0, layout=_layout_of(model), keepdim=True, **params).to(
+        **_like(model, None)
+    )
+
+
+def _features_per_channel(pool: nn.Module) -> int:
+    """How many features a pool gives per channel: 1 for torch's, 2 for a catavgmax ..."""
+    return pool.output_width(1) if isinstance(pool, GLOBALPOOL_POOLS) else 1
+
+
+def _layout_of(pool: nn.Module) -> str:
+    """The layout a replacement keeps: a globalpool pool's own, channels-first for torch's."""
+    return getattr(pool, "layout", "channels_first")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
