@@ -252,6 +252,10 @@ def test_token_mask_with_nan_padding_and_prefix_tokens():
     torch.testing.assert_close(module(x, mask=mask), y)
     assert torch.isnan(timm_nlc(x.detach(), "avgmax", 1, False)[1]).all()
     torch.testing.assert_close(global_pool_nlc(x, "token", mask=mask), x[:, 0])
+    token = SelectAdaptivePool(pool_type="token", input_fmt="NLC", flatten=True)
+    torch.testing.assert_close(token(x, mask=mask), x[:, 0])
+    with pytest.raises(ValueError, match=r"mask must have shape \(N, \*S\) = \(2, 7\)"):
+        token(x, mask=mask[:, 1:])
 
 
 def test_gradcheck():

@@ -156,6 +156,7 @@ class _ClassToken(GlobalPool):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, **params: Any
     ) -> torch.Tensor:
+        check_mask(mask, x, "channels_last")  # a bad mask is refused, a good one not needed
         return super().forward(x, **params)
 
 
@@ -234,7 +235,11 @@ class SelectAdaptivePool(nn.Module):
             )
         sizes = check_output_size(output_size, 1 if input_fmt == "NLC" else 2)
         is_global = all(s == 1 for s in sizes)
-        fast = isinstance(pool_type, str) and pool_type.lower().startswith("fast")
+        fast = (
+            isinstance(pool_type, str)
+            and _as_kind(pool_type) is None
+            and pool_type.lower().startswith("fast")
+        )
         if not is_global and kind != "" and (fast or kind == _TOKEN):
             raise ValueError(
                 f"output_size must be 1 for pool_type={pool_type!r} (a global pool), got "
