@@ -26,6 +26,7 @@ MODULES = [
     "globalpool",
     "globalpool._entry",
     "globalpool.adaptive",
+    "globalpool.compat.timm",
     "globalpool.compose",
     "globalpool.contract",
     "globalpool.dispatch",

@@ -704,3 +704,27 @@ def test_swap_pool_on_a_lone_pool_refuses_what_it_cannot_size():
     with pytest.raises(ValueError, match=r"itself the pool .* no classifier; got classifier='fc'"):
         gp.swap_pool(nn.AdaptiveAvgPool2d(1), "max", classifier="fc")
     assert isinstance(gp.swap_pool(nn.AdaptiveAvgPool2d(1).double(), "gem"), gp.GeM)
+
+
+def test_swap_pool_swaps_a_swapped_pool_again_at_its_width_and_layout():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    gp.swap_pool(net, "catavgmax", classifier="3")
+    assert net[3].in_features == 8
+    gp.swap_pool(net, "gem", classifier="3")  # from 2 features a channel back to 1: fc rebuilt
+    assert isinstance(net[1], gp.GeM) and net[3].in_features == 4
+    assert net(torch.randn(2, 3, 5, 5)).shape == (2, 2)
+    gp.swap_pool(net, "max")  # the same width as before: nothing else changes
+    assert isinstance(net[1], gp.GlobalPool) and net[3].in_features == 4
+    last = nn.Sequential(gp.GlobalPool("avg", layout="channels_last", keepdim=True), nn.Flatten(),
+                         nn.Linear(4, 2))
+    gp.swap_pool(last, "max")  # a channels-last pool's replacement is channels-last
+    x = torch.randn(2, 5, 5, 4)
+    assert last[0].layout == "channels_last"
+    torch.testing.assert_close(last[1](last[0](x)), x.amax((1, 2)))
+    with pytest.raises(ValueError, match=r"no AdaptiveAvgPool.* or globalpool pool \(keepdim=True"):
+        gp.swap_pool(nn.Sequential(gp.GlobalPool("avg"), nn.Linear(4, 2)), "max")  # flattens
+    odd = nn.Sequential(gp.GlobalPool("catavgmax", keepdim=True), nn.Flatten(), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"gives 2 features per channel, but the classifier '2' "
+                                         r"takes 5 features, not a multiple of 2"):
+        gp.swap_pool(odd, "avg", classifier="2")

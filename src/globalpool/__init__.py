@@ -11,6 +11,12 @@ True
 from globalpool import cam, registry
 from globalpool.attention import CLIPAttentionPool, LatentAttentionPool, SimPool
 from globalpool.cam import class_activation_maps
+from globalpool.compat.timm import (
+    SelectAdaptivePool,
+    SelectAdaptivePool2d,
+    create_classifier,
+    global_pool_nlc,
+)
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -53,13 +59,17 @@ __all__ = [
     "LatentAttentionPool",
     "MonitorStats",
     "NiNHead",
+    "SelectAdaptivePool",
+    "SelectAdaptivePool2d",
     "SimPool",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
+    "create_classifier",
     "make_head",
     "make_learned_pool",
     "make_pool",
+    "global_pool_nlc",
     "monitor",
     "output_width",
     "pool",

@@ -546,7 +546,15 @@ TORCH_ADAPTIVE_POOLS = (
 )
 
 
+#: globalpool's own global pools: swap_pool replaces one that keeps singleton spatial dims
+#: (``keepdim=True``, as swap_pool builds them), so a model can be swapped again, and a
+#: timm-style wrapper built on them (``globalpool.compat.timm``) is recognised.
+GLOBALPOOL_POOLS = (GlobalPool, GeM, LSEPool, AttentionPool)
+
+
 def _is_global(module: nn.Module) -> bool:
+    if isinstance(module, GLOBALPOOL_POOLS):
+        return module.keepdim is True
     if not isinstance(module, TORCH_ADAPTIVE_POOLS):
         return False
     size = module.output_size
@@ -559,7 +567,7 @@ def _is_global(module: nn.Module) -> bool:
 CLASSIFIER_NAMES: tuple[str, ...] = ("fc", "head", "classifier", "head.fc")
 
 
-_POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1)"
+_POOL_WORDS = "AdaptiveAvgPool*d(1)/AdaptiveMaxPool*d(1) or globalpool pool (keepdim=True)"
 
 #: globalpool's own global pools: named (``name=``, or timm's ``global_pool``), such a module is
 #: replaced itself, in its own layout.
@@ -670,13 +678,14 @@ def _swap_layout(found: list[tuple[str, nn.Module]], layout: str | None) -> str:
         check_layout(layout)
     layouts = {}
     for where, module in found:
-        own = "channels_first" if _is_global(module) else (
-            module.layout if isinstance(module, _OWN_POOLS) else None
+        own = module.layout if isinstance(module, _OWN_POOLS) else (
+            "channels_first" if _is_global(module) else None
         )
         if own is not None and layout is not None and own != layout:
             why = (
-                f"{type(module).__name__} pools (N, C, *S) maps"
-                if _is_global(module) else f"it is a {type(module).__name__} with layout={own!r}"
+                f"it is a {type(module).__name__} with layout={own!r}"
+                if isinstance(module, _OWN_POOLS)
+                else f"{type(module).__name__} pools (N, C, *S) maps"
             )
             raise ValueError(
                 f"layout={layout!r} contradicts the pool {where!r} it replaces: {why}; leave "
@@ -846,8 +855,11 @@ def swap_pool(
 
     The new pool keeps singleton spatial dims (and a globalpool pool's ``keepdim``), so whatever
     flattening the model does still works; a query-based pool returns ``(N, C)``, which a
-    ``flatten(1)`` leaves as it is. A pool registered under several names (one module shared
-    by several attributes) is replaced under every name by one new module, so they stay shared.
+    ``flatten(1)`` leaves as it is. A globalpool pool that keeps singleton dims (``GlobalPool``,
+    ``GeM``, ``LSEPool`` or ``AttentionPool`` with ``keepdim=True``: what an earlier swap put in,
+    or the pool inside ``globalpool.compat.timm.SelectAdaptivePool``) is a global pool too, so a
+    model can be swapped again. A pool registered under several names (one module shared by
+    several attributes) is replaced under every name by one new module, so they stay shared.
     ``AdaptiveMaxPool*d(1, return_indices=True)`` is refused: its (values, indices) output has
     no globalpool equivalent.
 
@@ -907,13 +919,15 @@ def swap_pool(
                 f"(values, indices) and globalpool's pools return values only; expected "
                 f"return_indices=False"
             )
-    needs = _needs_classifier(kind, params)
+    # an earlier swap may have put in a pool of another width (catavgmax: 2 features a channel)
+    mult = max(_features_per_channel(m) for _, m in found)
+    needs = _needs_classifier(kind, params) or mult != 1
     if found[0][0] == "":  # the model is the pool: nothing to put the new one in, or size it by
         return _lone_pool(model, kind, classifier, needs, params, layout)
     if classifier is None and needs:
         classifier = _find_classifier(model, kind)
     fc = _classifier_module(model, classifier) if classifier is not None else None
-    channels = fc.in_features if fc is not None else 0
+    pooled = fc.in_features if fc is not None else 0  # the width the classifier takes
     if needs:
         distinct = _distinct_names(found)
         if len(distinct) > 1:
@@ -925,10 +939,10 @@ def swap_pool(
             )
         between = _between(model, found, classifier)
         if between and between[0][3] is not None:
-            channels = between[0][3]
-        width = _swapped_width(kind, channels, layout, params)
-        if width != channels and between:
-            raise ValueError(_blocked(distinct[0], kind, classifier, between[0], width, channels))
+            pooled = between[0][3]
+        width = _swapped_width(kind, pooled // mult, layout, params)
+        if width != pooled and between:
+            raise ValueError(_blocked(distinct[0], kind, classifier, between[0], width, pooled))
         if between and between[0][3] is None:
             raise ValueError(
                 f"cannot tell the channel count of {distinct[0]!r} for kind {kind!r}: "
@@ -936,6 +950,13 @@ def swap_pool(
                 f"parameters of unknown input width, sits between it and the classifier "
                 f"{classifier!r}; nothing was changed"
             )
+        if pooled % mult:
+            raise ValueError(
+                f"cannot swap {distinct[0]!r}: it gives {mult} features per channel, but the "
+                f"classifier {classifier!r} takes {pooled} features, not a multiple of {mult}; "
+                "nothing was changed"
+            )
+    channels = pooled // mult
     like = _like(model, fc)
     replacements: dict[int, nn.Module] = {}  # id(old pool) -> its one replacement
     for _, module in found:
@@ -950,7 +971,7 @@ def swap_pool(
     width = next(iter(replacements.values())).output_width(channels) if learned else (
         output_width(kind, channels)
     )
-    if fc is not None and needs and width != channels:  # one pool, nothing between it and fc
+    if fc is not None and needs and width != pooled:  # one pool, nothing between it and fc
         linear = nn.Linear(width, fc.out_features, bias=fc.bias is not None)
         linear = linear.to(fc.weight.device, fc.weight.dtype)
     for where, module in found:  # every check passed, every module is built: change the model
@@ -1041,6 +1062,11 @@ def _lone_pool(
         )
     keepdim = _is_global(model) or bool(getattr(model, "keepdim", False))
     return make_pool(kind, 0, keepdim=keepdim, layout=layout, **params).to(**_like(model, None))
+
+
+def _features_per_channel(pool: nn.Module) -> int:
+    """How many features a pool gives per channel: 1 for torch's, 2 for a catavgmax ..."""
+    return pool.output_width(1) if isinstance(pool, GLOBALPOOL_POOLS) else 1
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
