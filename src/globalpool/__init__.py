@@ -11,6 +11,13 @@ True
 from globalpool import cam, registry
 from globalpool.attention import CLIPAttentionPool, LatentAttentionPool, SimPool
 from globalpool.cam import class_activation_maps
+from globalpool.embedding import (
+    BNNeckOutput,
+    EmbeddingHead,
+    Whitening,
+    extract_multiscale,
+    fit_whitening,
+)
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -44,8 +51,10 @@ __all__ = [
     "Param",
     "AdaptivePool",
     "AttentionPool",
+    "BNNeckOutput",
     "CLIPAttentionPool",
     "ClassifierHead",
+    "EmbeddingHead",
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
@@ -54,9 +63,12 @@ __all__ = [
     "MonitorStats",
     "NiNHead",
     "SimPool",
+    "Whitening",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
+    "extract_multiscale",
+    "fit_whitening",
     "make_head",
     "make_learned_pool",
     "make_pool",
