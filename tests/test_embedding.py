@@ -233,13 +233,13 @@ def test_gradcheck_through_the_whole_head():
     g = torch.Generator().manual_seed(0)
     head = gp.EmbeddingHead(4, "gem", p=2.5, dim=3, bnneck=True).double()
     head.fit_whitening(torch.randn(30, 3, generator=g, dtype=F64))
-    x = (torch.rand(3, 4, 3, 3, generator=g, dtype=F64) + 0.2).requires_grad_()
-    mask = torch.rand(3, 3, 3, generator=g) > 0.3
+    x = (torch.rand(3, 4, 2, 3, generator=g, dtype=F64) + 0.2).requires_grad_()
+    mask = torch.rand(3, 2, 3, generator=g) > 0.3
     mask[:, 0, 0] = True
     head.eval()
-    assert torch.autograd.gradcheck(lambda t: head(t, mask), (x,))
+    assert torch.autograd.gradcheck(lambda t: head(t, mask), (x,), fast_mode=True)
     head.train()
-    assert torch.autograd.gradcheck(lambda t: head(t, mask).post_bn, (x,))
+    assert torch.autograd.gradcheck(lambda t: head(t, mask).post_bn, (x,), fast_mode=True)
 
 
 def test_head_fit_whitening_and_state_dict_roundtrip(tmp_path):
@@ -302,7 +302,7 @@ def test_head_refuses_bad_input():
         head([[1.0]])
 
 
-def test_exported_head_with_whitening_matches_eager(tmp_path):
+def test_exported_head_with_whitening_matches_eager():
     head = gp.EmbeddingHead(8, "gem", dim=6, bnneck=True).eval()
     head.fit_whitening(head.descriptors(torch.rand(64, 8, 4, 4)).detach(), dim=4)
     x = torch.rand(2, 8, 5, 5)
@@ -311,9 +311,16 @@ def test_exported_head_with_whitening_matches_eager(tmp_path):
     for n in (2, 5):
         xs = torch.rand(n, 8, 5, 5)
         torch.testing.assert_close(program.module()(xs), head(xs))
+
+
+def test_head_with_whitening_exports_to_onnx(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    head = gp.EmbeddingHead(8, "gem", dim=6, bnneck=True).eval()
+    head.fit_whitening(head.descriptors(torch.rand(64, 8, 4, 4)).detach(), dim=4)
+    x = torch.rand(2, 8, 5, 5)
+    batch = torch.export.Dim("N", min=1, max=1024)
     path = tmp_path / "embedding.onnx"
     torch.onnx.export(head, (x,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}})
     onnx.checker.check_model(str(path))
