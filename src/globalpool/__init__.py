@@ -17,6 +17,13 @@ from globalpool.compat.timm import (
     create_classifier,
     global_pool_nlc,
 )
+from globalpool.embedding import (
+    BNNeckOutput,
+    EmbeddingHead,
+    Whitening,
+    extract_multiscale,
+    fit_whitening,
+)
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -50,8 +57,10 @@ __all__ = [
     "Param",
     "AdaptivePool",
     "AttentionPool",
+    "BNNeckOutput",
     "CLIPAttentionPool",
     "ClassifierHead",
+    "EmbeddingHead",
     "FlattenFCHead",
     "GeM",
     "GlobalPool",
@@ -62,10 +71,13 @@ __all__ = [
     "SelectAdaptivePool",
     "SelectAdaptivePool2d",
     "SimPool",
+    "Whitening",
     "adaptive_pool",
     "cam",
     "class_activation_maps",
     "create_classifier",
+    "extract_multiscale",
+    "fit_whitening",
     "make_head",
     "make_learned_pool",
     "make_pool",
