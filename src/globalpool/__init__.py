@@ -11,6 +11,7 @@ True
 from globalpool import cam, registry
 from globalpool.attention import CLIPAttentionPool, LatentAttentionPool, SimPool
 from globalpool.cam import class_activation_maps
+from globalpool.compat.sentence_transformers import SentencePooling
 from globalpool.functional import adaptive_pool, output_width, pool
 from globalpool.heads import (
     HEADS,
@@ -53,6 +54,7 @@ __all__ = [
     "LatentAttentionPool",
     "MonitorStats",
     "NiNHead",
+    "SentencePooling",
     "SimPool",
     "adaptive_pool",
     "cam",
