@@ -19,7 +19,7 @@ from globalpool.cam import class_activation_maps as cam
 
 # every built-in kind with a credit in the registry, and a tuple of them
 EXACT = ("avg", "max", "avgmax", "catavgmax", "attention", "sum", "first", "last",
-         ("avg", "max", "last"))
+         "mean_sqrt_len", "weightedmean", ("avg", "max", "last"))
 HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",

@@ -27,6 +27,7 @@ MODULES = [
     "globalpool._entry",
     "globalpool.adaptive",
     "globalpool.compat.timm",
+    "globalpool.compat.sentence_transformers",
     "globalpool.compose",
     "globalpool.contract",
     "globalpool.dispatch",
@@ -81,7 +82,7 @@ FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M
 )
 # optional packages a block may need; only these make a block skip when they are not installed
-OPTIONAL_MODULES = ("onnx", "onnxruntime", "onnxscript", "triton", "keras")
+OPTIONAL_MODULES = ("onnx", "onnxruntime", "onnxscript", "triton", "keras", "sentence_transformers")
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:

@@ -38,7 +38,8 @@ from helpers import (  # noqa: E402
     poison_padded,
 )
 
-POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "sum", "first", "last")
+POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "sum", "first", "last",
+              "mean_sqrt_len", "weightedmean")
 GLOBAL = {1: gpk.GlobalPooling1D, 2: gpk.GlobalPooling2D, 3: gpk.GlobalPooling3D}
 GEM = {1: gpk.GeMPooling1D, 2: gpk.GeMPooling2D, 3: gpk.GeMPooling3D}
 ATTENTION = {1: gpk.AttentionPooling1D, 2: gpk.AttentionPooling2D, 3: gpk.AttentionPooling3D}

@@ -22,7 +22,8 @@ from helpers import KIND_PARAMS, TOLERANCE, make_input, make_mask, poison_padded
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "keras_backend_child.py"
-POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "sum", "first", "last")
+POOL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem", "lse", "sum", "first", "last",
+              "mean_sqrt_len", "weightedmean")
 SPATIAL = {1: (9,), 2: (4, 5), 3: (2, 3, 4)}
 DATA_FORMATS = ("channels_first", "channels_last")
 

@@ -33,9 +33,12 @@ LAYOUTS = ("channels_first", "channels_last")
 PARAMS = {"p": 2.5, "eps": 1e-6, "r": 1.7}
 SHAPES = {1: (3, 2, 5), 2: (3, 2, 3, 4), 3: (3, 2, 2, 3, 3)}  # channels_first, N = 3
 HOMOGENEOUS = (  # f(a x) = a f(x), a > 0
-    "avg", "max", "avgmax", "catavgmax", "attention", "sum", "first", "last",
+    "avg", "max", "avgmax", "catavgmax", "attention", "sum", "first", "last", "mean_sqrt_len",
+    "weightedmean",
 )
-ORDER_FREE = tuple(k for k in KINDS if k not in ("first", "last"))  # symmetric in positions
+ORDER_FREE = tuple(  # symmetric in positions
+    k for k in KINDS if k not in ("first", "last", "weightedmean")
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,11 +543,12 @@ def test_shift_scale_and_gradient_identities(case, shift, scale):
     lo, hi = np.nanmin(big, axis=2, initial=np.inf), np.nanmax(big, axis=2, initial=-np.inf)
     ys = [y[:, :c], y[:, c:]] if kind == "catavgmax" else [y]
     for part in ys:
-        if kind not in ("gem", "sum"):  # gem clamps negatives up to eps; a sum is not a mean
+        # gem clamps negatives up to eps; a sum (or a sum over sqrt(n)) is not a mean
+        if kind not in ("gem", "sum", "mean_sqrt_len"):
             assert np.all(part[nonempty] >= lo[nonempty] - 1e-12)
             assert np.all(part[nonempty] <= hi[nonempty] + 1e-12)
 
-    if kind not in ("gem", "sum"):
+    if kind not in ("gem", "sum", "mean_sqrt_len"):
         # shift equivariance f(x + a) = f(x) + a, so the gradient sums to grad_out
         shifted = pool_forward(x + shift, kind, **kw)
         np.testing.assert_allclose(shifted[nonempty], (y + shift)[nonempty], atol=1e-10)

@@ -11,6 +11,7 @@ True
 from globalpool import cam, registry
 from globalpool.attention import CLIPAttentionPool, LatentAttentionPool, SimPool
 from globalpool.cam import class_activation_maps
+from globalpool.compat.sentence_transformers import SentencePooling
 from globalpool.compat.timm import (
     SelectAdaptivePool,
     SelectAdaptivePool2d,
@@ -70,6 +71,7 @@ __all__ = [
     "NiNHead",
     "SelectAdaptivePool",
     "SelectAdaptivePool2d",
+    "SentencePooling",
     "SimPool",
     "Whitening",
     "adaptive_pool",

@@ -156,6 +156,47 @@ def sum_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor
     return x.sum(dims, keepdim=True)
 
 
+def mean_sqrt_len(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    """The sum over real positions divided by the square root of their number (0 if none)."""
+    if mask is None:
+        count = torch.full((), _size_of(x, dims), dtype=x.dtype, device=x.device)
+        return x.sum(dims, keepdim=True) / count.sqrt()
+    total = torch.where(mask, x, 0.0).sum(dims, keepdim=True)
+    return total / _count(mask, dims, x.dtype).clamp(min=1).sqrt()
+
+
+def weightedmean(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    """The mean weighted by rank: the j-th real position in row-major order over ``dims``
+    weighs j (1 for the first real position, whatever padding comes before it)."""
+    kept = [1 if d in {e % x.ndim for e in dims} else s for d, s in enumerate(x.shape)]
+    flat = _positions_last(x, dims)
+    if mask is None:
+        weights = torch.arange(1, flat.shape[-1] + 1, device=x.device, dtype=x.dtype)
+        return ((flat * weights).sum(-1, keepdim=True) / weights.sum()).reshape(kept)
+    real = _positions_last(mask, dims)
+    weights = rank_weights(real, x.dtype)
+    total = weights.sum(-1, keepdim=True)
+    weighted = (torch.where(real, flat, 0.0) * weights).sum(-1, keepdim=True)
+    return (weighted / total.clamp(min=1)).reshape(kept)
+
+
+def rank_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each real position's rank along the last dim (1, 2, ...), 0 at padded positions: the
+    weights of :func:`weightedmean` over a bool mask whose last dim holds the positions.
+
+    >>> rank_weights(torch.tensor([[False, True, False, True, True]]), torch.float32)
+    tensor([[0., 1., 0., 2., 3.]])
+    """
+    return torch.where(mask, torch.cumsum(mask.to(dtype), -1), 0.0)
+
+
+def _size_of(x: torch.Tensor, dims: Dims) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
 def first(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
     """The value at each row's first real position, in row-major order over ``dims``."""
     return _at_end(x, mask, dims, last=False)
@@ -273,3 +314,14 @@ def first_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def last_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return _end_credit(x, mask, last=True)
+
+
+def mean_sqrt_len_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``sqrt(n)`` times each real value (their mean is ``sum / sqrt(n)``)."""
+    return _real_count(x, mask).sqrt() * _zero_padded(x, mask)
+
+
+def weightedmean_credit(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``n * j / sum(1..n)`` times the j-th real value (0 in a row with no real position)."""
+    real = torch.ones_like(x[:, :1], dtype=torch.bool) if mask is None else mask
+    return attention_credit(x, mask, rank_weights(real, x.dtype))

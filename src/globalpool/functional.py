@@ -54,7 +54,9 @@ def pool(
             ``lse`` (``r``), ``attention`` (``weights`` of shape ``(N, *S)``, non-negative),
             ``sum``, ``first`` or ``last`` (the value at the first / last real position in
             row-major order over the spatial dims: a CLS or last token, right for left and
-            right padding alike); or a tuple of distinct kinds, whose outputs are concatenated
+            right padding alike), ``mean_sqrt_len`` (the sum over real positions / the square
+            root of their number) or ``weightedmean`` (the j-th real position in row-major
+            order weighs j); or a tuple of distinct kinds, whose outputs are concatenated
             along channels in that order (each takes the parameters it uses; on the fused path
             ``avg``, ``sum``, ``max``, ``avgmax`` and ``catavgmax`` share one read of x).
         layout: declared layout; never guessed from shape or memory format.

@@ -84,6 +84,20 @@ def sum_(xs: np.ndarray) -> np.ndarray:
     return xs.sum(axis=1)
 
 
+def mean_sqrt_len(xs: np.ndarray) -> np.ndarray:
+    return xs.sum(axis=1) / np.sqrt(xs.shape[1])
+
+
+def _ranks(k: int) -> np.ndarray:
+    """The weights of weightedmean over k real positions: 1, 2, ..., k."""
+    return np.arange(1.0, k + 1.0)
+
+
+def weightedmean(xs: np.ndarray) -> np.ndarray:
+    w = _ranks(xs.shape[1])
+    return xs @ w / w.sum()
+
+
 def first(xs: np.ndarray) -> np.ndarray:
     return xs[:, 0].copy()
 
@@ -150,6 +164,16 @@ def sum_grad(xs: np.ndarray, g: np.ndarray) -> Grads:
     return np.repeat(g[:, None], xs.shape[1], axis=1), {}
 
 
+def mean_sqrt_len_grad(xs: np.ndarray, g: np.ndarray) -> Grads:
+    k = xs.shape[1]
+    return np.repeat(g[:, None] / np.sqrt(k), k, axis=1), {}
+
+
+def weightedmean_grad(xs: np.ndarray, g: np.ndarray) -> Grads:
+    w = _ranks(xs.shape[1])
+    return g[:, None] * w[None, :] / w.sum(), {}
+
+
 def first_grad(xs: np.ndarray, g: np.ndarray) -> Grads:
     gx = np.zeros_like(xs)
     gx[:, 0] = g
@@ -165,9 +189,11 @@ def last_grad(xs: np.ndarray, g: np.ndarray) -> Grads:
 FORWARD: dict[str, Callable[..., np.ndarray]] = {
     "avg": avg, "max": max_, "avgmax": avgmax, "catavgmax": catavgmax, "gem": gem, "lse": lse,
     "attention": attention, "sum": sum_, "first": first, "last": last,
+    "mean_sqrt_len": mean_sqrt_len, "weightedmean": weightedmean,
 }
 GRAD: dict[str, Callable[..., Grads]] = {
     "avg": avg_grad, "max": max_grad, "avgmax": avgmax_grad, "catavgmax": catavgmax_grad,
     "gem": gem_grad, "lse": lse_grad, "attention": attention_grad, "sum": sum_grad,
     "first": first_grad, "last": last_grad,
+    "mean_sqrt_len": mean_sqrt_len_grad, "weightedmean": weightedmean_grad,
 }

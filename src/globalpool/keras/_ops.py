@@ -99,6 +99,30 @@ def sum_(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
     return ops.sum(x, axis=axes, keepdims=True)
 
 
+def mean_sqrt_len(x: Any, mask: Any, axes: tuple[int, ...]) -> Any:
+    """The sum over real positions over the square root of their number (0 if none)."""
+    if mask is None:
+        shape = ops.shape(x)
+        count = 1
+        for a in axes:
+            count = count * shape[a]
+        return sum_(x, None, axes) / ops.sqrt(ops.cast(count, x.dtype))
+    count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
+    # (not _count: its ops.maximum may give float32, and the root would keep that rounding)
+    return sum_(x, mask, axes) / ops.sqrt(ops.where(count > 0, count, 1.0))
+
+
+def weightedmean(x: Any, mask: Any) -> Any:
+    """The rank-weighted mean over the canonical view (``x`` ``(N, C, L)``, ``mask``
+    ``(N, 1, L)`` or None): the j-th real position weighs j."""
+    if mask is None:
+        mask = ops.ones_like(x[:1, :1, :], dtype="bool")
+    weights = ops.where(mask, ops.cumsum(ops.cast(mask, x.dtype), axis=-1), 0.0)
+    total = ops.sum(weights, axis=-1)
+    weighted = ops.sum(ops.where(mask, x, 0.0) * weights, axis=-1)
+    return weighted / ops.where(total > 0, total, 1.0)  # (ops.maximum may give float32)
+
+
 def _row_major_positions(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
     """Each position's index in row-major order over ``axes`` (broadcastable to x), and the
     number of positions."""
@@ -164,6 +188,13 @@ def _registered(x: Any, kind: str, mask: Any, axes: tuple[int, ...], channel_axi
             f"kind {kind!r} has no keras.ops composition: register it with keras=... to use it on "
             f"the {backend.backend()} backend (the torch backend runs its torch composition)"
         )
+    return _on_canonical_view(composition, x, mask, axes, channel_axis, params)
+
+
+def _on_canonical_view(composition: Any, x: Any, mask: Any, axes: tuple[int, ...],
+                       channel_axis: int, params: dict) -> Any:
+    """``composition(view, mask, **params)`` over the canonical view ``(N, C, L)`` (the pooled
+    axes flattened in row-major order), its ``(N, W)`` result shaped with the axes kept."""
     rank = len(ops.shape(x))
     order = [0, channel_axis, *axes]
     shape = ops.shape(x)
@@ -188,6 +219,8 @@ _BUILTIN = {  # the built-in kinds' keras.ops compositions (a test holds them to
     "sum": lambda x, m, axes, c, p: sum_(x, m, axes),
     "first": lambda x, m, axes, c, p: at_end(x, m, axes, last=False),
     "last": lambda x, m, axes, c, p: at_end(x, m, axes, last=True),
+    "mean_sqrt_len": lambda x, m, axes, c, p: mean_sqrt_len(x, m, axes),
+    "weightedmean": lambda x, m, axes, c, p: _on_canonical_view(weightedmean, x, m, axes, c, {}),
 }
 
 
