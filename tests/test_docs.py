@@ -43,6 +43,7 @@ MODULES = [
     "globalpool.heads",
     "globalpool.registry",
     "globalpool.reference_defs",
+    "globalpool.segments",
     "globalpool.layers",
     "globalpool.monitor",
     "globalpool.cam.attention",

@@ -559,3 +559,19 @@ def test_nested_tensor_through_pool():
         gp.pool(nt, "avg")
     with pytest.raises(ValueError, match="mask must be None for a nested tensor"):
         gp.pool(nt, "avg", layout="channels_last", mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_export_serves_new_lengths():
+    """torch.export records the longest sequence as a size known only when the graph runs."""
+
+    class Packed(torch.nn.Module):
+        def forward(self, x, cu_seqlens):
+            return gp.pool_packed(x, cu_seqlens, ("avg", "max", "last"))
+
+    x = torch.randn(9, C)
+    rows, n = torch.export.Dim("rows"), torch.export.Dim("n", min=3)  # N >= 2
+    program = torch.export.export(Packed(), (x, _cu((3, 0, 6))),
+                                  dynamic_shapes=({0: rows}, {0: n}))
+    for lengths in ((3, 0, 6), (1, 1, 1, 1, 1), (0, 12)):
+        x = torch.randn(sum(lengths), C)
+        torch.testing.assert_close(program.module()(x, _cu(lengths)), Packed()(x, _cu(lengths)))

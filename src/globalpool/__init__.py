@@ -46,6 +46,7 @@ from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 from globalpool.monitor import MonitorStats, monitor
 from globalpool.packed import pool_nested, pool_packed
 from globalpool.registry import KINDS, KindSpec, Param, register_kind, unregister_kind
+from globalpool.segments import pool_segments
 from globalpool.warmup import warmup
 
 __version__ = "0.1.0"
@@ -89,6 +90,7 @@ __all__ = [
     "pool",
     "pool_nested",
     "pool_packed",
+    "pool_segments",
     "register_kind",
     "registry",
     "swap_pool",

@@ -128,7 +128,7 @@ def padded(
     cu = cu_seqlens.to(torch.int64)
     n, (t, c) = cu.shape[0] - 1, x.shape
     lengths = cu[1:] - cu[:-1]
-    lmax = max(int(lengths.max()), 1) if n else 1
+    lmax = _longest(lengths, t) if n else 1
     seq = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=t)
     pos = torch.arange(t, device=x.device) - cu[:-1][seq]
     xp = x.new_zeros((n, lmax, c)).index_put((seq, pos), x)
@@ -136,6 +136,17 @@ def padded(
     mask = mask.index_put((seq, pos), torch.ones((), dtype=torch.bool, device=x.device))
     wp = None if weights is None else weights.new_zeros((n, lmax)).index_put((seq, pos), weights)
     return xp, mask, wp
+
+
+def _longest(lengths: torch.Tensor, t: int) -> int:
+    """The longest of the (N >= 1) lengths, at least 1. Under ``torch.export`` it has no value
+    yet: an unbacked size in ``[1, max(T, 1)]``, so the graph serves any lengths."""
+    if not torch.compiler.is_exporting():
+        return max(int(lengths.max()), 1)
+    lmax = lengths.max().clamp_min(1).item()
+    torch._check(lmax >= 1)
+    torch._check(lmax <= max(t, 1))
+    return lmax
 
 
 def _compose(x: torch.Tensor, cu_seqlens: torch.Tensor, kind: str, params: dict) -> torch.Tensor:
