@@ -197,8 +197,8 @@ def compare(
     model: Annotated[
         str | None,
         typer.Option(
-            help="cnn1d, cnn2d, resnet18, resnet18-w16 or multiscale (default: per dataset "
-            "or --recipe)."
+            help="cnn1d, cnn2d, resnet18, resnet18-w16, multiscale or fastnet (default: per "
+            "dataset or --recipe)."
         ),
     ] = None,
     recipe: Annotated[
@@ -206,7 +206,9 @@ def compare(
         typer.Option(
             help="Named model and training settings instead of the dataset's defaults: "
             "cifar-cpu (quarter-width ResNet-18, 8 epochs, SGD, crop+flip, bfloat16; 8-10 min "
-            "a run on one CPU core) or cifar-resnet18 (full ResNet-18, 30 epochs; a GPU recipe). "
+            "a run on one CPU core), cifar-resnet18 (full ResNet-18, 30 epochs; a GPU recipe) "
+            "or cifar-gpu (FastNet, 12 epochs of batch 1024, label smoothing, flip TTA; a fast "
+            "GPU recipe). "
             "--model, --epochs, --batch-size and --lr still override it."
         ),
     ] = None,
