@@ -34,12 +34,14 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = "avg,max,catavgmax,gem,attention,fc"
 NEEDED = ("numpy", "scipy", "matplotlib", "PIL", "typer", "rich")
 ARCHIVE = "cifar10-jpeg.tar.gz"
+DISTRIBUTIONS = {"PIL": "pillow"}  # import name -> distribution name, where they differ
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,10 +73,15 @@ def environment() -> dict[str, object]:
     packages: dict[str, str | None] = {}
     for name in ("torch", *NEEDED):
         try:
-            packages[name] = str(getattr(importlib.import_module(name), "__version__", "?"))
+            module = importlib.import_module(name)
         except Exception as err:  # any import failure counts as missing
             packages[name] = None
             env.setdefault("import_errors", {})[name] = f"{type(err).__name__}: {err}"  # type: ignore[index]
+            continue
+        try:
+            packages[name] = metadata.version(DISTRIBUTIONS.get(name, name))
+        except metadata.PackageNotFoundError:
+            packages[name] = str(getattr(module, "__version__", "unknown"))
     env["packages"] = packages
     if packages["torch"] is not None:
         import torch

@@ -101,8 +101,8 @@ def verdict_lines(rows: list[dict[str, Any]], where: str, test: str) -> tuple[se
         )
     else:
         lines.append(
-            f"No head is bold in {where}: none is better than `{BASELINE}` ({how} lies above 0 "
-            "for none).  "
+            f"No head is bold in {where}: none is better than `{BASELINE}` ({test} accuracy, "
+            "paired by seed: no head's 95% CI of the mean difference lies above 0).  "
         )
     if groups["worse"]:
         worse = ", ".join(groups["worse"])
