@@ -232,6 +232,18 @@ def test_compare_with_the_gpu_recipe_on_a_cpu(tmp_path, monkeypatch):
         "flip test-time augmentation", "linear, linear warm-up 120 steps",
     ):  # fmt: skip
         assert text in md, text
+    # --report-only rewrites the report from the cached runs, and trains nothing
+    (tmp_path / "out" / "results.md").unlink()
+    again = CliRunner().invoke(app, [*args, "--report-only"])
+    assert again.exit_code == 0, again.output
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    assert (meta["runs_this_call"], meta["runs_reused"]) == (0, 6)
+    assert "Δ vs `avg` pp (paired)" in (tmp_path / "out" / "results.md").read_text()
+    more = [*args[: args.index("--seeds") + 1], "3", *args[args.index("--seeds") + 2 :]]
+    refused = CliRunner().invoke(app, [*more, "--report-only"])
+    assert refused.exit_code == 1
+    assert "--report-only: 3 of 9 runs are not in" in refused.output and "nothing trained" in refused.output
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["seeds"] == 2
 
 
 def test_gpu_table_script_stops_at_once_without_cuda(tmp_path):

@@ -1030,6 +1030,9 @@ def test_tune_resumes_without_retraining(tmp_path, monkeypatch):
     assert "tune/mnist1d/cnn1d/fc/lr=10000,warmup=0/seed10000/n200 failed" in result.stderr
     kept = run_files(out / "tuning")
     assert len(kept) == 5 and not (out / "runs").exists()  # no final run before tuning ends
+    report = invoke(*TUNE, "--out", str(out), *SEQUENTIAL, "--report-only")
+    assert report.exit_code == 1 and "--report-only: 1 of 6 tuning runs are not in" in report.stderr
+    assert run_files(out / "tuning") == kept  # nothing trained
 
     monkeypatch.setattr(runner, "train_and_evaluate", real)
     again = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)
