@@ -15,7 +15,7 @@ Usage (from the repository root)::
 
 ``--data`` defaults to ``$CIFAR10_ARCHIVE``, else the first of ``shared/data/``,
 ``../shared/data/`` and ``.gpu-data/`` that holds ``cifar10-jpeg.tar.gz``. ``--out`` (default
-``$OUT``, else ``gpu-cifar-results``) receives, flat: ``environment.json``, ``log.txt``,
+``gpu-cifar-results``) receives, flat: ``environment.json``, ``log.txt``,
 ``results.md``, ``results.json`` (every run's record), ``accuracy.png`` and ``summary.txt``. The
 runs' cache (records and the decoded-image cache) lives in ``--work`` (default
 ``/tmp/gpu-cifar-work``), outside ``--out``. Exit code 0 when every round finished, 3 when the
@@ -47,10 +47,12 @@ DISTRIBUTIONS = {"PIL": "pillow"}  # import name -> distribution name, where the
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help=f"the CIFAR-10 JPEG archive ({ARCHIVE})")
-    parser.add_argument("--out", help="where the results go (default $OUT)")
-    parser.add_argument("--work", default="/tmp/gpu-cifar-work", help="runs and data cache")
-    parser.add_argument("--heads", default=HEADS)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--out", default="gpu-cifar-results", help="where the results go")
+    parser.add_argument(
+        "--work", default="/tmp/gpu-cifar-work", help="the runs' cache and the decoded images"
+    )
+    parser.add_argument("--heads", default=HEADS, help=f"comma list (default {HEADS})")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per head (default 5)")
     parser.add_argument(
         "--time-limit", type=float, default=540.0, help="seconds for everything (default 540)"
     )
@@ -154,7 +156,7 @@ def run_round(cmd: list[str], timeout: float, log: Path, env: dict[str, str]) ->
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
-    out = Path(args.out or os.environ.get("OUT") or "gpu-cifar-results")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
