@@ -130,7 +130,8 @@ def test_help_is_plain_and_flags_take_no_value(command):
     assert "<" not in result.output and "╭" not in result.output, result.output
     options = re.findall(r"^  (--[\w-]+(?: / --[\w-]+)?)( [A-Z_]+)?", result.output, flags=re.M)
     assert options, result.output
-    flags = {"--help", "--quick", "--memory", "--download", "--monitor", "--compile / --no-compile",
+    flags = {"--help", "--quick", "--memory", "--download", "--monitor", "--report-only",
+             "--compile / --no-compile",
              "--save-models / --no-save-models"}
     for name, metavar in options:
         assert (name in flags) == (metavar == ""), (name, metavar)

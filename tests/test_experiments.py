@@ -196,9 +196,11 @@ def test_report_table_marks_best_and_na():
     assert [r["head"] for r in rows] == ["fc", "avg"]  # HEADS order
     table = markdown_table(rows)
     assert "| n/a |" in table and "bigger acc %" in table
-    # avg's mean is higher, but its CI (65.0 ± 63.5) overlaps fc's (50.0 ± 0.0): no bold.
+    # avg is in the table, so fc is compared with it seed by seed: -10, -20 pp, whose 95% CI
+    # (-15.0 ± 63.5) holds 0: no bold, and fc is named as not shown to differ.
     assert "**" not in table
-    assert "No head is bold" in table and "overlapping 95% CIs" in table
+    assert "No head is bold in this table: none is better than `avg`" in table
+    assert "Not shown to differ from `avg`" in table and "`fc` (−15.0 ± 63.5 pp)" in table
 
 
 def _row(head, values, size=10):
@@ -545,6 +547,8 @@ def test_torchrun_two_cpu_processes_same_format(tmp_path):
         "provenance",
         "labels",
         "ranking",
+        "paired",
+        "execute",
         "plots",
         "monitoring",
         "monitor_plot",
@@ -1026,6 +1030,9 @@ def test_tune_resumes_without_retraining(tmp_path, monkeypatch):
     assert "tune/mnist1d/cnn1d/fc/lr=10000,warmup=0/seed10000/n200 failed" in result.stderr
     kept = run_files(out / "tuning")
     assert len(kept) == 5 and not (out / "runs").exists()  # no final run before tuning ends
+    report = invoke(*TUNE, "--out", str(out), *SEQUENTIAL, "--report-only")
+    assert report.exit_code == 1 and "--report-only: 1 of 6 tuning runs are not in" in report.stderr
+    assert run_files(out / "tuning") == kept  # nothing trained
 
     monkeypatch.setattr(runner, "train_and_evaluate", real)
     again = invoke(*TUNE, "--out", str(out), *SEQUENTIAL)

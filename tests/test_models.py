@@ -84,7 +84,7 @@ def test_multiscale_concatenates_stage_features():
 
 
 def test_registry_by_model_and_dataset():
-    assert set(MODELS) == {"cnn1d", "cnn2d", "resnet18", "resnet18-w16", "multiscale"}
+    assert set(MODELS) == {"cnn1d", "cnn2d", "resnet18", "resnet18-w16", "multiscale", "fastnet"}
     for dataset, name in DATASET_MODELS.items():
         assert resolve_model_name(dataset) == name
     assert resolve_model_name("folder:/some/where") == "cnn2d"

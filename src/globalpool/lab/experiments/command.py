@@ -197,8 +197,8 @@ def compare(
     model: Annotated[
         str | None,
         typer.Option(
-            help="cnn1d, cnn2d, resnet18, resnet18-w16 or multiscale (default: per dataset "
-            "or --recipe)."
+            help="cnn1d, cnn2d, resnet18, resnet18-w16, multiscale or fastnet (default: per "
+            "dataset or --recipe)."
         ),
     ] = None,
     recipe: Annotated[
@@ -206,7 +206,9 @@ def compare(
         typer.Option(
             help="Named model and training settings instead of the dataset's defaults: "
             "cifar-cpu (quarter-width ResNet-18, 8 epochs, SGD, crop+flip, bfloat16; 8-10 min "
-            "a run on one CPU core) or cifar-resnet18 (full ResNet-18, 30 epochs; a GPU recipe). "
+            "a run on one CPU core), cifar-resnet18 (full ResNet-18, 30 epochs; a GPU recipe) "
+            "or cifar-gpu (FastNet, 12 epochs of batch 1024, label smoothing, flip TTA; a fast "
+            "GPU recipe). "
             "--model, --epochs, --batch-size and --lr still override it."
         ),
     ] = None,
@@ -234,6 +236,15 @@ def compare(
             help="Keep each run's trained weights (state_dict) beside its JSON record as .pt.",
         ),
     ] = True,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Train nothing: rewrite results.md/.json and the plots from the runs already "
+            "in --out (the same options as the call that trained them); stop with an error, "
+            "before any training, if any run (or tuning run) is missing.",
+        ),
+    ] = False,
     monitor: Annotated[
         bool,
         typer.Option(
@@ -299,6 +310,7 @@ def compare(
                     threads=threads,
                     backend=backend,
                     save_models=save_models,
+                    report_only=report_only,
                     monitor=monitor,
                     tune=tune,
                     tune_grid=tune_grid,
@@ -372,6 +384,16 @@ def _tune_options(
     return TuneOptions(params, grid, float(budget), seeds)
 
 
+def _refuse_training(pending: list[RunSpec], planned: int, where: Path, what: str) -> None:
+    """``--report-only``: a :class:`CompareError` naming the missing runs, if any."""
+    if pending:
+        raise CompareError(
+            f"--report-only: {len(pending)} of {planned} {what} are not in {where} (e.g. "
+            f"{pending[0].label}); nothing trained. Give the options of the call that trained "
+            "them, or drop --report-only to train the missing ones"
+        )
+
+
 def _point_text(summary: dict[str, Any]) -> str:
     chosen = summary["chosen"]
     text = f"lr {chosen['lr']:g}" + (f" warmup {chosen['warmup']}" if chosen["warmup"] else "")
@@ -393,6 +415,7 @@ def _tune(
     out: Path,
     workers: int | None,
     threads: int,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) every tuning run and pick each head's grid point (:mod:`.tune`).
 
@@ -437,6 +460,8 @@ def _tune(
     )
     pending = [spec for spec in plan if store.load(spec) is None] if ctx.is_main else None
     pending = distributed.broadcast_object(pending, ctx)
+    if report_only:
+        _refuse_training(pending, len(plan), root, "tuning runs")
     if ctx.enabled or torch_device.type == "cuda":
         n_workers = 1
     else:
@@ -532,6 +557,7 @@ def _compare(
     threads: int | None,
     backend: str,
     save_models: bool = True,
+    report_only: bool = False,
     monitor: bool = False,
     recipe: str | None = None,
     tune: str | None = None,
@@ -594,6 +620,7 @@ def _compare(
             started=started,
             save_models=save_models,
             tuning=tuning,
+            report_only=report_only,
         )
     finally:
         distributed.shutdown(ctx)
@@ -617,6 +644,7 @@ def _run(
     started: float,
     save_models: bool = True,
     tuning: TuneOptions | None = None,
+    report_only: bool = False,
 ) -> None:
     import torch
 
@@ -698,6 +726,7 @@ def _run(
             out=out,
             workers=workers,
             threads=threads,
+            report_only=report_only,
         )
         configs = {h: tuning_config(config, s) for h, s in tuned["by_head"].items()}
     # Seed-major order: each head's runs are spread over the whole call, so a busy spell on a
@@ -710,6 +739,8 @@ def _run(
     ]
     pending = [spec for spec in plan if store.load(spec) is None] if ctx.is_main else None
     pending = distributed.broadcast_object(pending, ctx)
+    if report_only:
+        _refuse_training(pending, len(plan), out, "runs")
 
     if ctx.enabled or torch_device.type == "cuda":
         n_workers = 1

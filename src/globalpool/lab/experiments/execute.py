@@ -60,6 +60,28 @@ class ProgressSink:
     def finish(self, label: str, record: dict[str, Any]) -> None: ...
 
 
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    """``data`` with every tensor moved to ``device`` (``data`` itself on the CPU).
+
+    >>> from globalpool.lab.data import Dataset
+    >>> x = torch.zeros(2, 1, 4); y = torch.tensor([0, 1])
+    >>> toy = Dataset("toy", x, y, x, y, num_classes=2, spatial_rank=1)
+    >>> on_device(toy, torch.device("cpu")) is toy
+    True
+    """
+    if device.type == "cpu":
+        return data
+    extra = {k: (x.to(device), y.to(device)) for k, (x, y) in data.extra_tests.items()}
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train.to(device),
+        y_train=data.y_train.to(device),
+        x_test=data.x_test.to(device),
+        y_test=data.y_test.to(device),
+        extra_tests=extra,
+    )
+
+
 def run_sequential(
     pending: Sequence[RunSpec],
     data: Dataset,
@@ -69,7 +91,10 @@ def run_sequential(
     ctx: DistContext,
     sink: ProgressSink,
 ) -> None:
-    """Run ``pending`` in this process (all ranks together under ``torchrun``)."""
+    """Run ``pending`` in this process (all ranks together under ``torchrun``). On a GPU the
+    dataset is copied to it once, for every run, rather than once per run."""
+    if pending:
+        data = on_device(data, device)
     for spec in pending:
         sink.start(spec.label, 0)
 

@@ -2,8 +2,10 @@
 
 Per (head, training-set size): test accuracy as mean +- 95% Student-t CI over seeds (and the same
 for every extra test set, e.g. digits-shifted's moved digits), parameters (total and head),
-training wall time, peak memory and throughput, each averaged over seeds. Below the table:
-which head, if any, is clearly best (:mod:`.ranking`), what every column means, and one line
+training wall time, peak memory and throughput, each averaged over seeds; with ``avg`` among the
+heads, each other head's test accuracy minus ``avg``'s, paired by seed (:mod:`.paired`). Below
+the table: which heads are better or worse than ``avg`` by that paired CI (without ``avg``:
+which head, if any, is clearly best, :mod:`.ranking`), what every column means, and one line
 per run saying how it was made and whether this call trained it or reused it from the cache.
 
 >>> rec = {"spec": {"head": "avg", "seed": 0}, "train_size": 100, "accuracy": 0.9,
@@ -26,6 +28,8 @@ from typing import Any
 from globalpool import HEADS, LEARNED_POOLS
 from globalpool.lab.experiments.labels import labels_of, ordered
 from globalpool.lab.experiments.monitor_plot import monitor_markdown, plot_monitor
+from globalpool.lab.experiments.paired import BASELINE, format_difference, paired_difference
+from globalpool.lab.experiments.paired import verdict_lines as paired_verdicts
 from globalpool.lab.experiments.plots import CLIP_NOTE, plot_accuracy, plot_sweep
 from globalpool.lab.experiments.ranking import winner
 from globalpool.lab.experiments.results import atomic_write
@@ -103,6 +107,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "eval_throughput": _mean([r["eval_throughput"] for r in recs]),
             }
         )
+    for row in rows:  # each head against avg of the same size, paired by seed
+        base = groups.get((row["train_size"], BASELINE))
+        mine = groups[(row["train_size"], row["head"])]
+        row["vs_avg"] = None
+        if base is not None and row["head"] != BASELINE:
+            row["vs_avg"] = paired_difference(
+                {r["spec"]["seed"]: r["accuracy"] for r in mine},
+                {r["spec"]["seed"]: r["accuracy"] for r in base},
+            )
     return rows
 
 
@@ -134,6 +147,19 @@ COLUMNS = [
 
 
 GAP_COLUMN = "train − test gap pp"
+PAIRED_COLUMN = f"Δ vs `{BASELINE}` pp (paired)"
+
+
+def _paired_cell(row: dict[str, Any]) -> str:
+    diff = row.get("vs_avg")
+    if row["head"] == BASELINE:
+        return "baseline"
+    if diff is None:
+        return "n/a"
+    cell = format_difference(diff)
+    if diff["verdict"] == "better":
+        return f"**{cell}** better"
+    return f"{cell} worse" if diff["verdict"] == "worse" else cell
 
 
 def markdown_table(
@@ -141,22 +167,42 @@ def markdown_table(
     labels: dict[str, str] | None = None,
     tuned: dict[str, str] | None = None,
 ) -> str:
-    """The results table, then one line per training-set size on which head (if any) is bold.
+    """The results table, then, per training-set size, which heads (if any) are bold and why.
 
-    A head's test accuracy is bold only when it is the best mean and its 95% CI does not
-    overlap the next-best head's. ``labels`` renames test sets (``{name: label}``). ``tuned``
+    Where the table has ``avg`` (rows from :func:`summarize`, which hold ``vs_avg``), each
+    other head's test accuracy minus ``avg``'s, paired by seed, is a column (mean ± 95% CI,
+    :mod:`.paired`), and a head is bold when it is better than ``avg`` by that paired CI (it
+    lies above 0); worse and inconclusive heads are named below the table. Without ``avg``, a
+    head's test accuracy is bold only when it is the best mean and its 95% CI does not overlap
+    the next-best head's. ``labels`` renames test sets (``{name: label}``). ``tuned``
     (``compare --tune``) adds a column of each head's chosen settings (``{head: text}``).
     """
     labels = labels or {}
     names = ordered(rows[0]["accuracies"], labels) if rows else ["test"]
     header = ["head", "train n", "seeds"] + (["tuned"] if tuned else [])
     header += [f"{labels.get(n, n)} acc %" for n in names]
+    sizes = sorted({row["train_size"] for row in rows})
+    by_size = {n: [r for r in rows if r["train_size"] == n] for n in sizes}
+    # The paired rule where avg and the paired differences are there, the CI-overlap rule else.
+    paired = {n: any(r.get("vs_avg") is not None for r in rs) for n, rs in by_size.items()}
+    header += [PAIRED_COLUMN] if any(paired.values()) else []
     gaps = any(row.get("gap") for row in rows)
     header += [GAP_COLUMN] if gaps else []
     header += [name for name, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    sizes = sorted({row["train_size"] for row in rows})
-    verdicts = {n: winner([r for r in rows if r["train_size"] == n]) for n in sizes}
+    test = labels.get("test", "test")
+    verdicts: dict[int, tuple[set[str], list[str]]] = {}
+    for size, size_rows in by_size.items():
+        where = f"train n={size}" if len(sizes) > 1 else "this table"
+        if paired[size]:
+            verdicts[size] = paired_verdicts(size_rows, where, test)
+            continue
+        best, why = winner(size_rows)
+        if best is None:
+            line = f"No head is bold in {where} ({test} accuracy): {why}.  "
+        else:
+            line = f"Bold in {where}: `{best['head']}`, the best {test} accuracy; {why}.  "
+        verdicts[size] = (set() if best is None else {best["head"]}, [line])
     for row in rows:
         cells = [f"`{row['head']}`", str(row["train_size"]), str(row["seeds"])]
         if tuned:
@@ -164,9 +210,11 @@ def markdown_table(
         for name in names:
             acc = row["accuracy"] if name == "test" else row["accuracies"].get(name)
             cell = _fmt_acc(acc)
-            if name == "test" and verdicts[row["train_size"]][0] is row:
+            if name == "test" and row["head"] in verdicts[row["train_size"]][0]:
                 cell = f"**{cell}**"
             cells.append(cell)
+        if any(paired.values()):
+            cells.append(_paired_cell(row) if paired[row["train_size"]] else "n/a")
         if gaps:
             cells.append(_fmt_acc(row.get("gap")))
         cells += [
@@ -180,17 +228,14 @@ def markdown_table(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    test = labels.get("test", "test")
-    for size, (best, why) in verdicts.items():
-        where = f"train n={size}" if len(sizes) > 1 else "this table"
-        if best is None:
-            lines.append(f"No head is bold in {where} ({test} accuracy): {why}.  ")
-        else:
-            lines.append(f"Bold in {where}: `{best['head']}`, the best {test} accuracy; {why}.  ")
+    for _, size_lines in verdicts.values():
+        lines += size_lines
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _legend(names: Sequence[str], meta: dict[str, Any]) -> list[str]:
+def _legend(
+    names: Sequence[str], meta: dict[str, Any], rows: Sequence[dict[str, Any]] = ()
+) -> list[str]:
     sets = {s["name"]: s for s in meta.get("test_sets", [])}
     out = [
         "Columns:",
@@ -207,6 +252,15 @@ def _legend(names: Sequence[str], meta: dict[str, Any]) -> list[str]:
         out.append(
             f"- **{info['label']} acc %**: accuracy on {info['description']}{size}; mean ± 95% "
             "CI (Student t over seeds)."
+        )
+    if any(r.get("vs_avg") is not None for r in rows):
+        out.append(
+            f"- **{PAIRED_COLUMN}**: the head's test accuracy minus `{BASELINE}`'s, seed by "
+            "seed (runs of one seed share the data order and augmentation), in percentage "
+            "points; mean ± 95% CI (Student t over the paired differences). **better** / "
+            "**worse**: the CI lies above / below 0; a bare value: the CI contains 0 (or one "
+            "seed), so no difference is shown. With `avg` in the table, a head is bold when it "
+            "is better than `avg` by this rule."
         )
     if TRAIN_SET in names:
         out.append(
@@ -378,6 +432,22 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _warmup_text(cfg: dict[str, Any]) -> str:
+    return f", linear warm-up {cfg['warmup']} steps" if cfg.get("warmup") else ""
+
+
+def _smoothing_text(cfg: dict[str, Any]) -> str:
+    smoothing = cfg.get("label_smoothing")
+    return f", label smoothing {smoothing}" if smoothing else ""
+
+
+def _augment_text(cfg: dict[str, Any]) -> str:
+    augment = cfg.get("augment", "none")
+    if augment == "crop-flip" and cfg.get("crop_padding", 4) != 4:
+        return f"{augment} (shifts up to {cfg['crop_padding']} px)"
+    return augment
+
+
 def markdown_report(
     rows: Sequence[dict[str, Any]],
     meta: dict[str, Any],
@@ -413,16 +483,17 @@ def markdown_report(
             if meta.get("tuning")
             else f"lr {cfg.get('lr')} "
         )
-        + f"({cfg.get('schedule')}), "
-        f"weight decay {cfg.get('weight_decay')}; augmentation {cfg.get('augment', 'none')}; "
-        f"precision {cfg.get('precision', 'fp32')}"
-        f"{', channels-last' if cfg.get('channels_last') else ''}.  ",
+        + f"({cfg.get('schedule')}{_warmup_text(cfg)}), "
+        f"weight decay {cfg.get('weight_decay')}{_smoothing_text(cfg)}; augmentation "
+        f"{_augment_text(cfg)}; precision {cfg.get('precision', 'fp32')}"
+        f"{', channels-last' if cfg.get('channels_last') else ''}"
+        f"{'; flip test-time augmentation' if cfg.get('flip_tta') else ''}.  ",
         f"How the runs were made (part of the cache key): {made}.  ",
         f"This call: {len(records) - reused} run(s) trained with {meta.get('workers')} worker "
         f"process(es), {reused} reused from the cache (marked `reused (cached)` below).",
         "",
         markdown_table(rows, labels, tuned_settings(meta)),
-        *_legend(names, meta),
+        *_legend(names, meta, rows),
         "",
     ]
     for kind, clipped in (plots or {}).items():

@@ -98,18 +98,33 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
-    """Multiplier of the base learning rate at ``step`` of ``steps`` (cosine decays to 0),
-    times a linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps.
+    """Multiplier of the base learning rate at ``step`` of ``steps`` (cosine and linear decay
+    to 0), times a linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps
+    (with ``"linear"``, a triangle).
 
     >>> lr_factor("cosine", 0, 10), lr_factor("cosine", 10, 10), lr_factor("constant", 5, 10)
     (1.0, 0.0, 1.0)
+    >>> lr_factor("linear", 5, 10), lr_factor("linear", 1, 10, warmup=4)
+    (0.5, 0.45)
     >>> lr_factor("constant", 0, 10, warmup=4), lr_factor("constant", 3, 10, warmup=4)
     (0.25, 1.0)
     """
     ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     if schedule == "cosine":
         return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    if schedule == "linear":
+        return ramp * (1.0 - min(step, steps) / max(steps, 1))
     return ramp
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (in float32) with ``config.label_smoothing``.
+
+    >>> cfg = TrainConfig(1, 1, 0.1, label_smoothing=0.2)
+    >>> round(float(training_loss(torch.zeros(1, 4), torch.tensor([0]), cfg)), 4)  # ln 4
+    1.3863
+    """
+    return F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -166,7 +181,8 @@ def count_correct(
     config: TrainConfig | None = None,
 ) -> int:
     """Number of samples of ``(x, y)`` that ``model`` classifies right (``model`` in eval mode),
-    at ``config``'s precision and memory layout when given."""
+    at ``config``'s precision and memory layout when given, with its flip test-time
+    augmentation when ``config.flip_tta``."""
     correct = 0
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device, non_blocking=True)
@@ -176,6 +192,8 @@ def count_correct(
         else:
             with precision_context(config, device):
                 logits = model(to_layout(xb, config))
+                if config.flip_tta:  # the image's and its mirror image's logits, summed
+                    logits = logits.float() + model(to_layout(xb.flip(-1), config)).float()
         correct += int((logits.argmax(1) == yb).sum())
     return correct
 
@@ -220,6 +238,8 @@ def train_and_evaluate(
     cfg = spec.config
     if cfg.augment == "crop-flip" and data.spatial_rank != 2:
         raise ValueError(f"augment='crop-flip' needs 2d images, got {data.spatial_rank}d data")
+    if cfg.flip_tta and data.spatial_rank != 2:
+        raise ValueError(f"flip_tta=True needs 2d images, got {data.spatial_rank}d data")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     full_size = data.train_size
@@ -240,6 +260,9 @@ def train_and_evaluate(
         spatial_size=data.input_shape[1:],
         backend=cfg.backend,
     ).to(device)
+    fit_to_data = getattr(model, "fit_to_data", None)
+    if fit_to_data is not None:  # data-dependent set-up before training (FastNet's whitening)
+        fit_to_data(x_train)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params_total = count_parameters(model)
@@ -270,10 +293,10 @@ def train_and_evaluate(
         optimizer.zero_grad(set_to_none=True)
         xb = x_train[idx]
         if cfg.augment == "crop-flip":
-            xb = crop_flip(xb, augment)
+            xb = crop_flip(xb, augment, pad=cfg.crop_padding)
         with precision_context(cfg, device):
             logits = net(to_layout(xb, cfg))
-        loss = F.cross_entropy(logits.float(), y_train[idx])
+        loss = training_loss(logits, y_train[idx], cfg)
         loss.backward()
         optimizer.step()
         return loss

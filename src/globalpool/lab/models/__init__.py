@@ -11,6 +11,7 @@ torch.Size([1, 10])
 from globalpool.lab.models.base import HeadedNet, count_parameters
 from globalpool.lab.models.cnn1d import CNN1D
 from globalpool.lab.models.cnn2d import CNN2D
+from globalpool.lab.models.fastnet import FastNet
 from globalpool.lab.models.multiscale import MultiScaleHead, MultiScaleNet
 from globalpool.lab.models.registry import DATASET_MODELS, MODELS, build_model, resolve_model_name
 from globalpool.lab.models.resnet_cifar import ResNet18
@@ -19,6 +20,7 @@ __all__ = [
     "CNN1D",
     "CNN2D",
     "DATASET_MODELS",
+    "FastNet",
     "MODELS",
     "HeadedNet",
     "MultiScaleHead",

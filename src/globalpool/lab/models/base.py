@@ -90,7 +90,9 @@ class HeadedNet(nn.Module):
 
     The backbone is probed once at ``spatial_size`` so a flatten-FC head (``"fc"``) knows its
     input size; pooling heads accept any input size afterwards. ``head_kwargs`` go to
-    ``make_head`` (``hidden``, ``dropout``, pool parameters, ``backend``).
+    ``make_head`` (``hidden``, ``dropout``, pool parameters, ``backend``). ``logit_scale``
+    multiplies the head's output (1, the default, leaves it alone): a fixed scale below 1 keeps
+    a high learning rate from blowing up the classifier's first steps, whatever the head.
     """
 
     def __init__(
@@ -101,10 +103,16 @@ class HeadedNet(nn.Module):
         *,
         in_channels: int,
         spatial_size: tuple[int, ...],
+        logit_scale: float = 1.0,
         **head_kwargs: Any,
     ) -> None:
         super().__init__()
         self.head_name = check_head(head)
+        if isinstance(logit_scale, bool) or not (
+            isinstance(logit_scale, (int, float)) and 0 < logit_scale < float("inf")
+        ):
+            raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+        self.logit_scale = float(logit_scale)
         self.backbone = backbone
         size = check_spatial_size(spatial_size)
         features = probe_features(backbone, in_channels, size)
@@ -134,5 +142,8 @@ class HeadedNet(nn.Module):
             # Under mixed precision only the backbone runs in low precision: the head (pooling
             # and classifier) always computes in float32.
             with torch.autocast(features.device.type, enabled=False):
-                return self.head(features.float())
-        return self.head(features)
+                return self._scaled(self.head(features.float()))
+        return self._scaled(self.head(features))
+
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale

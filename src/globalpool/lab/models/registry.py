@@ -14,6 +14,7 @@ from torch import nn
 
 from globalpool.lab.models.cnn1d import CNN1D
 from globalpool.lab.models.cnn2d import CNN2D
+from globalpool.lab.models.fastnet import FastNet
 from globalpool.lab.models.multiscale import MultiScaleNet
 from globalpool.lab.models.resnet_cifar import ResNet18, ResNet18W16
 
@@ -23,6 +24,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet18": ResNet18,
     "resnet18-w16": ResNet18W16,
     "multiscale": MultiScaleNet,
+    "fastnet": FastNet,
 }
 
 #: The model each dataset uses unless told otherwise (``folder:PATH`` is looked up as ``folder``).
@@ -62,8 +64,8 @@ def build_model(
     spatial_size: int | tuple[int, ...],
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a model (``cnn1d``, ``cnn2d``, ``resnet18``, ``resnet18-w16``, ``multiscale``) or a
-    dataset's default.
+    """Build a model (``cnn1d``, ``cnn2d``, ``resnet18``, ``resnet18-w16``, ``multiscale``,
+    ``fastnet``) or a dataset's default.
 
     ``head`` is one of :data:`~globalpool.lab.models.base.LAB_HEADS` (:data:`globalpool.HEADS`
     or a learned attention pool ``map``/``simpool``/``clip``); ``spatial_size`` is the training
