@@ -24,6 +24,7 @@ from globalpool.attention.query import (
     zero_empty,
 )
 from globalpool.contract import check_layout, spatial_shape
+from globalpool.dispatch import deploying
 from globalpool.layers import check_channels
 
 #: How a positional table is resized, per spatial rank.
@@ -147,10 +148,15 @@ class CLIPAttentionPool(nn.Module):
         return self.output_dim
 
     def positions(self, size: tuple[int, ...]) -> torch.Tensor:
-        """The positional table for spatial size ``size``, ``(1 + prod(size), C)``."""
-        if size == self.spatial_size:
+        """The positional table for spatial size ``size``, ``(1 + prod(size), C)``.
+
+        An exporter or tracer records the resizing for every size when ``interpolate`` (resizing
+        to the table's own size gives it back exactly), so the sizes stay dynamic.
+        """
+        same_rank = len(size) == len(self.spatial_size)
+        if same_rank and not (self.interpolate and deploying()) and size == self.spatial_size:
             return self.positional_embedding
-        if not self.interpolate or len(size) != len(self.spatial_size):
+        if not self.interpolate or not same_rank:
             how = (
                 "pass interpolate=True to resize the table"
                 if len(size) == len(self.spatial_size)
@@ -202,7 +208,7 @@ class CLIPAttentionPool(nn.Module):
                                              "CLIPAttentionPool")
         if packed:
             x, mask = self._on_table(x, mask)
-        table = self.positions(tuple(int(s) for s in spatial_shape(x, layout)))
+        table = self.positions(spatial_shape(x, layout))
         tokens = as_tokens(x.to(param_dtype(self)), mask, layout)
         seq = torch.cat([masked_mean(tokens).unsqueeze(1), tokens.values], 1) + table
         key_mask = tokens.key_mask
