@@ -100,13 +100,13 @@ def rerun_modules(record: dict, modules: list[str]) -> dict:
         raise SystemExit(f"unknown module(s) {unknown}; known: {sorted(CASES_BY_NAME)}")
     if record.get("matrix") != "full":
         raise SystemExit("--modules updates a full matrix record; run the full matrix first")
+    record.setdefault("run_cells", len(record["cells"]))  # the full run's, before any update
     partial = run_only(modules)
     fresh = {_key(c): c for c in partial.pop("cells")}
     old = {_key(c): c for c in record["cells"]}
     order = [(c.module, c.exporter, c.backend, c.rank, c.compile_backend) for c in full_cells()]
     record["cells"] = [fresh.get(k) or old[k] for k in order if k in fresh or k in old]
     partial.pop("matrix")
-    partial.pop("versions")
     partial.pop("onnx_opset")
     record.setdefault("updates", []).append({"modules": modules, "cells": len(fresh), **partial})
     record["onnx_opset"] = sorted({c["opset"] for c in record["cells"] if c["opset"] is not None})

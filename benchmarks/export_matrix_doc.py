@@ -146,9 +146,9 @@ def _updates(record: dict) -> str:
     for u in record.get("updates", []):
         names = ", ".join(f"`{m}`" for m in u["modules"])
         out.append(
-            f" The cells of {names} ({u['cells']}) were run again later, on "
-            f"{u['machine']['cpu']} ({u['machine']['cores']} cores), in {u['wall_s']:.0f} s "
-            f"(load average {u['load_average_start'][0]:.1f} at the start)."
+            f" The {u['cells']} cells of {names} were run later (added to the matrix, or run "
+            f"again), on {u['machine']['cpu']} ({u['machine']['cores']} cores), in "
+            f"{u['wall_s']:.0f} s (load average {u['load_average_start'][0]:.1f} at the start)."
         )
     return "".join(out)
 
@@ -248,7 +248,8 @@ def render(record: dict) -> str:
         *_accuracy(cells),
         "",
         f"Measured on {machine['cpu']} ({machine['cores']} cores), {versions}; the "
-        f"{len(cells)} cells took {record['wall_s']:.0f} s (load average {load:.1f} at "
+        f"{record.get('run_cells', len(cells))} cells of the full run took "
+        f"{record['wall_s']:.0f} s (load average {load:.1f} at "
         f"the start, shared with other work).{_updates(record)} Raw record: "
         "[benchmarks/results/export/matrix.json](../benchmarks/results/export/matrix.json). "
         "Speed of exported heads in onnxruntime against eager torch: "
