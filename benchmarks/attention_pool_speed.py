@@ -14,13 +14,14 @@ module parameters:
   (a bool ``attn_mask``).
 
 The two baselines are checked against the module (values and the gradient of ``x``) before any
-timing. Times are medians over interleaved rounds (every method once per round, so each sees the
-same machine load), for the forward without grad and forward + backward (``x`` and every
-parameter require grad); the ratios are the module's median over each baseline's. The memory
+timing (that run is also the warm-up). Times are of forward + backward (``x`` and every
+parameter require grad), medians over interleaved rounds (every method once per round, so each
+sees the same machine load); the ratios are the module's median over each baseline's. The memory
 column is what autograd saves for backward in one forward (``saved_tensors_hooks``: the sum of
 the unique storages, the module's parameters counted apart).
 
     python benchmarks/attention_pool_speed.py          # full sizes: benchmarks/results/attention
+                                                       # (about 1 min on an idle 2-core CPU)
     python benchmarks/attention_pool_speed.py --quick  # tiny sizes, a temporary folder
 """
 
@@ -164,35 +165,26 @@ def check(methods: dict[str, Callable], x: torch.Tensor, real: torch.Tensor) -> 
     return worst
 
 
-def _step(fn, module, x, real, backward: bool) -> Callable[[], None]:
+def _step(fn, module, x, real) -> Callable[[], None]:
     def run():
-        if backward:
-            module.zero_grad(set_to_none=True)
-            xg = x.detach().requires_grad_()
-            fn(xg, real).sum().backward()
-        else:
-            with torch.no_grad():
-                fn(x, real)
+        module.zero_grad(set_to_none=True)
+        xg = x.detach().requires_grad_()
+        fn(xg, real).sum().backward()
 
     return run
 
 
-def timings(
-    methods, module, x, real, repeats: int, warmup: bool = True
-) -> dict[str, dict[str, list[float]]]:
-    out = {}
-    for backward in (False, True):
-        steps = {n: _step(fn, module, x, real, backward) for n, fn in methods.items()}
-        for step in steps.values() if warmup else ():
+def timings(methods, module, x, real, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each method's forward + backward, in interleaved rounds (the check before
+    ran each once: the warm-up)."""
+    steps = {n: _step(fn, module, x, real) for n, fn in methods.items()}
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(repeats):  # interleaved: each method once per round
+        for name, step in steps.items():
+            start = time.perf_counter()
             step()
-        times: dict[str, list[float]] = {n: [] for n in steps}
-        for _ in range(repeats):  # interleaved: each method once per round
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-        out["forward+backward" if backward else "forward"] = times
-    return out
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def memory(fn, module, x, real) -> dict[str, int]:
@@ -215,21 +207,19 @@ def run(quick: bool, repeats: int) -> dict:
                            "composition": plain(pool, module, layout, by_hand),
                            "sdpa": plain(pool, module, layout, sdpa)}
                 worst = check(methods, x, real)
-                times = timings(methods, module, x, real, repeats, warmup=not quick)
-                row = {"pool": pool, "input": input_name, "shape": list(x.shape),
-                       "layout": layout, "max_abs_difference": worst, "ms": {}, "ratio": {},
-                       "saved_bytes": {n: memory(fn, module, x, real)
-                                       for n, fn in methods.items()}}
-                for pass_name, per_method in times.items():
-                    med = {n: statistics.median(t) for n, t in per_method.items()}
-                    row["ms"][pass_name] = {n: [1e3 * med[n], 1e3 * min(t), 1e3 * max(t)]
-                                            for n, t in per_method.items()}
-                    row["ratio"][pass_name] = {f"pool / {n}": med["pool"] / med[n]
-                                               for n in METHODS[1:]}
-                rows.append(row)
-                fb = row["ms"]["forward+backward"]
+                times = timings(methods, module, x, real, repeats)
+                med = {n: statistics.median(t) for n, t in times.items()}
+                mem = {n: memory(fn, module, x, real) for n, fn in methods.items()}
+                rows.append({
+                    "pool": pool, "input": input_name, "shape": list(x.shape), "layout": layout,
+                    "max_abs_difference": worst,
+                    "ms": {n: [1e3 * med[n], 1e3 * min(t), 1e3 * max(t)] for n, t in times.items()},
+                    "ratio": {f"pool / {n}": med["pool"] / med[n] for n in METHODS[1:]},
+                    "saved_bytes": mem,
+                })
+                ms = rows[-1]["ms"]
                 print(f"{pool} {input_name} {layout}: forward+backward " + ", ".join(
-                    f"{n} {fb[n][0]:.1f} ms" for n in METHODS), flush=True)
+                    f"{n} {ms[n][0]:.1f} ms" for n in METHODS), flush=True)
     return {"rows": rows}
 
 
@@ -259,37 +249,38 @@ def markdown(record: dict) -> str:
         "with the module (values and the gradient of x) within "
         f"{max(r['max_abs_difference'] for r in record['rows']):.1e}. Heads: 64 channels each "
         "for MAP and CLIP, one for SimPool; CLIP's table at the input's size; MAP with its "
-        "MLP (ratio 4). Ratios: pool time / baseline time (< 1: the module is faster).",
+        "MLP (ratio 4). Forward + backward, median (min-max) ms; ratios: pool time / "
+        "baseline time (< 1: the module is faster).",
         "",
-        "| pool | input | layout | pass | pool ms | composition ms | sdpa ms | "
-        "pool / composition | pool / sdpa |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| pool | input | layout | pool ms | composition ms | sdpa ms | pool / composition "
+        "| pool / sdpa |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         shape = "×".join(str(s) for s in r["shape"])
-        for pass_name, ms in r["ms"].items():
-            cells = [f"{ms[n][0]:.1f} ({ms[n][1]:.1f}-{ms[n][2]:.1f})" for n in METHODS]
-            ratio = r["ratio"][pass_name]
-            lines.append(
-                f"| {r['pool']} | {shape} | {r['layout']} | {pass_name} | {' | '.join(cells)} | "
-                f"{ratio['pool / composition']:.2f} | {ratio['pool / sdpa']:.2f} |"
-            )
+        ms = r["ms"]
+        cells = [f"{ms[n][0]:.0f} ({ms[n][1]:.0f}-{ms[n][2]:.0f})" for n in METHODS]
+        lines.append(
+            f"| {r['pool']} | {shape} | {r['layout']} | {' | '.join(cells)} | "
+            f"{r['ratio']['pool / composition']:.2f} | {r['ratio']['pool / sdpa']:.2f} |"
+        )
     lines += [
         "",
         "Saved for backward by one forward, MiB (unique storages; activations: everything but "
-        "the module's parameters, the input x included when saved):",
+        "the module's parameters, the input x included where it is saved itself):",
         "",
         "| pool | input | layout | pool activations | composition activations | "
-        "sdpa activations | x itself | parameters |",
+        "sdpa activations | pool / sdpa | parameters |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         shape = "×".join(str(s) for s in r["shape"])
         mem = r["saved_bytes"]
+        act = {n: mem[n]["activations"] for n in METHODS}
         lines.append(
             f"| {r['pool']} | {shape} | {r['layout']} | "
-            + " | ".join(_mib(mem[n]["activations"]) for n in METHODS)
-            + f" | {_mib(mem['pool']['input'])} | {_mib(mem['pool']['parameters'])} |"
+            + " | ".join(_mib(act[n]) for n in METHODS)
+            + f" | {act['pool'] / act['sdpa']:.2f} | {_mib(mem['pool']['parameters'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -298,10 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one round, into a temporary folder unless --out")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (5)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (3)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 3)
     out = args.out or (Path(tempfile.gettempdir()) / "attention-pool-speed-quick"
                        if args.quick else OUT)
     load_start, start = os.getloadavg(), time.perf_counter()
