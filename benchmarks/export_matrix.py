@@ -4,6 +4,8 @@
     PYTHONPATH=src:tests python benchmarks/export_matrix.py            # full matrix, then the doc
     PYTHONPATH=src:tests python benchmarks/export_matrix.py --doc-only # the doc from the JSON
     PYTHONPATH=src:tests python benchmarks/export_matrix.py --quick    # the test suite's subset
+    PYTHONPATH=src:tests python benchmarks/export_matrix.py --modules SimPool CLIPAttentionPool
+                                     # those modules' cells again, merged into the full record
 
 The cells are the test suite's (``tests/export_matrix_cells.py``); each records pass / fail /
 n.a., the largest absolute difference from eager at the new sizes, the first line of its error,
@@ -51,14 +53,16 @@ def _machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": info["logical_cores"], "system": platform.system()}
 
 
-def run(quick: bool) -> dict[str, object]:
-    """Run the cells and return the matrix record."""
+def run(quick: bool, cells: list | None = None) -> dict[str, object]:
+    """Run the cells (the default subset, the full matrix, or those given) and return the
+    matrix record."""
     from export_cases import CASES_BY_NAME
     from export_matrix_cells import default_cells, full_cells
     from export_runners import run_cell
 
     logging.getLogger("torch").setLevel(logging.ERROR)
-    cells = default_cells() if quick else full_cells()
+    if cells is None:
+        cells = default_cells() if quick else full_cells()
     load_start, start = os.getloadavg(), time.perf_counter()
     results = []
     for i, c in enumerate(cells):
@@ -79,6 +83,44 @@ def run(quick: bool) -> dict[str, object]:
     }
 
 
+def _key(cell: dict) -> tuple:
+    return (cell["module"], cell["exporter"], cell["backend"], cell["rank"],
+            cell["compile_backend"] if cell["exporter"] == "compile" else None)
+
+
+def rerun_modules(record: dict, modules: list[str]) -> dict:
+    """``record`` (a full matrix) with the cells of ``modules`` run again (new modules' cells
+    added, in the matrix's order); the update is listed under ``updates`` with its machine, load
+    and time, the rest of the record kept as it was measured."""
+    from export_cases import CASES_BY_NAME
+    from export_matrix_cells import full_cells
+
+    unknown = sorted(set(modules) - set(CASES_BY_NAME))
+    if unknown:
+        raise SystemExit(f"unknown module(s) {unknown}; known: {sorted(CASES_BY_NAME)}")
+    if record.get("matrix") != "full":
+        raise SystemExit("--modules updates a full matrix record; run the full matrix first")
+    record.setdefault("run_cells", len(record["cells"]))  # the full run's, before any update
+    partial = run_only(modules)
+    fresh = {_key(c): c for c in partial.pop("cells")}
+    old = {_key(c): c for c in record["cells"]}
+    order = [(c.module, c.exporter, c.backend, c.rank, c.compile_backend) for c in full_cells()]
+    record["cells"] = [fresh.get(k) or old[k] for k in order if k in fresh or k in old]
+    partial.pop("matrix")
+    partial.pop("onnx_opset")
+    record.setdefault("updates", []).append({"modules": modules, "cells": len(fresh), **partial})
+    record["onnx_opset"] = sorted({c["opset"] for c in record["cells"] if c["opset"] is not None})
+    return record
+
+
+def run_only(modules: list[str]) -> dict[str, object]:
+    """The full matrix's cells of ``modules`` only, as :func:`run` records them."""
+    from export_matrix_cells import full_cells
+
+    wanted = [c for c in full_cells() if c.module in modules]
+    return run(False, wanted)
+
+
 def _explain_failures(record: dict) -> None:
     """Attach the current explanation of each known failure to its failing cells."""
     from export_matrix_cells import KNOWN_FAILURES
@@ -92,12 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--doc-only", action="store_true", help="render the doc from the JSON")
     parser.add_argument("--quick", action="store_true", help="the default subset only")
+    parser.add_argument("--modules", nargs="+", metavar="MODULE",
+                        help="run these modules' cells again and merge them into the record")
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--doc", type=Path, default=DOC_PATH)
     args = parser.parse_args(argv)
     from export_matrix_doc import render
 
-    if not args.doc_only:
+    if args.modules:
+        record = rerun_modules(json.loads(args.json.read_text()), args.modules)
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+    elif not args.doc_only:
         record = run(args.quick)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")

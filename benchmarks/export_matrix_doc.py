@@ -140,6 +140,19 @@ def _adaptive_note(cells: list[dict]) -> str:
     return note + "."
 
 
+def _updates(record: dict) -> str:
+    """A sentence per later run of some modules' cells (``export_matrix.py --modules``)."""
+    out = []
+    for u in record.get("updates", []):
+        names = ", ".join(f"`{m}`" for m in u["modules"])
+        out.append(
+            f" The {u['cells']} cells of {names} were run later (added to the matrix, or run "
+            f"again), on {u['machine']['cpu']} ({u['machine']['cores']} cores), in "
+            f"{u['wall_s']:.0f} s (load average {u['load_average_start'][0]:.1f} at the start)."
+        )
+    return "".join(out)
+
+
 def render(record: dict) -> str:
     """The Markdown page for ``record``."""
     cells = record["cells"]
@@ -209,6 +222,12 @@ def render(record: dict) -> str:
         "stride-2 stage would reach size 1, which `torch.export` specialises.",
         "- `swap_pool(CNN, catavgmax)`: a small convolution + `AdaptiveAvgPool(1)` + `Linear` "
         "model after `gp.swap_pool(net, \"catavgmax\", classifier=...)`.",
+        "- The query-based attention pools take no `backend` (fused cells n.a.): "
+        "`LatentAttentionPool(4, num_heads=2)`, `SimPool(4, num_heads=2, gamma=2.0)` and "
+        "`CLIPAttentionPool(4, table, num_heads=2, interpolate=True)` with a positional table "
+        "of 5 / 4×4 / 3×3×3, a size no input has, so every export records its resizing; "
+        "`ClassifierHead[map]`, `[simpool]` and `[clip]` are `ClassifierHead(4, 3, pool=..., "
+        "num_heads=2)` with those pools' defaults (the same table for `clip`).",
         "",
         "## The matrix",
         "",
@@ -229,8 +248,9 @@ def render(record: dict) -> str:
         *_accuracy(cells),
         "",
         f"Measured on {machine['cpu']} ({machine['cores']} cores), {versions}; the "
-        f"{len(cells)} cells took {record['wall_s']:.0f} s (load average {load:.1f} at "
-        "the start, shared with other work). Raw record: "
+        f"{record.get('run_cells', len(cells))} cells of the full run took "
+        f"{record['wall_s']:.0f} s (load average {load:.1f} at "
+        f"the start, shared with other work).{_updates(record)} Raw record: "
         "[benchmarks/results/export/matrix.json](../benchmarks/results/export/matrix.json). "
         "Speed of exported heads in onnxruntime against eager torch: "
         "[benchmarks/results/export/speed.md](../benchmarks/results/export/speed.md).",

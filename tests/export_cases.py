@@ -161,6 +161,39 @@ def _head(kind: str) -> Callable[[str, int], Built]:
     return make
 
 
+# the positional table of CLIPAttentionPool: another size than every export and new size, so
+# the exported graph holds its resizing
+CLIP_TABLE = {1: (5,), 2: (4, 4), 3: (3, 3, 3)}
+ATTENTION_HEADS = 2
+
+
+def _attention_pool(name: str) -> Callable[[str, int], Built]:
+    def make(backend: str, rank: int) -> Built:
+        if backend != "auto":
+            raise NotBuiltError(f"n.a.: {name} takes no backend argument")
+        if name == "LatentAttentionPool":
+            module = gp.LatentAttentionPool(CHANNELS, num_heads=ATTENTION_HEADS)
+        elif name == "SimPool":
+            module = gp.SimPool(CHANNELS, num_heads=ATTENTION_HEADS, gamma=2.0)
+        else:
+            module = gp.CLIPAttentionPool(CHANNELS, CLIP_TABLE[rank], num_heads=ATTENTION_HEADS,
+                                          interpolate=True)
+        return Built(module, ("x", "mask"))
+
+    return make
+
+
+def _learned_head(pool: str) -> Callable[[str, int], Built]:
+    def make(backend: str, rank: int) -> Built:
+        if backend != "auto":
+            raise NotBuiltError(f"n.a.: a head with pool={pool!r} takes no backend argument")
+        extra = {"spatial_size": CLIP_TABLE[rank], "interpolate": True} if pool == "clip" else {}
+        head = gp.ClassifierHead(CHANNELS, CLASSES, pool=pool, num_heads=ATTENTION_HEADS, **extra)
+        return Built(head, ("x", "mask"))
+
+    return make
+
+
 def _flatten_fc(backend: str, rank: int) -> Built:
     if backend != "auto":
         raise NotBuiltError("n.a.: FlattenFCHead does no pooling (no backend argument)")
@@ -187,11 +220,15 @@ CASES: tuple[Case, ...] = (
          lambda b, r: Built(gp.AttentionPool(CHANNELS, backend=b), ("x", "mask"))),
     *(Case(f"AdaptivePool[{k}]", "AdaptivePool", _adaptive(k), ("auto",)) for k in gp.KINDS),
     *(Case(f"ClassifierHead[{k}]", "ClassifierHead", _head(k)) for k in gp.KINDS),
+    *(Case(f"ClassifierHead[{k}]", "ClassifierHead", _learned_head(k), ("auto",))
+      for k in gp.LEARNED_POOLS),
     Case("NiNHead", "NiNHead",
          lambda b, r: Built(gp.NiNHead(CHANNELS, CLASSES, backend=b), ("x", "mask"))),
     Case("FlattenFCHead", "FlattenFCHead", _flatten_fc, ("auto",)),
     Case("MultiScaleNet[catavgmax]", "MultiScaleNet", _multiscale),
     Case("swap_pool(CNN, catavgmax)", "swap_pool", lambda b, r: Built(_swapped_cnn(r, b), ("x",))),
+    *(Case(name, "query attention pools", _attention_pool(name), ("auto",))
+      for name in ("LatentAttentionPool", "SimPool", "CLIPAttentionPool")),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
 FAMILIES = tuple(dict.fromkeys(c.family for c in CASES))

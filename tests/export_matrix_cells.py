@@ -31,6 +31,7 @@ REPRESENTATIVE = {
     "FlattenFCHead": "FlattenFCHead",
     "MultiScaleNet": "MultiScaleNet[catavgmax]",
     "swap_pool": "swap_pool(CNN, catavgmax)",
+    "query attention pools": "CLIPAttentionPool",
 }
 FUSED_HEAD = "ClassifierHead[lse]"
 assert set(REPRESENTATIVE) == set(FAMILIES)

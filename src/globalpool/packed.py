@@ -421,21 +421,13 @@ def pool_packed(
     return fused_packed(x, cu_seqlens, kind, plan=plan, **full)
 
 
-def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Tensor:
-    """Pool a jagged nested tensor ``(N, j, C)`` of token sequences over its ragged dim.
+def check_nested(nt: Any) -> None:
+    """``nt`` (the argument ``x``) must be a jagged nested tensor ``(N, j, C)`` ragged in dim 1.
 
-    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); each
-    sequence's own tokens (rows ``offsets()[n]`` to ``offsets()[n] + lengths()[n]`` of
-    ``values()`` for a non-contiguous one, as ``torch.nested.narrow`` makes; to
-    ``offsets()[n + 1]`` otherwise) go to :func:`pool_packed`, with ``backend`` and the kind's
-    parameters. Attention ``weights`` may be a tensor with one weight per row of ``values()``
-    or a jagged nested tensor ``(N, j)`` with the same offsets and lengths.
-
-    >>> import torch
-    >>> nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)], layout=torch.jagged)
-    >>> pool_nested(nt, "avg")
-    tensor([[1., 1., 1.],
-            [0., 0., 0.]])
+    >>> check_nested(torch.ones(2, 3))
+    Traceback (most recent call last):
+    ...
+    TypeError: x must be a nested tensor (torch.nested.nested_tensor), got a regular tensor
     """
     jagged = getattr(torch, "jagged", None)
     if jagged is None:  # pragma: no cover - torch < 2.3
@@ -456,6 +448,44 @@ def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Ten
             f"x must be a jagged nested tensor (N, j, C) ragged in dim 1, got {nt.dim()} dims "
             f"ragged in dim {getattr(nt, '_ragged_idx', '?')}"
         )
+
+
+def nested_as_packed(nt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jagged nested tensor ``(N, j, C)`` as packed rows ``(T, C)`` and their ``cu_seqlens``
+    ``(N + 1,)``: each sequence's own tokens (a non-contiguous one, as ``torch.nested.narrow``
+    makes, keeps only the rows its ``lengths()`` cover). Differentiable in the values.
+
+    >>> nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)], layout=torch.jagged)
+    >>> rows, cu = nested_as_packed(nt)
+    >>> rows.shape, cu
+    (torch.Size([3, 3]), tensor([0, 2, 3]))
+    """
+    check_nested(nt)
+    values, offsets, lengths = nt.values(), nt.offsets(), nt.lengths()
+    if lengths is None:
+        return values, offsets
+    rows, cu = _own_rows(offsets, lengths, values.shape[0])
+    return values.index_select(0, rows), cu
+
+
+def pool_nested(nt: torch.Tensor, kind: str = "avg", **params: Any) -> torch.Tensor:
+    """Pool a jagged nested tensor ``(N, j, C)`` of token sequences over its ragged dim.
+
+    ``nt`` must have ``layout=torch.jagged`` with the ragged dim at 1 (channels last); each
+    sequence's own tokens (rows ``offsets()[n]`` to ``offsets()[n] + lengths()[n]`` of
+    ``values()`` for a non-contiguous one, as ``torch.nested.narrow`` makes; to
+    ``offsets()[n + 1]`` otherwise) go to :func:`pool_packed`, with ``backend`` and the kind's
+    parameters. Attention ``weights`` may be a tensor with one weight per row of ``values()``
+    or a jagged nested tensor ``(N, j)`` with the same offsets and lengths.
+
+    >>> import torch
+    >>> nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)], layout=torch.jagged)
+    >>> pool_nested(nt, "avg")
+    tensor([[1., 1., 1.],
+            [0., 0., 0.]])
+    """
+    check_nested(nt)
+    jagged = torch.jagged
     values, offsets, lengths = nt.values(), nt.offsets(), nt.lengths()
     w = params.get("weights")
     if isinstance(w, torch.Tensor) and w.is_nested:

@@ -16,14 +16,15 @@ from globalpool.attention.query import (
     attend,
     check_bool,
     check_num_heads,
-    check_pool_input,
     masked_mean,
     merge_heads,
     param_dtype,
+    pool_input,
     split_heads,
     zero_empty,
 )
 from globalpool.contract import check_layout, spatial_shape
+from globalpool.dispatch import deploying
 from globalpool.layers import check_channels
 
 #: How a positional table is resized, per spatial rank.
@@ -76,6 +77,11 @@ class CLIPAttentionPool(nn.Module):
     The table is learned at ``spatial_size``; another input size is refused unless
     ``interpolate=True``, which resizes it (see :func:`resize_positions`) at every call.
 
+    Token sequences (``cu_seqlens=`` or a nested tensor) need a 1-d table
+    (``spatial_size=(L,)``): token ``i`` of each sequence takes row ``1 + i``, as if the
+    sequence were padded at the end to ``L`` positions and masked, so no sequence may be longer
+    than ``L``. A 2-d or 3-d table is refused for them (sequences carry no grid).
+
     Args:
         channels: ``C``; divisible by ``num_heads``.
         spatial_size: the size the positional table is learned at, 1 to 3 ints.
@@ -88,6 +94,11 @@ class CLIPAttentionPool(nn.Module):
         - x: ``(N, C, *S)`` (``(N, *S, C)`` channels-last), ``S == spatial_size`` unless
           ``interpolate``.
         - mask: ``(N, *S)`` bool, True at real positions, or None.
+        - cu_seqlens: ``(N + 1,)`` offsets with ``x`` packed rows ``(T, C)``: N token
+          sequences of any lengths (as :func:`globalpool.pool_packed` takes them; channels last
+          whatever ``layout``). ``x`` may also be a jagged nested tensor ``(N, j, C)``. Either
+          gives what padding the sequences and masking the padding gives; an empty sequence
+          pools to 0.
         - output: ``(N, output_dim)``.
 
     Returns:
@@ -99,6 +110,9 @@ class CLIPAttentionPool(nn.Module):
     torch.Size([2, 32])
     >>> gp.CLIPAttentionPool(64, (7, 7), num_heads=4, interpolate=True)(
     ...     torch.randn(2, 64, 9, 5)).shape
+    torch.Size([2, 64])
+    >>> rows, cu = torch.randn(9, 64), torch.tensor([0, 4, 9])  # sequences of 4 and 5 tokens
+    >>> gp.CLIPAttentionPool(64, (16,), num_heads=4)(rows, cu_seqlens=cu).shape
     torch.Size([2, 64])
     """
 
@@ -134,10 +148,15 @@ class CLIPAttentionPool(nn.Module):
         return self.output_dim
 
     def positions(self, size: tuple[int, ...]) -> torch.Tensor:
-        """The positional table for spatial size ``size``, ``(1 + prod(size), C)``."""
-        if size == self.spatial_size:
+        """The positional table for spatial size ``size``, ``(1 + prod(size), C)``.
+
+        An exporter or tracer records the resizing for every size when ``interpolate`` (resizing
+        to the table's own size gives it back exactly), so the sizes stay dynamic.
+        """
+        same_rank = len(size) == len(self.spatial_size)
+        if same_rank and not (self.interpolate and deploying()) and size == self.spatial_size:
             return self.positional_embedding
-        if not self.interpolate or len(size) != len(self.spatial_size):
+        if not self.interpolate or not same_rank:
             how = (
                 "pass interpolate=True to resize the table"
                 if len(size) == len(self.spatial_size)
@@ -149,10 +168,48 @@ class CLIPAttentionPool(nn.Module):
             )
         return resize_positions(self.positional_embedding, self.spatial_size, size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_pool_input(x, mask, self.layout, self.channels, "CLIPAttentionPool")
-        table = self.positions(tuple(int(s) for s in spatial_shape(x, self.layout)))
-        tokens = as_tokens(x.to(param_dtype(self)), mask, self.layout)
+    def _check_sequence_table(self) -> None:
+        if len(self.spatial_size) != 1:
+            raise ValueError(
+                f"CLIPAttentionPool(spatial_size={self.spatial_size}) got packed sequences "
+                "(cu_seqlens= or a nested tensor); its positional table is laid out over a "
+                f"{len(self.spatial_size)}-d grid, which token sequences do not carry: build it "
+                "with a 1-d spatial_size such as (196,) for sequences, or pad the maps to the "
+                "grid and pass a mask"
+            )
+
+    def _on_table(
+        self, tokens: torch.Tensor, real: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded sequences ``(N, Lmax, C)`` and their mask padded on to the table's length:
+        token ``i`` of each sequence takes position ``i``, whatever the other sequences."""
+        length, longest = self.spatial_size[0], tokens.shape[1]
+        if longest > length:
+            raise ValueError(
+                f"CLIPAttentionPool(spatial_size={self.spatial_size}) got a sequence of "
+                f"{longest} tokens; token i of a packed sequence takes position i of the "
+                f"table's {length}, so no sequence may be longer (interpolate resizes the table "
+                "for feature maps only)"
+            )
+        more = length - longest
+        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], more, tokens.shape[2])], 1)
+        return tokens, torch.cat([real, real.new_zeros(real.shape[0], more)], 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if cu_seqlens is not None or (isinstance(x, torch.Tensor) and x.is_nested):
+            self._check_sequence_table()
+        x, mask, layout, packed = pool_input(x, mask, cu_seqlens, self.layout, self.channels,
+                                             "CLIPAttentionPool")
+        if packed:
+            x, mask = self._on_table(x, mask)
+        table = self.positions(spatial_shape(x, layout))
+        tokens = as_tokens(x.to(param_dtype(self)), mask, layout)
         seq = torch.cat([masked_mean(tokens).unsqueeze(1), tokens.values], 1) + table
         key_mask = tokens.key_mask
         if key_mask is not None:

@@ -15,9 +15,9 @@ from globalpool.attention.query import (
     check_bool,
     check_non_negative,
     check_num_heads,
-    check_pool_input,
     merge_heads,
     param_dtype,
+    pool_input,
     split_heads,
     zero_empty,
 )
@@ -103,6 +103,11 @@ class LatentAttentionPool(nn.Module):
     Shape:
         - x: ``(N, C, *S)`` (``(N, *S, C)`` channels-last), 1 to 3 spatial dims.
         - mask: ``(N, *S)`` bool, True at real positions, or None.
+        - cu_seqlens: ``(N + 1,)`` offsets with ``x`` packed rows ``(T, C)``: N token
+          sequences of any lengths (as :func:`globalpool.pool_packed` takes them; channels last
+          whatever ``layout``). ``x`` may also be a jagged nested tensor ``(N, j, C)``. Either
+          gives what padding the sequences and masking the padding gives; an empty sequence
+          pools to 0.
         - output: ``(N, C)``; ``(N, latent_len, C)`` when ``pool`` is ``""``/None.
 
     Returns:
@@ -118,6 +123,9 @@ class LatentAttentionPool(nn.Module):
     >>> gp.LatentAttentionPool(64, num_heads=4, latent_len=3, pool=None,
     ...                        layout="channels_last")(tokens, mask).shape
     torch.Size([2, 3, 64])
+    >>> rows, cu = torch.randn(7, 64), torch.tensor([0, 5, 5, 7])  # lengths 5, 0 and 2
+    >>> map_pool(rows, cu_seqlens=cu).shape
+    torch.Size([3, 64])
     """
 
     def __init__(
@@ -169,9 +177,16 @@ class LatentAttentionPool(nn.Module):
         """Features per latent: ``channels`` (a head's pooled width)."""
         return channels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_pool_input(x, mask, self.layout, self.channels, "LatentAttentionPool")
-        tokens = as_tokens(x.to(param_dtype(self)), mask, self.layout)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, mask, layout, _ = pool_input(x, mask, cu_seqlens, self.layout, self.channels,
+                                        "LatentAttentionPool")
+        tokens = as_tokens(x.to(param_dtype(self)), mask, layout)
         n = tokens.values.shape[0]
         q = split_heads(self.q(self.latent).expand(n, -1, -1), self.num_heads)
         k, v = self.kv(tokens.values).chunk(2, dim=-1)

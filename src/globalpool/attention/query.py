@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from globalpool.contract import check_input, check_mask, layout_dims
 from globalpool.layers import check_channel_count
+from globalpool.packed import check_cu_seqlens, check_packed_input, nested_as_packed, padded
 
 
 class Tokens(NamedTuple):
@@ -51,6 +52,65 @@ def check_pool_input(
     check_input(x)
     check_channel_count(x, layout, channels, owner, arg)
     check_mask(mask, x, layout)
+
+
+class PoolInput(NamedTuple):
+    """An attention pool's input in the dense form the pools compute on.
+
+    Attributes:
+        x: ``(N, C, *S)`` / ``(N, *S, C)`` as given, or packed sequences padded to
+            ``(N, Lmax, C)`` (``Lmax`` at least 1).
+        mask: as given, or ``(N, Lmax)`` True at each sequence's own tokens.
+        layout: the layout of ``x``: the pool's own, ``"channels_last"`` for sequences.
+        packed: whether ``x`` came as packed rows or a nested tensor.
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    layout: str
+    packed: bool
+
+
+def pool_input(
+    x: Any, mask: Any, cu_seqlens: Any, layout: str, channels: int, owner: str
+) -> PoolInput:
+    """Check a pool's input and give it in dense form: a feature map as it is (with its mask),
+    packed rows ``(T, C)`` with ``cu_seqlens`` (as :func:`globalpool.pool_packed` takes them) or
+    a jagged nested tensor ``(N, j, C)`` padded into ``(N, Lmax, C)`` tokens with their mask (an
+    empty sequence is all padding, so it pools to 0).
+
+    >>> rows, cu = torch.randn(5, 4), torch.tensor([0, 2, 2, 5])
+    >>> got = pool_input(rows, None, cu, "channels_first", 4, "Pool")
+    >>> got.x.shape, got.mask.sum(1).tolist(), got.layout
+    (torch.Size([3, 3, 4]), [2, 0, 3], 'channels_last')
+    """
+    if isinstance(x, torch.Tensor) and x.is_nested:
+        if cu_seqlens is not None:
+            raise ValueError(
+                "cu_seqlens must be None for a nested tensor: its offsets and lengths say where "
+                "each sequence lies"
+            )
+        if mask is not None:
+            raise ValueError(
+                "mask must be None for a nested tensor: each sequence's length says which "
+                "tokens are real (leave padded tokens out of it)"
+            )
+        x, cu_seqlens = nested_as_packed(x)
+    elif cu_seqlens is None:
+        check_pool_input(x, mask, layout, channels, owner)
+        return PoolInput(x, mask, layout, False)
+    elif mask is not None:
+        raise ValueError(
+            "mask must be None with cu_seqlens: each sequence's rows are its real tokens"
+        )
+    check_packed_input(x)
+    check_cu_seqlens(cu_seqlens, x)
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{owner}(channels={channels}) got packed rows (T, C) with C = {x.shape[1]}"
+        )
+    tokens, real, _ = padded(x, cu_seqlens)
+    return PoolInput(tokens, real, "channels_last", True)
 
 
 def check_num_heads(num_heads: Any, channels: int, arg: str = "channels") -> None:

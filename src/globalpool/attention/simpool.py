@@ -14,10 +14,10 @@ from globalpool.attention.query import (
     attend,
     check_bool,
     check_num_heads,
-    check_pool_input,
     masked_mean,
     merge_heads,
     param_dtype,
+    pool_input,
     split_heads,
     zero_empty,
 )
@@ -55,6 +55,11 @@ class SimPool(nn.Module):
     Shape:
         - x: ``(N, C, *S)`` (``(N, *S, C)`` channels-last), 1 to 3 spatial dims.
         - mask: ``(N, *S)`` bool, True at real positions, or None.
+        - cu_seqlens: ``(N + 1,)`` offsets with ``x`` packed rows ``(T, C)``: N token
+          sequences of any lengths (as :func:`globalpool.pool_packed` takes them; channels last
+          whatever ``layout``). ``x`` may also be a jagged nested tensor ``(N, j, C)``. Either
+          gives what padding the sequences and masking the padding gives; an empty sequence
+          pools to 0.
         - output: ``(N, C)``.
 
     Returns:
@@ -65,6 +70,10 @@ class SimPool(nn.Module):
     >>> gp.SimPool(32)(torch.randn(2, 32, 7, 7)).shape
     torch.Size([2, 32])
     >>> gp.SimPool(32, gamma=2.0, layout="channels_last")(torch.randn(2, 9, 32)).shape
+    torch.Size([2, 32])
+    >>> nt = torch.nested.nested_tensor([torch.randn(3, 32), torch.randn(8, 32)],
+    ...                                 layout=torch.jagged)
+    >>> gp.SimPool(32)(nt).shape
     torch.Size([2, 32])
     """
 
@@ -104,9 +113,16 @@ class SimPool(nn.Module):
             low = v.amin(dim=(1, 2), keepdim=True)
         return (v - low + self.eps).pow(self.gamma)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_pool_input(x, mask, self.layout, self.channels, "SimPool")
-        tokens = as_tokens(x.to(param_dtype(self)), mask, self.layout)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, mask, layout, _ = pool_input(x, mask, cu_seqlens, self.layout, self.channels,
+                                        "SimPool")
+        tokens = as_tokens(x.to(param_dtype(self)), mask, layout)
         q = split_heads(self.wq(masked_mean(tokens)).unsqueeze(1), self.num_heads)
         v = self.norm_patches(tokens.values)
         k = split_heads(self.wk(v), self.num_heads)
