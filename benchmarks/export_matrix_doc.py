@@ -183,6 +183,15 @@ def render(record: dict) -> str:
         "their arguments in plain Python, which TorchScript cannot compile; use "
         "`torch.jit.trace`, `torch.export` or ONNX instead.",
         "",
+        "Under `torch.export` and the ONNX exporter, `gem` and `lse` pool without their range "
+        "guard (gem's division by each row's maximum, lse's shift by it), which saves two of "
+        "their passes over the input, and keep the guarded computation behind one `torch.cond` "
+        "(an ONNX `If`) that runs only when a pooled row leaves the range where the unguarded "
+        "result is exact to float32 rounding (a mean of powers or exponentials outside "
+        "[2^-100, float32's largest value]: tiny inputs with a large p, overflowing ones). "
+        "Either branch gives eager's values. `torch.jit.trace` and the TorchScript-based ONNX "
+        "exporter record the guarded computation alone.",
+        "",
         "## What the matrix tests",
         "",
         "Each cell builds a module for 1, 2 or 3 spatial dims (4 channels, batch 2, spatial "

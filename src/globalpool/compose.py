@@ -14,6 +14,8 @@ tensor([[1.5000, 5.5000]])
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Dims = tuple[int, ...]
@@ -85,6 +87,40 @@ def catavgmax(
     return torch.cat([avg(x, mask, dims), max_(x, mask, dims)], dim=channel_dim)
 
 
+# Under export (``torch.export``, ONNX) gem and lse first pool without their range guard (the
+# row's maximum, by which gem divides and from which lse shifts) and take the guarded path only
+# when a pooled row falls outside [_EXACT_LOW, _EXACT_HIGH]: one ``If`` on the pooled values
+# instead of two more passes over x (a maximum, a division or difference), which an exported
+# graph cannot fuse. Inside that range the unguarded mean is exact to float32 rounding: a term
+# that underflowed is off by at most 2^-126, under 2^-24 of such a mean. Eager and compiled
+# code always take the guarded path (it has the gradients: no term ever underflows there).
+_EXACT_LOW, _EXACT_HIGH = 2.0**-100, float(torch.finfo(torch.float32).max)
+
+
+def _unless_out_of_range(
+    mean: torch.Tensor, value: torch.Tensor, guarded: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``value`` (pooled from ``mean``) if every row of ``mean`` lies in the exact range (NaN
+    does not), else ``guarded()``, as one ``torch.cond``. Its operand and result are flat: a
+    cond whose result keeps a dynamic batch dim is recorded with a runtime check that the batch
+    is at least 2, which a batch of 1 would fail."""
+    exact = (mean.min() >= _EXACT_LOW) & (mean.max() <= _EXACT_HIGH)
+    flat = torch.cond(exact, lambda v: v.clone(), lambda v: guarded().flatten(),
+                      (value.flatten(),))
+    return flat.reshape(value.shape)
+
+
+def _mean_or_one(
+    values: torch.Tensor, mask: torch.Tensor | None, nonempty: torch.Tensor | None, dims: Dims
+) -> torch.Tensor:
+    """The mean of ``values`` over real positions (padded ones zeroed here); 1 for a row with
+    none, so that its log is 0."""
+    if mask is not None:
+        values = torch.where(mask, values, 0.0)
+    mean = _mean_of(values, mask, dims)
+    return mean if nonempty is None else torch.where(nonempty, mean, 1.0)
+
+
 def gem(
     x: torch.Tensor,
     mask: torch.Tensor | None,
@@ -99,17 +135,26 @@ def gem(
         # below (the row's maximum) is then a real position's, whatever the padding held
         x = torch.where(mask, x, eps)
     clamped = x.clamp(min=eps)
-    # GeM is 1-homogeneous: scaling by the (detached) max keeps clamp(x)^p from underflowing to 0
-    # (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN gradient.
-    top = clamped.detach().amax(dims, keepdim=True)
-    powered = (clamped / top).pow(p)
-    if mask is not None:
-        powered = torch.where(mask, powered, 0.0)
-    mean = _mean_of(powered, mask, dims)
     nonempty = _nonempty(mask, dims)
-    if nonempty is not None:
-        mean = torch.where(nonempty, mean, 1.0)
-    return _where_nonempty(nonempty, top * mean.pow(1.0 / p))
+
+    def root(mean: torch.Tensor) -> torch.Tensor:
+        # exp(log(mean) / p), not mean^(1/p): onnxruntime takes a non-integer power one value
+        # at a time, slower than an exp and a log (the same in eager torch)
+        return torch.exp(torch.log(mean) / p)
+
+    def guarded() -> torch.Tensor:
+        # GeM is 1-homogeneous: scaling by the (detached) max keeps clamp(x)^p from underflowing
+        # to 0 (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN
+        # gradient; the scaled mean lies in [1/n, 1]
+        top = clamped.detach().amax(dims, keepdim=True)
+        return top * root(_mean_or_one((clamped / top).pow(p), mask, nonempty, dims))
+
+    if torch.compiler.is_exporting():
+        mean = _mean_or_one(clamped.pow(p), mask, nonempty, dims)
+        y = _unless_out_of_range(mean, root(mean), guarded)
+    else:
+        y = guarded()
+    return _where_nonempty(nonempty, y)
 
 
 def lse(
@@ -117,20 +162,24 @@ def lse(
 ) -> torch.Tensor:
     if isinstance(r, torch.Tensor):
         r = r.to(x.dtype)
-    held = x if mask is None else torch.where(mask, x, -torch.inf)
-    top = held.detach().amax(dims, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    # padded positions are shifted to 0 (not -inf) before the product with r: d/dr of
-    # exp(r * -inf) would be -inf * 0 = NaN, a NaN gradient for a learnable r
-    shifted = x - top if mask is None else torch.where(mask, x - top, 0.0)
-    powered = torch.exp(r * shifted)
-    if mask is not None:
-        powered = torch.where(mask, powered, 0.0)
-    mean = _mean_of(powered, mask, dims)
     nonempty = _nonempty(mask, dims)
-    if nonempty is not None:
-        mean = torch.where(nonempty, mean, 1.0)
-    return _where_nonempty(nonempty, top + torch.log(mean) / r)
+
+    def guarded() -> torch.Tensor:
+        held = x if mask is None else torch.where(mask, x, -torch.inf)
+        top = held.detach().amax(dims, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        # padded positions are shifted to 0 (not -inf) before the product with r: d/dr of
+        # exp(r * -inf) would be -inf * 0 = NaN, a NaN gradient for a learnable r
+        shifted = x - top if mask is None else torch.where(mask, x - top, 0.0)
+        return top + torch.log(_mean_or_one(torch.exp(r * shifted), mask, nonempty, dims)) / r
+
+    if torch.compiler.is_exporting():
+        held = x if mask is None else torch.where(mask, x, 0.0)
+        mean = _mean_or_one(torch.exp(r * held), mask, nonempty, dims)
+        y = _unless_out_of_range(mean, torch.log(mean) / r, guarded)
+    else:
+        y = guarded()
+    return _where_nonempty(nonempty, y)
 
 
 def attention(
