@@ -464,10 +464,17 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, long_rows):
         if not need_aux:
             for row in range(r0, r1):
                 n = row // C
-                cm, sv = _max_pass_a(x, row * L, mask, n * ms * L, ms, 0, L, W, z, ninf, z)
+                cm = -np.inf
+                total = 0.0  # float64: the chunks' lane sums are added up here (two-level sum)
+                for c0 in range(0, L, chunk):
+                    bm, sv = _max_pass_a(
+                        x, row * L, mask, n * ms * L, ms, c0, min(c0 + chunk, L), W, z, ninf, z
+                    )
+                    cm = bm if bm > cm else cm
+                    total += hsum(sv)
                 ties = 1 if den[n] > 0.0 else 0
                 _max_finish_row(
-                    x, mask, ms, mode, den, out, aux, row, C, L, cm, ties, -1, hsum(sv), False
+                    x, mask, ms, mode, den, out, aux, row, C, L, cm, ties, -1, total, False
                 )
             continue
         if not long_rows:  # rows of one chunk: pass A of row k, then pass B of row k - 1
@@ -493,10 +500,11 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, long_rows):
             m = -np.inf
             ties = 0
             first = -1
-            sv = z
+            total = 0.0  # float64, as above
             for c0 in range(0, L, chunk):
                 c1 = min(c0 + chunk, L)
-                cm, sv = _max_pass_a(x, xo, mask, mo, ms, c0, c1, W, z, ninf, sv)
+                cm, sv = _max_pass_a(x, xo, mask, mo, ms, c0, c1, W, z, ninf, z)
+                total += hsum(sv)
                 if cm < m:
                     continue
                 ct, cf = _max_pass_b(x, xo, mask, mo, ms, c0, c1, W, z, cm)
@@ -508,7 +516,7 @@ def fwd_max_cf(x, mask, ms, mode, den, out, aux, ntask, need_aux, long_rows):
                     else:
                         ties += ct
             _max_finish_row(
-                x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, hsum(sv), True
+                x, mask, ms, mode, den, out, aux, row, C, L, m, ties, first, total, True
             )
 
 
@@ -776,7 +784,9 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog):
             xo = row * L
             mo = n * ms * L
             top = like(-np.inf, rl)  # the row's maximum so far over real positions (never NaN)
-            Sa, Sb = z, z  # lane sums of 2**(rl * (x - top))
+            # sum of 2**(rl * (x - top)): lane sums Sa, Sb over one chunk, added up in float64
+            # after each (two-level summation)
+            total = 0.0
             for c0 in range(0, L, chunk):
                 c1 = min(c0 + chunk, L)
                 e2 = c0 + (c1 - c0) // W2 * W2
@@ -786,16 +796,17 @@ def fwd_lse_cf(x, mask, ms, rl, den, out, ntask, atop, alog):
                     cm = _lse_pass_a(x, xo, mask, mo, 0, c0, c1, e2, W, W2, z, ninf)
                 if cm > top:
                     if top != -np.inf:
-                        f = vfull(sexp2(rl * (top - cm)), z)
-                        Sa, Sb = vmul(Sa, f), vmul(Sb, f)
+                        total *= sexp2(rl * (top - cm))
                     top = cm
                 ref = vfull(0.0 if top == -np.inf else top, z)
+                Sa, Sb = z, z
                 if ms:
                     Sa, Sb = _lse_pass_b(x, xo, mask, mo, 1, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
                 else:
                     Sa, Sb = _lse_pass_b(x, xo, mask, mo, 0, c0, c1, e2, W, W2, z, rlv, ref, Sa, Sb)
+                total += hsum(vadd(Sa, Sb))
             i = (row - r0) % W  # results are finished W rows at a time (out's flat index: row)
-            tops[i], tots[i], cnts[i] = top, hsum(vadd(Sa, Sb)), den[n]
+            tops[i], tots[i], cnts[i] = top, total, den[n]
             if i == W - 1 or row == r1 - 1:
                 _lse_finish(out, row - i, tops, tots, 0, cnts, i + 1, rl, atop, alog)
 
