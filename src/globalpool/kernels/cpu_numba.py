@@ -52,10 +52,6 @@ _SUM_MODE = {"avg": K.SUM_AVG, "sum": K.SUM_AVG, "gem": K.SUM_GEM, "attention": 
 KINDS = frozenset(_SUM_MODE) | MAX_KINDS | {"lse"}
 _TASKS_PER_THREAD = 4
 _MIN_CHUNK = 256  # positions per chunk of L when the channels-last forward splits L
-# at most this many positions are summed in one running float32 sum; longer rows are split into
-# chunks whose partial sums are added up afterwards (two-level summation: the rounding error
-# grows with the chunk length plus the number of chunks, not with the row length)
-MAX_SPAN = 2048
 _MAX_BLOCK = 4096  # a whole row of C per task when there are enough samples: x streams in order
 _SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread (no pool wake-up)
 # tasks are split for the pool's full size (looking the current size up costs more than
@@ -194,28 +190,17 @@ def _cl_split(n: int, c: int, length: int, threads: int) -> tuple[int, int]:
     cb = max(1, min(c, _MAX_BLOCK))
     tasks = n * math.ceil(c / cb)
     want = _TASKS_PER_THREAD * threads
-    spans = _spans(length)
     if tasks >= want:
-        return cb, spans
-    return cb, max(spans, min(math.ceil(want / max(tasks, 1)), length // _MIN_CHUNK))
-
-
-def _spans(length: int) -> int:
-    """Chunks of L that keep every running sum within ``MAX_SPAN`` positions.
-
-    >>> _spans(100), _spans(MAX_SPAN), _spans(MAX_SPAN + 1)
-    (1, 1, 2)
-    """
-    return max(1, -(-length // MAX_SPAN))
+        return cb, 1
+    return cb, max(1, min(math.ceil(want / max(tasks, 1)), length // _MIN_CHUNK))
 
 
 def _l_chunks(n: int, length: int) -> int:
     """Chunks of L per sample so that ``n * chunks`` tasks keep every core busy."""
     want = _TASKS_PER_THREAD * _MAX_THREADS
-    spans = _spans(length)
     if n >= want:
-        return spans
-    return max(spans, min(math.ceil(want / max(n, 1)), length // 64 or 1))
+        return 1
+    return max(1, min(math.ceil(want / max(n, 1)), length // 64 or 1))
 
 
 def _p_int(p: float) -> int:
