@@ -102,8 +102,13 @@ def _pow(q, p, ip):
 @_kernel
 def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
     C = x.shape[1]
-    rows = max(1, 32768 // C)  # rows per chunk for gem and lse: 128 KiB of float32 (L2)
+    # rows per chunk: 128 KiB of float32 (L2). Every running sum covers one chunk (``blk``, in
+    # the accumulation type) and is added to a float64 total (``tot``) after it: two-level
+    # summation, so the rounding error does not grow with the sequence's length
+    rows = max(1, 32768 // C)
     for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        tot = np.empty(C, np.float64)
+        blk = np.empty(C, out.dtype)
         for n in range(bounds[task], bounds[task + 1]):
             s = cu[n]
             e = cu[n + 1]
@@ -126,27 +131,33 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     for c in range(C):
                         o[U(c)] = widen(x[row, U(c)])
                 elif mode == ATTENTION:
-                    for c in range(C):
-                        o[U(c)] = zero
-                    total = zero
-                    for t in range(s, e):
-                        wt = w[t]
-                        total += wt
-                        for c in range(C):
-                            o[U(c)] += wt * widen(x[t, U(c)])
+                    _zero(tot, C)
+                    total = 0.0
+                    for a in range(s, e, rows):
+                        _zero(blk, C)
+                        part = zero
+                        for t in range(a, min(a + rows, e)):
+                            wt = w[t]
+                            part += wt
+                            for c in range(C):
+                                blk[U(c)] += wt * widen(x[t, U(c)])
+                        total += part
+                        _flush(tot, blk, C)
                     wsum[n] = total
-                    scale = like(1.0, eps) / total if total > zero else zero
+                    scale = 1.0 / total if total > 0.0 else 0.0
                     for c in range(C):
-                        o[U(c)] = o[U(c)] * scale if total > zero else zero
+                        o[U(c)] = tot[U(c)] * scale if total > 0.0 else zero
                 else:  # avg, sum
+                    _zero(tot, C)
+                    for a in range(s, e, rows):
+                        _zero(blk, C)
+                        for t in range(a, min(a + rows, e)):
+                            for c in range(C):
+                                blk[U(c)] += widen(x[t, U(c)])
+                        _flush(tot, blk, C)
+                    scale = inv if mode == AVG else like(1.0, eps)
                     for c in range(C):
-                        o[U(c)] = zero
-                    for t in range(s, e):
-                        for c in range(C):
-                            o[U(c)] += widen(x[t, U(c)])
-                    if mode == AVG:
-                        for c in range(C):
-                            o[U(c)] *= inv
+                        o[U(c)] = tot[U(c)] * scale
             elif group == MAXES:
                 m = A[n]
                 for c in range(C):
@@ -160,12 +171,18 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                             # a NaN becomes the maximum and stays it, as in torch.amax
                             m[u] = v if (v > m[u]) | (v != v) else m[u]
                 else:
-                    for t in range(s, e):
-                        for c in range(C):
-                            u = U(c)
-                            v = widen(x[t, u])
-                            o[u] += v
-                            m[u] = v if (v > m[u]) | (v != v) else m[u]
+                    _zero(tot, C)
+                    for a in range(s, e, rows):
+                        _zero(blk, C)
+                        for t in range(a, min(a + rows, e)):
+                            for c in range(C):
+                                u = U(c)
+                                v = widen(x[t, u])
+                                blk[u] += v
+                                m[u] = v if (v > m[u]) | (v != v) else m[u]
+                        _flush(tot, blk, C)
+                    for c in range(C):
+                        o[U(c)] = tot[U(c)]
                 for c in range(C):
                     u = U(c)
                     if mode == MAX:
@@ -182,7 +199,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 one = like(1.0, eps)
                 for c in range(C):
                     top[U(c)] = zero
-                    acc[U(c)] = zero
+                    tot[U(c)] = 0.0
                 for a in range(s, e, rows):  # chunks of rows, re-read from L1
                     b = min(a + rows, e)
                     for c in range(C):
@@ -194,10 +211,14 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     for c in range(C):
                         u = U(c)
                         if cm[u] > top[u]:  # rescale the sum to the new maximum (0 the first time)
-                            acc[u] = acc[u] * _pow(top[u] / cm[u], p, ip)
+                            tot[u] = tot[u] * _pow(top[u] / cm[u], p, ip)
                             top[u] = cm[u]
                         cm[u] = one / top[u]
-                    _gem_sums(x, a, b, C, eps, p, ip, cm, acc)
+                    _zero(blk, C)
+                    _gem_sums(x, a, b, C, eps, p, ip, cm, blk)
+                    _flush(tot, blk, C)
+                for c in range(C):
+                    acc[U(c)] = tot[U(c)]
                 ip_ = one / p
                 for c in range(C):
                     u = U(c)
@@ -210,7 +231,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 cm = np.empty(C, A.dtype)
                 for c in range(C):
                     top[U(c)] = like(-np.inf, eps)
-                    acc[U(c)] = zero
+                    tot[U(c)] = 0.0
                 for a in range(s, e, rows):
                     b = min(a + rows, e)
                     for c in range(C):
@@ -222,17 +243,33 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     for c in range(C):
                         u = U(c)
                         if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
-                            acc[u] = acc[u] * math.exp(r * (top[u] - cm[u]))
+                            tot[u] = tot[u] * math.exp(r * (top[u] - cm[u]))
                             top[u] = cm[u]
+                    _zero(blk, C)
                     for t in range(a, b):
                         for c in range(C):
                             u = U(c)
                             v = widen(x[t, u])
                             d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
-                            acc[u] += fexp(r * d)  # NaN carries on
+                            blk[u] += fexp(r * d)  # NaN carries on
+                    _flush(tot, blk, C)
                 for c in range(C):
                     u = U(c)
-                    o[u] = top[u] + math.log(acc[u] * inv) / r
+                    acc[u] = tot[u]
+                    o[u] = top[u] + math.log(tot[u] * inv) / r
+
+
+@_helper
+def _zero(a, C):
+    for c in range(C):
+        a[U(c)] = 0.0
+
+
+@_helper
+def _flush(tot, blk, C):
+    """tot += blk: a chunk's running sums into the float64 totals."""
+    for c in range(C):
+        tot[U(c)] += blk[U(c)]
 
 
 @_helper
@@ -271,7 +308,12 @@ def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
 def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum, gx, gw, P0, P1,
              need_p, need_w):
     C = gx.shape[1]
+    rows = max(1, 32768 // C)  # gem's d/dp sums: per chunk of rows, then in float64 (forward)
     for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
+        t0 = np.empty(C, np.float64)
+        t1 = np.empty(C, np.float64)
+        b0 = np.empty(C, P0.dtype)
+        b1 = np.empty(C, P0.dtype)
         for n in range(bounds[task], bounds[task + 1]):
             s = cu[n]
             e = cu[n + 1]
@@ -344,7 +386,18 @@ def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, ws
                     q[u] = gn[u] * inv
                     yi[u] = like(1.0, eps) / y[u]
                 if need_p:
-                    _gem_grad_rows(x, gx, s, e, C, eps, p, -1, q, yi, P0[n], P1[n], True)
+                    _zero(t0, C)
+                    _zero(t1, C)
+                    for a in range(s, e, rows):
+                        _zero(b0, C)
+                        _zero(b1, C)
+                        b = min(a + rows, e)
+                        _gem_grad_rows(x, gx, a, b, C, eps, p, -1, q, yi, b0, b1, True)
+                        _flush(t0, b0, C)
+                        _flush(t1, b1, C)
+                    for c in range(C):
+                        P0[n, U(c)] = t0[U(c)]
+                        P1[n, U(c)] = t1[U(c)]
                 elif ip == 3:  # one loop per integer p: the powers vectorise
                     _gem_grad_rows(x, gx, s, e, C, eps, p, 3, q, yi, P0[0], P1[0], False)
                 elif ip == 2:
