@@ -266,24 +266,25 @@ def _as_graph(monkeypatch, dynamic: bool) -> None:
         monkeypatch.setattr("globalpool.adaptive.fixed", lambda size: False)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mask_mode", ["none", "random"])
 @pytest.mark.parametrize("kind", gp.KINDS)
-def test_graph_forms_equal_eager_form(kind, mask_mode, monkeypatch):
+def test_graph_forms_equal_eager_form(kind, mask_mode, layout, monkeypatch):
     """Eager mode views equal, disjoint bins without a gather; a graph with fixed divisible
     sizes does too (or records torch's ops), one with dynamic sizes gathers windows with padded
     slots or (avg, sum, attention) sums over bin-membership matrices. Every form gives the same
     numbers and gradients."""
-    x = make_input(2, 3, (8, 6, 4), "channels_first", torch.float64, 5).abs() + 0.1
+    x = make_input(2, 3, (8, 6, 4), layout, torch.float64, 5).abs() + 0.1
     mask = None if mask_mode == "none" else make_mask(2, (8, 6, 4), "random", 5)
     params = dict(KIND_PARAMS.get(kind, {}))
     if kind == "attention":
-        params["weights"] = make_weights(x, "channels_first", 5)
+        params["weights"] = make_weights(x, layout, 5)
     results = []
     for form in ("eager", "fixed", "dynamic"):
         if form != "eager":
             _as_graph(monkeypatch, form == "dynamic")
         xg = x.clone().requires_grad_()
-        y = gp.adaptive_pool(xg, (4, 3, None), kind, mask=mask, **params)
+        y = gp.adaptive_pool(xg, (4, 3, None), kind, layout=layout, mask=mask, **params)
         y.backward(torch.ones_like(y))
         results.append((y.detach(), xg.grad))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
@@ -444,3 +445,56 @@ def test_torch_export_binned_form_runs_at_batch_one(kind):
             args = inputs(n, sizes, poison)
             torch.testing.assert_close(run(*args), model(*args), rtol=1e-5, atol=1e-6,
                                        equal_nan=True)
+
+
+@pytest.mark.parametrize("kind,layout,out", [
+    ("max", "channels_first", (3,)),
+    ("first", "channels_last", (3,)),
+    ("gem", "channels_first", (3,)),
+    ("weightedmean", "channels_last", (3,)),
+    ("mean_sqrt_len", "channels_first", (3, None)),
+    ("last", "channels_last", (1, 3)),
+])
+def test_torch_export_of_gathered_windows_serves_every_size(kind, layout, out):
+    """torch.export with a dynamic batch and dynamic spatial sizes, for kinds that gather bin
+    windows, one spatial dim included: the export succeeds (no guard on the spatial size), and
+    the program re-run at other sizes and at batch 1 matches the NumPy reference with NaN and inf
+    at padded positions; an inf at a real position reaches only its own bin, as in eager."""
+    rank, first = len(out), layout == "channels_first"
+    params = dict(KIND_PARAMS.get(kind, {}))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = gp.AdaptivePool(out, kind, layout=layout, **params)
+
+        def forward(self, x, mask):
+            return self.pool(x, mask)
+
+    def inputs(n, sizes, seed):
+        x = make_input(n, 3, sizes, layout, torch.float64, seed)
+        x = x.abs() + 0.05 if kind == "gem" else x
+        mask = make_mask(n, sizes, "random", seed)
+        mask[(slice(None),) + (0,) * rank] = True  # position 0 real in every sample
+        return x, mask
+
+    model = Model().eval()
+    batch = torch.export.Dim("N", min=1, max=64)
+    spatial = {i: torch.export.Dim(f"S{i}", min=2, max=256) for i in range(rank)}
+    per_position = {0: batch, **{1 + i: d for i, d in spatial.items()}}
+    x_dims = {0: batch, **{(2 if first else 1) + i: d for i, d in spatial.items()}}
+    program = torch.export.export(model, inputs(2, (7, 5)[:rank], 0),
+                                  dynamic_shapes=(x_dims, per_position))
+    run = program.module()
+    for seed, (n, sizes) in enumerate([(1, (13, 6)), (3, (10, 9))], start=1):
+        x, mask = inputs(n, sizes[:rank], seed)
+        want = _reference(x, out, kind, layout, mask, params)
+        got = run(poison_padded(x, mask, layout), mask)
+        assert_close(got, want, torch.float64, f"exported {kind} at batch {n}, size {sizes}")
+        x[(0, 0) if first else (0,)][(0,) * rank + (() if first else (0,))] = torch.inf
+        got, eager = run(x, mask), model(x, mask)
+        torch.testing.assert_close(got, eager, rtol=1e-12, atol=1e-12, equal_nan=True)
+        corner = (0, 0, *(0,) * rank) if first else (0, *(0,) * rank, 0)
+        finite = torch.isfinite(got)
+        finite[corner] = True  # the one bin holding the inf
+        assert finite.all(), f"an inf reached other bins: {got}"

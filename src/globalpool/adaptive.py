@@ -166,7 +166,6 @@ def adaptive_compose(
         keep = user if keep is None else user & keep
     # the canonical view: every bin a row (N * bins, C, window), the window flattened
     bin_dims = [d for d in range(1, x.ndim) if d != channel_dim and d not in reduce]
-    order = [0, *bin_dims, channel_dim, *sorted(reduce)]
     out_shape = [x.shape[d] for d in (0, *bin_dims)]
     rows = x.shape[0]
     for d in bin_dims:
@@ -174,12 +173,13 @@ def adaptive_compose(
     window = 1
     for d in reduce:
         window = window * x.shape[d]
-    view = x.permute(order).reshape(rows, x.shape[channel_dim], window)
+    dims = ([0, *bin_dims], channel_dim, sorted(reduce))
+    view = _rows_view(x, *dims, rows, window)
     one_channel = list(x.shape)
     one_channel[channel_dim] = 1
 
     def as_rows(t: torch.Tensor) -> torch.Tensor:  # aligned with x, one channel -> (rows, window)
-        return t.expand(one_channel).permute(order).reshape(rows, window)
+        return _rows_view(t.expand(one_channel), *dims, rows, window)[:, 0]
 
     full = dict(params)
     for q in registry.spec(kind).params:
@@ -188,6 +188,33 @@ def adaptive_compose(
     y = registry.run_composition(kind, view, None if keep is None else as_rows(keep), full)
     y = y.reshape(*out_shape, y.shape[1])
     return y.movedim(-1, 1) if first else y
+
+
+def _rows_view(
+    t: torch.Tensor,
+    row_dims: list[int],
+    channel_dim: int,
+    window_dims: list[int],
+    rows: Any,
+    window: Any,
+) -> torch.Tensor:
+    """``t`` as ``(rows, C, window)``: ``row_dims`` (the batch, then the bins) merged into the
+    rows, ``window_dims`` into the window.
+
+    In eager mode one ``reshape``. In a graph with dynamic sizes a window length is an integer
+    division of a spatial size (``ceil(In / Out) + 1``), which the exporters' symbolic sizes
+    cannot factor: merging two dims whose strides are both multiples of it gives a stride that
+    is the symbolic minimum of the two, and splitting a size ``C * length`` by the length asks
+    whether it divides; ``torch.export`` turns both into guards on the spatial size that it
+    cannot prove for every size and refuses the dynamic dim. So a graph lays ``t`` out as
+    ``(rows, C, window)`` in one flat copy (``reshape`` copies the gathered windows too) and
+    splits it, the window last: every stride is a product of sizes, every split exact.
+    """
+    ordered = t.permute([*row_dims, channel_dim, *window_dims])
+    channels = t.shape[channel_dim]
+    if not _in_graph():
+        return ordered.reshape(rows, channels, window)
+    return ordered.reshape(-1).view(rows, channels, window)
 
 
 #: kinds whose bins are sums (or ratios of sums) of per-position values: a graph with a dynamic
