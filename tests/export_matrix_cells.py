@@ -5,8 +5,9 @@ The default subset: every module at rank 2 with ``torch.export`` and ``torch.jit
 module per family (:data:`REPRESENTATIVE`) with ONNX, ``torch.compile`` and one of the other two,
 each at another rank (rotating, so every exporter meets every rank); the fused backend for every
 family that takes one (``torch.export`` or ``torch.jit.trace``), and for one head
-(:data:`FUSED_HEAD`) with every exporter. ``torch.compile`` uses the ``aot_eager`` backend; the full matrix
-adds ``inductor`` (:data:`INDUCTOR`) for the representatives at rank 2.
+(:data:`FUSED_HEAD`) with every exporter; and the cells of :data:`WATCHED`. ``torch.compile``
+uses the ``aot_eager`` backend; the full matrix adds ``inductor`` (:data:`INDUCTOR`) for the
+representatives at rank 2.
 
 >>> len(default_cells()) < len(full_cells())
 True
@@ -34,6 +35,9 @@ REPRESENTATIVE = {
     "query attention pools": "CLIPAttentionPool",
 }
 FUSED_HEAD = "ClassifierHead[lse]"
+# cells the rotation above leaves out that once failed in the full matrix alone: adaptive
+# pooling that gathers bin windows, exported with one dynamic spatial dim
+WATCHED = (("AdaptivePool[max]", "export", 1),)
 assert set(REPRESENTATIVE) == set(FAMILIES)
 
 # (module, exporter) -> why its cells fail, for failures outside globalpool's pooling
@@ -81,6 +85,7 @@ def default_cells() -> list[CellId]:
         if "fused" in rep.backends:
             cells.append(_cell(rep.name, ("trace", "export")[i % 2], "fused", RANKS[i % 3]))
     cells += [_cell(FUSED_HEAD, e, "fused", 2) for e in EXPORTERS]
+    cells += [_cell(m, e, "auto", r) for m, e, r in WATCHED]
     return list(dict.fromkeys(cells))
 
 
