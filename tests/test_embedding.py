@@ -467,6 +467,10 @@ def test_multiscale_on_signals_and_volumes():
         ({"p": 0.5}, ValueError, "p must be a finite real number >= 1"),
         ({"p": "3"}, TypeError, "p must be a real number"),
         ({"grad": 1}, TypeError, "normalize and grad must be bools"),
+        ({"mode": "cubic"}, ValueError, r"mode must be one of \('nearest', 'nearest-exact', "
+         r"'area', 'bilinear', 'bicubic'\) \(or None\) for images with 2 spatial dim\(s\), "
+         r"got 'cubic'"),
+        ({"mode": "linear"}, ValueError, "for images with 2 spatial dim"),
     ],
 )
 def test_multiscale_refuses_bad_arguments(kwargs, error, match):
