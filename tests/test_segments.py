@@ -375,6 +375,10 @@ def test_export_without_num_segments_is_refused():
          ValueError, "weights must be non-negative"),
         (lambda: (torch.ones(4, 2), torch.tensor([0, 1, 0, 1]), {"kind": "gem", "p": 0.5}),
          ValueError, "p for kind 'gem' must be >= 1, got 0.5"),
+        (lambda: (torch.ones(5, 2), torch.tensor([0, 1, 0, 1, 1]),
+                  {"kind": "gem", "p": torch.full((5,), 3.0)}),
+         ValueError, r"p for kind 'gem' must have shape \(C,\) = \(2,\) \(one value per "
+         r"channel, the same for every row of x \(5, 2\); not one per row\), got shape \(5,\)"),
     ],
 )
 def test_errors_name_the_argument(make, error, match):
