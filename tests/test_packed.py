@@ -577,13 +577,13 @@ def test_export_serves_new_lengths():
         torch.testing.assert_close(program.module()(x, _cu(lengths)), Packed()(x, _cu(lengths)))
 
 
-@pytest.mark.slow  # two inductor compiles (the second call recompiles for dynamic shapes)
 def test_inductor_compile_trains_through_a_tuple_of_kinds():
-    """torch.compile with its default backend (inductor), forward and backward, on new lengths
-    after the first call: the longest sequence is read when the graph runs, in both graphs."""
+    """torch.compile with its default backend (inductor), forward and backward; the second
+    call has the same shapes and other lengths (a longer longest sequence): the one graph reads
+    it when it runs, in the forward and the backward."""
     fn = lambda x, cu: gp.pool_packed(x, cu, ("avg", "max"))  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True)
-    for lengths in ((7, 0, 12, 11), (3, 20, 0, 1)):
+    for lengths in ((7, 0, 12, 11), (3, 20, 0, 7)):
         x = torch.rand(sum(lengths), C, generator=torch.Generator().manual_seed(len(lengths)))
         xe, xc = (x.clone().requires_grad_() for _ in range(2))
         ye, yc = fn(xe, _cu(lengths)), compiled(xc, _cu(lengths))
