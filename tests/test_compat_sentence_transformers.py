@@ -173,6 +173,26 @@ def test_a_sentence_with_no_real_token_pools_to_zero_in_every_mode():
     assert (x.grad == 0).all()
 
 
+def test_no_token_at_all_pools_to_zero_in_every_mode():
+    """L == 0 (with or without a mask, with a prompt to leave out): every sentence is empty."""
+    x = torch.randn(2, 0, 3, dtype=torch.float16, requires_grad=True)
+    for mask in (torch.zeros(2, 0, dtype=torch.int64), None):
+        pool = SentencePooling(3, pooling_mode=MODES, include_prompt=False)
+        y = run(pool, x, mask, prompt_length=1)
+        assert y.shape == (2, 6 * 3) and y.dtype == torch.float16 and (y == 0).all()
+        y.sum().backward()
+        assert x.grad.shape == (2, 0, 3)
+
+
+def test_compiles_without_a_graph_break_and_checks_the_mask_eagerly():
+    pool = SentencePooling(3, pooling_mode=("mean", "weightedmean", "cls"))
+    x, mask = make_batch("left", dtype=torch.float32)
+    compiled = torch.compile(lambda t, m: run(pool, t, m), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, mask), run(pool, x, mask))
+    with pytest.raises(ValueError, match="must hold 0 .* and 1"):
+        run(pool, x, mask * 2)
+
+
 @pytest.mark.parametrize("side", PADDINGS)
 def test_gradients_of_every_mode_pass_gradcheck(side):
     x, mask = make_batch(side, lengths=(3, 0, 4), total=5, c=2)
@@ -269,6 +289,20 @@ def test_config_dict_is_sentence_transformers_format():
     assert SentencePooling(8, ("max", "cls")).get_config_dict()["pooling_mode"] == ["max", "cls"]
 
 
+def test_modes_in_the_flags_order_are_saved_as_flags_alone(tmp_path):
+    """The format every sentence-transformers version reads: no pooling_mode key whenever the
+    modes come in the order of MODES (every subset of it)."""
+    flags_format = ["word_embedding_dimension", *(FLAGS[m] for m in
+                    ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")),
+                    "include_prompt"]
+    for modes in MODE_SETS:
+        p = SentencePooling(4, pooling_mode=modes)
+        p.save(tmp_path)
+        saved = json.loads((tmp_path / "config.json").read_text())
+        assert list(saved) == flags_format, modes
+        assert SentencePooling.load(tmp_path).modes == modes
+
+
 @pytest.mark.parametrize("modes", [("mean",), ("cls", "lasttoken"), ("lasttoken", "max"), MODES])
 @pytest.mark.parametrize("include_prompt", [True, False])
 def test_save_and_load_round_trip(tmp_path, modes, include_prompt):
@@ -331,6 +365,8 @@ def test_unknown_config_keys_are_named(tmp_path):
     [
         ({"token_embeddings": None}, ValueError, "must hold 'token_embeddings'"),
         ({"token_embeddings": torch.ones(2, 5)}, ValueError, r"floating tensor \(N, L, C\)"),
+        ({"token_embeddings": torch.ones(2, 5, 4, dtype=torch.int64)}, TypeError,
+         r"token_embeddings'\] must be a floating tensor \(N, L, C\), got dtype torch.int64"),
         ({"token_embeddings": torch.ones(2, 5, 3)}, ValueError,
          "has 3 channels, but word_embedding_dimension is 4"),
         ({"attention_mask": torch.ones(2, 6)}, ValueError,
@@ -404,6 +440,18 @@ def test_token_weights_sum_and_cls_token_embeddings_as_sentence_transformers(sid
                                             "weightedmean"))
     want = run(_st_from(ours, STPooling), x.clone(), mask.clone(), **extra)
     torch.testing.assert_close(run(ours, x, mask, **extra), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_custom_order_is_read_by_sentence_transformers_6(tmp_path):
+    st, STPooling = _st_pooling()
+    if int(st.__version__.split(".")[0]) < 6:
+        pytest.skip("sentence-transformers < 6 reads no pooling_mode list (docs/coming-from.md)")
+    for modes in (("mean", "cls"), ("lasttoken", "max", "weightedmean")):
+        SentencePooling(4, pooling_mode=modes).save(tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = STPooling.load(str(tmp_path))
+        assert tuple(theirs.get_config_dict()["pooling_mode"]) == modes
 
 
 def test_config_json_is_read_by_sentence_transformers_and_back(tmp_path):

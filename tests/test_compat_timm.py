@@ -79,7 +79,7 @@ def test_default_is_timms_fast_avg_and_names_are_read_as_timm_reads_them():
     assert pool.pool_type == "fast"
     torch.testing.assert_close(pool(x), x.mean((2, 3), keepdim=True))
     torch.testing.assert_close(SelectAdaptivePool(pool_type="MAX", flatten=True)(x), x.amax((2, 3)))
-    assert SelectAdaptivePool2d is SelectAdaptivePool
+    assert issubclass(SelectAdaptivePool2d, SelectAdaptivePool)
 
 
 def test_globalpool_kinds_agree_with_timms_avgmax_and_catavgmax():
@@ -97,6 +97,15 @@ def test_no_pooling_passes_through_and_flattens_as_timm(fmt):
         assert pool.feat_mult() == 1
     flat = SelectAdaptivePool(pool_type="", flatten=True, input_fmt=fmt)
     torch.testing.assert_close(flat(x), x.flatten(1))
+
+
+def test_repr_under_timms_name_is_timms():
+    assert repr(SelectAdaptivePool2d(pool_type="avg", flatten=True)) == (
+        "SelectAdaptivePool2d(pool_type=avg, flatten=Flatten(start_dim=1, end_dim=-1))"
+    )
+    assert repr(create_classifier(8, 3, pool_type="max")[0]) == (
+        "SelectAdaptivePool2d(pool_type=max, flatten=Flatten(start_dim=1, end_dim=-1))"
+    )
 
 
 def test_repr_is_timms():
@@ -309,9 +318,10 @@ class TimmStyleNet(nn.Module):
     """Like timm's ResNet: forward_features, global_pool + fc from create_classifier, and
     reset_classifier rebuilding both."""
 
-    def __init__(self, num_classes: int = 4, global_pool: str = "avg", input_fmt: str = "NCHW"):
+    def __init__(self, num_classes: int = 4, global_pool: str = "avg", input_fmt: str = "NCHW",
+                 num_features: int = 6):
         super().__init__()
-        self.num_features, self.input_fmt = 6, input_fmt
+        self.num_features, self.input_fmt = num_features, input_fmt
         self.conv = nn.Conv2d(3, self.num_features, 3)
         self.global_pool, self.fc = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, input_fmt=input_fmt
@@ -362,6 +372,81 @@ def test_swap_pool_reset_classifier_swap_pool_again(fmt):
     _check_head(net, x, lambda f: torch.cat([f.mean(dims), f.amax(dims)], 1))
     assert "pool=GlobalPool(kind=('avg', 'max')" in repr(net.global_pool)
     assert net(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("learned", ["map", "simpool"])
+def test_a_learned_pool_swapped_in_is_a_pool_type_reset_classifier_takes_back(learned):
+    torch.manual_seed(0)
+    net = TimmStyleNet(num_features=16)  # map's default 8 heads divide it
+    x = torch.randn(2, 3, 7, 6)
+    gp.swap_pool(net, learned)
+    assert net.global_pool.pool_type == learned and net.global_pool.feat_mult() == 1
+    net.reset_classifier(5, global_pool=net.global_pool.pool_type)
+    assert type(net.global_pool.pool) is type(gp.make_learned_pool(learned, 16, "channels_first",
+                                                                   {}))
+    assert net.global_pool.pool_type == learned and net(x).shape == (2, 5)
+    assert net.fc.in_features == 16
+    with pytest.raises(ValueError, match=f"use_conv=True needs a pool that keeps the spatial "
+                                         f"dims .* pool_type='{learned}' returns"):
+        create_classifier(16, 5, pool_type=learned, use_conv=True)
+    with pytest.raises(ValueError, match=f"pool_type='{learned}' is a learned pool .* "
+                                         "create_classifier"):
+        SelectAdaptivePool(pool_type=learned)
+
+
+class ConvHeadNet(nn.Module):
+    """timm's ``use_conv=True`` head (a 1x1 convolution on the kept (N, C, 1, 1) map, logits
+    flattened after it) or ``num_classes=0`` (fc is nn.Identity)."""
+
+    def __init__(self, num_classes: int = 4, use_conv: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.global_pool, self.fc = create_classifier(6, num_classes, pool_type="avg",
+                                                      use_conv=use_conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.global_pool(torch.relu(self.conv(x)))).flatten(1)
+
+
+def test_swap_pool_widens_the_features_of_a_model_without_classifier():
+    """num_classes=0: fc is nn.Identity, so a wider kind just gives wider features (as timm's
+    catavgmax does there); a kind with per-channel weights is refused, the model unchanged."""
+    torch.manual_seed(0)
+    net = ConvHeadNet(num_classes=0).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    gp.swap_pool(net, "catavgmax")
+    f = torch.relu(net.conv(x))
+    torch.testing.assert_close(net(x), torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1))
+    assert isinstance(net.fc, nn.Identity) and net.global_pool.feat_mult() == 2
+    gp.swap_pool(net, "max", classifier="fc")  # and back, naming it
+    torch.testing.assert_close(net(x), f.amax((2, 3)))
+    before = [(n, id(m)) for n, m in net.named_modules()]
+    for kind, params in (("map", {}), ("gem", {"per_channel": True}), ("attention", {})):
+        with pytest.raises(ValueError, match=f"kind '{kind}': its per-channel weights need the "
+                                             "channel count, and the classifier 'fc' is an "
+                                             "nn.Identity"):
+            gp.swap_pool(net, kind, **params)
+    assert [(n, id(m)) for n, m in net.named_modules()] == before
+
+
+def test_swap_pool_resizes_a_1x1_convolution_classifier():
+    torch.manual_seed(0)
+    net = ConvHeadNet(use_conv=True).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    gp.swap_pool(net, "catavgmax")
+    assert isinstance(net.fc, nn.Conv2d) and net.fc.in_channels == 12
+    assert net.fc.out_channels == 4 and net.fc.weight.dtype == torch.float64
+    f = torch.relu(net.conv(x))
+    pooled = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
+    want = pooled @ net.fc.weight.flatten(1).T + net.fc.bias
+    torch.testing.assert_close(net(x), want)
+    gp.swap_pool(net, "gem", per_channel=True, classifier="fc")  # learned per channel: 6 wide
+    assert net.fc.in_channels == 6 and net(x).shape == (2, 4)
+    before = [(n, id(m)) for n, m in net.named_modules()]
+    with pytest.raises(ValueError, match=r"kind 'map' returns \(N, C\) features, but the "
+                                         r"classifier 'fc' is a 1x1 nn.Conv2d"):
+        gp.swap_pool(net, "map")
+    assert [(n, id(m)) for n, m in net.named_modules()] == before
 
 
 def test_swap_pool_turns_a_class_token_readout_into_a_pool_of_the_patch_tokens():
@@ -451,6 +536,17 @@ def test_bad_calls_are_refused_clearly():
         create_classifier(8, -1)
     with pytest.raises(ValueError, match=r"num_features must be a positive int, got 0"):
         create_classifier(0, 3)
+    with pytest.raises(TypeError, match=r"num_features must be a positive int, got float 64.0"):
+        create_classifier(64.0, 3)
+    with pytest.raises(TypeError, match=r"num_classes must be an int >= 0 .*, got float 3.0"):
+        create_classifier(64, 3.0)
+    for two_d in (torch.randn(2, 3), torch.ones(2, 3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"x must be \(N, L, C\) for input_fmt='NLC', got "
+                                             r"shape \(2, 3\)"):
+            global_pool_nlc(two_d, "avg")
+    with pytest.raises(ValueError, match=r"x must be \(N, C, H, W\) for input_fmt='NCHW', got "
+                                         r"shape \(2, 3\)"):
+        SelectAdaptivePool(pool_type="avg")(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"use_conv=True needs input_fmt='NCHW' .*got "
                                          r"input_fmt='NHWC'"):
         create_classifier(8, 3, use_conv=True, input_fmt="NHWC")

@@ -108,6 +108,17 @@ def test_rank_deficient_features_are_refused_naming_their_rank():
             gp.fit_whitening(features)
     assert gp.fit_whitening(x, dim=3).out_features == 3
     assert gp.fit_whitening(x, shrinkage=0.1).out_features == 9
+    # shrinkage given but too small: the advice is a larger one, not "shrinkage > 0"
+    with pytest.raises(ValueError, match=r"dim <= 3, or a shrinkage larger than 1e-30 to"):
+        gp.fit_whitening(x, shrinkage=1e-30)
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5, "auto"])
+def test_constant_features_are_refused_without_impossible_advice(shrinkage):
+    with pytest.raises(ValueError, match=r"100 copies of one descriptor .* no direction to "
+                                         r"whiten, whatever dim or shrinkage") as info:
+        gp.fit_whitening(torch.ones(100, 8), shrinkage=shrinkage)
+    assert "dim <=" not in str(info.value)
 
 
 def test_whitening_keeps_the_features_dtype_and_runs_other_dtypes():
@@ -117,6 +128,25 @@ def test_whitening_keeps_the_features_dtype_and_runs_other_dtypes():
     out = white(x.double())
     assert out.dtype == F64
     torch.testing.assert_close(out.float(), white(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_whitening_computes_in_float32_and_returns_half(dtype):
+    """Whitening scales small directions up by 1/sqrt(their variance): a product in half
+    precision would lose them. Against the same half buffers and input in float64."""
+    g = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=F64))[0]
+    scales = torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=F64), torch.full((13,), 0.05,
+                                                                               dtype=F64)])
+    feats = (torch.randn(400, 16, generator=g, dtype=F64) * scales) @ basis.T + 5.0
+    white = gp.fit_whitening(feats, normalize=False).to(dtype)
+    x = feats.to(dtype)
+    want = (x.double() - white.mean.double()) @ white.projection.double().T
+    got = white(x)
+    assert got.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=2 * eps,
+                               atol=2 * eps * float(want.abs().max()))
 
 
 @pytest.mark.parametrize(
@@ -259,6 +289,26 @@ def test_head_fit_whitening_and_state_dict_roundtrip(tmp_path):
     torch.testing.assert_close(loaded(x), head(x))
     with pytest.raises(RuntimeError, match="build the head with whitening=True"):
         gp.EmbeddingHead(8, "gem", dim=6, bnneck=True).load_state_dict(head.state_dict())
+
+
+def test_head_takes_features_of_another_dtype():
+    """A float32 head given float16 features (and a float64 head given float32 ones) computes
+    in its own dtype after the pool and returns x's dtype."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(3, 8, 4, 4, generator=g, dtype=F64) + 0.1
+    for head_dtype, x_dtype in ((torch.float32, torch.float16), (F64, torch.float32)):
+        head = gp.EmbeddingHead(8, "gem", dim=4, bnneck=True).to(head_dtype).eval()
+        head.fit_whitening(head.descriptors(torch.rand(40, 8, 2, 2, generator=g,
+                                                       dtype=head_dtype)), dim=3)
+        got = head(x.to(x_dtype))
+        want = head(x.to(x_dtype).to(head_dtype))
+        assert got.dtype == x_dtype and head.descriptors(x.to(x_dtype)).dtype == x_dtype
+        # the pool returns x's dtype: its float16 rounding, scaled up by the whitening
+        tol = 1e-2 if x_dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(got, want.to(x_dtype), rtol=tol, atol=tol)
+        head.train()
+        out = head(x.to(x_dtype))
+        assert out.pre_bn.dtype == out.post_bn.dtype == x_dtype
 
 
 def test_head_whitening_follows_the_head_dtype_and_refusals_change_nothing():
@@ -417,6 +467,10 @@ def test_multiscale_on_signals_and_volumes():
         ({"p": 0.5}, ValueError, "p must be a finite real number >= 1"),
         ({"p": "3"}, TypeError, "p must be a real number"),
         ({"grad": 1}, TypeError, "normalize and grad must be bools"),
+        ({"mode": "cubic"}, ValueError, r"mode must be one of \('nearest', 'nearest-exact', "
+         r"'area', 'bilinear', 'bicubic'\) \(or None\) for images with 2 spatial dim\(s\), "
+         r"got 'cubic'"),
+        ({"mode": "linear"}, ValueError, "for images with 2 spatial dim"),
     ],
 )
 def test_multiscale_refuses_bad_arguments(kwargs, error, match):

@@ -439,7 +439,7 @@ def test_swap_pool_kinds_of_the_same_width_need_no_classifier():
     [
         (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                nn.Linear(8, 2)),
-         r"needs classifier= .*got None, and the model has no nn.Linear under the names "
+         r"needs classifier= .*got None, and the model has none under the names "
          r"\['fc', 'head', 'classifier', 'head.fc'\]; pass classifier="),
         (lambda: _with(_TimmLike("fc"), head=nn.Linear(8, 5)),
          r"the model has several: \['fc', 'head'\] under the names"),
@@ -673,7 +673,7 @@ def test_swap_pool_refuses_a_bad_classifier_name_before_changing_anything():
     before = _snapshot(net)
     with pytest.raises(ValueError, match=r"classifier 'head' is not a module of the model"):
         gp.swap_pool(net, "catavgmax", name="avgpool", classifier="head")
-    with pytest.raises(TypeError, match=r"classifier must name an nn.Linear, got 'se': _Squeeze"):
+    with pytest.raises(TypeError, match=r"classifier must name an nn.Linear, a 1x1 nn.Conv2d or an nn.Identity .*, got 'se': _Squeeze"):
         gp.swap_pool(net, "catavgmax", name="avgpool", classifier="se")
     with pytest.raises(TypeError, match=r"unexpected argument"):  # a bad pool parameter
         gp.swap_pool(net, "attention", name="avgpool", p=3.0)

@@ -575,3 +575,20 @@ def test_export_serves_new_lengths():
     for lengths in ((3, 0, 6), (1, 1, 1, 1, 1), (0, 12)):
         x = torch.randn(sum(lengths), C)
         torch.testing.assert_close(program.module()(x, _cu(lengths)), Packed()(x, _cu(lengths)))
+
+
+def test_inductor_compile_trains_through_a_tuple_of_kinds():
+    """torch.compile with its default backend (inductor), forward and backward; the second
+    call has the same shapes and other lengths (a longer longest sequence): the one graph reads
+    it when it runs, in the forward and the backward."""
+    fn = lambda x, cu: gp.pool_packed(x, cu, ("avg", "max"))  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    for lengths in ((7, 0, 12, 11), (3, 20, 0, 7)):
+        x = torch.rand(sum(lengths), C, generator=torch.Generator().manual_seed(len(lengths)))
+        xe, xc = (x.clone().requires_grad_() for _ in range(2))
+        ye, yc = fn(xe, _cu(lengths)), compiled(xc, _cu(lengths))
+        weights = torch.arange(1.0, ye.numel() + 1).reshape(ye.shape)
+        (ye * weights).sum().backward()
+        (yc * weights).sum().backward()
+        torch.testing.assert_close(yc, ye)
+        torch.testing.assert_close(xc.grad, xe.grad)

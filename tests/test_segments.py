@@ -268,6 +268,37 @@ def test_compile_fullgraph_with_num_segments():
                                                                   num_segments=SEGMENTS))
 
 
+def _eager_and_compiled_step(fn, compiled, x, *args):
+    """Values and x's gradient of one training step, eager and compiled."""
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = fn(xe, *args), compiled(xc, *args)
+    (ye * torch.arange(1.0, ye.numel() + 1).reshape(ye.shape)).sum().backward()
+    (yc * torch.arange(1.0, yc.numel() + 1).reshape(yc.shape)).sum().backward()
+    return (ye, xe.grad), (yc, xc.grad)
+
+
+def test_inductor_compile_trains_through_a_tuple_of_kinds():
+    """The default backend (inductor), forward and backward: the longest segment is a size
+    the graph reads when it runs, and the backward sees it as that same size (new lengths:
+    tests/test_packed.py)."""
+    fn = lambda x, i: gp.pool_segments(x, i, ("avg", "max"), num_segments=8)  # noqa: E731
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(50, 4, generator=gen)
+    index = torch.sort(torch.randint(0, 8, (50,), generator=gen))[0]
+    eager, graph = _eager_and_compiled_step(fn, torch.compile(fn, fullgraph=True), x, index)
+    torch.testing.assert_close(graph, eager)
+
+
+def test_inductor_compile_trains_gem_with_dynamic_shapes():
+    fn = lambda x, i: gp.pool_segments(x, i, "gem", num_segments=6)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.rand(30, 4, generator=gen) + 0.1
+    index = torch.randint(0, 5, (30,), generator=gen)  # unsorted, segment 5 empty
+    eager, graph = _eager_and_compiled_step(fn, compiled, x, index)
+    torch.testing.assert_close(graph, eager)
+
+
 class _Segments(torch.nn.Module):
     def __init__(self, kind, num_segments):
         super().__init__()
@@ -344,6 +375,10 @@ def test_export_without_num_segments_is_refused():
          ValueError, "weights must be non-negative"),
         (lambda: (torch.ones(4, 2), torch.tensor([0, 1, 0, 1]), {"kind": "gem", "p": 0.5}),
          ValueError, "p for kind 'gem' must be >= 1, got 0.5"),
+        (lambda: (torch.ones(5, 2), torch.tensor([0, 1, 0, 1, 1]),
+                  {"kind": "gem", "p": torch.full((5,), 3.0)}),
+         ValueError, r"p for kind 'gem' must have shape \(C,\) = \(2,\) \(one value per "
+         r"channel, the same for every row of x \(5, 2\); not one per row\), got shape \(5,\)"),
     ],
 )
 def test_errors_name_the_argument(make, error, match):

@@ -42,6 +42,23 @@ def _where_nonempty(
     return y if nonempty is None else torch.where(nonempty, y, fill)
 
 
+def _compiled_exponent(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """``value`` (gem's ``p``, lse's ``r``) in x's dtype: a tensor as a tensor, a number as a
+    0-dim tensor while ``torch.compile`` records the call (not an exporter), a number otherwise.
+    With ``dynamic=True`` a number becomes a symbolic float, which inductor (torch 2.13) fails
+    to lower in a training graph that divides by it (``KeyError: 'unbacked_bindings'``); a
+    0-dim tensor is the same maths and lowers.
+
+    >>> _compiled_exponent(3.0, torch.zeros(2))
+    3.0
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(x.dtype)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.full((), value, dtype=x.dtype, device=x.device)
+    return value
+
+
 def along_channels(
     value: float | torch.Tensor, ndim: int, channel_dim: int
 ) -> float | torch.Tensor:
@@ -128,8 +145,7 @@ def gem(
     p: float | torch.Tensor,
     eps: float | torch.Tensor,
 ) -> torch.Tensor:
-    if isinstance(p, torch.Tensor):
-        p = p.to(x.dtype)
+    p = _compiled_exponent(p, x)
     if mask is not None:
         # padded slots take the clamp floor, the smallest value a real one can have: the scale
         # below (the row's maximum) is then a real position's, whatever the padding held
@@ -160,8 +176,7 @@ def gem(
 def lse(
     x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, r: float | torch.Tensor
 ) -> torch.Tensor:
-    if isinstance(r, torch.Tensor):
-        r = r.to(x.dtype)
+    r = _compiled_exponent(r, x)
     nonempty = _nonempty(mask, dims)
 
     def guarded() -> torch.Tensor:

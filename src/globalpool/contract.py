@@ -314,11 +314,13 @@ def is_per_channel(value: Any) -> bool:
 
 
 def check_channel_param(
-    kind: str, name: str, value: torch.Tensor, x: torch.Tensor, layout: str
+    kind: str, name: str, value: torch.Tensor, x: torch.Tensor, layout: str,
+    packed: bool = False,
 ) -> None:
     """Check a per-channel parameter (``p`` of gem, ``r`` of lse): a floating 1-D tensor of
     shape ``(C,)`` with ``C`` x's channel count, on x's device, every value finite and in the
-    scalar's range (inside a graph, checked when the graph runs).
+    scalar's range (inside a graph, checked when the graph runs). ``packed``: x is rows
+    ``(T, C)`` of packed sequences or segments, and the message speaks of its rows.
 
     >>> x = torch.zeros(2, 3, 5)
     >>> check_channel_param("gem", "p", torch.full((4,), 3.0), x, "channels_first")
@@ -333,10 +335,12 @@ def check_channel_param(
     channel_dim, _ = layout_dims(x.ndim, layout)
     channels = x.shape[channel_dim]
     if value.shape[0] != channels:
+        where = (f"one value per channel, the same for every row of x {tuple(x.shape)}; not "
+                 "one per row" if packed else
+                 f"one value per channel of x, dim {channel_dim} for layout={layout!r}")
         raise ValueError(
-            f"{name} for kind {kind!r} must have shape (C,) = ({channels},) (one value per "
-            f"channel of x, dim {channel_dim} for layout={layout!r}), got shape "
-            f"{tuple(value.shape)}"
+            f"{name} for kind {kind!r} must have shape (C,) = ({channels},) ({where}), got "
+            f"shape {tuple(value.shape)}"
         )
     if value.device != x.device:
         raise ValueError(
@@ -375,10 +379,10 @@ def _check_channel_values(
 
 
 def _check_scalar_or_channels(
-    kind: str, name: str, value: Any, x: torch.Tensor, layout: str
+    kind: str, name: str, value: Any, x: torch.Tensor, layout: str, packed: bool = False
 ) -> None:
     if _param(kind, name).per_channel and is_per_channel(value):
-        check_channel_param(kind, name, value, x, layout)
+        check_channel_param(kind, name, value, x, layout, packed)
     else:
         check_param_value(kind, name, value)
 
@@ -547,7 +551,7 @@ def check_packed_params(
         for q in registry.spec(k).params:
             value = full[q.name]
             if not q.per_position:
-                _check_scalar_or_channels(k, q.name, value, x, "channels_last")
+                _check_scalar_or_channels(k, q.name, value, x, "channels_last", packed=True)
                 full[q.name] = _plain(value)
                 continue
             if value is None:

@@ -708,34 +708,69 @@ def _distinct_names(found: list[tuple[str, nn.Module]]) -> list[str]:
     return list(first.values())
 
 
+_CLASSIFIER_WORDS = "an nn.Linear, a 1x1 nn.Conv2d or an nn.Identity (no classifier)"
+
+
+def _is_classifier(module: nn.Module) -> bool:
+    """An ``nn.Linear``, a 1x1 ``nn.Conv2d`` (timm's ``use_conv=True``) or an ``nn.Identity``
+    (timm's ``num_classes=0``)."""
+    return isinstance(module, (nn.Linear, nn.Identity)) or _is_conv_classifier(module)
+
+
+def _is_conv_classifier(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d and tuple(module.kernel_size) == (1, 1)
+            and module.groups == 1)
+
+
+def _classifier_width(fc: nn.Module | None) -> int | None:
+    """The width the classifier takes; None for an ``nn.Identity`` (any width)."""
+    if isinstance(fc, nn.Linear):
+        return fc.in_features
+    if isinstance(fc, nn.Conv2d):
+        return fc.in_channels
+    return None
+
+
 def _find_classifier(model: nn.Module, kind: Any) -> str:
-    """The one ``nn.Linear`` among :data:`CLASSIFIER_NAMES`, or a ValueError saying to pass
-    ``classifier=``."""
-    found: dict[int, str] = {}
+    """The one ``nn.Linear`` among :data:`CLASSIFIER_NAMES` (else the one 1x1 ``nn.Conv2d`` or
+    ``nn.Identity``), or a ValueError saying to pass ``classifier=``."""
+    linear: dict[int, str] = {}
+    other: dict[int, str] = {}
     for name in CLASSIFIER_NAMES:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             continue
         if isinstance(module, nn.Linear):
-            found.setdefault(id(module), name)
+            linear.setdefault(id(module), name)
+        elif _is_classifier(module):
+            other.setdefault(id(module), name)
+    found = linear or other
     if len(found) == 1:
         return next(iter(found.values()))
-    what = "no nn.Linear" if not found else f"several: {sorted(found.values())}"
+    what = "none" if not found else f"several: {sorted(found.values())}"
     raise ValueError(
-        f"kind {kind!r} needs classifier= (the dotted name of the nn.Linear after the pool), got "
-        f"None, and the model has {what} under the names {list(CLASSIFIER_NAMES)}; pass "
-        "classifier="
+        f"kind {kind!r} needs classifier= (the dotted name of the module after the pool: "
+        f"{_CLASSIFIER_WORDS}), got None, and the model has {what} under the names "
+        f"{list(CLASSIFIER_NAMES)}; pass classifier="
     )
+
+
+def _needs_channels(kind: Any, params: dict[str, Any]) -> bool:
+    """Whether the new pool learns per-channel weights (attention, per-channel GeM / lse, a
+    query-based attention pool), so that it must know the channel count."""
+    if kind in LEARNED_POOLS:
+        return True
+    per_position = any(q.per_position for k in kinds_of(kind) for q in registry.spec(k).params)
+    return per_position or params.get("per_channel") is True
 
 
 def _needs_classifier(kind: Any, params: dict[str, Any]) -> bool:
     """Whether the new pool needs the classifier: its width differs, or it learns per-channel
-    weights (attention, per-channel GeM / lse, a query-based attention pool)."""
-    if kind in LEARNED_POOLS:
-        return True
-    per_position = any(q.per_position for k in kinds_of(kind) for q in registry.spec(k).params)
-    return output_width(kind, 1) != 1 or per_position or params.get("per_channel") is True
+    weights."""
+    return _needs_channels(kind, params) or (
+        kind not in LEARNED_POOLS and output_width(kind, 1) != 1
+    )
 
 
 #: Module types whose input width is fixed, and that width.
@@ -834,10 +869,14 @@ def swap_pool(
             pool. A model with several (a squeeze-excitation block's beside the final one) and
             no ``name`` is refused, listing them: replacing a squeeze-excitation pool changes
             what its block computes.
-        classifier: the dotted name of the ``nn.Linear`` that takes the pooled features, for
-            the kinds that need it (below); default: the one ``nn.Linear`` named ``fc``,
-            ``head``, ``classifier`` or ``head.fc`` (:data:`CLASSIFIER_NAMES`; none or several
-            is an error asking for ``classifier=``).
+        classifier: the dotted name of the classifier that takes the pooled features, for
+            the kinds that need it (below): an ``nn.Linear``, a 1x1 ``nn.Conv2d`` (timm's
+            ``use_conv=True``; resized as a ``Linear`` is) or an ``nn.Identity`` (timm's
+            ``num_classes=0``: the features just get wider, nothing is resized; kinds with
+            per-channel weights are refused there, as nothing tells their channel count).
+            Default: the one ``nn.Linear`` named ``fc``, ``head``, ``classifier`` or ``head.fc``
+            (:data:`CLASSIFIER_NAMES`), else the one 1x1 ``nn.Conv2d`` or ``nn.Identity`` there
+            (none or several is an error asking for ``classifier=``).
         layout: where the new pool's input keeps its channels. None (default): found out from
             the pool replaced: a torch adaptive pool takes ``(N, C, *S)`` (channels-first),
             globalpool's own pools (``GlobalPool``, ``GeM``, ``LSEPool``, ``AttentionPool``
@@ -927,7 +966,13 @@ def swap_pool(
     if classifier is None and needs:
         classifier = _find_classifier(model, kind)
     fc = _classifier_module(model, classifier) if classifier is not None else None
-    pooled = fc.in_features if fc is not None else 0  # the width the classifier takes
+    pooled = _classifier_width(fc) if fc is not None else 0  # the width the classifier takes
+    if fc is not None and _is_conv_classifier(fc) and learned:
+        raise ValueError(
+            f"kind {kind!r} returns (N, C) features, but the classifier {classifier!r} is a 1x1 "
+            "nn.Conv2d that takes the pooled map (N, C, 1, 1); use a kind (avg, gem, "
+            "catavgmax, ...) or give the model an nn.Linear classifier; nothing was changed"
+        )
     if needs:
         distinct = _distinct_names(found)
         if len(distinct) > 1:
@@ -940,6 +985,16 @@ def swap_pool(
         between = _between(model, found, classifier)
         if between and between[0][3] is not None:
             pooled = between[0][3]
+        if pooled is None:  # an nn.Identity classifier: features of any width go out
+            if _needs_channels(kind, params):
+                raise ValueError(
+                    f"cannot swap {distinct[0]!r} for kind {kind!r}: its per-channel weights "
+                    f"need the channel count, and the classifier {classifier!r} is an "
+                    "nn.Identity (no classifier, as with num_classes=0), which does not tell it; "
+                    "use a kind without per-channel weights (avg, max, gem, catavgmax, ...) or "
+                    "give the model a classifier first; nothing was changed"
+                )
+            pooled = 0  # unknown, and not needed: no module takes the pooled width
         width = _swapped_width(kind, pooled // mult, layout, params)
         if width != pooled and between:
             raise ValueError(_blocked(distinct[0], kind, classifier, between[0], width, pooled))
@@ -967,24 +1022,35 @@ def swap_pool(
                 keepdim = _is_global(module) or bool(getattr(module, "keepdim", False))
                 new = make_pool(kind, channels, keepdim=keepdim, layout=layout, **params)
             replacements[id(module)] = new.to(**like)
-    linear = None
+    resized = None
     width = next(iter(replacements.values())).output_width(channels) if learned else (
         output_width(kind, channels)
     )
-    if fc is not None and needs and width != pooled:  # one pool, nothing between it and fc
-        linear = nn.Linear(width, fc.out_features, bias=fc.bias is not None)
-        linear = linear.to(fc.weight.device, fc.weight.dtype)
+    if fc is not None and needs and width != pooled and not isinstance(fc, nn.Identity):
+        resized = _resized_classifier(fc, width)  # one pool, nothing between it and fc
     for where, module in found:  # every check passed, every module is built: change the model
         _set_submodule(model, where, replacements[id(module)])
-    if linear is not None:
-        _set_submodule(model, classifier, linear)
+    if resized is not None:
+        _set_submodule(model, classifier, resized)
     return model
 
 
-def _classifier_module(model: nn.Module, classifier: Any) -> nn.Linear:
+def _resized_classifier(fc: nn.Module, width: int) -> nn.Module:
+    """A new (freshly initialised) classifier like ``fc`` that takes ``width`` features."""
+    bias = fc.bias is not None
+    if isinstance(fc, nn.Conv2d):
+        new: nn.Module = nn.Conv2d(width, fc.out_channels, 1, stride=fc.stride, padding=fc.padding,
+                                   dilation=fc.dilation, bias=bias, padding_mode=fc.padding_mode)
+    else:
+        new = nn.Linear(width, fc.out_features, bias=bias)
+    return new.to(fc.weight.device, fc.weight.dtype)
+
+
+def _classifier_module(model: nn.Module, classifier: Any) -> nn.Module:
     if not isinstance(classifier, str):
         raise TypeError(
-            f"classifier must be the dotted name of an nn.Linear or None, got {classifier!r}"
+            f"classifier must be the dotted name of {_CLASSIFIER_WORDS}, or None; got "
+            f"{classifier!r}"
         )
     try:
         fc = model.get_submodule(classifier)
@@ -994,9 +1060,9 @@ def _classifier_module(model: nn.Module, classifier: Any) -> nn.Linear:
             f"of the nn.Linear after the pool, such as "
             f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]}"
         ) from None
-    if not isinstance(fc, nn.Linear):
+    if not _is_classifier(fc):
         raise TypeError(
-            f"classifier must name an nn.Linear, got {classifier!r}: {type(fc).__name__}"
+            f"classifier must name {_CLASSIFIER_WORDS}, got {classifier!r}: {fc!r}"
         )
     return fc
 

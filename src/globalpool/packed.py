@@ -139,9 +139,12 @@ def padded(
 
 
 def _longest(lengths: torch.Tensor, t: int) -> int:
-    """The longest of the (N >= 1) lengths, at least 1. Under ``torch.export`` it has no value
-    yet: an unbacked size in ``[1, max(T, 1)]``, so the graph serves any lengths."""
-    if not torch.compiler.is_exporting():
+    """The longest of the (N >= 1) lengths, at least 1. Under ``torch.compile`` and
+    ``torch.export`` it has no value yet: a size read when the graph runs, in ``[1, max(T, 1)]``,
+    so the graph serves any lengths. That size is the read value itself (clamped before the
+    read), not ``max(value, 1)`` of it: inductor cannot generate a backward whose shapes hold
+    such an expression of a size the forward read."""
+    if not torch.compiler.is_compiling():
         return max(int(lengths.max()), 1)
     lmax = lengths.max().clamp_min(1).item()
     torch._check(lmax >= 1)
@@ -387,8 +390,9 @@ def pool_packed(
             kernel outside the graph under ``torch.compile``, and records the composition under
             exporters). A tensor ``eps`` or ``r`` that requires grad gets its gradient on
             either path. The
-            composition reads ``Lmax`` from ``cu_seqlens`` on the host (one sync on CUDA, a graph
-            break under ``torch.compile``).
+            composition reads ``Lmax`` from ``cu_seqlens`` on the host (one sync on CUDA; under
+            ``torch.compile`` and exporters a size the graph reads when it runs, no graph
+            break).
 
     Returns:
         ``(N, width * C)`` (width 2 for ``catavgmax``) in x's dtype: exactly what

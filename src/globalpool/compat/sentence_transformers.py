@@ -109,7 +109,9 @@ class SentencePooling(nn.Module):
     Shape:
         ``features["token_embeddings"]`` ``(N, L, C)``, ``features["attention_mask"]``
         ``(N, L)`` of 0/1 or bool (optional: all tokens real); writes
-        ``features["sentence_embedding"]`` ``(N, len(modes) * C)``.
+        ``features["sentence_embedding"]`` ``(N, len(modes) * C)`` (0 for a sentence with no
+        real token, L == 0 included). The mask's values are checked in eager calls, not
+        under ``torch.compile``.
 
     >>> import torch, globalpool as gp
     >>> pool = gp.SentencePooling(2, pooling_mode=("cls", "lasttoken"))
@@ -183,6 +185,9 @@ class SentencePooling(nn.Module):
             )
         x = self._token_embeddings(features)
         mask = _attention_mask(features, x)
+        if x.shape[1] == 0:  # no token at all: every sentence is empty and pools to 0
+            x = torch.cat([x, x.new_zeros((x.shape[0], 1, x.shape[2]))], dim=1)
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         kept = mask
         if not self.include_prompt and "prompt_length" in features:
             full = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool,
@@ -200,11 +205,15 @@ class SentencePooling(nn.Module):
                 f"features must hold 'token_embeddings' (N, L, C), got keys {sorted(features)}"
             )
         x = features["token_embeddings"]
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.is_floating_point():
-            what = (f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor)
-                    else type(x).__name__)
-            raise ValueError(
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(
                 f"features['token_embeddings'] must be a floating tensor (N, L, C), got {what}"
+            )
+        if x.ndim != 3:
+            raise ValueError(
+                f"features['token_embeddings'] must be a floating tensor (N, L, C), got shape "
+                f"{tuple(x.shape)}"
             )
         if x.shape[-1] != self.word_embedding_dimension:
             raise ValueError(
@@ -242,8 +251,9 @@ class SentencePooling(nn.Module):
 
     def get_config_dict(self) -> dict[str, Any]:
         """The configuration, as sentence-transformers writes it in ``config.json``: the
-        dimension, one flag per mode and ``include_prompt`` (plus ``pooling_mode``, a list, when
-        the modes are not in the flags' order, which the flags alone cannot say)."""
+        dimension, one flag per mode and ``include_prompt``; sentence-transformers 5 and 6 read
+        it. Modes not in the order of :data:`MODES` (which the flags alone cannot say) add
+        ``pooling_mode``, the list of names: sentence-transformers 6 reads that, 5 cannot."""
         config: dict[str, Any] = {"word_embedding_dimension": self.word_embedding_dimension}
         for key in _CONFIG_ORDER[1:-1]:
             config[key] = _FLAGS[key] in self.modes
@@ -274,7 +284,9 @@ class SentencePooling(nn.Module):
 
     def save(self, output_path: str | os.PathLike) -> None:
         """Write ``config.json`` into the directory ``output_path`` (made if missing), in
-        sentence-transformers' format: its ``Pooling.load`` reads it, and so does :meth:`load`.
+        sentence-transformers' format: its ``Pooling.load`` reads it (for modes not in the order
+        of :data:`MODES`, sentence-transformers 6 only; see :meth:`get_config_dict`), and so
+        does :meth:`load`.
         """
         os.makedirs(output_path, exist_ok=True)
         with open(os.path.join(output_path, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -393,7 +405,9 @@ def _attention_mask(features: dict[str, Any], x: torch.Tensor) -> torch.Tensor |
         )
     if mask.dtype == torch.bool:
         return mask
-    if bool(((mask != 0) & (mask != 1)).any()):
+    # a value check reads the mask on the host: skipped while torch.compile records the call
+    # (it would break the graph), made in eager calls
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(
             "features['attention_mask'] must hold 0 (padding) and 1 (real token) only, got "
             f"values {sorted(set(mask.unique().tolist()))[:8]}"

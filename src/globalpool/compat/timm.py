@@ -1,6 +1,6 @@
 """timm's pooling conventions on globalpool's kinds: change one import, keep the model code.
 
-``SelectAdaptivePool`` (alias ``SelectAdaptivePool2d``), ``create_classifier`` and
+``SelectAdaptivePool`` (and ``SelectAdaptivePool2d``, timm's name), ``create_classifier`` and
 ``global_pool_nlc`` take timm's arguments and give timm's shapes and values for timm's pool types
 (``avg``, ``max``, ``avgmax`` = 0.5 * (avg + max), ``catavgmax`` = cat(avg, max), the ``fast``
 spellings, ``""`` for no pooling, ``token`` for the class token), and besides accept every
@@ -13,7 +13,7 @@ and :func:`globalpool.swap_pool` finds it.
 >>> from globalpool.compat.timm import SelectAdaptivePool2d
 >>> pool = SelectAdaptivePool2d(pool_type="catavgmax", flatten=True)
 >>> pool
-SelectAdaptivePool(pool_type=catavgmax, flatten=Flatten(start_dim=1, end_dim=-1))
+SelectAdaptivePool2d(pool_type=catavgmax, flatten=Flatten(start_dim=1, end_dim=-1))
 >>> pool(torch.randn(2, 8, 7, 7)).shape
 torch.Size([2, 16])
 """
@@ -28,7 +28,8 @@ from torch import nn
 from globalpool import registry
 from globalpool.contract import check_input, check_kinds, check_mask, check_output_size
 from globalpool.functional import pool
-from globalpool.layers import AdaptivePool, AttentionPool, GlobalPool, check_channels
+from globalpool.layers import AdaptivePool, AttentionPool, GlobalPool
+from globalpool.learned_pools import LEARNED_POOLS, make_learned_pool
 
 #: The ``input_fmt`` values: images channels-first or channels-last, token sequences (N, L, C).
 INPUT_FORMATS: tuple[str, ...] = ("NCHW", "NHWC", "NLC")
@@ -42,6 +43,13 @@ _TOKEN = "token"
 
 
 def _pool_type_error(pool_type: Any) -> ValueError:
+    if isinstance(pool_type, str) and pool_type in LEARNED_POOLS:
+        return ValueError(
+            f"pool_type={pool_type!r} is a learned pool with weights over the channels, which "
+            "SelectAdaptivePool does not know: build it with create_classifier(num_features, "
+            f"num_classes, pool_type={pool_type!r}) or put it in with gp.swap_pool(model, "
+            f"{pool_type!r})"
+        )
     return ValueError(
         f"pool_type must be '' (no pooling), 'token' (the class token, input_fmt='NLC'), 'fast' "
         f"or 'fast' + a kind, a kind of {registry.kinds()}, or a tuple of kinds; got "
@@ -114,8 +122,13 @@ def _check_prefix(num_prefix_tokens: Any, reduce_include_prefix: Any) -> None:
 
 
 def _check_rank(x: Any, input_fmt: str) -> None:
-    check_input(x)
     rank = 3 if input_fmt == "NLC" else 4
+    if isinstance(x, torch.Tensor) and x.ndim != rank:
+        raise ValueError(
+            f"x must be {_SHAPE[input_fmt]} for input_fmt={input_fmt!r}, got shape "
+            f"{tuple(x.shape)}"
+        )
+    check_input(x)
     if x.ndim != rank:
         raise ValueError(
             f"x must be {_SHAPE[input_fmt]} for input_fmt={input_fmt!r}, got shape "
@@ -168,6 +181,9 @@ def _kind_of(module: nn.Module) -> Any:
         return _TOKEN
     if isinstance(module, AttentionPool):
         return "attention"
+    for name, cls in LEARNED_POOLS.items():  # a query-based pool that gp.swap_pool put in
+        if type(module) is cls:
+            return name
     return getattr(module, "kind", type(module).__name__)
 
 
@@ -303,6 +319,17 @@ class SelectAdaptivePool(nn.Module):
             return self.flatten(self.pool(x))
         return self.flatten(self.pool(x, mask=mask, **params))
 
+    @classmethod
+    def _learned(
+        cls, name: str, channels: int, input_fmt: str, flatten: bool
+    ) -> SelectAdaptivePool:
+        """One holding the learned pool ``name`` (``"map"``, ...) over ``channels`` channels,
+        as :func:`create_classifier` builds it (it returns ``(N, C)``)."""
+        module = cls(pool_type="avg", flatten=flatten, input_fmt=input_fmt)
+        module.pool = make_learned_pool(name, channels, _LAYOUT[input_fmt], {})
+        module._pool_type = module._kind = name
+        return module
+
     def __repr__(self) -> str:
         extras = ""
         if self.input_fmt != "NCHW":
@@ -321,8 +348,13 @@ class SelectAdaptivePool(nn.Module):
         )
 
 
-#: timm's name for it.
-SelectAdaptivePool2d = SelectAdaptivePool
+class SelectAdaptivePool2d(SelectAdaptivePool):
+    """timm's name for :class:`SelectAdaptivePool` (the same module; its ``repr`` shows this
+    name, as timm's does).
+
+    >>> SelectAdaptivePool2d(pool_type="avg", flatten=True)
+    SelectAdaptivePool2d(pool_type=avg, flatten=Flatten(start_dim=1, end_dim=-1))
+    """
 
 
 def global_pool_nlc(
@@ -372,11 +404,12 @@ def global_pool_nlc(
     return pool(x, kind, layout="channels_last", mask=mask, **params)
 
 
-def _check_num_classes(num_classes: Any) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(
-            f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}"
-        )
+def _check_count(value: Any, name: str, what: str, low: int) -> None:
+    """``value`` must be an int (a TypeError names another type) ``>= low``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _check_drop_rate(drop_rate: Any) -> None:
@@ -406,7 +439,10 @@ def create_classifier(
         num_features: channels of the feature map.
         num_classes: classes; 0 gives ``nn.Identity()`` as the classifier (pooled features out).
         pool_type: as :class:`SelectAdaptivePool` (``""``: no pooling, so nothing is
-            flattened).
+            flattened), or a learned pool (``"map"``, ``"simpool"``; what
+            :func:`globalpool.swap_pool` may have put in, so that a model's
+            ``reset_classifier(n, global_pool=model.global_pool.pool_type)`` rebuilds it; not
+            with ``use_conv``).
         use_conv: a 1x1 ``nn.Conv2d`` classifier on the pooled map ``(N, C', 1, 1)`` (the pool
             keeps its spatial dims; flatten the logits after it, as timm's models do), instead
             of a ``nn.Linear`` on flattened features. Needs ``input_fmt="NCHW"``.
@@ -427,8 +463,8 @@ def create_classifier(
     >>> fc(global_pool(torch.rand(2, 64, 7, 7))).flatten(1).shape
     torch.Size([2, 10])
     """
-    check_channels(num_features, "num_features")
-    _check_num_classes(num_classes)
+    _check_count(num_features, "num_features", "a positive int", 1)
+    _check_count(num_classes, "num_classes", "an int >= 0 (0: no classifier)", 0)
     _check_bool(use_conv, "use_conv")
     _check_drop_rate(drop_rate)
     input_fmt = _check_input_fmt(input_fmt)
@@ -437,12 +473,22 @@ def create_classifier(
             f"use_conv=True needs input_fmt='NCHW' (a 1x1 nn.Conv2d takes the channels in dim "
             f"1), got input_fmt={input_fmt!r}"
         )
-    pooling = bool(resolve_pool_type(pool_type, input_fmt))
-    global_pool = SelectAdaptivePool(
-        pool_type=pool_type, flatten=pooling and not use_conv, input_fmt=input_fmt
-    )
-    width = num_features * global_pool.feat_mult()
     like = {"device": device, "dtype": dtype}
+    if isinstance(pool_type, str) and pool_type in LEARNED_POOLS:
+        if use_conv:
+            raise ValueError(
+                f"use_conv=True needs a pool that keeps the spatial dims (N, C', 1, 1) for its "
+                f"1x1 nn.Conv2d; pool_type={pool_type!r} returns (N, C'): use use_conv=False"
+            )
+        global_pool: SelectAdaptivePool = SelectAdaptivePool2d._learned(
+            pool_type, num_features, input_fmt, flatten=True
+        ).to(**like)
+    else:
+        pooling = bool(resolve_pool_type(pool_type, input_fmt))
+        global_pool = SelectAdaptivePool2d(
+            pool_type=pool_type, flatten=pooling and not use_conv, input_fmt=input_fmt
+        )
+    width = num_features * global_pool.feat_mult()
     if num_classes == 0:
         fc: nn.Module = nn.Identity()
     elif use_conv:

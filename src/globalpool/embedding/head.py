@@ -85,7 +85,8 @@ class EmbeddingHead(nn.Module):
     Shape:
         ``x``: ``(N, C, *S)`` with 1 to 3 spatial dims (or channels last), ``mask``: ``(N, *S)``
         bool (True: a real position) as :func:`~globalpool.pool`. Output ``(N,
-        embedding_width)``.
+        embedding_width)`` in x's dtype; after the pool, the head computes in the wider of x's
+        dtype and its own (a float32 head given float16 features computes in float32).
 
     >>> import torch, globalpool as gp
     >>> head = gp.EmbeddingHead(64, "gem", p=3.0, bnneck=True).eval()
@@ -161,11 +162,17 @@ class EmbeddingHead(nn.Module):
             return self.whitening.out_features
         return self.feature_width
 
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The wider of x's dtype and the head's (its parameters', or its buffer's when it has
+        none): the projection, BN-neck and whitening take the pooled features in it."""
+        like = next((t for t in self.parameters() if t.is_floating_point()), self._like)
+        return torch.promote_types(x.dtype, like.dtype)
+
     def _features(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled and projected: the BN-neck's input."""
+        """Pooled and projected, in :meth:`_compute_dtype`: the BN-neck's input."""
         check_input(x)
         check_channel_count(x, self.layout, self.in_channels, "EmbeddingHead")
-        features = self.pool(x, mask=mask)
+        features = self.pool(x, mask=mask).to(self._compute_dtype(x))
         return self.projection(features) if self.projection is not None else features
 
     def descriptors(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,6 +185,10 @@ class EmbeddingHead(nn.Module):
         >>> head.descriptors(torch.randn(3, 8, 5)).shape
         torch.Size([3, 4])
         """
+        return self._descriptors(x, mask).to(x.dtype)
+
+    def _descriptors(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`descriptors` in :meth:`_compute_dtype`."""
         features = self._features(x, mask)
         if self.bnneck is not None:
             features = self.bnneck(features)
@@ -190,9 +201,11 @@ class EmbeddingHead(nn.Module):
         with a BN-neck."""
         if self.bnneck is not None and self.training:
             features = self._features(x, mask)
-            return BNNeckOutput(features, self.bnneck(features))
-        descriptors = self.descriptors(x, mask)
-        return self.whitening(descriptors) if self.whitening is not None else descriptors
+            return BNNeckOutput(features.to(x.dtype), self.bnneck(features).to(x.dtype))
+        descriptors = self._descriptors(x, mask)
+        if self.whitening is not None:
+            descriptors = self.whitening(descriptors)
+        return descriptors.to(x.dtype)
 
     @torch.no_grad()
     def fit_whitening(

@@ -26,6 +26,12 @@ SCALES: tuple[float, ...] = (1.0, 2**-0.5, 0.5)
 
 _LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
 
+# the F.interpolate modes for images of each rank (1, 2 or 3 spatial dims)
+_RESIZE_MODES = {
+    rank: ("nearest", "nearest-exact", "area", linear, *(("bicubic",) if rank == 4 else ()))
+    for rank, linear in _LINEAR_MODES.items()
+}
+
 
 def _check_scales(scales: Any) -> tuple[float, ...]:
     expected = "a non-empty sequence of positive finite numbers, such as (1, 2**-0.5, 0.5)"
@@ -103,8 +109,9 @@ def extract_multiscale(
             scale)``).
         p: the power of the mean over scales, ``>= 1``; ``p > 1`` needs non-negative
             descriptors (use ``p = 1`` for whitened ones, which have negative values).
-        mode: the ``F.interpolate`` mode; None: ``linear``, ``bilinear`` or ``trilinear`` by
-            the number of spatial dims.
+        mode: the ``F.interpolate`` mode: ``nearest``, ``nearest-exact``, ``area``, or the
+            linear one of the images' rank (``linear``, ``bilinear`` or ``bicubic``,
+            ``trilinear``); None: the linear one.
         normalize: L2-normalise the combined descriptor.
         grad: keep the autograd graph (for fine-tuning through the extraction).
 
@@ -126,6 +133,11 @@ def extract_multiscale(
         mode = _LINEAR_MODES[images.ndim]
     if not isinstance(mode, str):
         raise TypeError(f"mode must be an F.interpolate mode string or None, got {mode!r}")
+    if mode not in _RESIZE_MODES[images.ndim]:
+        raise ValueError(
+            f"mode must be one of {_RESIZE_MODES[images.ndim]} (or None) for images with "
+            f"{images.ndim - 2} spatial dim(s), got {mode!r}"
+        )
     if not isinstance(normalize, bool) or not isinstance(grad, bool):
         raise TypeError(
             f"normalize and grad must be bools (True or False), got {normalize!r} and {grad!r}"

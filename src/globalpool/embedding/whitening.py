@@ -131,7 +131,8 @@ class Whitening(nn.Module):
         normalize: L2-normalise the whitened descriptor.
 
     Shape:
-        ``x``: ``(N, D)``; output ``(N, out_features)``.
+        ``x``: ``(N, D)``; output ``(N, out_features)`` in x's dtype, computed in float32
+        (float64 where x or the fitted buffers are float64).
 
     >>> import torch, globalpool as gp
     >>> white = gp.fit_whitening(torch.randn(100, 8), dim=4)
@@ -190,7 +191,10 @@ class Whitening(nn.Module):
                 f"Whitening(in_features={self.in_features}) takes x of shape (N, "
                 f"{self.in_features}), got {got}"
             )
-        dtype = torch.promote_types(x.dtype, self.projection.dtype)
+        # float32 at least (float64 where x or the buffers are): a float16 or bfloat16 product
+        # would lose the small directions whitening scales up
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.projection.dtype),
+                                    torch.float32)
         y = (x.to(dtype) - self.mean.to(dtype)) @ self.projection.to(dtype).T
         if self.normalize:
             y = F.normalize(y, dim=1)
@@ -246,12 +250,20 @@ def whitening_matrix(
     # (the rounding of the features' own dtype, float32 at least, and of the decomposition)
     rounding = torch.finfo(torch.promote_types(features.dtype, torch.float32)).eps
     noise = largest * max((width * rounding) ** 2, width * torch.finfo(torch.float64).eps)
-    if largest <= 0 or float(values[-1]) <= noise:
-        rank = int((values > noise).sum()) if largest > 0 else 0
+    if largest <= 0:
+        raise ValueError(
+            f"features are {n} copies of one descriptor (their covariance is 0): there is no "
+            "direction to whiten, whatever dim or shrinkage; fit on varied descriptors"
+        )
+    if float(values[-1]) <= noise:
+        rank = int((values > noise).sum())
+        regularise = (
+            "shrinkage > 0 (or 'auto')" if rho == 0 else f"a shrinkage larger than {rho:g}"
+        )
         raise ValueError(
             f"features span only {rank} direction(s) of their {width} (the covariance is "
             f"singular), so whitening to dim={dim} would scale noise up; pass dim <= {rank}, "
-            f"or shrinkage > 0 (or 'auto') to regularise the covariance"
+            f"or {regularise} to regularise the covariance"
         )
     scale = (values + eps * largest).rsqrt()
     return mean, scale[:, None] * vectors.T
