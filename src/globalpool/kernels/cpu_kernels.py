@@ -651,9 +651,11 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, chunked, pm,
                 for j in range(k):  # a NaN maximum (max alone) stays the maximum
                     mx[j] = bm[j] if (bm[j] > mx[j]) | (bm[j] != bm[j]) else mx[j]
                 _flush(tot, sm, k)
+        flush_at = la + SPAN  # a compare per block of ROWS positions, no division
         for l0 in range(la, lb if need_aux else la, ROWS):  # with the arg-max table
-            if l0 > la and (l0 - la) % SPAN == 0:
+            if l0 >= flush_at:
                 _flush(tot, sm, k)
+                flush_at += SPAN
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
@@ -873,9 +875,11 @@ def fwd_lse_cl(x, mask, ms, rl, den, out, cb, nch, chunked, pm, ps, atop, alog):
         sx = np.zeros(k, out.dtype)
         tm = np.full(k, -np.inf, out.dtype)  # the maximum the float64 totals are scaled to
         tot = np.zeros(k, np.float64)
+        flush_at = la + SPAN
         for l0 in range(la, lb, ROWS):
-            if l0 > la and (l0 - la) % SPAN == 0:
+            if l0 >= flush_at:
                 _lse_flush(tot, tm, mx, sx, k, rl)
+                flush_at += SPAN
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
                 r = min(W, k - j)
@@ -1115,10 +1119,12 @@ def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch
         s1 = np.zeros(C, Q.dtype)
         t0 = np.zeros(C, np.float64)  # the sums, span by span (see SPAN)
         t1 = np.zeros(C, np.float64)
+        flush_at = l0 + SPAN
         for pos in range(l0, l1):
-            if need_p and pos > l0 and (pos - l0) % SPAN == 0:
+            if need_p and pos >= flush_at:
                 _flush(t0, s0, C)
                 _flush(t1, s1, C)
+                flush_at += SPAN
             if not mask[mi, pos]:
                 for c in range(C):
                     gx[n, pos, U(c)] = narrow(zero, gx)
