@@ -31,6 +31,7 @@ from globalpool.kernels.cpu_simd import (
     FASTMATH,
     U,
     ctz,
+    flush_into,
     hany,
     hmax,
     hsum,
@@ -268,14 +269,6 @@ ROWS = 8
 SPAN = 2048
 
 
-@_helper
-def _flush(tot, part, k):
-    """tot[:k] += part[:k] (float64 totals) and part[:k] <- 0: one span's running sums."""
-    for j in range(k):
-        tot[j] += part[j]
-        part[j] = 0.0
-
-
 
 @_helper
 def _cl_task(t, nb, nch, cb, C, L):
@@ -345,7 +338,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, chunked,
                                 v = ldx(x, (n * L + pos) * C + c0 + j, r, W)
                                 s = _sum_step(s, v, real, wv, mode, pv, ip, epsv, z)
                         sts(acc, j, s, r, W)
-            _flush(tot, acc, k)
+            flush_into(tot, acc, k)
         for j in range(k):
             acc[j] = tot[j]
         if chunked:
@@ -650,11 +643,11 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, chunked, pm,
                     _plain_cl_max(x, mask, ms, n, c0, k, sa, sb, bm, sm, mode != MAX_ONLY)
                 for j in range(k):  # a NaN maximum (max alone) stays the maximum
                     mx[j] = bm[j] if (bm[j] > mx[j]) | (bm[j] != bm[j]) else mx[j]
-                _flush(tot, sm, k)
+                flush_into(tot, sm, k)
         flush_at = la + SPAN  # a compare per block of ROWS positions, no division
         for l0 in range(la, lb if need_aux else la, ROWS):  # with the arg-max table
             if l0 >= flush_at:
-                _flush(tot, sm, k)
+                flush_into(tot, sm, k)
                 flush_at += SPAN
             l1 = min(l0 + ROWS, lb)
             for j in range(0, k, W):
@@ -685,7 +678,7 @@ def fwd_max_cl(x, mask, ms, mode, den, out, aux, cb, need_aux, nch, chunked, pm,
                     sts(ix, j, vsel(newer, bi, lds(ix, j, r, W, z)), r, W)
                     sts(tc, j, vsel(mand(has, gt), bt, vsel(eq, iadd(c, bt), c)), r, W)
                     sts(mx, j, vsel(gt, bm, m), r, W)
-        _flush(tot, sm, k)
+        flush_into(tot, sm, k)
         for j in range(k):
             m, i, ties, s = mx[j], ix[j], tc[j], tot[j]
             if not need_aux:
@@ -1122,8 +1115,8 @@ def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch
         flush_at = l0 + SPAN
         for pos in range(l0, l1):
             if need_p and pos >= flush_at:
-                _flush(t0, s0, C)
-                _flush(t1, s1, C)
+                flush_into(t0, s0, C)
+                flush_into(t1, s1, C)
                 flush_at += SPAN
             if not mask[mi, pos]:
                 for c in range(C):
@@ -1148,8 +1141,8 @@ def bwd_nl_cl(x, mask, ms, Q, Y, T, mode, p, ip, eps, r, gx, P0, P1, need_p, nch
                     g = _gem_grad(widen(x[n, pos, u]), True, Q[n, u], p, ip, eps, Y[n, u])
                     gx[n, pos, u] = narrow(g, gx)
         if need_p:
-            _flush(t0, s0, C)
-            _flush(t1, s1, C)
+            flush_into(t0, s0, C)
+            flush_into(t1, s1, C)
             for c in range(C):
                 P0[n, q, c] = t0[c]
                 P1[n, q, c] = t1[c]

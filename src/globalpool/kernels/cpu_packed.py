@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from globalpool.kernels import cpu_simd, launch
-from globalpool.kernels.cpu_simd import FASTMATH, U, fexp, like, narrow, widen
+from globalpool.kernels.cpu_simd import FASTMATH, U, fexp, flush_into, like, narrow, widen
 
 
 def _cache_probe():  # pragma: no cover - never called: tells launch.can_cache about this file
@@ -108,7 +108,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
     rows = max(1, 32768 // C)
     for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
         tot = np.empty(C, np.float64)
-        blk = np.empty(C, out.dtype)
+        blk = np.zeros(C, out.dtype)  # flush_into leaves it 0 again
         for n in range(bounds[task], bounds[task + 1]):
             s = cu[n]
             e = cu[n + 1]
@@ -134,7 +134,6 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     _zero(tot, C)
                     total = 0.0
                     for a in range(s, e, rows):
-                        _zero(blk, C)
                         part = zero
                         for t in range(a, min(a + rows, e)):
                             wt = w[t]
@@ -142,7 +141,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                             for c in range(C):
                                 blk[U(c)] += wt * widen(x[t, U(c)])
                         total += part
-                        _flush(tot, blk, C)
+                        flush_into(tot, blk, C)
                     wsum[n] = total
                     scale = 1.0 / total if total > 0.0 else 0.0
                     for c in range(C):
@@ -150,11 +149,10 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 else:  # avg, sum
                     _zero(tot, C)
                     for a in range(s, e, rows):
-                        _zero(blk, C)
                         for t in range(a, min(a + rows, e)):
                             for c in range(C):
                                 blk[U(c)] += widen(x[t, U(c)])
-                        _flush(tot, blk, C)
+                        flush_into(tot, blk, C)
                     scale = inv if mode == AVG else like(1.0, eps)
                     for c in range(C):
                         o[U(c)] = tot[U(c)] * scale
@@ -173,14 +171,13 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 else:
                     _zero(tot, C)
                     for a in range(s, e, rows):
-                        _zero(blk, C)
                         for t in range(a, min(a + rows, e)):
                             for c in range(C):
                                 u = U(c)
                                 v = widen(x[t, u])
                                 blk[u] += v
                                 m[u] = v if (v > m[u]) | (v != v) else m[u]
-                        _flush(tot, blk, C)
+                        flush_into(tot, blk, C)
                     for c in range(C):
                         o[U(c)] = tot[U(c)]
                 for c in range(C):
@@ -214,9 +211,8 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                             tot[u] = tot[u] * _pow(top[u] / cm[u], p, ip)
                             top[u] = cm[u]
                         cm[u] = one / top[u]
-                    _zero(blk, C)
                     _gem_sums(x, a, b, C, eps, p, ip, cm, blk)
-                    _flush(tot, blk, C)
+                    flush_into(tot, blk, C)
                 for c in range(C):
                     acc[U(c)] = tot[U(c)]
                 ip_ = one / p
@@ -245,14 +241,13 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                         if cm[u] > top[u]:  # from -inf: exp(-inf) = 0 drops what was counted
                             tot[u] = tot[u] * math.exp(r * (top[u] - cm[u]))
                             top[u] = cm[u]
-                    _zero(blk, C)
                     for t in range(a, b):
                         for c in range(C):
                             u = U(c)
                             v = widen(x[t, u])
                             d = zero if v == top[u] else v - top[u]  # +-inf at the maximum count 1
                             blk[u] += fexp(r * d)  # NaN carries on
-                    _flush(tot, blk, C)
+                    flush_into(tot, blk, C)
                 for c in range(C):
                     u = U(c)
                     acc[u] = tot[u]
@@ -263,13 +258,6 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
 def _zero(a, C):
     for c in range(C):
         a[U(c)] = 0.0
-
-
-@_helper
-def _flush(tot, blk, C):
-    """tot += blk: a chunk's running sums into the float64 totals."""
-    for c in range(C):
-        tot[U(c)] += blk[U(c)]
 
 
 @_helper
@@ -312,8 +300,8 @@ def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, ws
     for task in prange(bounds.shape[0] - 1):  # tasks of about equal rows
         t0 = np.empty(C, np.float64)
         t1 = np.empty(C, np.float64)
-        b0 = np.empty(C, P0.dtype)
-        b1 = np.empty(C, P0.dtype)
+        b0 = np.zeros(C, P0.dtype)
+        b1 = np.zeros(C, P0.dtype)
         for n in range(bounds[task], bounds[task + 1]):
             s = cu[n]
             e = cu[n + 1]
@@ -389,12 +377,10 @@ def backward(g, x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, ws
                     _zero(t0, C)
                     _zero(t1, C)
                     for a in range(s, e, rows):
-                        _zero(b0, C)
-                        _zero(b1, C)
                         b = min(a + rows, e)
                         _gem_grad_rows(x, gx, a, b, C, eps, p, -1, q, yi, b0, b1, True)
-                        _flush(t0, b0, C)
-                        _flush(t1, b1, C)
+                        flush_into(t0, b0, C)
+                        flush_into(t1, b1, C)
                     for c in range(C):
                         P0[n, U(c)] = t0[U(c)]
                         P1[n, U(c)] = t1[U(c)]

@@ -840,3 +840,12 @@ def sts(typingctx, a, off, v, r, W):
         return context.get_dummy_value()
 
     return types.none(a, off, v, r, W), codegen
+
+
+@_helper
+def flush_into(tot, part, k):
+    """tot[:k] += part[:k], then part[:k] <- 0: one span's running sums added to the (float64)
+    totals of a two-level summation, so float32 rounding does not grow with the row length."""
+    for j in range(k):
+        tot[j] += part[j]
+        part[j] = 0.0
