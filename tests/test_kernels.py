@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from numba import types as numba_types
 
 from globalpool import kernels
 from globalpool.kernels import cpu_kernels, cpu_numba, cpu_simd, ops
@@ -145,19 +146,20 @@ def test_attention_long_rows_four_at_a_time(mask_mode, dtype):
 
 
 def test_exp2_and_log2_match_numpy_at_ties_and_edges():
-    """The float32 exp2/log2 the kernels emit, scalar and 16-lane, against NumPy: exact
+    """The float32 exp2/log2 the kernels emit, scalar and in lanes, against NumPy: exact
     half-integers (where a rounding that breaks ties differently from rint doubles or halves
     the result), the clamps at -126 / 128, 0, inf and NaN."""
     from numba import njit
 
     K = cpu_simd
+    lanes = K.lanes_of(numba_types.float32)
 
     @njit
     def run(u, e_s, e_v, x, l_s, l_v):
         for i in range(u.size):
             e_s[i] = K.sexp2(u[i])
             l_s[i] = K.slog2(x[i])
-        for b in range(0, u.size, 16):
+        for b in range(0, u.size, lanes):
             K.vput(e_v, b, K.vexp2(K.vload(u, b)))
             K.vput(l_v, b, K.vlog2(K.vload(x, b)))
 
@@ -560,13 +562,20 @@ def test_attention_weight_grad_in_bfloat16_avoids_the_rounded_output(layout):
     torch.testing.assert_close(gw.double(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("channels", (16, 33, 64, 65))
+_F32_LANES = cpu_simd.lanes_of(numba_types.float32)  # 16 with AVX-512, 8 with AVX2
+
+
+@pytest.mark.parametrize(
+    "channels",
+    (_F32_LANES, 2 * _F32_LANES + 1, cpu_kernels.REGS_CL_MAX * _F32_LANES,
+     cpu_kernels.REGS_CL_MAX * _F32_LANES + 1),
+)
 @pytest.mark.parametrize("kind", ("max", "avgmax", "catavgmax"))
 def test_channels_last_inference_max_in_registers(kind, channels):
     """Without a graph the channels-last max kinds skip the arg-max table, and up to
-    REGS_CL_MAX vectors of channels (64 float32) keep their running max and sum in registers;
-    65 takes the plain loop. A real NaN in the last channel reaches the output."""
-    assert cpu_kernels.REGS_CL_MAX * 16 == 64
+    REGS_CL_MAX vectors of channels (64 float32 with AVX-512) keep their running max and sum in
+    registers; one channel more takes the plain loop. A real NaN in the last channel reaches
+    the output."""
     x = make_input(2, channels, (300,), "channels_last", torch.float32, seed=3)
     _check(x, kind, "channels_last", make_mask(2, (300,), "random", seed=3),
            _params(kind, x, "channels_last", 3))

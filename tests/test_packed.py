@@ -287,6 +287,32 @@ def test_gem_large_p_is_scaled(backend):
 
 
 @needs_numba
+def test_gem_sequences_outside_one_read_range_are_taken_scaled():
+    """The fused gem sums z^p unscaled in one read; a sequence whose mean of z^p overflows
+    float32 (1e6 at p = 8), falls below its normal range (z = eps = 1e-6 at p = 8), or holds
+    +inf or NaN is read again with sums scaled by its maximum. The other sequences of the batch
+    keep their one-read values; values and gradients equal the torch composition's."""
+    lengths = (4, 3, 5, 2, 3)
+    x = torch.rand(17, 3, generator=torch.Generator().manual_seed(3)) + 0.5
+    x[4:7, 1] = torch.tensor([1e6, 3e6, 2e6])  # overflows
+    x[7:12, 2] = 1e-9  # clamped to eps: 1e-48 underflows
+    x[12, 0] = float("inf")
+    x[15, 1] = float("nan")
+    y = {}
+    grads = {}
+    for backend in BACKENDS:
+        xg = x.clone().requires_grad_()
+        y[backend] = gp.pool_packed(xg, _cu(lengths), "gem", backend=backend, p=8.0)
+        finite = torch.isfinite(y[backend])
+        y[backend][finite].sum().backward()
+        grads[backend] = xg.grad
+    torch.testing.assert_close(y["fused"], y["torch"], equal_nan=True)
+    torch.testing.assert_close(grads["fused"], grads["torch"], equal_nan=True)
+    assert torch.isnan(y["fused"][3, 0]) and torch.isnan(y["fused"][4, 1])
+    assert torch.isfinite(y["fused"][1]).all() and torch.isfinite(y["fused"][2]).all()
+
+
+@needs_numba
 @pytest.mark.parametrize("kind", KERNEL_KINDS)
 def test_long_sequences_span_kernel_chunks(kind):
     """gem and lse rescale their running sums when a later chunk of rows (128 KiB) holds a new

@@ -23,7 +23,10 @@ import torch
 from globalpool.functional import pool
 from globalpool.kernels import served
 
-__all__ = ["DTYPES", "FUSED_KINDS", "LAYOUTS", "cache_location", "threading_layer", "warmup"]
+__all__ = [
+    "DTYPES", "FUSED_KINDS", "LAYOUTS", "cache_location", "kernel_target", "threading_layer",
+    "warmup",
+]
 
 #: The kinds with a fused CPU grid kernel (the registry's ``"cpu"`` family).
 FUSED_KINDS: tuple[str, ...] = served("cpu")
@@ -60,6 +63,24 @@ def threading_layer() -> str:
     from globalpool.kernels import launch  # imports numba: only when asked
 
     return launch.layer_info()[0]
+
+
+def kernel_target() -> dict[str, Any]:
+    """What the fused CPU kernels are compiled for: numba's target CPU (``cpu``, this machine's
+    unless ``NUMBA_CPU_NAME`` says otherwise), the bits of its vector registers
+    (``register_bits``: 512 with AVX-512, 256 with AVX2) and of the kernels' lane vectors
+    (``lane_bits``, ``GLOBALPOOL_LANE_BITS``).
+
+    >>> sorted(kernel_target())
+    ['cpu', 'lane_bits', 'register_bits']
+    """
+    from globalpool.kernels import launch  # imports numba: only when asked
+
+    return {
+        "cpu": launch.target_cpu(),
+        "register_bits": launch.vector_bits(),
+        "lane_bits": launch.lane_bits(),
+    }
 
 
 def _selection(values: Any, allowed: tuple, default: tuple, what: str) -> tuple:

@@ -50,6 +50,7 @@ from globalpool.kernels.cpu_simd import (
     narrow,
     nlanes,
     popc,
+    root_span,
     sexp2,
     slog2,
     spow,
@@ -138,21 +139,6 @@ def _sum_step(s, v, real, wv, mode, pv, ip, epsv, z):
     if ip > 0:
         return vadd(s, vsel(real, vipow(v, ip), z))
     return vadd(s, vsel(real, vexp2(vmul(pv, vlog2(v))), z))
-
-
-@_helper
-def _root_span(out, o0, o1, invp):
-    """GeM's root, out.flat[o0:o1] <- out ** invp, vectorised (0, inf and NaN stay as they are),
-    applied by each task to the outputs it wrote while they are still in cache."""
-    W = nlanes(out)
-    z = vzero_of(out)
-    ipv = vfull(invp, z)
-    inf = vfull(np.inf, z)
-    for b in range(o0, o1, W):
-        k = min(W, o1 - b)
-        v = vload_part(out, b, k)
-        ok = mand(vgt(v, z), vlt(v, inf))
-        vput_part(out, b, vsel(ok, vexp2(vmul(ipv, vlog2(v))), v), k)
 
 
 ROWS4_MIN_L = 4096  # attention rows at least this long are summed four at a time (fwd_sum_cf)
@@ -256,7 +242,7 @@ def fwd_sum_cf(x, mask, ms, w, ws, mode, p, ip, eps, den, out, ntask):
             out[n, row - n * C] = _finish_sum(hsum(total), den[n])
             row += 1
         if mode == SUM_GEM:  # out's flat index is the row
-            _root_span(out, r0, r1, 1.0 / p)
+            root_span(out, r0, r1, 1.0 / p)
 
 
 # channels-last kernels: a task is (sample n, block of channels). Per-channel lane states live in
@@ -348,7 +334,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, chunked,
         for j in range(k):
             out[n, c0 + j] = _finish_sum(acc[j], den[n])
         if mode == SUM_GEM:
-            _root_span(out, n * C + c0, n * C + c0 + k, 1.0 / p)
+            root_span(out, n * C + c0, n * C + c0 + k, 1.0 / p)
     if chunked:
         for n in prange(N):
             for c in range(C):
@@ -357,7 +343,7 @@ def fwd_sum_cl(x, mask, ms, w, ws, mode, p, ip, eps, den, out, cb, nch, chunked,
                     s += part[n, ch, c]
                 out[n, c] = _finish_sum(s, den[n])
             if mode == SUM_GEM:
-                _root_span(out, n * C, (n + 1) * C, 1.0 / p)
+                root_span(out, n * C, (n + 1) * C, 1.0 / p)
 
 
 # --------------------------------------------------------------------------------------------

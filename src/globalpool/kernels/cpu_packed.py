@@ -26,8 +26,10 @@ accumulation type. fastmath leaves out ``nnan``/``ninf``: NaN and inf keep their
 
 Kinds (``MODES``): avg, sum, first, last, attention (group ``LINEAR``); max, avgmax, catavgmax
 (``MAXES``: running maximum with its tie count, NaN propagating); gem (``GEM``: clamped at eps,
-the running sum of ``(z / top)^p`` rescaled whenever the maximum ``top`` grows, so no power
-leaves [0, 1] and p = 64 neither overflows nor underflows to a wrong value); lse (``LSE``: the
+the sum of ``z^p`` in one read, as the grid kernels take it; a sequence whose mean of ``z^p``
+overflows or leaves the normal range is read again with the running sum of ``(z / top)^p``
+rescaled whenever the maximum ``top`` grows, so no power leaves [0, 1] and p = 64 neither
+overflows nor underflows to a wrong value); lse (``LSE``: the
 running sum of ``exp(r (x - top))`` rescaled in the same way; +-inf need no special case).
 """
 
@@ -39,7 +41,16 @@ import numpy as np
 from numba import njit, prange
 
 from globalpool.kernels import cpu_simd, launch
-from globalpool.kernels.cpu_simd import FASTMATH, U, fexp, flush_into, like, narrow, widen
+from globalpool.kernels.cpu_simd import (
+    FASTMATH,
+    U,
+    fexp,
+    flush_into,
+    like,
+    narrow,
+    root_span,
+    widen,
+)
 
 
 def _cache_probe():  # pragma: no cover - never called: tells launch.can_cache about this file
@@ -94,9 +105,9 @@ def _pow(q, p, ip):
 # forward
 #   out (N, width * C): the result in the accumulation type; A, B (N, C): per-group state kept
 #   for the backward (MAXES: A the maximum, cnt room for the tie counts the backward takes; GEM:
-#   A the clamped maximum, B the
-#   sum of (z / A)^p; LSE: A the maximum, B the sum of exp(r (x - A))); wsum (N,): attention's
-#   weight sums. Arrays a group does not use are (1, 1) / (1,) stand-ins, never indexed.
+#   A the clamped maximum (1 where the one-read sums were taken), B the sum of (z / A)^p;
+#   LSE: A the maximum, B the sum of exp(r (x - A))); wsum (N,): attention's weight sums.
+#   Arrays a group does not use are (1, 1) / (1,) stand-ins, never indexed.
 
 
 @_kernel
@@ -149,9 +160,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 else:  # avg, sum
                     _zero(tot, C)
                     for a in range(s, e, rows):
-                        for t in range(a, min(a + rows, e)):
-                            for c in range(C):
-                                blk[U(c)] += widen(x[t, U(c)])
+                        _row_sums(x, a, min(a + rows, e), C, blk)
                         flush_into(tot, blk, C)
                     scale = inv if mode == AVG else like(1.0, eps)
                     for c in range(C):
@@ -194,6 +203,23 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                 acc = B[n]
                 cm = np.empty(C, A.dtype)
                 one = like(1.0, eps)
+                # one read: the sums of z^p unscaled (top = 1), as the grid kernels take them
+                for c in range(C):
+                    cm[U(c)] = one
+                    tot[U(c)] = 0.0
+                for a in range(s, e, rows):
+                    _gem_sums(x, a, min(a + rows, e), C, eps, p, ip, cm, blk, False)
+                    flush_into(tot, blk, C)
+                if _gem_means_normal(tot, C, 1.0 / k):
+                    for c in range(C):
+                        u = U(c)
+                        top[u] = one
+                        acc[u] = tot[u]
+                        o[u] = tot[u] * inv
+                    root_span(o, 0, C, one / p)
+                    continue
+                # a mean of z^p that overflowed, left the normal range, or holds inf or NaN:
+                # the sequence again, each sum scaled by its maximum
                 for c in range(C):
                     top[U(c)] = zero
                     tot[U(c)] = 0.0
@@ -211,7 +237,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                             tot[u] = tot[u] * _pow(top[u] / cm[u], p, ip)
                             top[u] = cm[u]
                         cm[u] = one / top[u]
-                    _gem_sums(x, a, b, C, eps, p, ip, cm, blk)
+                    _gem_sums(x, a, b, C, eps, p, ip, cm, blk, True)
                     flush_into(tot, blk, C)
                 for c in range(C):
                     acc[U(c)] = tot[U(c)]
@@ -254,6 +280,21 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     o[u] = top[u] + math.log(tot[u] * inv) / r
 
 
+GEM_LOW_MEAN = 2.0**-103  # float32's smallest normal over its epsilon (see _gem_means_normal)
+
+
+@_helper
+def _gem_means_normal(tot, C, inv):
+    """Whether every mean ``tot * inv`` of unscaled powers z^p lies in [2^-103, inf): then the
+    terms lost below float32's normal range weigh less than 2^-23 of it. False for inf and NaN
+    (a row holding +inf or NaN is taken scaled, which gives NaN as the composition does)."""
+    fine = True
+    for c in range(C):
+        m = tot[U(c)] * inv
+        fine &= (m >= GEM_LOW_MEAN) & (m < np.inf)
+    return fine
+
+
 @_helper
 def _zero(a, C):
     for c in range(C):
@@ -261,15 +302,47 @@ def _zero(a, C):
 
 
 @_helper
-def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
-    """acc += (max(x, eps) / top)^p over rows a..b, one loop per integer p (vectorised)."""
+def _row_sums(x, a, b, C, acc):
+    """acc += x[t] over rows a..b, four rows per pass over acc (one load and store of acc per
+    four rows of x)."""
+    b4 = a + (b - a) // 4 * 4
+    for t in range(a, b4, 4):
+        for c in range(C):
+            u = U(c)
+            acc[u] += (widen(x[t, u]) + widen(x[t + 1, u])) + (
+                widen(x[t + 2, u]) + widen(x[t + 3, u]))
+    for t in range(b4, b):
+        for c in range(C):
+            acc[U(c)] += widen(x[t, U(c)])
+
+
+@_helper
+def _cube(v, eps, itop, scaled):
+    q = (eps if v < eps else v) * itop if scaled else (eps if v < eps else v)
+    return q * q * q
+
+
+@_helper
+def _gem_sums(x, a, b, C, eps, p, ip, itop, acc, scaled):
+    """acc += (max(x, eps) / top)^p over rows a..b (max(x, eps)^p unless ``scaled``, a literal),
+    one loop per integer p (vectorised; p = 3, the default, four rows per pass over acc)."""
     if ip == 3:
-        for t in range(a, b):
+        b4 = a + (b - a) // 4 * 4
+        for t in range(a, b4, 4):
             for c in range(C):
                 u = U(c)
-                v = widen(x[t, u])
-                q = (eps if v < eps else v) * itop[u]
-                acc[u] += q * q * q
+                i = itop[u]
+                acc[u] += (
+                    _cube(widen(x[t, u]), eps, i, scaled)
+                    + _cube(widen(x[t + 1, u]), eps, i, scaled)
+                ) + (
+                    _cube(widen(x[t + 2, u]), eps, i, scaled)
+                    + _cube(widen(x[t + 3, u]), eps, i, scaled)
+                )
+        for t in range(b4, b):
+            for c in range(C):
+                u = U(c)
+                acc[u] += _cube(widen(x[t, u]), eps, itop[u], scaled)
     elif ip == 2:
         for t in range(a, b):
             for c in range(C):

@@ -8,11 +8,12 @@ inputs) and stores round back (``vcvtph2ps``/``vcvtps2ph`` for float16, bit arit
 round-to-nearest-even for bfloat16): :func:`widen`, :func:`narrow`, and in lanes :func:`vload`,
 :func:`vput`.
 
-Vectorisation. ``Vec`` is a numba type whose LLVM value is one vector register (16 float32 or 8
-float64 lanes, with matching int32 and bool vectors) and the intrinsics below (``vload``,
-``vsel``, ``vexp2``, ``hsum``...) operate on it, so that order-dependent states (running max
-with first arg-max and tie count, log-sum-exp) vectorise too. Indices are unsigned (``U``) so
-numba emits no negative-index fix-up that would turn contiguous loads into gathers.
+Vectorisation. ``Vec`` is a numba type whose LLVM value is one vector register of the CPU
+compiled for (:func:`~globalpool.kernels.launch.lane_bits`: 16 float32 or 8 float64 lanes with
+AVX-512, 8 or 4 with AVX2, with matching int32 and bool vectors) and the intrinsics below
+(``vload``, ``vsel``, ``vexp2``, ``hsum``...) operate on it, so that order-dependent states
+(running max with first arg-max and tie count, log-sum-exp) vectorise too. Indices are unsigned
+(``U``) so numba emits no negative-index fix-up that would turn contiguous loads into gathers.
 
 fastmath allows reassociation and contraction but not ``nnan``/``ninf``: NaN and inf keep their
 IEEE meaning. exp2/log2 for float32 are branch-free polynomials emitted as IR (~1e-7 relative
@@ -355,8 +356,9 @@ def _acc_type(dt):
 
 
 def lanes_of(dt):
-    """Lanes of a ``Vec`` holding numba dtype ``dt``'s accumulation type (one 512-bit register)."""
-    return 8 if dt == types.float64 else 16
+    """Lanes of a ``Vec`` holding numba dtype ``dt``'s accumulation type: one register of
+    :func:`globalpool.kernels.launch.lane_bits` bits (16 float32 or 8 float64 with AVX-512)."""
+    return launch.lane_bits() // (64 if dt == types.float64 else 32)
 
 
 def _splat(builder, value, vty):
@@ -849,3 +851,19 @@ def flush_into(tot, part, k):
     for j in range(k):
         tot[j] += part[j]
         part[j] = 0.0
+
+
+@_helper
+def root_span(out, o0, o1, invp):
+    """GeM's root, out.flat[o0:o1] <- out ** invp, vectorised (0, inf and NaN stay as they are),
+    applied by each task (grid and packed kernels) to the outputs it wrote while they are still
+    in cache."""
+    W = nlanes(out)
+    z = vzero_of(out)
+    ipv = vfull(invp, z)
+    inf = vfull(np.inf, z)
+    for b in range(o0, o1, W):
+        k = min(W, o1 - b)
+        v = vload_part(out, b, k)
+        ok = mand(vgt(v, z), vlt(v, inf))
+        vput_part(out, b, vsel(ok, vexp2(vmul(ipv, vlog2(v))), v), k)

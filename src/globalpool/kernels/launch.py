@@ -15,8 +15,10 @@ user's cache directory, or ``NUMBA_CACHE_DIR``). Where none is writable (a read-
 in a container, ``HOME`` unset), :func:`can_cache` says so once with a warning and the kernels
 are compiled in memory on every run. numba keys a cached function on its own file only, not on
 the helpers and intrinsics it inlines from other files: a kernel names those files' modules in
-``helpers`` (:func:`parallel_kernel`, :func:`serial_kernel`), and a digest of their source is
-part of the name it is cached under, so that editing a helper recompiles the kernels using it.
+``helpers`` (:func:`parallel_kernel`, :func:`serial_kernel`), and a digest of their source and
+of the kernels' lane width (:func:`lane_bits`) is part of the name it is cached under, so that
+editing a helper or choosing another width recompiles the kernels using it (numba keys the
+target CPU itself).
 
 Compile-time modes. :func:`parallel_kernel` compiles a kernel with ``modal`` arguments (a
 ``mode`` number, a ``need_aux`` flag) once per value of them, on first use of that value: the
@@ -66,7 +68,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "LAUNCH_LOCK", "cache_dir", "can_cache", "layer_info", "parallel_kernel", "serial",
-    "serial_kernel",
+    "serial_kernel", "lane_bits", "target_cpu", "vector_bits",
 ]
 
 LAUNCH_LOCK = threading.RLock()
@@ -283,6 +285,74 @@ _ADDRESS, _ARGS, _PHASE, _PART, _PARTS = (
 )
 
 
+LANE_BITS_ENV = "GLOBALPOOL_LANE_BITS"
+_VECTOR_PROBE = """define <16 x float> @probe(<16 x float> %a, <16 x float> %b) {
+  %c = fadd <16 x float> %a, %b
+  ret <16 x float> %c
+}"""
+
+
+def target_cpu() -> str:
+    """The CPU numba compiles the kernels for: ``NUMBA_CPU_NAME``, else this machine's."""
+    import llvmlite.binding as ll
+    from numba.core import config
+
+    return config.CPU_NAME or ll.get_host_cpu_name()
+
+
+@functools.cache
+def vector_bits() -> int:
+    """Bits in one vector register of the CPU numba compiles the kernels for: 512 with
+    AVX-512, 256 with AVX2, 128 with SSE or ARM NEON. Read from the code numba's target emits
+    for one 16-float addition, so that it follows ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``
+    (``NUMBA_CPU_NAME=x86-64-v3 NUMBA_CPU_FEATURES=+avx2`` compiles AVX2 kernels on an AVX-512
+    machine).
+
+    >>> vector_bits() in (128, 256, 512)
+    True
+    """
+    import llvmlite.binding as ll
+    from numba.core import codegen, config
+
+    features = (
+        config.CPU_FEATURES if config.CPU_FEATURES is not None
+        else codegen.get_host_cpu_features()
+    )
+    ll.initialize_native_target()
+    ll.initialize_native_asmprinter()
+    target = ll.Target.from_triple(ll.get_process_triple())
+    machine = target.create_target_machine(cpu=target_cpu(), features=features, opt=0)
+    assembly = machine.emit_assembly(ll.parse_assembly(_VECTOR_PROBE))
+    if "zmm" in assembly:
+        return 512
+    if "ymm" in assembly:
+        return 256
+    return 128
+
+
+@functools.cache
+def lane_bits() -> int:
+    """Bits in one of the kernels' lane vectors (``Vec``): one vector register of the CPU
+    compiled for (:func:`vector_bits`: 16 float32 lanes with AVX-512, 8 with AVX2), unless
+    ``GLOBALPOOL_LANE_BITS`` (128, 256, 512 or 1024) says otherwise; LLVM splits a vector wider
+    than the registers into several, which unrolls the loops. One register measured fastest
+    with both AVX-512 and AVX2 (docs/performance.md, "Vector width"). Part of the kernels'
+    cache names.
+
+    >>> lane_bits() == vector_bits() or LANE_BITS_ENV in os.environ
+    True
+    """
+    asked = os.environ.get(LANE_BITS_ENV, "").strip()
+    if not asked:
+        return vector_bits()
+    if asked not in ("128", "256", "512", "1024"):
+        raise ValueError(
+            f"globalpool: {LANE_BITS_ENV}={asked!r} is not a lane width the kernels take; "
+            "expected 128, 256, 512 or 1024 (bits), or unset for the CPU's vector registers"
+        )
+    return int(asked)
+
+
 @functools.cache
 def _stamp() -> str:
     """A digest of this file, in the names of the generated functions: numba's cache stamps
@@ -295,7 +365,7 @@ def _digest(helpers: tuple[ModuleType, ...]) -> str:
     """A digest of the source of the modules in ``helpers`` ("" for none)."""
     if not helpers:
         return ""
-    sources = "\0".join(inspect.getsource(m) for m in helpers)
+    sources = "\0".join(inspect.getsource(m) for m in helpers) + f"\0{lane_bits()}"
     return hashlib.sha1(sources.encode()).hexdigest()[:8]
 
 

@@ -78,9 +78,19 @@ def machine_info() -> dict[str, Any]:
         "triton": _version("triton"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    try:
+        from globalpool.warmup import kernel_target  # imports numba
+
+        info["kernel_target"] = kernel_target()
+    except ImportError:
+        info["kernel_target"] = None
     name = cpu_name(info) + f", {info['logical_cores']} cores"
     if info["l3_bytes"]:
         name += f", L3 {info['l3_bytes'] // 2**20} MiB"
+    if info["kernel_target"]:
+        t = info["kernel_target"]
+        name += (f"; CPU kernels compiled for {t['cpu']} ({t['register_bits']}-bit registers, "
+                 f"{t['lane_bits']}-bit lanes)")
     if info["gpu"]:
         name += f"; GPU {info['gpu']}"
     info["name"] = name
