@@ -35,6 +35,7 @@ import torch
 import globalpool as gp
 from globalpool import packed
 from globalpool.lab.bench.report import machine_info
+from globalpool.warmup import FUSED_KINDS
 
 N, C, LMAX_CLIP = 256, 768, 512
 KINDS = ("avg", "max", "gem", "lse", "first")
@@ -86,7 +87,8 @@ def _methods(kind, x, cu, xp, mask, backward):
         return gp.pool_packed(t, cu, kind, backend="fused")
 
     methods = {"packed fused": _run(fused, backward, x)}
-    for be in ("fused", "torch"):
+    # the padded fused column only for kinds with a grid kernel (first / last have none: n/a)
+    for be in ("fused", "torch") if kind in FUSED_KINDS else ("torch",):
         methods[f"padded {be}"] = _run(
             lambda t, be=be: gp.pool(t, kind, layout="channels_last", mask=mask, backend=be),
             backward, xp)
