@@ -39,6 +39,7 @@ MODULES = [
     "globalpool.kernels",
     "globalpool.kernels.cpu_numba",
     "globalpool.kernels.ops",
+    "globalpool.kernels.launch",
     "globalpool.warmup",
     "globalpool.heads",
     "globalpool.registry",

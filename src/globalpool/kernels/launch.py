@@ -374,8 +374,8 @@ class ParallelKernel:
     above) per value of its ``modal`` arguments and argument types; launched by :func:`_run`
     under :func:`_launch_guard`.
 
-    >>> ParallelKernel.__call__.__doc__.split(".")[0]
-    'Runs the kernel'
+    >>> ParallelKernel.__call__.__doc__.startswith("Runs the kernel")
+    True
     """
 
     def __init__(
