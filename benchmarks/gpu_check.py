@@ -10,8 +10,9 @@
    timing needs into Triton's on-disk cache, so compilation runs in parallel.
 2. Timing (``triton.testing.do_bench``, median, L2 flushed between runs): forward and backward
    of each kind against ``x.sum()`` (the forward ceiling: one read of x) and ``fill_`` of an
-   x-sized tensor (the backward ceiling: one write), and against the composed torch op (float32
-   accumulation) forward and backward, on (32, 2048, 7, 7), (32, 2048, 14, 14),
+   x-sized tensor (the backward ceiling: one write), against the composed torch op (float32
+   accumulation) and (float32 inputs, unless ``--no-compile``) its ``torch.compile``, forward
+   and backward, on (32, 2048, 7, 7), (32, 2048, 14, 14),
    (8, 64, 224, 224) and tokens (32, 196, 768), both layouts, float32 and bfloat16.
 3. If time is left: a sweep of the tile size for a few cases, to tune ``cuda_triton._TILE``.
 
@@ -289,7 +290,41 @@ def bench(fn) -> float:
     return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def time_case(ct, shape, channels_last, dtype_name, device="cuda") -> list[dict]:
+def compiled_composition(cache: dict, kind: str, channels_last: bool):
+    """``torch.compile`` of the torch composition of ``kind`` (dynamic shapes: one compile per
+    kind and layout serves every shape), made on first use."""
+    key = (kind, channels_last)
+    if key not in cache:
+        def composition(x, w):
+            return composed(x, channels_last, kind, None, 3.0, 1e-6, 1.0, w)
+
+        # one code object for every kind and layout: room for all their guarded variants
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # the backward is timed by repeating it on one graph (retain_graph=True), which a
+        # compiled backward that donates its saved buffers refuses
+        torch._functorch.config.donated_buffer = False
+        cache[key] = torch.compile(composition, dynamic=True)
+    return cache[key]
+
+
+def _time_compiled(row, compiled, kind, channels_last, x, w, gy) -> None:
+    """Adds ``torch.compile``'s forward and backward times (and our speed-ups over them)."""
+    fn = compiled_composition(compiled, kind, channels_last)
+    fn(x, w)  # compiles (not timed)
+    row["compile_fwd_ms"] = bench(lambda: fn(x, w))
+    xc = x.detach().requires_grad_(True)
+    yc = fn(xc, w)
+    row["compile_bwd_ms"] = bench(
+        lambda: torch.autograd.grad(yc, xc, gy.to(yc.dtype), retain_graph=True)
+    )
+    row["fwd_speedup_vs_compile"] = row["compile_fwd_ms"] / row["fwd_ms"]
+    row["bwd_speedup_vs_compile"] = row["compile_bwd_ms"] / row["bwd_ms"]
+
+
+def time_case(ct, shape, channels_last, dtype_name, device="cuda", compiled=None) -> list[dict]:
+    """Times every kind on one shape, layout and dtype; with ``compiled`` (a dict, the cache of
+    :func:`compiled_composition`) also ``torch.compile`` of the composition, forward and
+    backward."""
     name, n, c, length = shape
     dtype = DTYPES[dtype_name]
     dims = (n, length, c) if channels_last else (n, c, length)
@@ -342,6 +377,11 @@ def time_case(ct, shape, channels_last, dtype_name, device="cuda") -> list[dict]
             row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
+        if compiled is not None and "fwd_GBps" in row:
+            try:
+                _time_compiled(row, compiled, kind, channels_last, x, w, gy)
+            except Exception as err:  # noqa: BLE001
+                row["compile_error"] = f"{type(err).__name__}: {err}"[:2000]
         rows.append(row)
     return rows
 
@@ -425,11 +465,12 @@ def markdown(report: dict) -> str:
         "",
         "`fwd/sum` = time of `x.sum()` / time of our forward (target >= 0.9); `bwd/fill` = time "
         "of an x-sized `fill_` / our backward; `x composed` = speed-up over the torch composition "
-        "(float32 accumulation).",
+        "(float32 accumulation); `x compile` = speed-up over `torch.compile` of that composition "
+        "(float32 inputs; n/a for the others).",
         "",
         "| shape | layout | dtype | kind | fwd us | fwd GB/s | fwd/sum | bwd us | bwd/fill "
-        "| fwd x composed | bwd x composed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fwd x composed | bwd x composed | fwd x compile | bwd x compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["timing"]:
         if "fwd_ms" not in r:
@@ -443,8 +484,14 @@ def markdown(report: dict) -> str:
             f"| {r['shape']} | {r['layout']} | {r['dtype']} | {r['kind']} | "
             f"{r['fwd_ms'] * 1e3:.1f} | {r['fwd_GBps']:.0f} | {r['fwd_vs_sum']:.2f} | "
             f"{r['bwd_ms'] * 1e3:.1f}{nw} | {r['bwd_vs_fill']:.2f} | "
-            f"{r['fwd_speedup_vs_composed']:.2f} | {r['bwd_speedup_vs_composed']:.2f} |"
+            f"{r['fwd_speedup_vs_composed']:.2f} | {r['bwd_speedup_vs_composed']:.2f} | "
+            + (f"{r['fwd_speedup_vs_compile']:.2f} | {r['bwd_speedup_vs_compile']:.2f} |"
+               if "fwd_speedup_vs_compile" in r else "n/a | n/a |")
         )
+    for r in report["timing"]:
+        if "compile_error" in r:
+            lines.append(f"\n`torch.compile` failed on {r['shape']} {r['layout']} {r['dtype']} "
+                         f"{r['kind']}: {r['compile_error'][:300]}")  # fmt: skip
     ceil = {}
     for r in report["timing"]:
         ceil[(r["shape"], r["layout"], r["dtype"])] = (r["sum_ms"], r["fill_ms"], r["bytes"])
@@ -480,6 +527,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole run")
     ap.add_argument("--quick", action="store_true", help="float32 only, first two shapes")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="leave out torch.compile of the composition (float32 cases)")
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -562,7 +611,9 @@ def main() -> int:
           f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
     save()
 
-    # 2. timing
+    # 2. timing (torch.compile of the composition beside ours, float32: one compile per kind
+    # and layout, dynamic shapes)
+    compiled: dict = {}
     for shape in shapes:
         for cl in (False, True):
             for dt in tdtypes:
@@ -570,7 +621,8 @@ def main() -> int:
                 if time.time() > deadline - 20:
                     report["skipped"].append(tag)
                     continue
-                report["timing"].extend(time_case(ct, shape, cl, dt, device))
+                with_compile = None if args.no_compile or dt != "float32" else compiled
+                report["timing"].extend(time_case(ct, shape, cl, dt, device, with_compile))
                 print(f"timed {tag} ({time.time() - start:.0f} s)", flush=True)
                 save()
 
