@@ -190,3 +190,7 @@ def test_warmup_compiles_the_selection(kind, tmp_path):
     assert result.exit_code == 0, result.output
     assert "avg" in result.output and "channels_first" in result.output
     assert "cache" in result.output
+    from globalpool.warmup import kernel_target
+
+    target = kernel_target()
+    assert f"built for: {target['cpu']} ({target['register_bits']}-bit" in result.output

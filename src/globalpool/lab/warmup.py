@@ -1,8 +1,8 @@
 """``globalpool warmup``: compile the fused CPU kernels ahead of time (into numba's cache).
 
 The command line of the library's :func:`globalpool.warmup`: it prints where numba caches the
-kernels, then compiles one item (kind, layout, dtype) at a time under a progress bar and prints
-the seconds each took.
+kernels and the CPU they are built for, then compiles one item (kind, layout, dtype) at a time
+under a progress bar and prints the seconds each took.
 
 >>> import inspect
 >>> sorted(inspect.signature(warmup).parameters)
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import globalpool as gp
 from globalpool.lab.cli_errors import usage_error
-from globalpool.warmup import FUSED_KINDS, cache_location, threading_layer
+from globalpool.warmup import FUSED_KINDS, cache_location, kernel_target, threading_layer
 
 __all__ = ["warmup"]
 
@@ -73,6 +73,9 @@ def warmup(
         "NUMBA_CACHE_DIR to a writable directory to cache)"
     )
     out.print(f"threading layer: {threading_layer()}")
+    target = kernel_target()
+    out.print(f"built for: {target['cpu']} ({target['register_bits']}-bit vector registers, "
+              f"{target['lane_bits']}-bit lanes)")
     items = [(k, lay, d) for d in dtypes for lay in layouts for k in kinds]
     rows = []
     progress = Progress(
