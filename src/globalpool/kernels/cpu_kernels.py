@@ -255,7 +255,6 @@ ROWS = 8
 SPAN = 2048
 
 
-
 @_helper
 def _cl_task(t, nb, nch, cb, C, L):
     """Task t of a channels-last kernel: (sample, first channel, channels, chunk, positions)."""

@@ -105,7 +105,7 @@ def _pow(q, p, ip):
 # forward
 #   out (N, width * C): the result in the accumulation type; A, B (N, C): per-group state kept
 #   for the backward (MAXES: A the maximum, cnt room for the tie counts the backward takes; GEM:
-#   A the clamped maximum (1 where the one-read sums were taken), B the sum of (z / A)^p;
+#   A, B the scaled read's running maximum and sums of (z / A)^p, not read by the backward;
 #   LSE: A the maximum, B the sum of exp(r (x - A))); wsum (N,): attention's weight sums.
 #   Arrays a group does not use are (1, 1) / (1,) stand-ins, never indexed.
 
@@ -208,14 +208,11 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                     cm[U(c)] = one
                     tot[U(c)] = 0.0
                 for a in range(s, e, rows):
-                    _gem_sums(x, a, min(a + rows, e), C, eps, p, ip, cm, blk, False)
+                    _gem_sums(x, a, min(a + rows, e), C, eps, p, ip, cm, blk)
                     flush_into(tot, blk, C)
                 if _gem_means_normal(tot, C, 1.0 / k):
                     for c in range(C):
-                        u = U(c)
-                        top[u] = one
-                        acc[u] = tot[u]
-                        o[u] = tot[u] * inv
+                        o[U(c)] = tot[U(c)] * inv
                     root_span(o, 0, C, one / p)
                     continue
                 # a mean of z^p that overflowed, left the normal range, or holds inf or NaN:
@@ -237,7 +234,7 @@ def forward(x, cu, bounds, w, group, mode, p, ip, eps, r, out, A, B, cnt, wsum):
                             tot[u] = tot[u] * _pow(top[u] / cm[u], p, ip)
                             top[u] = cm[u]
                         cm[u] = one / top[u]
-                    _gem_sums(x, a, b, C, eps, p, ip, cm, blk, True)
+                    _gem_sums(x, a, b, C, eps, p, ip, cm, blk)
                     flush_into(tot, blk, C)
                 for c in range(C):
                     acc[U(c)] = tot[U(c)]
@@ -317,14 +314,14 @@ def _row_sums(x, a, b, C, acc):
 
 
 @_helper
-def _cube(v, eps, itop, scaled):
-    q = (eps if v < eps else v) * itop if scaled else (eps if v < eps else v)
+def _cube(v, eps, itop):
+    q = (eps if v < eps else v) * itop
     return q * q * q
 
 
 @_helper
-def _gem_sums(x, a, b, C, eps, p, ip, itop, acc, scaled):
-    """acc += (max(x, eps) / top)^p over rows a..b (max(x, eps)^p unless ``scaled``, a literal),
+def _gem_sums(x, a, b, C, eps, p, ip, itop, acc):
+    """acc += (max(x, eps) * itop)^p over rows a..b (itop: 1 / top, or 1 for unscaled sums),
     one loop per integer p (vectorised; p = 3, the default, four rows per pass over acc)."""
     if ip == 3:
         b4 = a + (b - a) // 4 * 4
@@ -332,17 +329,12 @@ def _gem_sums(x, a, b, C, eps, p, ip, itop, acc, scaled):
             for c in range(C):
                 u = U(c)
                 i = itop[u]
-                acc[u] += (
-                    _cube(widen(x[t, u]), eps, i, scaled)
-                    + _cube(widen(x[t + 1, u]), eps, i, scaled)
-                ) + (
-                    _cube(widen(x[t + 2, u]), eps, i, scaled)
-                    + _cube(widen(x[t + 3, u]), eps, i, scaled)
-                )
+                acc[u] += (_cube(widen(x[t, u]), eps, i) + _cube(widen(x[t + 1, u]), eps, i)) + (
+                    _cube(widen(x[t + 2, u]), eps, i) + _cube(widen(x[t + 3, u]), eps, i))
         for t in range(b4, b):
             for c in range(C):
                 u = U(c)
-                acc[u] += _cube(widen(x[t, u]), eps, itop[u], scaled)
+                acc[u] += _cube(widen(x[t, u]), eps, itop[u])
     elif ip == 2:
         for t in range(a, b):
             for c in range(C):
