@@ -70,3 +70,43 @@ def test_token_kinds_with_a_mask_onnx_dynamic_shapes(tmp_path):
         m[0] = False  # an empty sample gives 0
         (got,) = session.run(None, {names[0]: x.numpy(), names[1]: m.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), model(x, m), rtol=1e-5, atol=1e-5)
+
+
+def _op_types(path) -> set[str]:
+    model = onnx.load(str(path))
+    found = set()
+
+    def walk(graph):
+        for node in graph.node:
+            found.add(node.op_type)
+            for a in node.attribute:
+                if a.g.node:
+                    walk(a.g)
+
+    walk(model.graph)
+    return found
+
+
+@pytest.mark.parametrize(("module", "power"), [
+    (gp.GlobalPool("gem", p=3.0), True),
+    (gp.GlobalPool("gem", p=2.7), False),
+    (gp.GlobalPool("gem", p=4.0), False),
+    (gp.GeM(p=3.0), True),  # a tensor p: tested in the graph, a test the exporter folds
+    (gp.GeM(p=2.5), False),
+    (gp.GeM(p=2.0, channels=8), False),  # one p per channel: exp and log only
+], ids=["p3", "p2.7", "p4", "learned-3", "learned-2.5", "per-channel"])
+def test_gem_exports_its_power_as_onnxruntime_computes_it_fastest(module, power, tmp_path):
+    """A power of 2 or 3 stays a Pow (onnxruntime's fast case); any other p becomes an exp of p
+    times the log; the values match eager either way, at new sizes, across the range guard."""
+    module = module.eval()
+    path = tmp_path / "gem.onnx"
+    _export(module, torch.rand(2, 8, 7, 7) + 0.1, path)
+    ops = _op_types(path)
+    assert {"Exp", "Log"} <= ops and ("Pow" in ops) == power
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for x in (torch.rand(3, 8, 5, 9) + 0.1, torch.rand(1, 8, 6, 6) * 1e-20,
+              torch.rand(2, 8, 4, 4) * 1e30):
+        (got,) = session.run(None, {name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), module(x), rtol=1e-5, atol=0)

@@ -328,6 +328,16 @@ def test_bad_tuples_are_refused_everywhere(kind, message):
             call()
 
 
+def test_every_kind_at_once_takes_gp_kinds_as_it_is():
+    """``gp.KINDS`` (a live view that prints as a tuple) is a tuple of kinds to ``pool`` and
+    ``GlobalPool``, the same as ``tuple(gp.KINDS)``."""
+    x, weights = torch.randn(2, 3, 4, 5), torch.rand(2, 4, 5)
+    expected = gp.pool(x, tuple(gp.KINDS), weights=weights)
+    torch.testing.assert_close(gp.pool(x, gp.KINDS, weights=weights), expected)
+    torch.testing.assert_close(gp.GlobalPool(gp.KINDS)(x, weights=weights), expected)
+    assert gp.output_width(gp.KINDS, 3) == expected.shape[1]
+
+
 def test_a_parameter_no_kind_of_the_tuple_takes_is_refused():
     with pytest.raises(TypeError, match=r"got unexpected parameter\(s\) \['r'\]; they take p, eps"):
         gp.pool(torch.randn(2, 3, 4), ("avg", "gem"), r=2.0)

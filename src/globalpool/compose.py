@@ -39,7 +39,24 @@ def _nonempty(mask: torch.Tensor | None, dims: Dims) -> torch.Tensor | None:
 def _where_nonempty(
     nonempty: torch.Tensor | None, y: torch.Tensor, fill: float = 0.0
 ) -> torch.Tensor:
-    return y if nonempty is None else torch.where(nonempty, y, fill)
+    return y if nonempty is None else torch.where(nonempty, y, full_rank(fill, y))
+
+
+def full_rank(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """``value`` (a number or a 0-dim tensor) with ``like``'s rank while a graph is exported, as
+    it is otherwise. onnxruntime's CPU provider broadcasts a value of rank 0 or 1 against a
+    tensor whose last dim is 1 (a pooled ``(N, C, 1)``) one element at a time, some 30 times
+    slower than the same value of full rank (docs/performance.md, "Exported graphs"); a tensor
+    with more than one value is returned as it is.
+
+    >>> full_rank(2.0, torch.zeros(3, 4, 1))
+    2.0
+    """
+    if not torch.compiler.is_exporting():
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.reshape([1] * like.ndim) if value.numel() == 1 and value.ndim <= 1 else value
+    return torch.full([1] * like.ndim, value, dtype=like.dtype, device=like.device)
 
 
 def _compiled_exponent(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
@@ -88,14 +105,16 @@ def max_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor
     # a row whose real values are all -inf ties with its padded slots (they hold -inf): its
     # gradient goes to its real positions alone, shared equally, as the ties of any other row
     ties = mask & (x == -torch.inf)
-    count = ties.sum(dims, keepdim=True, dtype=x.dtype).clamp(min=1)
+    count = ties.sum(dims, keepdim=True, dtype=x.dtype)
+    count = count.clamp(min=full_rank(1.0, count))
     at_minus_inf = torch.where(ties, x, 0.0).sum(dims, keepdim=True) / count
-    y = torch.where(y == -torch.inf, at_minus_inf, y)
+    y = torch.where(y == full_rank(-torch.inf, y), at_minus_inf, y)
     return _where_nonempty(_nonempty(mask, dims), y)
 
 
 def avgmax(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
-    return (avg(x, mask, dims) + max_(x, mask, dims)) / 2
+    both = avg(x, mask, dims) + max_(x, mask, dims)
+    return both / full_rank(2.0, both)
 
 
 def catavgmax(
@@ -135,7 +154,26 @@ def _mean_or_one(
     if mask is not None:
         values = torch.where(mask, values, 0.0)
     mean = _mean_of(values, mask, dims)
-    return mean if nonempty is None else torch.where(nonempty, mean, 1.0)
+    return mean if nonempty is None else torch.where(nonempty, mean, full_rank(1.0, mean))
+
+
+def _power(base: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """``base ** p`` (``base`` positive). In an exported graph a p other than 2 or 3 becomes
+    ``exp(p * log(base))``: onnxruntime's CPU provider takes any other power one element at a
+    time, 1.7 times slower than its log and exp (docs/performance.md, "Exported graphs"). A
+    tensor p (a learned one) takes the power where it holds one value, 2 or 3, when the graph
+    runs, else the exp and log."""
+    if not torch.compiler.is_exporting():
+        return base.pow(p)
+    if not isinstance(p, torch.Tensor):
+        return base.pow(p) if p in (2.0, 3.0) else torch.exp(p * torch.log(base))
+    if p.numel() != 1:
+        return torch.exp(p * torch.log(base))
+    fast = (p == 2.0) | (p == 3.0)
+    # flat operands and result: a cond keeping a dynamic batch dim asks for a batch of 2 or more
+    flat = torch.cond(fast.reshape(()), lambda b, q: b.pow(q),
+                      lambda b, q: torch.exp(q * torch.log(b)), (base.flatten(), p.reshape(())))
+    return flat.reshape(base.shape)
 
 
 def gem(
@@ -156,17 +194,17 @@ def gem(
     def root(mean: torch.Tensor) -> torch.Tensor:
         # exp(log(mean) / p), not mean^(1/p): onnxruntime takes a non-integer power one value
         # at a time, slower than an exp and a log (the same in eager torch)
-        return torch.exp(torch.log(mean) / p)
+        return torch.exp(torch.log(mean) / full_rank(p, mean))
 
     def guarded() -> torch.Tensor:
         # GeM is 1-homogeneous: scaling by the (detached) max keeps clamp(x)^p from underflowing
         # to 0 (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN
         # gradient; the scaled mean lies in [1/n, 1]
         top = clamped.detach().amax(dims, keepdim=True)
-        return top * root(_mean_or_one((clamped / top).pow(p), mask, nonempty, dims))
+        return top * root(_mean_or_one(_power(clamped / top, p), mask, nonempty, dims))
 
     if torch.compiler.is_exporting():
-        mean = _mean_or_one(clamped.pow(p), mask, nonempty, dims)
+        mean = _mean_or_one(_power(clamped, p), mask, nonempty, dims)
         y = _unless_out_of_range(mean, root(mean), guarded)
     else:
         y = guarded()
@@ -182,16 +220,17 @@ def lse(
     def guarded() -> torch.Tensor:
         held = x if mask is None else torch.where(mask, x, -torch.inf)
         top = held.detach().amax(dims, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, 0.0)
+        top = torch.where(torch.isfinite(top), top, full_rank(0.0, top))
         # padded positions are shifted to 0 (not -inf) before the product with r: d/dr of
         # exp(r * -inf) would be -inf * 0 = NaN, a NaN gradient for a learnable r
         shifted = x - top if mask is None else torch.where(mask, x - top, 0.0)
-        return top + torch.log(_mean_or_one(torch.exp(r * shifted), mask, nonempty, dims)) / r
+        mean = _mean_or_one(torch.exp(r * shifted), mask, nonempty, dims)
+        return top + torch.log(mean) / full_rank(r, mean)
 
     if torch.compiler.is_exporting():
         held = x if mask is None else torch.where(mask, x, 0.0)
         mean = _mean_or_one(torch.exp(r * held), mask, nonempty, dims)
-        y = _unless_out_of_range(mean, torch.log(mean) / r, guarded)
+        y = _unless_out_of_range(mean, torch.log(mean) / full_rank(r, mean), guarded)
     else:
         y = guarded()
     return _where_nonempty(nonempty, y)
@@ -211,7 +250,7 @@ def attention(
     total = weights.sum(dims, keepdim=True)
     positive = total > 0
     y = (x * weights).sum(dims, keepdim=True) / torch.where(positive, total, 1.0)
-    return torch.where(positive, y, 0.0)
+    return torch.where(positive, y, full_rank(0.0, y))
 
 
 def sum_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
@@ -223,7 +262,7 @@ def sum_(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor
 def mean_sqrt_len(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torch.Tensor:
     """The sum over real positions divided by the square root of their number (0 if none)."""
     if mask is None:
-        count = torch.full((), _size_of(x, dims), dtype=x.dtype, device=x.device)
+        count = torch.full([1] * x.ndim, _size_of(x, dims), dtype=x.dtype, device=x.device)
         return x.sum(dims, keepdim=True) / count.sqrt()
     total = torch.where(mask, x, 0.0).sum(dims, keepdim=True)
     return total / _count(mask, dims, x.dtype).clamp(min=1).sqrt()
@@ -236,7 +275,8 @@ def weightedmean(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims) -> torc
     flat = _positions_last(x, dims)
     if mask is None:
         weights = torch.arange(1, flat.shape[-1] + 1, device=x.device, dtype=x.dtype)
-        return ((flat * weights).sum(-1, keepdim=True) / weights.sum()).reshape(kept)
+        total = (flat * weights).sum(-1, keepdim=True)
+        return (total / full_rank(weights.sum(), total)).reshape(kept)
     real = _positions_last(mask, dims)
     weights = rank_weights(real, x.dtype)
     total = weights.sum(-1, keepdim=True)
@@ -294,7 +334,7 @@ def _at_end(x: torch.Tensor, mask: torch.Tensor | None, dims: Dims, last: bool) 
     else:
         index = torch.where(real, pos, length - 1).amin(-1, keepdim=True)
     picked = flat.gather(-1, index.expand(*flat.shape[:-1], 1))
-    y = torch.where(real.any(-1, keepdim=True), picked, 0.0)
+    y = torch.where(real.any(-1, keepdim=True), picked, full_rank(0.0, picked))
     return y.reshape(kept)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -439,9 +440,9 @@ def check_kind(kind: Any, allowed: tuple[str, ...] | None = None, name: str = "k
 
 
 def check_kinds(kind: Any, name: str = "kind") -> str | tuple[str, ...]:
-    """A kind name, or a non-empty tuple (or list) of distinct kind names, pooled side by side
-    (their outputs concatenated along channels, in that order). Returns the name, or the kinds
-    as a tuple (a one-kind tuple gives its name).
+    """A kind name, or a non-empty tuple (a list, ``gp.KINDS``, any sequence) of distinct kind
+    names, pooled side by side (their outputs concatenated along channels, in that order).
+    Returns the name, or the kinds as a tuple (a one-kind tuple gives its name).
 
     >>> check_kinds(["avg", "max"]), check_kinds(("gem",))
     (('avg', 'max'), 'gem')
@@ -454,9 +455,10 @@ def check_kinds(kind: Any, name: str = "kind") -> str | tuple[str, ...]:
     if isinstance(kind, str):
         check_kind(kind, known, name)
         return kind
-    if not isinstance(kind, (tuple, list)) or not kind:
+    if not isinstance(kind, Sequence) or isinstance(kind, bytes) or not kind:
         raise ValueError(
-            f"{name} must be one of {known} or a non-empty tuple of them, got {kind!r}"
+            f"{name} must be one of {known} or a non-empty tuple of them, got {kind!r} of type "
+            f"{type(kind).__name__}"
         )
     kinds = tuple(kind)
     for k in kinds:

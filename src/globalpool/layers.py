@@ -368,8 +368,16 @@ class AttentionPool(nn.Module):
         channel_dim, _ = layout_dims(x.ndim, self.layout)
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
             x = torch.where(mask.unsqueeze(channel_dim), x, 0.0)
-        last = x if channel_dim == x.ndim - 1 else x.movedim(channel_dim, -1)
-        return torch.sigmoid(self.score(last.to(self.score.weight.dtype))).squeeze(-1)
+        x = x.to(self.score.weight.dtype)
+        w = self.score.weight.reshape(-1)
+        # a product over the channel dim where it lies: no transposed copy of x, and the scores
+        # come out (N, *S) rather than (N, *S, 1), which onnxruntime broadcasts the bias against
+        # one element at a time
+        if channel_dim == x.ndim - 1:
+            logits = x @ w
+        else:
+            logits = (w @ x.flatten(2)).reshape(x.shape[0], *x.shape[2:])
+        return torch.sigmoid(logits + self.score.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
