@@ -318,6 +318,33 @@ class LSEPool(nn.Module):
         return f"r={_show(self.r)}, learnable={self.learnable}, layout={self.layout!r}"
 
 
+class ChannelScorer(nn.Linear):
+    """``nn.Linear(C, 1)`` applied along x's channel dim where it lies: one score per position,
+    ``(N, *S)``. Channels-first input takes a product over its channel dim (no transposed copy of
+    x), and the scores come without a trailing unit dim, which an exported graph would otherwise
+    broadcast the bias against one element at a time in onnxruntime. Its parameters are
+    ``nn.Linear``'s (``weight`` ``(1, C)``, ``bias`` ``(1,)``), and hooks on it see the scores.
+
+    >>> import torch
+    >>> scorer = ChannelScorer(4)
+    >>> x = torch.randn(2, 4, 3, 5)
+    >>> scores = scorer(x, channel_dim=1)
+    >>> scores.shape, torch.allclose(scores, nn.Linear.forward(scorer, x.movedim(1, -1))[..., 0])
+    (torch.Size([2, 3, 5]), True)
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, 1)
+
+    def forward(self, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        w = self.weight.reshape(-1)
+        if channel_dim % x.ndim == x.ndim - 1:
+            logits = x @ w
+        else:  # channels first: (N, C, *S)
+            logits = (w @ x.flatten(2)).reshape(x.shape[0], *x.shape[2:])
+        return logits + self.bias
+
+
 class AttentionPool(nn.Module):
     """Attention-weighted average: a learned 1x1 scorer gives weights ``sigmoid(w . x_s + b)``.
 
@@ -348,7 +375,7 @@ class AttentionPool(nn.Module):
         check_keepdim(keepdim)
         check_backend(backend)
         self.channels, self.layout, self.keepdim, self.backend = channels, layout, keepdim, backend
-        self.score = nn.Linear(channels, 1)
+        self.score = ChannelScorer(channels)
 
     def output_width(self, channels: int) -> int:
         return channels
@@ -368,16 +395,7 @@ class AttentionPool(nn.Module):
         channel_dim, _ = layout_dims(x.ndim, self.layout)
         if mask is not None:  # select, not multiply: 0 * NaN is NaN
             x = torch.where(mask.unsqueeze(channel_dim), x, 0.0)
-        x = x.to(self.score.weight.dtype)
-        w = self.score.weight.reshape(-1)
-        # a product over the channel dim where it lies: no transposed copy of x, and the scores
-        # come out (N, *S) rather than (N, *S, 1), which onnxruntime broadcasts the bias against
-        # one element at a time
-        if channel_dim == x.ndim - 1:
-            logits = x @ w
-        else:
-            logits = (w @ x.flatten(2)).reshape(x.shape[0], *x.shape[2:])
-        return torch.sigmoid(logits + self.score.bias)
+        return torch.sigmoid(self.score(x.to(self.score.weight.dtype), channel_dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
