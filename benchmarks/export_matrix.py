@@ -6,6 +6,8 @@
     PYTHONPATH=src:tests python benchmarks/export_matrix.py --quick    # the test suite's subset
     PYTHONPATH=src:tests python benchmarks/export_matrix.py --modules SimPool CLIPAttentionPool
                                      # those modules' cells again, merged into the full record
+    PYTHONPATH=src:tests python benchmarks/export_matrix.py --exporters onnx export
+                                     # every module's cells of those exporters again, merged
 
 The cells are the test suite's (``tests/export_matrix_cells.py``); each records pass / fail /
 n.a., the largest absolute difference from eager at the new sizes, the first line of its error,
@@ -88,36 +90,48 @@ def _key(cell: dict) -> tuple:
             cell["compile_backend"] if cell["exporter"] == "compile" else None)
 
 
-def rerun_modules(record: dict, modules: list[str]) -> dict:
-    """``record`` (a full matrix) with the cells of ``modules`` run again (new modules' cells
-    added, in the matrix's order); the update is listed under ``updates`` with its machine, load
-    and time, the rest of the record kept as it was measured."""
+def rerun_modules(
+    record: dict, modules: list[str] | None, exporters: list[str] | None = None
+) -> dict:
+    """``record`` (a full matrix) with the cells of ``modules`` (every module if None) and
+    ``exporters`` (every exporter if None) run again (new modules' cells added, in the matrix's
+    order); the update is listed under ``updates`` with its machine, load and time, the rest of
+    the record kept as it was measured."""
     from export_cases import CASES_BY_NAME
     from export_matrix_cells import full_cells
+    from export_runners import EXPORTERS
 
-    unknown = sorted(set(modules) - set(CASES_BY_NAME))
+    unknown = sorted(set(modules or ()) - set(CASES_BY_NAME))
     if unknown:
         raise SystemExit(f"unknown module(s) {unknown}; known: {sorted(CASES_BY_NAME)}")
+    unknown = sorted(set(exporters or ()) - set(EXPORTERS))
+    if unknown:
+        raise SystemExit(f"unknown exporter(s) {unknown}; known: {list(EXPORTERS)}")
     if record.get("matrix") != "full":
         raise SystemExit("--modules updates a full matrix record; run the full matrix first")
     record.setdefault("run_cells", len(record["cells"]))  # the full run's, before any update
-    partial = run_only(modules)
+    partial = run_only(modules, exporters)
     fresh = {_key(c): c for c in partial.pop("cells")}
     old = {_key(c): c for c in record["cells"]}
     order = [(c.module, c.exporter, c.backend, c.rank, c.compile_backend) for c in full_cells()]
     record["cells"] = [fresh.get(k) or old[k] for k in order if k in fresh or k in old]
     partial.pop("matrix")
     partial.pop("onnx_opset")
-    record.setdefault("updates", []).append({"modules": modules, "cells": len(fresh), **partial})
+    update = {"modules": modules or "all", "cells": len(fresh), **partial}
+    if exporters:
+        update["exporters"] = exporters
+    record.setdefault("updates", []).append(update)
     record["onnx_opset"] = sorted({c["opset"] for c in record["cells"] if c["opset"] is not None})
     return record
 
 
-def run_only(modules: list[str]) -> dict[str, object]:
-    """The full matrix's cells of ``modules`` only, as :func:`run` records them."""
+def run_only(modules: list[str] | None, exporters: list[str] | None = None) -> dict[str, object]:
+    """The full matrix's cells of ``modules`` and ``exporters`` only (None: all), as :func:`run`
+    records them."""
     from export_matrix_cells import full_cells
 
-    wanted = [c for c in full_cells() if c.module in modules]
+    wanted = [c for c in full_cells() if (modules is None or c.module in modules)
+              and (exporters is None or c.exporter in exporters)]
     return run(False, wanted)
 
 
@@ -136,13 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the default subset only")
     parser.add_argument("--modules", nargs="+", metavar="MODULE",
                         help="run these modules' cells again and merge them into the record")
+    parser.add_argument("--exporters", nargs="+", metavar="EXPORTER",
+                        help="run these exporters' cells again (of --modules, else of every "
+                             "module) and merge them into the record")
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--doc", type=Path, default=DOC_PATH)
     args = parser.parse_args(argv)
     from export_matrix_doc import render
 
-    if args.modules:
-        record = rerun_modules(json.loads(args.json.read_text()), args.modules)
+    if args.modules or args.exporters:
+        record = rerun_modules(json.loads(args.json.read_text()), args.modules, args.exporters)
         args.json.write_text(json.dumps(record, indent=1) + "\n")
     elif not args.doc_only:
         record = run(args.quick)

@@ -141,10 +141,14 @@ def _adaptive_note(cells: list[dict]) -> str:
 
 
 def _updates(record: dict) -> str:
-    """A sentence per later run of some modules' cells (``export_matrix.py --modules``)."""
+    """A sentence per later run of some modules' or exporters' cells (``export_matrix.py
+    --modules / --exporters``)."""
     out = []
     for u in record.get("updates", []):
-        names = ", ".join(f"`{m}`" for m in u["modules"])
+        names = ("every module" if u["modules"] == "all"
+                 else ", ".join(f"`{m}`" for m in u["modules"]))
+        if u.get("exporters"):
+            names += " with " + ", ".join(f"`{e}`" for e in u["exporters"])
         out.append(
             f" The {u['cells']} cells of {names} were run later (added to the matrix, or run "
             f"again), on {u['machine']['cpu']} ({u['machine']['cores']} cores), in "

@@ -90,3 +90,29 @@ def test_published_page_is_rendered_from_the_record():
 def test_helper_examples_run(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted and not result.failed
+
+
+def test_a_rerun_of_some_exporters_replaces_only_their_cells(monkeypatch):
+    """``export_matrix.py --exporters trace`` runs every module's trace cells again and keeps the
+    others as measured; the page says which cells were run later."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import export_matrix
+    from export_matrix_doc import render
+
+    record = json.loads((ROOT / "benchmarks/results/export/matrix.json").read_text())
+    before = {export_matrix._key(c): c for c in record["cells"]}
+
+    def fake_run(quick, cells):
+        fresh = [dict(before[(c.module, c.exporter, c.backend, c.rank, None)], seconds=-1.0)
+                 for c in cells]
+        return {"matrix": "full", "machine": {"cpu": "test CPU", "cores": 2}, "versions": {},
+                "onnx_opset": [], "load_average_start": [0.0] * 3,
+                "load_average_end": [0.0] * 3, "wall_s": 1.0, "cells": fresh}
+
+    monkeypatch.setattr(export_matrix, "run", fake_run)
+    updated = export_matrix.rerun_modules(json.loads(json.dumps(record)), None, ["trace"])
+    rerun = [c for c in updated["cells"] if c["seconds"] == -1.0]
+    assert rerun and {c["exporter"] for c in rerun} == {"trace"}
+    assert len(rerun) == sum(c["exporter"] == "trace" for c in record["cells"])
+    assert len(updated["cells"]) == len(record["cells"])
+    assert f"The {len(rerun)} cells of every module with `trace` were run later" in render(updated)
