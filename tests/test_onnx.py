@@ -91,8 +91,10 @@ def _op_types(path) -> set[str]:
     (gp.GlobalPool("gem", p=3.0), True),
     (gp.GlobalPool("gem", p=2.7), False),
     (gp.GlobalPool("gem", p=4.0), False),
-    (gp.GeM(p=3.0), True),  # a tensor p: tested in the graph, a test the exporter folds
-    (gp.GeM(p=2.5), False),
+    # a tensor p: an If picks Pow or exp and log when the graph runs (the exporter may fold it);
+    # the range guard's rarely taken branch keeps a Pow
+    (gp.GeM(p=3.0), None),
+    (gp.GeM(p=2.5), None),
     (gp.GeM(p=2.0, channels=8), False),  # one p per channel: exp and log only
 ], ids=["p3", "p2.7", "p4", "learned-3", "learned-2.5", "per-channel"])
 def test_gem_exports_its_power_as_onnxruntime_computes_it_fastest(module, power, tmp_path):
@@ -102,7 +104,9 @@ def test_gem_exports_its_power_as_onnxruntime_computes_it_fastest(module, power,
     path = tmp_path / "gem.onnx"
     _export(module, torch.rand(2, 8, 7, 7) + 0.1, path)
     ops = _op_types(path)
-    assert {"Exp", "Log"} <= ops and ("Pow" in ops) == power
+    assert {"Exp", "Log"} <= ops
+    if power is not None:
+        assert ("Pow" in ops) == power
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for x in (torch.rand(3, 8, 5, 9) + 0.1, torch.rand(1, 8, 6, 6) * 1e-20,

@@ -157,18 +157,21 @@ def _mean_or_one(
     return mean if nonempty is None else torch.where(nonempty, mean, full_rank(1.0, mean))
 
 
-def _power(base: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+def _power(base: torch.Tensor, p: float | torch.Tensor, branch: bool = True) -> torch.Tensor:
     """``base ** p`` (``base`` positive). In an exported graph a p other than 2 or 3 becomes
     ``exp(p * log(base))``: onnxruntime's CPU provider takes any other power one element at a
     time, 1.7 times slower than its log and exp (docs/performance.md, "Exported graphs"). A
     tensor p (a learned one) takes the power where it holds one value, 2 or 3, when the graph
-    runs, else the exp and log."""
+    runs, else the exp and log; with ``branch=False`` (inside another cond: torch 2.13 exports a
+    cond nested in a cond with a dynamic size it cannot translate to ONNX) it takes the power."""
     if not torch.compiler.is_exporting():
         return base.pow(p)
     if not isinstance(p, torch.Tensor):
         return base.pow(p) if p in (2.0, 3.0) else torch.exp(p * torch.log(base))
     if p.numel() != 1:
         return torch.exp(p * torch.log(base))
+    if not branch:
+        return base.pow(p)
     fast = (p == 2.0) | (p == 3.0)
     # flat operands and result: a cond keeping a dynamic batch dim asks for a batch of 2 or more
     flat = torch.cond(fast.reshape(()), lambda b, q: b.pow(q),
@@ -201,7 +204,8 @@ def gem(
         # to 0 (eps^p is 0 in float32 once p > 7.5), which would give a wrong value and a NaN
         # gradient; the scaled mean lies in [1/n, 1]
         top = clamped.detach().amax(dims, keepdim=True)
-        return top * root(_mean_or_one(_power(clamped / top, p), mask, nonempty, dims))
+        powered = _power(clamped / top, p, branch=False)  # under export: the rare branch
+        return top * root(_mean_or_one(powered, mask, nonempty, dims))
 
     if torch.compiler.is_exporting():
         mean = _mean_or_one(_power(clamped, p), mask, nonempty, dims)
