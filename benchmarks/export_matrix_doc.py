@@ -147,11 +147,12 @@ def _updates(record: dict) -> str:
     for u in record.get("updates", []):
         names = ("every module" if u["modules"] == "all"
                  else ", ".join(f"`{m}`" for m in u["modules"]))
+        kinds = ""
         if u.get("exporters"):
-            names += " with " + ", ".join(f"`{e}`" for e in u["exporters"])
+            kinds = " and ".join(", ".join(f"`{e}`" for e in u["exporters"]).rsplit(", ", 1)) + " "
         out.append(
-            f" The {u['cells']} cells of {names} were run later (added to the matrix, or run "
-            f"again), on {u['machine']['cpu']} ({u['machine']['cores']} cores), in "
+            f" The {u['cells']} {kinds}cells of {names} were run later (added to the matrix, or "
+            f"run again), on {u['machine']['cpu']} ({u['machine']['cores']} cores), in "
             f"{u['wall_s']:.0f} s (load average {u['load_average_start'][0]:.1f} at the start)."
         )
     return "".join(out)

@@ -115,4 +115,4 @@ def test_a_rerun_of_some_exporters_replaces_only_their_cells(monkeypatch):
     assert rerun and {c["exporter"] for c in rerun} == {"trace"}
     assert len(rerun) == sum(c["exporter"] == "trace" for c in record["cells"])
     assert len(updated["cells"]) == len(record["cells"])
-    assert f"The {len(rerun)} cells of every module with `trace` were run later" in render(updated)
+    assert f"The {len(rerun)} `trace` cells of every module were run later" in render(updated)
