@@ -72,6 +72,25 @@ def test_attention_pool_channels_last_matches_channels_first():
     torch.testing.assert_close(att_last(x.movedim(1, -1)), att_first(x))
 
 
+def test_attention_scorer_is_a_linear_over_the_channel_dim_where_it_lies():
+    """The scores equal nn.Linear's on channels-last values, for either layout and rank, with
+    Linear's state dict; hooks on the scorer see them; a channel dim in the middle is refused."""
+    from globalpool.layers import ChannelScorer
+
+    scorer, linear = ChannelScorer(6), torch.nn.Linear(6, 1)
+    linear.load_state_dict(scorer.state_dict())
+    seen = []
+    scorer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    for shape in [(2, 6, 5), (2, 6, 5, 4), (2, 6, 3, 4, 2)]:
+        x = torch.randn(shape)
+        expected = linear(x.movedim(1, -1))[..., 0]
+        torch.testing.assert_close(scorer(x, channel_dim=1), expected)
+        torch.testing.assert_close(scorer(x.movedim(1, -1), channel_dim=-1), expected)
+    assert seen[0] == (2, 5)
+    with pytest.raises(ValueError, match="channel_dim must be 1 or the last dim, got 2"):
+        scorer(torch.randn(2, 3, 6, 4), channel_dim=2)
+
+
 @pytest.mark.parametrize("name", list(_layers()))
 def test_layers_honour_mask(name):
     layer = _layers()[name]

@@ -340,8 +340,10 @@ class ChannelScorer(nn.Linear):
         w = self.weight.reshape(-1)
         if channel_dim % x.ndim == x.ndim - 1:
             logits = x @ w
-        else:  # channels first: (N, C, *S)
+        elif channel_dim == 1:  # channels first: (N, C, *S)
             logits = (w @ x.flatten(2)).reshape(x.shape[0], *x.shape[2:])
+        else:
+            raise ValueError(f"channel_dim must be 1 or the last dim, got {channel_dim}")
         return logits + self.bias
 
 
